@@ -1,0 +1,313 @@
+//! The agent's control loop: store events in, rendered files out.
+//!
+//! One task owns the catalog. It applies store events as they come, asks the
+//! store for addresses of new services, and renders once a burst of changes
+//! has settled (debounce, bounded by max_delay). Nothing is rendered before
+//! the first snapshot, so an agent that starts while the store is down keeps
+//! the files it rendered last and says it is stale.
+
+use crate::addresses::AddressPool;
+use crate::catalog::Catalog;
+use crate::config::{AgentConfig, ConfigError};
+use crate::render::{Dirty, RenderError, Renderer, Report};
+use crate::state::{self, LastKnownGood, StateError};
+use crate::store::{AnyStore, Change, Store, StoreError, StoreEvent};
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Pause before retrying failed renders or address allocations.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// The agent cannot start or cannot finish a one-shot render.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("{count} file(s) failed to render; see the errors above")]
+    RenderFailures { count: usize },
+}
+
+/// The catalog, the renderer and the bookkeeping between them.
+pub struct Pipeline {
+    config: AgentConfig,
+    store: Arc<AnyStore>,
+    pool: AddressPool,
+    catalog: Catalog,
+    renderer: Renderer,
+    dirty: Dirty,
+    /// Services whose address we asked for and have not yet seen.
+    requested: HashSet<String>,
+    synced: bool,
+    reachable: bool,
+}
+
+impl Pipeline {
+    /// Prepares everything that can fail before touching the store.
+    pub fn new(config: AgentConfig) -> Result<Self, AgentError> {
+        let store = Arc::new(AnyStore::open(&config.store)?);
+        let pool = config.pool().map_err(|err| ConfigError::Invalid {
+            origin: "config".into(),
+            field: "address_pool".into(),
+            reason: err.to_string(),
+        })?;
+        let renderer = Renderer::new(&config, *config.dns.listen.ip())?;
+        Ok(Pipeline {
+            config,
+            store,
+            pool,
+            catalog: Catalog::default(),
+            renderer,
+            dirty: Dirty::default(),
+            requested: HashSet::new(),
+            synced: false,
+            reachable: false,
+        })
+    }
+
+    /// The catalog as applied so far.
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// Applies one store event.
+    pub fn apply(&mut self, event: StoreEvent) {
+        match event {
+            StoreEvent::Snapshot { revision, entries } => {
+                self.catalog.replace(
+                    entries
+                        .iter()
+                        .map(|e| (e.key.as_str(), e.value.as_slice(), e.create_revision)),
+                );
+                self.catalog.set_revision(revision);
+                self.dirty.mark_all();
+                self.requested.clear();
+                self.synced = true;
+                self.set_reachable(true);
+                tracing::info!(
+                    "catalog snapshot at revision {revision}: {} services, {} invalid keys",
+                    self.catalog.entries().len(),
+                    self.catalog.invalid().len()
+                );
+            }
+            StoreEvent::Changes { revision, changes } => {
+                for change in changes {
+                    let touched = match &change {
+                        Change::Put(entry) => {
+                            self.catalog.put(&entry.key, &entry.value, entry.create_revision)
+                        }
+                        Change::Delete(key) => self.catalog.delete(key),
+                    };
+                    self.dirty.touch(touched);
+                }
+                self.catalog.set_revision(revision);
+            }
+            StoreEvent::Reachable => self.set_reachable(true),
+            StoreEvent::Unreachable { reason } => {
+                if self.reachable || !self.synced {
+                    tracing::warn!("serving last known good files (stale): {reason}");
+                }
+                self.set_reachable(false);
+            }
+        }
+        metrics::gauge!("loopmesh_catalog_revision").set(self.catalog.revision() as f64);
+        metrics::gauge!("loopmesh_catalog_invalid_keys").set(self.catalog.invalid().len() as f64);
+    }
+
+    fn set_reachable(&mut self, reachable: bool) {
+        if self.reachable != reachable && self.synced {
+            self.record_state();
+        }
+        self.reachable = reachable;
+        metrics::gauge!("loopmesh_catalog_stale").set(if self.is_stale() { 1.0 } else { 0.0 });
+    }
+
+    /// True until the first snapshot, and while the store is unreachable.
+    pub fn is_stale(&self) -> bool {
+        !self.synced || !self.reachable
+    }
+
+    /// Asks the store for an address for every defined service lacking one.
+    /// Returns true if some allocation failed (retry later).
+    pub async fn allocate_addresses(&mut self) -> bool {
+        self.requested.retain(|service| {
+            self.catalog
+                .entry(service)
+                .is_some_and(|entry| entry.spec.is_some() && entry.address.is_none())
+        });
+        let mut failed = false;
+        for service in self.catalog.services_without_address() {
+            if self.requested.contains(&service) {
+                continue;
+            }
+            match self.store.allocate_address(&service, &self.pool).await {
+                Ok(_) => {
+                    self.requested.insert(service);
+                }
+                Err(err) => {
+                    tracing::warn!("cannot allocate an address yet: {err}");
+                    metrics::counter!("loopmesh_address_allocation_failures_total").increment(1);
+                    failed = true;
+                }
+            }
+        }
+        failed
+    }
+
+    /// Renders what changed since the last pass and records the state.
+    pub fn render(&mut self) -> Report {
+        let dirty = std::mem::take(&mut self.dirty);
+        let report = blocking(|| self.renderer.render(&self.catalog, &dirty));
+        for failure in &report.failures {
+            tracing::error!("{failure}");
+        }
+        metrics::counter!("loopmesh_render_passes_total").increment(1);
+        metrics::counter!("loopmesh_render_failures_total").increment(report.failures.len() as u64);
+        metrics::histogram!("loopmesh_render_duration_seconds").record(report.elapsed.as_secs_f64());
+        if !report.written.is_empty() || !report.removed.is_empty() {
+            tracing::info!(
+                "rendered revision {}: {} written, {} removed, {} unchanged in {:.1} ms",
+                self.catalog.revision(),
+                report.written.len(),
+                report.removed.len(),
+                report.unchanged,
+                report.elapsed.as_secs_f64() * 1000.0
+            );
+        }
+        self.dirty.merge(report.retry.clone());
+        self.record_state();
+        report
+    }
+
+    fn record_state(&self) {
+        let record = LastKnownGood {
+            revision: self.catalog.revision(),
+            rendered_at: state::now_unix(),
+            store: self.store.describe(),
+            stale: self.is_stale(),
+            invalid_keys: self.catalog.invalid().keys().cloned().collect(),
+        };
+        if let Err(err) = state::save(&self.config.state_dir, &record) {
+            tracing::error!("{err}");
+        }
+    }
+
+    /// Reports what the last run left on disk, before the store answers.
+    fn announce_last_known_good(&self) {
+        match state::load(&self.config.state_dir) {
+            Ok(Some(record)) => tracing::info!(
+                "last known good: revision {} from {} rendered at {} (unix); serving it until the catalog answers",
+                record.revision,
+                record.store,
+                record.rendered_at
+            ),
+            Ok(None) => tracing::info!("no previous state in {}", self.config.state_dir.display()),
+            Err(err) => tracing::warn!("{err}; the rendered files stay as they are"),
+        }
+    }
+
+    /// Runs until `shutdown` completes.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+        tracing::info!(
+            "agent {} starting: {}, state in {}",
+            self.config.node_name(),
+            self.store.describe(),
+            self.config.state_dir.display()
+        );
+        self.announce_last_known_good();
+        let (tx, mut rx) = mpsc::channel(1024);
+        let store = self.store.clone();
+        let sync = tokio::spawn(async move { store.sync(tx).await });
+        tokio::pin!(shutdown);
+        let debounce = self.config.render.debounce;
+        let max_delay = self.config.render.max_delay;
+        let mut first_change: Option<Instant> = None;
+        let mut last_change = Instant::now();
+        let mut retry_at: Option<Instant> = None;
+        loop {
+            let deadline = match (first_change, retry_at) {
+                (Some(first), _) => Some((last_change + debounce).min(first + max_delay)),
+                (None, retry) => retry,
+            };
+            tokio::select! {
+                event = rx.recv() => {
+                    let Some(event) = event else { break };
+                    self.apply(event);
+                    while let Ok(event) = rx.try_recv() {
+                        self.apply(event);
+                    }
+                    if self.synced && self.allocate_addresses().await {
+                        retry_at.get_or_insert_with(|| Instant::now() + RETRY_AFTER);
+                    }
+                    if self.synced && !self.dirty.is_empty() {
+                        last_change = Instant::now();
+                        first_change.get_or_insert(last_change);
+                    }
+                }
+                () = sleep_until(deadline) => {
+                    first_change = None;
+                    retry_at = None;
+                    if self.synced && self.allocate_addresses().await {
+                        retry_at = Some(Instant::now() + RETRY_AFTER);
+                    }
+                    let report = self.render();
+                    if !report.failures.is_empty() {
+                        retry_at = Some(Instant::now() + RETRY_AFTER);
+                    }
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        sync.abort();
+        tracing::info!("agent stopping; rendered files stay in place");
+        Ok(())
+    }
+}
+
+/// Sleeps until `deadline`, or forever if there is none.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs blocking work without stalling other tasks on a multi-thread runtime.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi_thread {
+        tokio::task::block_in_place(work)
+    } else {
+        work()
+    }
+}
+
+/// confd's -onetime: snapshot, allocate missing addresses, render, exit.
+pub async fn render_once(config: AgentConfig) -> Result<Report, AgentError> {
+    let mut pipeline = Pipeline::new(config)?;
+    let (revision, entries) = pipeline.store.snapshot().await?;
+    pipeline.apply(StoreEvent::Snapshot { revision, entries });
+    let needed = pipeline.catalog.services_without_address();
+    for service in &needed {
+        pipeline.store.allocate_address(service, &pipeline.pool).await?;
+    }
+    if !needed.is_empty() {
+        let (revision, entries) = pipeline.store.snapshot().await?;
+        pipeline.apply(StoreEvent::Snapshot { revision, entries });
+    }
+    let report = pipeline.render();
+    match report.failures.len() {
+        0 => Ok(report),
+        count => Err(AgentError::RenderFailures { count }),
+    }
+}

@@ -1,0 +1,598 @@
+//! The typed catalog: services, their instances and their addresses.
+//!
+//! Pure data, no I/O. The store feeds it key/value changes; it parses and
+//! validates each value, keeps the last good value of a key whose new value
+//! is bad (and says so, naming the key), and reports which services each
+//! change touched so rendering can redo only those.
+
+use crate::addresses::parse_service_address;
+use crate::config::KeyKind;
+use crate::yaml;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A catalog key or value that cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CatalogError {
+    #[error(
+        "service name {0:?} is not a DNS label ([a-z0-9-], 1-63 characters, no leading or trailing '-')"
+    )]
+    ServiceName(String),
+    #[error("instance id {0:?} must be 1-253 characters of [A-Za-z0-9._:-]")]
+    InstanceId(String),
+    #[error("key is not services/<service>, instances/<service>/<id> or addresses/<service>")]
+    KeyShape,
+    #[error("value is not UTF-8")]
+    NotUtf8,
+    #[error("{0}")]
+    Value(String),
+}
+
+/// Transport protocol of a service.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Http,
+}
+
+/// How a service spreads connections over its instances.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    LeastConnections,
+    PeakEwma,
+    ConsistentHash,
+}
+
+/// A service definition, as operators write it under `services/<name>`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// Port the service is reached on, at its own address.
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub balance: Balance,
+    /// Time allowed to connect to one backend.
+    #[serde(default = "default_connect_timeout", with = "crate::duration")]
+    pub connect_timeout: Duration,
+    /// A connection idle this long in both directions is closed.
+    #[serde(default = "default_idle_timeout", with = "crate::duration")]
+    pub idle_timeout: Duration,
+    /// Other backends tried after a failed connect.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Concurrent connections allowed; the excess is refused at once.
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_retries() -> u32 {
+    2
+}
+
+impl ServiceSpec {
+    fn validate(&self) -> Result<(), String> {
+        if self.port == 0 {
+            return Err("port must be 1-65535".into());
+        }
+        if self.connect_timeout.is_zero() || self.idle_timeout.is_zero() {
+            return Err("timeouts must be greater than zero".into());
+        }
+        if self.retries > 16 {
+            return Err(format!("retries {} exceeds the limit of 16", self.retries));
+        }
+        if self.max_connections == Some(0) {
+            return Err("max_connections must be at least 1 (omit it for no limit)".into());
+        }
+        Ok(())
+    }
+}
+
+/// Whether an instance takes new connections.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    #[default]
+    Up,
+    /// Finishing its connections; gets no new ones.
+    Draining,
+    /// Out of rotation by an operator.
+    Maintenance,
+}
+
+/// One backend of a service, under `instances/<service>/<id>`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Instance {
+    pub host: String,
+    pub port: u16,
+    #[serde(default)]
+    pub node: Option<String>,
+    #[serde(default)]
+    pub zone: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub state: InstanceState,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Highest instance weight accepted.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+impl Instance {
+    fn validate(&self) -> Result<(), String> {
+        let host_ok = !self.host.is_empty()
+            && self.host.len() <= 253
+            && self
+                .host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:_".contains(&b));
+        if !host_ok {
+            return Err(format!("host {:?} is not an IP address or host name", self.host));
+        }
+        if self.port == 0 {
+            return Err("port must be 1-65535".into());
+        }
+        if self.weight > MAX_WEIGHT {
+            return Err(format!("weight {} exceeds {MAX_WEIGHT}", self.weight));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a service name: a DNS label.
+pub fn check_service_name(name: &str) -> Result<(), CatalogError> {
+    let ok = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(CatalogError::ServiceName(name.to_string()))
+    }
+}
+
+/// Checks an instance id.
+pub fn check_instance_id(id: &str) -> Result<(), CatalogError> {
+    let ok = (1..=253).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+        && id != "."
+        && id != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(CatalogError::InstanceId(id.to_string()))
+    }
+}
+
+/// A catalog key, relative to the prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    Service(String),
+    Instance(String, String),
+    Address(String),
+}
+
+impl Key {
+    /// Parses `services/x`, `instances/x/id` or `addresses/x`; `None` for keys
+    /// outside those directories (left for future use, ignored).
+    pub fn parse(key: &str) -> Option<Result<Key, CatalogError>> {
+        let (dir, rest) = key.split_once('/')?;
+        let parsed = match dir {
+            "services" => check_service_name(rest).map(|()| Key::Service(rest.to_string())),
+            "addresses" => check_service_name(rest).map(|()| Key::Address(rest.to_string())),
+            "instances" => match rest.split_once('/') {
+                Some((service, id)) => check_service_name(service)
+                    .and_then(|()| check_instance_id(id))
+                    .map(|()| Key::Instance(service.to_string(), id.to_string())),
+                None => Err(CatalogError::KeyShape),
+            },
+            _ => return None,
+        };
+        Some(parsed)
+    }
+
+    /// The key's path relative to the prefix.
+    pub fn path(&self) -> String {
+        match self {
+            Key::Service(s) => format!("services/{s}"),
+            Key::Instance(s, id) => format!("instances/{s}/{id}"),
+            Key::Address(s) => format!("addresses/{s}"),
+        }
+    }
+
+    fn service(&self) -> &str {
+        match self {
+            Key::Service(s) | Key::Instance(s, _) | Key::Address(s) => s,
+        }
+    }
+
+    fn kind(&self) -> KeyKind {
+        match self {
+            Key::Service(_) => KeyKind::Services,
+            Key::Instance(..) => KeyKind::Instances,
+            Key::Address(_) => KeyKind::Addresses,
+        }
+    }
+}
+
+/// Parses a service definition value.
+pub fn parse_service(value: &[u8]) -> Result<ServiceSpec, CatalogError> {
+    let text = std::str::from_utf8(value).map_err(|_| CatalogError::NotUtf8)?;
+    let spec: ServiceSpec = yaml::from_str(text).map_err(|e| CatalogError::Value(e.to_string()))?;
+    spec.validate().map_err(CatalogError::Value)?;
+    Ok(spec)
+}
+
+/// Parses an instance value.
+pub fn parse_instance(value: &[u8]) -> Result<Instance, CatalogError> {
+    let text = std::str::from_utf8(value).map_err(|_| CatalogError::NotUtf8)?;
+    let instance: Instance = yaml::from_str(text).map_err(|e| CatalogError::Value(e.to_string()))?;
+    instance.validate().map_err(CatalogError::Value)?;
+    Ok(instance)
+}
+
+/// A service's address and when its key was created (earlier wins a clash).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddressClaim {
+    pub addr: Ipv4Addr,
+    pub create_revision: i64,
+}
+
+/// Everything the catalog holds for one service name.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceEntry {
+    pub spec: Option<Arc<ServiceSpec>>,
+    pub instances: BTreeMap<String, Instance>,
+    pub address: Option<AddressClaim>,
+}
+
+impl ServiceEntry {
+    fn is_empty(&self) -> bool {
+        self.spec.is_none() && self.instances.is_empty() && self.address.is_none()
+    }
+}
+
+/// A part of one service that a change touched.
+pub type Touch = (String, KeyKind);
+
+/// Why a service is defined but not served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unserved {
+    /// No address yet (the agent allocates one).
+    NoAddress,
+    /// Its address is claimed earlier by another service.
+    AddressTaken { addr: Ipv4Addr, by: String },
+}
+
+/// The typed catalog at one store revision.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    services: BTreeMap<String, ServiceEntry>,
+    /// Address -> claimants ordered by (create revision, name); first wins.
+    claims: HashMap<Ipv4Addr, BTreeSet<(i64, String)>>,
+    /// Keys whose current value is bad, with the reason.
+    invalid: BTreeMap<String, String>,
+    revision: i64,
+}
+
+impl Catalog {
+    /// The store revision this catalog reflects.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// Records the revision the applied changes brought the catalog to.
+    pub fn set_revision(&mut self, revision: i64) {
+        self.revision = revision;
+    }
+
+    /// Keys whose latest value was refused, with why.
+    pub fn invalid(&self) -> &BTreeMap<String, String> {
+        &self.invalid
+    }
+
+    /// All service names known in any form.
+    pub fn entries(&self) -> &BTreeMap<String, ServiceEntry> {
+        &self.services
+    }
+
+    /// One service's entry.
+    pub fn entry(&self, service: &str) -> Option<&ServiceEntry> {
+        self.services.get(service)
+    }
+
+    /// Every address currently claimed by any service.
+    pub fn claimed_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.claims.keys().copied()
+    }
+
+    /// Defined services that have no address key yet.
+    pub fn services_without_address(&self) -> Vec<String> {
+        self.services
+            .iter()
+            .filter(|(_, entry)| entry.spec.is_some() && entry.address.is_none())
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Whether a defined service is served, and if not, why.
+    pub fn serving_state(&self, service: &str) -> Result<(Arc<ServiceSpec>, Ipv4Addr), Unserved> {
+        let entry = self.services.get(service).ok_or(Unserved::NoAddress)?;
+        let spec = entry.spec.clone().ok_or(Unserved::NoAddress)?;
+        let claim = entry.address.ok_or(Unserved::NoAddress)?;
+        let winner = self
+            .claims
+            .get(&claim.addr)
+            .and_then(|set| set.first())
+            .map(|(_, name)| name.as_str());
+        match winner {
+            Some(name) if name != service => Err(Unserved::AddressTaken {
+                addr: claim.addr,
+                by: name.to_string(),
+            }),
+            _ => Ok((spec, claim.addr)),
+        }
+    }
+
+    /// Drops everything and loads `entries` (a full snapshot).
+    pub fn replace<'a>(&mut self, entries: impl IntoIterator<Item = (&'a str, &'a [u8], i64)>) {
+        *self = Catalog::default();
+        for (key, value, create_revision) in entries {
+            self.put(key, value, create_revision);
+        }
+    }
+
+    /// Applies a put of `value` at `key`; returns what it touched.
+    ///
+    /// A bad value is recorded in [`Catalog::invalid`] and the key's previous
+    /// good value, if any, stays in force.
+    pub fn put(&mut self, key: &str, value: &[u8], create_revision: i64) -> Vec<Touch> {
+        let parsed = match Key::parse(key) {
+            None => return Vec::new(),
+            Some(Err(err)) => {
+                self.refuse(key, err);
+                return Vec::new();
+            }
+            Some(Ok(parsed)) => parsed,
+        };
+        let result = match &parsed {
+            Key::Service(service) => parse_service(value).map(|spec| {
+                self.entry_mut(service).spec = Some(Arc::new(spec));
+                Vec::new()
+            }),
+            Key::Instance(service, id) => parse_instance(value).map(|instance| {
+                self.entry_mut(service).instances.insert(id.clone(), instance);
+                Vec::new()
+            }),
+            Key::Address(service) => std::str::from_utf8(value)
+                .map_err(|_| CatalogError::NotUtf8)
+                .and_then(|text| parse_service_address(text).map_err(|e| CatalogError::Value(e.to_string())))
+                .map(|addr| {
+                    self.set_address(
+                        service,
+                        Some(AddressClaim {
+                            addr,
+                            create_revision,
+                        }),
+                    )
+                }),
+        };
+        match result {
+            Ok(mut touched) => {
+                self.invalid.remove(key);
+                touched.push((parsed.service().to_string(), parsed.kind()));
+                touched
+            }
+            Err(err) => {
+                self.refuse(key, err);
+                Vec::new()
+            }
+        }
+    }
+
+    /// Applies a delete of `key`; returns what it touched.
+    pub fn delete(&mut self, key: &str) -> Vec<Touch> {
+        self.invalid.remove(key);
+        let Some(Ok(parsed)) = Key::parse(key) else {
+            return Vec::new();
+        };
+        let service = parsed.service().to_string();
+        let mut touched = match &parsed {
+            Key::Service(_) => {
+                self.entry_mut(&service).spec = None;
+                Vec::new()
+            }
+            Key::Instance(_, id) => {
+                self.entry_mut(&service).instances.remove(id);
+                Vec::new()
+            }
+            Key::Address(_) => self.set_address(&service, None),
+        };
+        if self.services.get(&service).is_some_and(ServiceEntry::is_empty) {
+            self.services.remove(&service);
+        }
+        touched.push((service, parsed.kind()));
+        touched
+    }
+
+    fn entry_mut(&mut self, service: &str) -> &mut ServiceEntry {
+        self.services.entry(service.to_string()).or_default()
+    }
+
+    /// Moves a service's claim; returns the other services whose serving
+    /// state changed because a clash appeared or went away.
+    fn set_address(&mut self, service: &str, claim: Option<AddressClaim>) -> Vec<Touch> {
+        let mut touched = Vec::new();
+        let old = std::mem::replace(&mut self.entry_mut(service).address, claim);
+        if let Some(old) = old {
+            if let Some(set) = self.claims.get_mut(&old.addr) {
+                set.remove(&(old.create_revision, service.to_string()));
+                touched.extend(set.iter().map(|(_, name)| (name.clone(), KeyKind::Addresses)));
+                if set.is_empty() {
+                    self.claims.remove(&old.addr);
+                }
+            }
+        }
+        if let Some(new) = claim {
+            let set = self.claims.entry(new.addr).or_default();
+            touched.extend(set.iter().map(|(_, name)| (name.clone(), KeyKind::Addresses)));
+            set.insert((new.create_revision, service.to_string()));
+            if set.len() > 1 {
+                let (_, winner) = set.first().expect("set has two members");
+                let losers: Vec<&str> = set.iter().skip(1).map(|(_, n)| n.as_str()).collect();
+                tracing::warn!(
+                    address = %new.addr,
+                    "address {} is claimed by {winner} first and also by {}; only {winner} is served",
+                    new.addr,
+                    losers.join(", ")
+                );
+                metrics::counter!("loopmesh_catalog_address_conflicts_total").increment(1);
+            }
+        }
+        touched
+    }
+
+    fn refuse(&mut self, key: &str, err: CatalogError) {
+        let kept = match Key::parse(key) {
+            Some(Ok(Key::Service(s))) if self.entry(&s).is_some_and(|e| e.spec.is_some()) => {
+                "keeping its previous value"
+            }
+            Some(Ok(Key::Instance(s, id)))
+                if self.entry(&s).is_some_and(|e| e.instances.contains_key(&id)) =>
+            {
+                "keeping its previous value"
+            }
+            Some(Ok(Key::Address(s))) if self.entry(&s).is_some_and(|e| e.address.is_some()) => {
+                "keeping its previous value"
+            }
+            _ => "skipped",
+        };
+        tracing::warn!(key, "invalid catalog value at {key}: {err}; {kept}");
+        metrics::counter!("loopmesh_catalog_invalid_values_total").increment(1);
+        self.invalid.insert(key.to_string(), err.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PG: &[u8] = b"port: 5432\n";
+
+    #[test]
+    fn keys_parse_and_refuse() {
+        assert_eq!(Key::parse("services/pg"), Some(Ok(Key::Service("pg".into()))));
+        assert_eq!(
+            Key::parse("instances/pg/node-a:5432"),
+            Some(Ok(Key::Instance("pg".into(), "node-a:5432".into())))
+        );
+        assert_eq!(Key::parse("other/thing"), None);
+        assert!(matches!(
+            Key::parse("services/Bad_Name"),
+            Some(Err(CatalogError::ServiceName(_)))
+        ));
+        assert!(matches!(
+            Key::parse("instances/pg"),
+            Some(Err(CatalogError::KeyShape))
+        ));
+        assert!(matches!(
+            Key::parse("instances/pg/a/b"),
+            Some(Err(CatalogError::InstanceId(_)))
+        ));
+    }
+
+    #[test]
+    fn service_defaults_and_strictness() {
+        let spec = parse_service(PG).unwrap();
+        assert_eq!(spec.protocol, Protocol::Tcp);
+        assert_eq!(spec.balance, Balance::RoundRobin);
+        assert_eq!(spec.connect_timeout, Duration::from_secs(1));
+        assert!(parse_service(b"port: 5432\nprotcol: http\n").is_err());
+        assert!(parse_service(b"port: 0\n").is_err());
+        assert!(parse_service(b"port: 70000\n").is_err());
+        assert!(parse_service(b"port: 1\nbalance: random\n").is_err());
+        assert!(parse_service(&[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn bad_value_is_skipped_and_the_rest_stays() {
+        let mut catalog = Catalog::default();
+        catalog.put("services/pg", PG, 1);
+        catalog.put("services/redis", b"port: [nope", 2);
+        assert!(catalog.entry("pg").unwrap().spec.is_some());
+        assert!(catalog.entry("redis").is_none());
+        assert!(catalog.invalid().contains_key("services/redis"));
+    }
+
+    #[test]
+    fn bad_update_keeps_previous_good_value_until_fixed_or_deleted() {
+        let mut catalog = Catalog::default();
+        catalog.put("services/pg", PG, 1);
+        assert!(catalog.put("services/pg", b"port: nope", 1).is_empty());
+        assert_eq!(catalog.entry("pg").unwrap().spec.as_ref().unwrap().port, 5432);
+        assert!(catalog.invalid().contains_key("services/pg"));
+        catalog.put("services/pg", b"port: 6432", 1);
+        assert_eq!(catalog.entry("pg").unwrap().spec.as_ref().unwrap().port, 6432);
+        assert!(catalog.invalid().is_empty());
+        catalog.delete("services/pg");
+        assert!(catalog.entry("pg").is_none());
+    }
+
+    #[test]
+    fn earlier_address_claim_wins_and_loser_is_served_when_freed() {
+        let mut catalog = Catalog::default();
+        catalog.put("services/a", PG, 1);
+        catalog.put("services/b", PG, 2);
+        catalog.put("addresses/a", b"127.100.0.9", 5);
+        let touched = catalog.put("addresses/b", b"127.100.0.9", 7);
+        assert!(touched.contains(&("a".to_string(), KeyKind::Addresses)));
+        assert!(catalog.serving_state("a").is_ok());
+        assert_eq!(
+            catalog.serving_state("b"),
+            Err(Unserved::AddressTaken {
+                addr: Ipv4Addr::new(127, 100, 0, 9),
+                by: "a".into()
+            })
+        );
+        let touched = catalog.delete("addresses/a");
+        assert!(touched.contains(&("b".to_string(), KeyKind::Addresses)));
+        assert!(catalog.serving_state("b").is_ok());
+    }
+
+    #[test]
+    fn replace_rebuilds_from_scratch() {
+        let mut catalog = Catalog::default();
+        catalog.put("services/old", PG, 1);
+        catalog.replace([("services/new", PG, 2), ("addresses/new", &b"127.100.0.3"[..], 2)]);
+        assert!(catalog.entry("old").is_none());
+        assert!(catalog.serving_state("new").is_ok());
+        assert_eq!(catalog.services_without_address(), Vec::<String>::new());
+    }
+}

@@ -1,0 +1,137 @@
+//! Command line: `loopmesh agent | check | render --once`.
+//!
+//! Flag names follow the contract in DESIGN.md; they override the config
+//! file. Errors reach the operator as one line and a non-zero exit.
+
+use crate::agent::{self, Pipeline};
+use crate::config::{AgentConfig, Overrides};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// A per-node service mesh: etcd catalog, rendered routes, loopback DNS and proxy.
+#[derive(Debug, Parser)]
+#[command(name = "loopmesh", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Watch the catalog and keep the rendered files up to date.
+    Agent(AgentArgs),
+    /// Load and validate the config, templates and template resources, then exit.
+    Check(AgentArgs),
+    /// Render once from the current catalog and exit (confd's -onetime).
+    Render {
+        /// Required: render a single time and exit.
+        #[arg(long, required = true)]
+        once: bool,
+        #[command(flatten)]
+        args: AgentArgs,
+    },
+}
+
+/// Flags shared by the agent's commands.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// YAML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// etcd endpoints, comma-separated; absent means the file catalog.
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+    pub etcd: Option<Vec<String>>,
+    /// File catalog directory.
+    #[arg(long, value_name = "DIR")]
+    pub catalog_dir: Option<PathBuf>,
+    /// Key prefix (default /loopmesh).
+    #[arg(long, value_name = "P")]
+    pub prefix: Option<String>,
+    /// Rendered files and last-known-good state.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// DNS server address (also the zone's NS glue).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub dns_listen: Option<std::net::SocketAddrV4>,
+    /// Node name (default: hostname).
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+}
+
+impl AgentArgs {
+    fn load(&self) -> anyhow::Result<AgentConfig> {
+        let overrides = Overrides {
+            etcd: self.etcd.clone(),
+            catalog_dir: self.catalog_dir.clone(),
+            prefix: self.prefix.clone(),
+            state_dir: self.state_dir.clone(),
+            node: self.node.clone(),
+            dns_listen: self.dns_listen,
+        };
+        Ok(AgentConfig::load(self.config.as_deref(), &overrides)?)
+    }
+}
+
+/// Sets up logging: `RUST_LOG` wins, else info; plain text for journald.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false)
+        .try_init();
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Agent(args) => {
+                let pipeline = Pipeline::new(args.load()?)?;
+                pipeline.run(shutdown_signal()).await?;
+            }
+            Command::Check(args) => {
+                let config = args.load()?;
+                Pipeline::new(config.clone())?;
+                println!(
+                    "ok: config, {} template resource(s) and templates are valid",
+                    config.templates.len() + crate::render::core_resources().len()
+                );
+            }
+            Command::Render { args, .. } => {
+                let report = agent::render_once(args.load()?).await?;
+                println!(
+                    "rendered: {} written, {} removed, {} unchanged",
+                    report.written.len(),
+                    report.removed.len(),
+                    report.unchanged
+                );
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

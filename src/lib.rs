@@ -1,0 +1,32 @@
+//! loopmesh: SmartStack reborn in Rust — a per-node service mesh.
+//!
+//! Every node runs the agent: it syncs the catalog from etcd (or a directory
+//! of YAML files), renders confd-style tera templates into a routing table
+//! and a DNS zone, and (in later parts) serves them from an in-process proxy
+//! and DNS server. See `DESIGN.md` in the shared docs for the contract.
+//!
+//! Modules, in data-flow order:
+//! - [`config`]: strict YAML agent config, flags on top ([`yaml`] and
+//!   [`duration`] are its parsing helpers).
+//! - [`store`]: the catalog source, etcd or files: snapshot, then a watch
+//!   from the next revision, resync after compaction.
+//! - [`catalog`]: typed services, instances and addresses; bad values are
+//!   refused per key, the last good value kept.
+//! - [`addresses`]: the loopback address pool and stable first picks.
+//! - [`render`]: tera templates, template resources, atomic file sync.
+//! - [`routing`]: the rendered routing table's format and validation.
+//! - [`state`]: the last-known-good record.
+//! - [`agent`]: the control loop tying store, catalog and render together.
+//! - [`cli`]: the `loopmesh` command line.
+
+pub mod addresses;
+pub mod agent;
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod duration;
+pub mod render;
+pub mod routing;
+pub mod state;
+pub mod store;
+pub mod yaml;

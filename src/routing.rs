@@ -1,0 +1,219 @@
+//! The routing table: one YAML file per service under `<state_dir>/routes/`.
+//!
+//! This is what the data plane loads and what an operator reads to know
+//! what the node does. The agent renders it from the catalog (and validates
+//! every file before it goes live); in static mode an operator writes it by
+//! hand. Either way it is parsed and validated here, and a table that fails
+//! validation is refused as a whole.
+
+use crate::addresses::check_service_address;
+use crate::catalog::{check_instance_id, check_service_name, Balance, InstanceState, Protocol, MAX_WEIGHT};
+use crate::yaml;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Directory of the routing table inside the state directory.
+pub const ROUTES_DIR: &str = "routes";
+
+/// A routing table file or directory that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    #[error("route {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("cannot read routing table {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("routing table {dir}: {first} and {second} both listen on {address}:{port}")]
+    Clash {
+        dir: PathBuf,
+        first: String,
+        second: String,
+        address: Ipv4Addr,
+        port: u16,
+    },
+}
+
+/// One service's route: where it listens and where it forwards.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub service: String,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub balance: Balance,
+    #[serde(with = "crate::duration")]
+    pub connect_timeout: Duration,
+    #[serde(with = "crate::duration")]
+    pub idle_timeout: Duration,
+    pub retries: u32,
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    #[serde(default)]
+    pub backends: Vec<Backend>,
+}
+
+/// One backend of a route.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub id: String,
+    pub host: String,
+    pub port: u16,
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default)]
+    pub zone: Option<String>,
+    #[serde(default)]
+    pub state: InstanceState,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Route {
+    /// Parses and validates one route file's text.
+    pub fn parse(text: &str) -> Result<Route, String> {
+        let route: Route = yaml::from_str(text).map_err(|e| e.to_string())?;
+        route.validate()?;
+        Ok(route)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        check_service_name(&self.service).map_err(|e| e.to_string())?;
+        check_service_address(self.address).map_err(|e| e.to_string())?;
+        if self.port == 0 {
+            return Err("port must be 1-65535".into());
+        }
+        if self.connect_timeout.is_zero() || self.idle_timeout.is_zero() {
+            return Err("timeouts must be greater than zero".into());
+        }
+        let mut ids = HashSet::new();
+        for backend in &self.backends {
+            check_instance_id(&backend.id).map_err(|e| e.to_string())?;
+            if !ids.insert(backend.id.as_str()) {
+                return Err(format!("backend id {} appears twice", backend.id));
+            }
+            if backend.host.is_empty() || backend.port == 0 {
+                return Err(format!("backend {} needs a host and a port 1-65535", backend.id));
+            }
+            if backend.weight > MAX_WEIGHT {
+                return Err(format!(
+                    "backend {} weight {} exceeds {MAX_WEIGHT}",
+                    backend.id, backend.weight
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses one route file, naming it on error.
+pub fn load_route(path: &Path) -> Result<Route, RoutingError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RoutingError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let route = Route::parse(&text).map_err(|reason| RoutingError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    })?;
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+    if stem.as_deref() != Some(route.service.as_str()) {
+        return Err(RoutingError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!(
+                "file name must be {}.yaml for service {}",
+                route.service, route.service
+            ),
+        });
+    }
+    Ok(route)
+}
+
+/// Loads and validates a whole routing table directory; any error refuses it.
+pub fn load_table(dir: &Path) -> Result<BTreeMap<String, Route>, RoutingError> {
+    let read_err = |source| RoutingError::Read {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut table = BTreeMap::new();
+    let listing = match std::fs::read_dir(dir) {
+        Ok(listing) => listing,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(table),
+        Err(err) => return Err(read_err(err)),
+    };
+    for item in listing {
+        let path = item.map_err(read_err)?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.starts_with('.') || !name.ends_with(".yaml") {
+            continue;
+        }
+        let route = load_route(&path)?;
+        table.insert(route.service.clone(), route);
+    }
+    let mut listeners: HashMap<(Ipv4Addr, u16), &str> = HashMap::new();
+    for route in table.values() {
+        if let Some(first) = listeners.insert((route.address, route.port), &route.service) {
+            return Err(RoutingError::Clash {
+                dir: dir.to_path_buf(),
+                first: first.to_string(),
+                second: route.service.clone(),
+                address: route.address,
+                port: route.port,
+            });
+        }
+    }
+    Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROUTE: &str = "service: pg\naddress: 127.100.0.7\nport: 5432\nconnect_timeout: 1s\nidle_timeout: 600s\nretries: 2\nbackends:\n  - {id: a, host: 10.0.0.1, port: 5432}\n";
+
+    #[test]
+    fn parses_a_route() {
+        let route = Route::parse(ROUTE).unwrap();
+        assert_eq!(route.backends[0].weight, 1);
+        assert_eq!(route.backends[0].state, InstanceState::Up);
+    }
+
+    #[test]
+    fn refuses_bad_routes() {
+        assert!(Route::parse(&ROUTE.replace("127.100.0.7", "127.0.0.1")).is_err());
+        assert!(Route::parse(&ROUTE.replace("port: 5432\nconnect", "port: 0\nconnect")).is_err());
+        assert!(Route::parse(&format!("{ROUTE}  - {{id: a, host: h, port: 1}}\n")).is_err());
+        assert!(Route::parse(&format!("{ROUTE}extra: 1\n")).is_err());
+    }
+
+    #[test]
+    fn table_refuses_two_services_on_one_listener() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pg.yaml"), ROUTE).unwrap();
+        std::fs::write(
+            dir.path().join("pg2.yaml"),
+            ROUTE.replace("service: pg", "service: pg2"),
+        )
+        .unwrap();
+        assert!(matches!(load_table(dir.path()), Err(RoutingError::Clash { .. })));
+        std::fs::remove_file(dir.path().join("pg2.yaml")).unwrap();
+        assert_eq!(load_table(dir.path()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn file_name_must_match_service() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("other.yaml"), ROUTE).unwrap();
+        assert!(load_table(dir.path()).is_err());
+    }
+}

@@ -1,0 +1,93 @@
+//! Last known good: what the agent last rendered, and from which revision.
+//!
+//! Written after every render pass to `<state_dir>/state.json`. An agent
+//! that restarts while the store is unreachable keeps the rendered files as
+//! they are and uses this record to say how old they are.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// File name of the record inside the state directory.
+pub const STATE_FILE: &str = "state.json";
+
+/// The state record cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a loopmesh state record: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("cannot write state record: {0}")]
+    Write(#[from] crate::render::RenderError),
+}
+
+/// What the agent last applied.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LastKnownGood {
+    /// Store revision the rendered files reflect.
+    pub revision: i64,
+    /// When the files were last rendered (seconds since the epoch).
+    pub rendered_at: u64,
+    /// The store they came from (`etcd ...` or `file catalog ...`).
+    pub store: String,
+    /// True while the store is unreachable or not yet synced.
+    pub stale: bool,
+    /// Catalog keys whose values were refused.
+    pub invalid_keys: Vec<String>,
+}
+
+/// Seconds since the epoch, now.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Reads the record; `Ok(None)` if the agent never rendered here.
+pub fn load(state_dir: &Path) -> Result<Option<LastKnownGood>, StateError> {
+    let path = state_dir.join(STATE_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(StateError::Read { path, source }),
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|source| StateError::Parse { path, source })
+}
+
+/// Writes the record atomically.
+pub fn save(state_dir: &Path, record: &LastKnownGood) -> Result<(), StateError> {
+    let mut text = serde_json::to_string_pretty(record).expect("state record serializes");
+    text.push('\n');
+    let spec = crate::render::sync::FileSpec::default();
+    crate::render::sync::sync_file(&state_dir.join(STATE_FILE), text.as_bytes(), &spec)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_reports_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path()).unwrap(), None);
+        let record = LastKnownGood {
+            revision: 42,
+            rendered_at: 1,
+            store: "etcd".into(),
+            stale: false,
+            invalid_keys: vec!["services/x".into()],
+        };
+        save(dir.path(), &record).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), Some(record));
+        std::fs::write(dir.path().join(STATE_FILE), "{").unwrap();
+        let err = load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("state.json"), "{err}");
+    }
+}

@@ -1,0 +1,363 @@
+//! The etcd store: revision-pinned snapshot, then a watch from revision+1.
+//!
+//! confd's etcd backend can lose updates between its read and its watch;
+//! here the watch starts exactly one revision after the snapshot, resumes
+//! from the last delivered revision after any disconnect, and falls back to
+//! a fresh snapshot only when etcd has compacted the history it needs.
+
+use super::{Backoff, Change, Entry, Store, StoreError, StoreEvent};
+use crate::addresses::{parse_service_address, AddressPool};
+use crate::config::EtcdConfig;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions,
+};
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+use tokio::sync::{mpsc, Mutex};
+
+/// Most allocation transactions lost in a row before giving up for now.
+const ALLOCATION_ATTEMPTS: u32 = 8;
+
+/// A catalog kept in etcd under a prefix.
+pub struct EtcdStore {
+    config: EtcdConfig,
+    /// The prefix with a trailing '/', as keys are matched.
+    prefix: String,
+    endpoints: String,
+    client: Mutex<Option<Client>>,
+}
+
+/// How one connected stretch of watching ended.
+enum WatchEnd {
+    /// The receiver went away: stop.
+    Closed,
+    /// The history we needed is compacted: take a fresh snapshot now.
+    Compacted,
+}
+
+impl EtcdStore {
+    /// A store for these endpoints and prefix; no connection is made yet.
+    pub fn new(config: EtcdConfig, prefix: &str) -> Result<Self, StoreError> {
+        Ok(EtcdStore {
+            endpoints: config.endpoints.join(","),
+            prefix: format!("{}/", prefix.trim_end_matches('/')),
+            config,
+            client: Mutex::new(None),
+        })
+    }
+
+    /// The full key for a key relative to the prefix.
+    pub fn full_key(&self, relative: &str) -> String {
+        format!("{}{relative}", self.prefix)
+    }
+
+    /// A connected client, reusing the last one until it fails.
+    pub async fn client(&self) -> Result<Client, StoreError> {
+        let mut slot = self.client.lock().await;
+        if let Some(client) = slot.as_ref() {
+            return Ok(client.clone());
+        }
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(self.config.dial_timeout)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+            .with_keep_alive_while_idle(true);
+        if let Some(user) = &self.config.username {
+            let password = match (&self.config.password, &self.config.password_file) {
+                (Some(password), _) => password.clone(),
+                (None, Some(path)) => std::fs::read_to_string(path)
+                    .map(|text| text.trim_end().to_string())
+                    .map_err(|source| StoreError::Credentials {
+                        path: path.clone(),
+                        source,
+                    })?,
+                (None, None) => String::new(),
+            };
+            options = options.with_user(user.clone(), password);
+        }
+        if let Some(tls) = &self.config.tls {
+            options = options.with_tls(self.tls_options(tls)?);
+        }
+        let client = self
+            .timed(Client::connect(&self.config.endpoints, Some(options)))
+            .await?;
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    fn tls_options(&self, tls: &crate::config::EtcdTlsConfig) -> Result<etcd_client::TlsOptions, StoreError> {
+        let read = |path: &std::path::PathBuf| {
+            std::fs::read(path).map_err(|source| StoreError::Credentials {
+                path: path.clone(),
+                source,
+            })
+        };
+        let mut options = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca_file)?));
+        if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+            options = options.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+        }
+        if let Some(name) = &tls.server_name {
+            options = options.domain_name(name.clone());
+        }
+        Ok(options)
+    }
+
+    /// Forgets the client so the next call reconnects.
+    async fn reset(&self) {
+        *self.client.lock().await = None;
+    }
+
+    /// Runs an etcd call with the request timeout, naming the endpoints on error.
+    async fn timed<T>(
+        &self,
+        call: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.config.request_timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(source)) => Err(StoreError::Etcd {
+                endpoints: self.endpoints.clone(),
+                source,
+            }),
+            Err(_) => Err(StoreError::Timeout {
+                endpoints: self.endpoints.clone(),
+                timeout: self.config.request_timeout,
+            }),
+        }
+    }
+
+    fn watch_error(&self, reason: impl Into<String>) -> StoreError {
+        StoreError::Watch {
+            endpoints: self.endpoints.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Strips the prefix; `None` for a key that is not valid UTF-8.
+    fn relative(&self, key: &[u8]) -> Option<String> {
+        let text = std::str::from_utf8(key).ok()?;
+        text.strip_prefix(&self.prefix).map(str::to_string)
+    }
+
+    /// Watches from `*resume + 1`, sending changes and advancing `*resume`.
+    async fn watch_from(
+        &self,
+        resume: &mut i64,
+        events: &mpsc::Sender<StoreEvent>,
+        backoff: &mut Backoff,
+        reachable: &mut bool,
+    ) -> Result<WatchEnd, StoreError> {
+        let mut client = self.client().await?;
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(*resume + 1)
+            .with_progress_notify();
+        let stream = self
+            .timed(client.watch(self.prefix.as_str(), Some(options)))
+            .await?;
+        let (_requests, mut responses) = stream.split();
+        loop {
+            let message = tokio::select! {
+                message = responses.message() => message,
+                () = events.closed() => return Ok(WatchEnd::Closed),
+            };
+            let response = message
+                .map_err(|source| StoreError::Etcd {
+                    endpoints: self.endpoints.clone(),
+                    source,
+                })?
+                .ok_or_else(|| self.watch_error("watch stream closed by the server"))?;
+            if response.compact_revision() > 0 {
+                tracing::warn!(
+                    "etcd compacted revision {} before the watch resumed at {}; taking a fresh snapshot",
+                    response.compact_revision(),
+                    *resume + 1
+                );
+                metrics::counter!("loopmesh_store_resyncs_total", "reason" => "compacted").increment(1);
+                return Ok(WatchEnd::Compacted);
+            }
+            if response.canceled() {
+                return Err(self.watch_error(format!("watch canceled: {}", response.cancel_reason())));
+            }
+            if response.created() {
+                backoff.reset();
+                if !*reachable {
+                    tracing::info!(
+                        "catalog reachable again ({}); resuming at revision {}",
+                        self.describe(),
+                        *resume + 1
+                    );
+                }
+                *reachable = true;
+                if events.send(StoreEvent::Reachable).await.is_err() {
+                    return Ok(WatchEnd::Closed);
+                }
+            }
+            for (revision, changes) in self.group_by_revision(response.events()) {
+                *resume = revision;
+                if events
+                    .send(StoreEvent::Changes { revision, changes })
+                    .await
+                    .is_err()
+                {
+                    return Ok(WatchEnd::Closed);
+                }
+            }
+        }
+    }
+
+    /// Splits a watch response into per-revision batches, in order.
+    fn group_by_revision(&self, events: &[etcd_client::Event]) -> Vec<(i64, Vec<Change>)> {
+        let mut batches: Vec<(i64, Vec<Change>)> = Vec::new();
+        for event in events {
+            let Some(kv) = event.kv() else { continue };
+            let revision = kv.mod_revision();
+            let Some(key) = self.relative(kv.key()) else {
+                tracing::warn!("skipping etcd key that is not UTF-8 under {}", self.prefix);
+                continue;
+            };
+            let change = match event.event_type() {
+                EventType::Put => Change::Put(Entry {
+                    key,
+                    value: kv.value().to_vec(),
+                    create_revision: kv.create_revision(),
+                }),
+                EventType::Delete => Change::Delete(key),
+            };
+            match batches.last_mut() {
+                Some((last, changes)) if *last == revision => changes.push(change),
+                _ => batches.push((revision, vec![change])),
+            }
+        }
+        batches
+    }
+}
+
+impl Store for EtcdStore {
+    async fn sync(&self, events: mpsc::Sender<StoreEvent>) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), self.config.retry_max);
+        // The last revision delivered; None until a snapshot went out.
+        let mut resume: Option<i64> = None;
+        let mut reachable = true;
+        loop {
+            let outcome = match resume {
+                None => match self.snapshot().await {
+                    Ok((revision, entries)) => {
+                        resume = Some(revision);
+                        if events
+                            .send(StoreEvent::Snapshot { revision, entries })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(err) => Err(err),
+                },
+                Some(ref mut revision) => {
+                    self.watch_from(revision, &events, &mut backoff, &mut reachable)
+                        .await
+                }
+            };
+            match outcome {
+                Ok(WatchEnd::Closed) => return,
+                Ok(WatchEnd::Compacted) => resume = None,
+                Err(err) => {
+                    let reason = err.to_string();
+                    if reachable {
+                        tracing::warn!(
+                            "catalog unreachable: {reason}; keeping the last known good state and retrying"
+                        );
+                    }
+                    reachable = false;
+                    metrics::counter!("loopmesh_store_errors_total").increment(1);
+                    self.reset().await;
+                    if events.send(StoreEvent::Unreachable { reason }).await.is_err() {
+                        return;
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff.next_delay()) => {}
+                        () = events.closed() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn snapshot(&self) -> Result<(i64, Vec<Entry>), StoreError> {
+        let mut client = self.client().await?;
+        let response = self
+            .timed(client.get(self.prefix.as_str(), Some(GetOptions::new().with_prefix())))
+            .await?;
+        let revision = response.header().map(|h| h.revision()).unwrap_or_default();
+        let entries = response
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let key = self.relative(kv.key())?;
+                Some(Entry {
+                    key,
+                    value: kv.value().to_vec(),
+                    create_revision: kv.create_revision(),
+                })
+            })
+            .collect();
+        Ok((revision, entries))
+    }
+
+    async fn allocate_address(&self, service: &str, pool: &AddressPool) -> Result<Ipv4Addr, StoreError> {
+        let dir = self.full_key("addresses/");
+        let key = format!("{dir}{service}");
+        for _ in 0..ALLOCATION_ATTEMPTS {
+            let mut client = self.client().await?;
+            let current = self
+                .timed(client.get(dir.as_str(), Some(GetOptions::new().with_prefix())))
+                .await?;
+            let revision = current.header().map(|h| h.revision()).unwrap_or_default();
+            let mut taken = HashSet::new();
+            for kv in current.kvs() {
+                let value = String::from_utf8_lossy(kv.value());
+                let parsed = parse_service_address(&value);
+                if kv.key() == key.as_bytes() {
+                    return parsed.map_err(|_| StoreError::BadAddressValue {
+                        service: service.to_string(),
+                        key: key.clone(),
+                        value: value.into_owned(),
+                    });
+                }
+                taken.extend(parsed.ok());
+            }
+            let candidate = pool.pick(service, &taken).map_err(|source| StoreError::Address {
+                service: service.to_string(),
+                source,
+            })?;
+            // Commit only if the key is still absent and no address key changed
+            // since our read: then nobody took the candidate meanwhile.
+            let txn = Txn::new()
+                .when([
+                    Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                    Compare::mod_revision(dir.as_str(), CompareOp::Less, revision + 1).with_prefix(),
+                ])
+                .and_then([TxnOp::put(key.as_str(), candidate.to_string(), None)]);
+            if self.timed(client.txn(txn)).await?.succeeded() {
+                tracing::info!("allocated {candidate} to service {service} at {key}");
+                return Ok(candidate);
+            }
+            metrics::counter!("loopmesh_address_allocation_retries_total").increment(1);
+        }
+        Err(StoreError::Contended {
+            service: service.to_string(),
+            attempts: ALLOCATION_ATTEMPTS,
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "etcd {} prefix {}",
+            self.endpoints,
+            self.prefix.trim_end_matches('/')
+        )
+    }
+}
