@@ -202,14 +202,21 @@ impl Pipeline {
     }
 
     /// Reports what the last run left on disk, before the store answers.
+    /// The record is marked stale until the store answers.
     fn announce_last_known_good(&self) {
         match state::load(&self.config.state_dir) {
-            Ok(Some(record)) => tracing::info!(
-                "last known good: revision {} from {} rendered at {} (unix); serving it until the catalog answers",
-                record.revision,
-                record.store,
-                record.rendered_at
-            ),
+            Ok(Some(mut record)) => {
+                tracing::info!(
+                    "last known good: revision {} from {} rendered at {} (unix); serving it (stale) until the catalog answers",
+                    record.revision,
+                    record.store,
+                    record.rendered_at
+                );
+                record.stale = true;
+                if let Err(err) = state::save(&self.config.state_dir, &record) {
+                    tracing::error!("{err}");
+                }
+            }
             Ok(None) => tracing::info!("no previous state in {}", self.config.state_dir.display()),
             Err(err) => tracing::warn!("{err}; the rendered files stay as they are"),
         }

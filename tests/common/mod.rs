@@ -1,0 +1,286 @@
+//! Test harness: a real etcd on a loopback address of its own, the real
+//! loopmesh binary, and waiting on conditions instead of sleeping.
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long any awaited condition may take before the test fails.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A loopback address no other test uses: 127.200-254.x.y, probed free.
+pub fn unique_ip() -> Ipv4Addr {
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let seed = std::process::id()
+            .wrapping_mul(2_654_435_761)
+            .wrapping_add(n.wrapping_mul(40_503));
+        let ip = Ipv4Addr::new(
+            127,
+            200 + (seed % 55) as u8,
+            (seed >> 8) as u8,
+            1 + (seed >> 16) as u8 % 254,
+        );
+        // Free if we can bind the ports etcd will use.
+        if TcpListener::bind((ip, 2379)).is_ok() && TcpListener::bind((ip, 2380)).is_ok() {
+            return ip;
+        }
+    }
+}
+
+/// Polls `check` every 5 ms until it returns `Some`, failing after PATIENCE.
+pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {PATIENCE:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Async form of [`eventually`].
+pub async fn eventually_async<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {PATIENCE:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A single-member etcd cluster owned by one test.
+pub struct Etcd {
+    pub ip: Ipv4Addr,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let mut etcd = Etcd {
+            ip: unique_ip(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        etcd.launch();
+        etcd
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}:2379", self.ip)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, 2379))
+    }
+
+    fn launch(&mut self) {
+        let peer = format!("http://{}:2380", self.ip);
+        let log = std::fs::File::create(self.dir.path().join("etcd.log")).unwrap();
+        let child = Command::new("etcd")
+            .args(["--name", "t"])
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &self.endpoint()])
+            .args(["--advertise-client-urls", &self.endpoint()])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            .args(["--logger", "zap", "--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd binary (Debian package etcd-server) must be installed");
+        self.child = Some(child);
+        let endpoint = self.endpoint();
+        // Its own thread and runtime, so callers may be sync or async.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(eventually_async("etcd to answer", || {
+                let endpoint = endpoint.clone();
+                async move {
+                    let mut client = etcd_client::Client::connect([endpoint], None).await.ok()?;
+                    client.get("probe", None).await.ok().map(drop)
+                }
+            }));
+        })
+        .join()
+        .expect("etcd did not start");
+    }
+
+    /// Stops etcd (SIGKILL) keeping its data.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts etcd again on the same address and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.endpoint()], None)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The loopmesh binary running as a child, with its stderr in a file.
+pub struct Loopmesh {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Loopmesh {
+    pub fn spawn(args: &[&str], log_dir: &Path) -> Loopmesh {
+        let log = log_dir.join(format!("loopmesh-{}.log", NEXT.fetch_add(1, Ordering::Relaxed)));
+        let child = Command::new(env!("CARGO_BIN_EXE_loopmesh"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Loopmesh { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for a log line containing `needle`.
+    pub fn wait_log(&self, needle: &str) {
+        eventually(
+            &format!("log line containing {needle:?} in {}", self.log.display()),
+            || self.log_text().contains(needle).then_some(()),
+        );
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "loopmesh exited with {status}: {}",
+            self.log_text()
+        );
+    }
+}
+
+impl Drop for Loopmesh {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP forwarder that can cut every connection, to simulate a partition
+/// between the agent and etcd without touching either.
+pub struct Cutter {
+    pub addr: SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    streams: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Cutter {
+    pub fn start(upstream: SocketAddr) -> Cutter {
+        let listener = TcpListener::bind((unique_ip(), 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let streams = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (cut2, streams2) = (cut.clone(), streams.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if cut2.load(Ordering::SeqCst) {
+                    continue; // dropped: connection refused in effect
+                }
+                let Ok(server) = std::net::TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let mut list = streams2.lock().unwrap();
+                list.push(client.try_clone().unwrap());
+                list.push(server.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Cutter { addr, cut, streams }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Breaks every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for stream in self.streams.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Reads a file if it exists.
+pub fn read(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
+/// Runs a one-shot loopmesh command and returns (success, stdout, stderr).
+pub fn run(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_loopmesh"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
