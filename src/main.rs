@@ -5,8 +5,20 @@ fn main() -> std::process::ExitCode {
     match loopmesh::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("loopmesh: {err:#}");
+            eprintln!("loopmesh: {}", one_line(&err));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and any cause its message does not already include, on one line.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut message = err.to_string();
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+    }
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
 }

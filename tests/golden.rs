@@ -21,15 +21,36 @@ fn golden_dir() -> PathBuf {
 fn catalog() -> Catalog {
     let mut catalog = Catalog::default();
     let entries: &[(&str, &str)] = &[
-        ("services/postgres", "{port: 5432, balance: least_connections, connect_timeout: 500ms, max_connections: 200}"),
+        (
+            "services/postgres",
+            "{port: 5432, balance: least_connections, connect_timeout: 500ms, max_connections: 200}",
+        ),
         ("addresses/postgres", "127.100.0.7"),
-        ("instances/postgres/db-1", "{host: 10.0.0.5, port: 5432, zone: eu-1, node: node-a}"),
-        ("instances/postgres/db-2", "{host: 10.0.0.6, port: 5432, zone: eu-2, state: maintenance}"),
-        ("services/web", "{port: 8080, protocol: http, balance: consistent_hash, retries: 1}"),
+        (
+            "instances/postgres/db-1",
+            "{host: 10.0.0.5, port: 5432, zone: eu-1, node: node-a}",
+        ),
+        (
+            "instances/postgres/db-2",
+            "{host: 10.0.0.6, port: 5432, zone: eu-2, state: maintenance}",
+        ),
+        (
+            "services/web",
+            "{port: 8080, protocol: http, balance: consistent_hash, retries: 1}",
+        ),
         ("addresses/web", "127.100.0.8"),
-        ("instances/web/web-1", "{host: 10.0.1.1, port: 18080, weight: 300, tags: [canary]}"),
-        ("instances/web/web-2", "{host: 10.0.1.2, port: 18080, state: draining}"),
-        ("services/3scale", "{port: 9000, balance: peak_ewma, idle_timeout: 30s}"),
+        (
+            "instances/web/web-1",
+            "{host: 10.0.1.1, port: 18080, weight: 300, tags: [canary]}",
+        ),
+        (
+            "instances/web/web-2",
+            "{host: 10.0.1.2, port: 18080, state: draining}",
+        ),
+        (
+            "services/3scale",
+            "{port: 9000, balance: peak_ewma, idle_timeout: 30s}",
+        ),
         ("addresses/3scale", "127.100.0.9"),
         ("services/unaddressed", "{port: 1}"),
         ("services/clash", "{port: 2}"),
@@ -79,10 +100,16 @@ fn shipped_templates_match_their_golden_files() {
         }
         let golden = std::fs::read_to_string(&golden_path).unwrap_or_default();
         if rendered != golden {
-            mismatched.push(format!("{output}:\n--- golden\n{golden}\n--- rendered\n{rendered}"));
+            mismatched.push(format!(
+                "{output}:\n--- golden\n{golden}\n--- rendered\n{rendered}"
+            ));
         }
     }
-    assert!(mismatched.is_empty(), "golden mismatch (UPDATE_GOLDEN=1 to accept):\n{}", mismatched.join("\n"));
+    assert!(
+        mismatched.is_empty(),
+        "golden mismatch (UPDATE_GOLDEN=1 to accept):\n{}",
+        mismatched.join("\n")
+    );
     // Services that are not served get no route.
     let routes: Vec<_> = std::fs::read_dir(state.path().join("routes")).unwrap().collect();
     assert_eq!(routes.len(), 3);
@@ -106,7 +133,11 @@ fn rendered_haproxy_config_passes_haproxy_check() {
         .arg(state.path().join("haproxy.cfg"))
         .output()
         .expect("haproxy must be installed (Debian package haproxy)");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]

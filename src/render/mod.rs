@@ -265,7 +265,7 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     parts.dedup();
-    parts.join(": ").replace('\n', " ")
+    parts.join(": ").split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 impl Renderer {

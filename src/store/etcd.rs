@@ -116,14 +116,18 @@ impl EtcdStore {
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.config.request_timeout, call).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(source)) => Err(StoreError::Etcd {
-                endpoints: self.endpoints.clone(),
-                source,
-            }),
+            Ok(Err(err)) => Err(self.etcd_error(&err)),
             Err(_) => Err(StoreError::Timeout {
                 endpoints: self.endpoints.clone(),
                 timeout: self.config.request_timeout,
             }),
+        }
+    }
+
+    fn etcd_error(&self, err: &etcd_client::Error) -> StoreError {
+        StoreError::Etcd {
+            endpoints: self.endpoints.clone(),
+            reason: describe_etcd_error(err),
         }
     }
 
@@ -163,10 +167,7 @@ impl EtcdStore {
                 () = events.closed() => return Ok(WatchEnd::Closed),
             };
             let response = message
-                .map_err(|source| StoreError::Etcd {
-                    endpoints: self.endpoints.clone(),
-                    source,
-                })?
+                .map_err(|err| self.etcd_error(&err))?
                 .ok_or_else(|| self.watch_error("watch stream closed by the server"))?;
             if response.compact_revision() > 0 {
                 tracing::warn!(
@@ -232,6 +233,23 @@ impl EtcdStore {
         }
         batches
     }
+}
+
+/// An etcd client error in one short line: the gRPC message and, when there
+/// is one, the operating system's reason (connection refused, timed out...).
+fn describe_etcd_error(err: &etcd_client::Error) -> String {
+    let head = match err {
+        etcd_client::Error::GRpcStatus(status) => status.message().to_string(),
+        other => other.to_string(),
+    };
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(current) = cause {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            return format!("{head}: {io}");
+        }
+        cause = current.source();
+    }
+    head
 }
 
 impl Store for EtcdStore {

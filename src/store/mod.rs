@@ -20,11 +20,8 @@ use tokio::sync::mpsc;
 /// A store operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("etcd {endpoints}: {source}")]
-    Etcd {
-        endpoints: String,
-        source: etcd_client::Error,
-    },
+    #[error("etcd {endpoints}: {reason}")]
+    Etcd { endpoints: String, reason: String },
     #[error("etcd {endpoints}: no answer within {timeout:?}")]
     Timeout { endpoints: String, timeout: Duration },
     #[error("etcd {endpoints}: {reason}")]
