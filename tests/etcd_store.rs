@@ -178,3 +178,33 @@ async fn an_unreachable_etcd_is_reported_and_then_recovered() {
     }
     assert_eq!(next(&mut rx).await, StoreEvent::Reachable);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_larger_than_one_page_is_complete_and_consistent() {
+    let etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    for batch in 0..45 {
+        let ops: Vec<_> = (0..100)
+            .map(|i| {
+                let n = batch * 100 + i;
+                etcd_client::TxnOp::put(
+                    format!("/lm/instances/big/i{n:05}"),
+                    format!("{{host: h{n}, port: 1}}"),
+                    None,
+                )
+            })
+            .collect();
+        client.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+    }
+    let (revision, entries) = store(&etcd).snapshot().await.unwrap();
+    assert_eq!(entries.len(), 4500);
+    let keys: Vec<_> = entries.iter().map(|e| e.key.clone()).collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(keys, sorted, "pages must neither overlap nor skip");
+    assert_eq!(
+        revision,
+        client.get("x", None).await.unwrap().header().unwrap().revision()
+    );
+}

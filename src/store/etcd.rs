@@ -20,6 +20,25 @@ use tokio::sync::{mpsc, Mutex};
 /// Most allocation transactions lost in a row before giving up for now.
 const ALLOCATION_ATTEMPTS: u32 = 8;
 
+/// Keys per snapshot page.
+const SNAPSHOT_PAGE: i64 = 2000;
+
+/// Largest gRPC message accepted: one watch response can carry a whole
+/// revision, e.g. a prefix delete of every instance of a big service.
+const MAX_MESSAGE: usize = 256 * 1024 * 1024;
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 /// A catalog kept in etcd under a prefix.
 pub struct EtcdStore {
     config: EtcdConfig,
@@ -305,24 +324,43 @@ impl Store for EtcdStore {
     }
 
     async fn snapshot(&self) -> Result<(i64, Vec<Entry>), StoreError> {
-        let mut client = self.client().await?;
-        let response = self
-            .timed(client.get(self.prefix.as_str(), Some(GetOptions::new().with_prefix())))
-            .await?;
-        let revision = response.header().map(|h| h.revision()).unwrap_or_default();
-        let entries = response
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
-                let key = self.relative(kv.key())?;
+        // Paged reads pinned to the first page's revision: one consistent
+        // view, without one response holding the whole catalog.
+        let mut kv = self
+            .client()
+            .await?
+            .kv_client()
+            .max_decoding_message_size(MAX_MESSAGE);
+        let end = prefix_end(self.prefix.as_bytes());
+        let mut start = self.prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        let mut entries = Vec::new();
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(SNAPSHOT_PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let page = self.timed(kv.get(start.clone(), Some(options))).await?;
+            if revision == 0 {
+                revision = page.header().map(|h| h.revision()).unwrap_or_default();
+            }
+            entries.extend(page.kvs().iter().filter_map(|kv| {
                 Some(Entry {
-                    key,
+                    key: self.relative(kv.key())?,
                     value: kv.value().to_vec(),
                     create_revision: kv.create_revision(),
                 })
-            })
-            .collect();
-        Ok((revision, entries))
+            }));
+            match page.kvs().last() {
+                Some(last) if page.more() => {
+                    start = last.key().to_vec();
+                    start.push(0);
+                }
+                _ => return Ok((revision, entries)),
+            }
+        }
     }
 
     async fn allocate_address(&self, service: &str, pool: &AddressPool) -> Result<Ipv4Addr, StoreError> {
@@ -377,5 +415,17 @@ impl Store for EtcdStore {
             self.endpoints,
             self.prefix.trim_end_matches('/')
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_end_is_the_next_key_after_the_prefix() {
+        assert_eq!(prefix_end(b"/lm/"), b"/lm0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
     }
 }
