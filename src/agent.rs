@@ -144,23 +144,26 @@ impl Pipeline {
                 .entry(service)
                 .is_some_and(|entry| entry.spec.is_some() && entry.address.is_none())
         });
-        let mut failed = false;
-        for service in self.catalog.services_without_address() {
-            if self.requested.contains(&service) {
-                continue;
+        let wanted: Vec<String> = self
+            .catalog
+            .services_without_address()
+            .into_iter()
+            .filter(|service| !self.requested.contains(service))
+            .collect();
+        if wanted.is_empty() {
+            return false;
+        }
+        match self.store.allocate_addresses(&wanted, &self.pool).await {
+            Ok(allocated) => {
+                self.requested.extend(allocated.into_keys());
+                false
             }
-            match self.store.allocate_address(&service, &self.pool).await {
-                Ok(_) => {
-                    self.requested.insert(service);
-                }
-                Err(err) => {
-                    tracing::warn!("cannot allocate an address yet: {err}");
-                    metrics::counter!("loopmesh_address_allocation_failures_total").increment(1);
-                    failed = true;
-                }
+            Err(err) => {
+                tracing::warn!("cannot allocate addresses yet: {err}");
+                metrics::counter!("loopmesh_address_allocation_failures_total").increment(1);
+                true
             }
         }
-        failed
     }
 
     /// Renders what changed since the last pass and records the state.
@@ -305,10 +308,8 @@ pub async fn render_once(config: AgentConfig) -> Result<Report, AgentError> {
     let (revision, entries) = pipeline.store.snapshot().await?;
     pipeline.apply(StoreEvent::Snapshot { revision, entries });
     let needed = pipeline.catalog.services_without_address();
-    for service in &needed {
-        pipeline.store.allocate_address(service, &pipeline.pool).await?;
-    }
     if !needed.is_empty() {
+        pipeline.store.allocate_addresses(&needed, &pipeline.pool).await?;
         let (revision, entries) = pipeline.store.snapshot().await?;
         pipeline.apply(StoreEvent::Snapshot { revision, entries });
     }

@@ -11,7 +11,7 @@ use crate::config::EtcdConfig;
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions,
 };
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -19,6 +19,9 @@ use tokio::sync::{mpsc, Mutex};
 
 /// Most allocation transactions lost in a row before giving up for now.
 const ALLOCATION_ATTEMPTS: u32 = 8;
+
+/// Services allocated per transaction (etcd allows 128 operations).
+const ALLOCATION_BATCH: usize = 100;
 
 /// Keys per snapshot page.
 const SNAPSHOT_PAGE: i64 = 2000;
@@ -363,50 +366,89 @@ impl Store for EtcdStore {
         }
     }
 
-    async fn allocate_address(&self, service: &str, pool: &AddressPool) -> Result<Ipv4Addr, StoreError> {
+    async fn allocate_addresses(
+        &self,
+        services: &[String],
+        pool: &AddressPool,
+    ) -> Result<BTreeMap<String, Ipv4Addr>, StoreError> {
         let dir = self.full_key("addresses/");
-        let key = format!("{dir}{service}");
-        for _ in 0..ALLOCATION_ATTEMPTS {
-            let mut client = self.client().await?;
-            let current = self
-                .timed(client.get(dir.as_str(), Some(GetOptions::new().with_prefix())))
-                .await?;
-            let revision = current.header().map(|h| h.revision()).unwrap_or_default();
-            let mut taken = HashSet::new();
-            for kv in current.kvs() {
-                let value = String::from_utf8_lossy(kv.value());
-                let parsed = parse_service_address(&value);
-                if kv.key() == key.as_bytes() {
-                    return parsed.map_err(|_| StoreError::BadAddressValue {
-                        service: service.to_string(),
-                        key: key.clone(),
-                        value: value.into_owned(),
+        let mut allocated = BTreeMap::new();
+        for chunk in services.chunks(ALLOCATION_BATCH) {
+            let mut attempts = 0;
+            loop {
+                let mut kv = self
+                    .client()
+                    .await?
+                    .kv_client()
+                    .max_decoding_message_size(MAX_MESSAGE);
+                let current = self
+                    .timed(kv.get(dir.as_str(), Some(GetOptions::new().with_prefix())))
+                    .await?;
+                let revision = current.header().map(|h| h.revision()).unwrap_or_default();
+                let mut existing = HashMap::new();
+                let mut taken = HashSet::new();
+                for kv in current.kvs() {
+                    let value = String::from_utf8_lossy(kv.value());
+                    let parsed = parse_service_address(&value);
+                    taken.extend(parsed.as_ref().ok().copied());
+                    existing.insert(kv.key().to_vec(), parsed);
+                }
+                let mut compares =
+                    vec![Compare::mod_revision(dir.as_str(), CompareOp::Less, revision + 1).with_prefix()];
+                let mut puts = Vec::new();
+                let mut picked = Vec::new();
+                for service in chunk {
+                    let key = format!("{dir}{service}");
+                    match existing.get(key.as_bytes()) {
+                        Some(Ok(addr)) => {
+                            allocated.insert(service.clone(), *addr);
+                        }
+                        Some(Err(_)) => {
+                            tracing::warn!(
+                                "{}",
+                                StoreError::BadAddressValue {
+                                    service: service.clone(),
+                                    key
+                                }
+                            );
+                        }
+                        None => {
+                            let candidate =
+                                pool.pick(service, &taken).map_err(|source| StoreError::Address {
+                                    service: service.clone(),
+                                    source,
+                                })?;
+                            taken.insert(candidate);
+                            compares.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
+                            puts.push(TxnOp::put(key.as_str(), candidate.to_string(), None));
+                            picked.push((service.clone(), candidate));
+                        }
+                    }
+                }
+                if puts.is_empty() {
+                    break;
+                }
+                // Commit only if every key is still absent and no address key
+                // changed since our read: then nobody took a candidate meanwhile.
+                let txn = Txn::new().when(compares).and_then(puts);
+                if self.timed(kv.txn(txn)).await?.succeeded() {
+                    for (service, candidate) in picked {
+                        tracing::info!("allocated {candidate} to service {service}");
+                        allocated.insert(service, candidate);
+                    }
+                    break;
+                }
+                metrics::counter!("loopmesh_address_allocation_retries_total").increment(1);
+                attempts += 1;
+                if attempts >= ALLOCATION_ATTEMPTS {
+                    return Err(StoreError::Contended {
+                        service: chunk.join(", "),
+                        attempts,
                     });
                 }
-                taken.extend(parsed.ok());
             }
-            let candidate = pool.pick(service, &taken).map_err(|source| StoreError::Address {
-                service: service.to_string(),
-                source,
-            })?;
-            // Commit only if the key is still absent and no address key changed
-            // since our read: then nobody took the candidate meanwhile.
-            let txn = Txn::new()
-                .when([
-                    Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
-                    Compare::mod_revision(dir.as_str(), CompareOp::Less, revision + 1).with_prefix(),
-                ])
-                .and_then([TxnOp::put(key.as_str(), candidate.to_string(), None)]);
-            if self.timed(client.txn(txn)).await?.succeeded() {
-                tracing::info!("allocated {candidate} to service {service} at {key}");
-                return Ok(candidate);
-            }
-            metrics::counter!("loopmesh_address_allocation_retries_total").increment(1);
         }
-        Err(StoreError::Contended {
-            service: service.to_string(),
-            attempts: ALLOCATION_ATTEMPTS,
-        })
+        Ok(allocated)
     }
 
     fn describe(&self) -> String {

@@ -176,6 +176,49 @@ fn diff(old: &Scan, new: &Scan, created: &mut BTreeMap<String, i64>, revision: i
     changes
 }
 
+impl FileStore {
+    fn allocate_one(
+        &self,
+        service: &str,
+        pool: &AddressPool,
+        scan: &Scan,
+        taken: &mut HashSet<Ipv4Addr>,
+    ) -> Result<Ipv4Addr, StoreError> {
+        let key = format!("addresses/{service}");
+        let path = self.path_of(&key);
+        let bad_value = || StoreError::BadAddressValue {
+            service: service.to_string(),
+            key: path.display().to_string(),
+        };
+        if let Some(value) = scan.get(&key) {
+            return parse_service_address(&String::from_utf8_lossy(value)).map_err(|_| bad_value());
+        }
+        let candidate = pool.pick(service, taken).map_err(|source| StoreError::Address {
+            service: service.to_string(),
+            source,
+        })?;
+        // hard_link refuses to replace an existing file: create-if-absent.
+        let staged = self.stage(&path, format!("{candidate}\n").as_bytes())?;
+        let linked = std::fs::hard_link(&staged, &path);
+        let _ = std::fs::remove_file(&staged);
+        match linked {
+            Ok(()) => {
+                tracing::info!("allocated {candidate} to service {service} in {}", path.display());
+                taken.insert(candidate);
+                Ok(candidate)
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+                let text = std::fs::read_to_string(&path).map_err(|source| StoreError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                parse_service_address(&text).map_err(|_| bad_value())
+            }
+            Err(source) => Err(StoreError::Write { path, source }),
+        }
+    }
+}
+
 impl Store for FileStore {
     async fn sync(&self, events: mpsc::Sender<StoreEvent>) {
         if let Err(source) = std::fs::create_dir_all(&self.dir) {
@@ -266,50 +309,28 @@ impl Store for FileStore {
         Ok((1, entries))
     }
 
-    async fn allocate_address(&self, service: &str, pool: &AddressPool) -> Result<Ipv4Addr, StoreError> {
-        let key = format!("addresses/{service}");
-        let mut taken = HashSet::new();
+    async fn allocate_addresses(
+        &self,
+        services: &[String],
+        pool: &AddressPool,
+    ) -> Result<BTreeMap<String, Ipv4Addr>, StoreError> {
         let mut scan = Scan::new();
         self.scan_dir(&self.dir.join("addresses"), "addresses", 0, &mut scan)?;
-        for (other, value) in &scan {
-            let text = String::from_utf8_lossy(value);
-            let parsed = parse_service_address(&text);
-            if *other == key {
-                return parsed.map_err(|_| StoreError::BadAddressValue {
-                    service: service.to_string(),
-                    key: self.path_of(&key).display().to_string(),
-                    value: text.into_owned(),
-                });
+        let mut taken: HashSet<Ipv4Addr> = scan
+            .values()
+            .filter_map(|value| parse_service_address(&String::from_utf8_lossy(value)).ok())
+            .collect();
+        let mut allocated = BTreeMap::new();
+        for service in services {
+            match self.allocate_one(service, pool, &scan, &mut taken) {
+                Ok(addr) => {
+                    allocated.insert(service.clone(), addr);
+                }
+                Err(err @ StoreError::BadAddressValue { .. }) => tracing::warn!("{err}"),
+                Err(err) => return Err(err),
             }
-            taken.extend(parsed.ok());
         }
-        let candidate = pool.pick(service, &taken).map_err(|source| StoreError::Address {
-            service: service.to_string(),
-            source,
-        })?;
-        // hard_link refuses to replace an existing file: create-if-absent.
-        let path = self.path_of(&key);
-        let staged = self.stage(&path, format!("{candidate}\n").as_bytes())?;
-        let linked = std::fs::hard_link(&staged, &path);
-        let _ = std::fs::remove_file(&staged);
-        match linked {
-            Ok(()) => {
-                tracing::info!("allocated {candidate} to service {service} in {}", path.display());
-                Ok(candidate)
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
-                let text = std::fs::read_to_string(&path).map_err(|source| StoreError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                parse_service_address(&text).map_err(|_| StoreError::BadAddressValue {
-                    service: service.to_string(),
-                    key: path.display().to_string(),
-                    value: text,
-                })
-            }
-            Err(source) => Err(StoreError::Write { path, source }),
-        }
+        Ok(allocated)
     }
 
     fn describe(&self) -> String {

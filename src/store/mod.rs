@@ -11,6 +11,7 @@ pub mod file;
 
 use crate::addresses::{AddressError, AddressPool};
 use crate::config::StoreConfig;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -34,14 +35,8 @@ pub enum StoreError {
     Notify { path: PathBuf, source: notify::Error },
     #[error("address for {service}: {source}")]
     Address { service: String, source: AddressError },
-    #[error(
-        "address for {service}: key {key} holds {value:?}, which is not a usable address; fix or delete it"
-    )]
-    BadAddressValue {
-        service: String,
-        key: String,
-        value: String,
-    },
+    #[error("address for {service}: {key} holds a value that is not a usable address; fix or delete it")]
+    BadAddressValue { service: String, key: String },
     #[error("address for {service}: lost {attempts} allocation races in a row; will retry")]
     Contended { service: String, attempts: u32 },
     #[error("cannot read etcd credentials {path}: {source}")]
@@ -86,14 +81,36 @@ pub trait Store: Send + Sync {
     /// One consistent read of everything under the prefix.
     fn snapshot(&self) -> impl Future<Output = Result<(i64, Vec<Entry>), StoreError>> + Send;
 
-    /// Gives `service` an address from `pool` unless it already has one,
-    /// create-if-absent, so agents racing on it agree. Returns the address
-    /// in force afterwards (an operator-pinned one wins).
+    /// Gives each service an address from `pool` unless it already has one,
+    /// create-if-absent, so agents racing on it agree. Returns the address in
+    /// force afterwards for each (an operator-pinned one wins); a service
+    /// whose stored address is unusable is left out and logged.
+    fn allocate_addresses(
+        &self,
+        services: &[String],
+        pool: &AddressPool,
+    ) -> impl Future<Output = Result<BTreeMap<String, Ipv4Addr>, StoreError>> + Send;
+
+    /// [`Store::allocate_addresses`] for one service.
     fn allocate_address(
         &self,
         service: &str,
         pool: &AddressPool,
-    ) -> impl Future<Output = Result<Ipv4Addr, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Ipv4Addr, StoreError>> + Send
+    where
+        Self: Sync,
+    {
+        async move {
+            let services = [service.to_string()];
+            self.allocate_addresses(&services, pool)
+                .await?
+                .remove(service)
+                .ok_or_else(|| StoreError::BadAddressValue {
+                    service: service.to_string(),
+                    key: format!("addresses/{service}"),
+                })
+        }
+    }
 
     /// A short description for logs (`etcd http://...` or `file catalog /dir`).
     fn describe(&self) -> String;
@@ -130,10 +147,14 @@ impl Store for AnyStore {
         }
     }
 
-    async fn allocate_address(&self, service: &str, pool: &AddressPool) -> Result<Ipv4Addr, StoreError> {
+    async fn allocate_addresses(
+        &self,
+        services: &[String],
+        pool: &AddressPool,
+    ) -> Result<BTreeMap<String, Ipv4Addr>, StoreError> {
         match self {
-            AnyStore::Etcd(store) => store.allocate_address(service, pool).await,
-            AnyStore::File(store) => store.allocate_address(service, pool).await,
+            AnyStore::Etcd(store) => store.allocate_addresses(services, pool).await,
+            AnyStore::File(store) => store.allocate_addresses(services, pool).await,
         }
     }
 
