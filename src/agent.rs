@@ -259,8 +259,16 @@ impl Pipeline {
                         retry_at.get_or_insert_with(|| Instant::now() + RETRY_AFTER);
                     }
                     if self.synced && !self.dirty.is_empty() {
-                        last_change = Instant::now();
-                        first_change.get_or_insert(last_change);
+                        if debounce.is_zero() {
+                            // Leading edge: render now; whatever arrives
+                            // meanwhile is batched into the next pass.
+                            if !self.render().failures.is_empty() {
+                                retry_at = Some(Instant::now() + RETRY_AFTER);
+                            }
+                        } else {
+                            last_change = Instant::now();
+                            first_change.get_or_insert(last_change);
+                        }
                     }
                 }
                 () = sleep_until(deadline) => {

@@ -221,7 +221,9 @@ impl Default for DnsConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RenderConfig {
-    /// Quiet time after a change before rendering, to batch bursts.
+    /// Quiet time after a change before rendering. 0 (the default) renders
+    /// at once, batching whatever arrives during a render into the next one;
+    /// raise it when check_cmd or reload_cmd are expensive.
     #[serde(with = "crate::duration")]
     pub debounce: Duration,
     /// Longest a burst may hold a render back.
@@ -235,7 +237,7 @@ pub struct RenderConfig {
 impl Default for RenderConfig {
     fn default() -> Self {
         RenderConfig {
-            debounce: Duration::from_millis(1),
+            debounce: Duration::ZERO,
             max_delay: Duration::from_millis(100),
             command_timeout: Duration::from_secs(30),
         }

@@ -307,7 +307,8 @@ async fn an_operator_pinned_address_wins_and_a_clash_serves_only_the_first() {
 async fn a_failing_check_cmd_keeps_the_old_file() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
-    let extra = "templates:\n  - {src: hosts.tera, dest: hosts, keys: [services, addresses], check_cmd: \"! grep -q forbidden {{src}}\"}\n";
+    // Also exercises the debounced render path (the default renders at once).
+    let extra = "render: {debounce: 5ms, max_delay: 50ms}\ntemplates:\n  - {src: hosts.tera, dest: hosts, keys: [services, addresses], check_cmd: \"! grep -q forbidden {{src}}\"}\n";
     let node = Node::new(&etcd.endpoint(), "a", extra);
     let agent = node.spawn();
     let hosts = node.state().join("hosts");

@@ -36,6 +36,21 @@ pub const BUILTIN_TEMPLATES: [(&str, &str); 5] = [
     ("env.tera", include_str!("../../templates/env.tera")),
 ];
 
+/// Per-service passes at least this large are spread over threads.
+const PARALLEL_FROM: usize = 256;
+
+/// Most threads a render pass uses.
+const MAX_RENDER_THREADS: usize = 4;
+
+/// What rendering one service's file did.
+enum ServiceOutcome {
+    Written(PathBuf),
+    Removed(PathBuf),
+    Unchanged,
+    /// Not served and no file to remove.
+    Absent,
+}
+
 /// File name of the rendered DNS zone inside the state directory.
 pub const ZONE_FILE: &str = "mesh.zone";
 
@@ -407,40 +422,78 @@ impl Renderer {
             targets.extend(dirty.services_touching(&resource.def.keys).map(str::to_string));
         }
         let with_instances = resource.def.keys.contains(&KeyKind::Instances);
-        for service in targets {
-            let dest = resource.service_dest(&service);
-            let result = match view::service_view(catalog, &service, with_instances) {
-                None => sync::remove_file(&dest).map(|removed| {
-                    if removed {
-                        report.removed.push(dest.clone());
-                    }
-                }),
-                Some(view) => {
-                    let context = ServiceContext {
-                        globals,
-                        service: view,
-                    };
-                    tera::Context::from_serialize(&context)
-                        .and_then(|context| self.tera.render(&resource.def.src, &context))
-                        .map_err(|err| RenderError::Template {
-                            src: resource.def.src.clone(),
-                            dest: dest.clone(),
-                            reason: error_chain(&err),
-                        })
-                        .and_then(|text| sync::sync_file(&dest, text.as_bytes(), &resource.spec))
-                        .map(|outcome| match outcome {
-                            Outcome::Written => report.written.push(dest.clone()),
-                            Outcome::Unchanged => report.unchanged += 1,
-                        })
+        let targets: Vec<String> = targets.into_iter().collect();
+        let render = |service: &String| {
+            let result = self.render_service(resource, catalog, service, with_instances, globals);
+            (service.clone(), result)
+        };
+        // A full render of thousands of files is mostly file creation in the
+        // kernel; spread it over the cores. Small passes stay on this thread.
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_RENDER_THREADS);
+        let results: Vec<_> = if targets.len() < PARALLEL_FROM || threads < 2 {
+            targets.iter().map(render).collect()
+        } else {
+            let chunk = targets.len().div_ceil(threads);
+            std::thread::scope(|scope| {
+                let workers: Vec<_> = targets
+                    .chunks(chunk)
+                    .map(|part| scope.spawn(move || part.iter().map(render).collect::<Vec<_>>()))
+                    .collect();
+                workers
+                    .into_iter()
+                    .flat_map(|worker| worker.join().expect("render worker panicked"))
+                    .collect()
+            })
+        };
+        for (service, result) in results {
+            match result {
+                Ok(ServiceOutcome::Written(dest)) => report.written.push(dest),
+                Ok(ServiceOutcome::Removed(dest)) => report.removed.push(dest),
+                Ok(ServiceOutcome::Unchanged) => report.unchanged += 1,
+                Ok(ServiceOutcome::Absent) => {}
+                Err(err) => {
+                    report.failures.push(err);
+                    report
+                        .retry
+                        .touch(resource.def.keys.iter().map(|k| (service.clone(), *k)));
                 }
-            };
-            if let Err(err) = result {
-                report.failures.push(err);
-                report
-                    .retry
-                    .touch(resource.def.keys.iter().map(|k| (service.clone(), *k)));
             }
         }
+    }
+
+    /// Renders (or removes) one service's file of a per-service resource.
+    fn render_service(
+        &self,
+        resource: &Resource,
+        catalog: &Catalog,
+        service: &str,
+        with_instances: bool,
+        globals: &Globals,
+    ) -> Result<ServiceOutcome, RenderError> {
+        let dest = resource.service_dest(service);
+        let Some(view) = view::service_view(catalog, service, with_instances) else {
+            return Ok(match sync::remove_file(&dest)? {
+                true => ServiceOutcome::Removed(dest),
+                false => ServiceOutcome::Absent,
+            });
+        };
+        let context = ServiceContext {
+            globals,
+            service: view,
+        };
+        let text = tera::Context::from_serialize(&context)
+            .and_then(|context| self.tera.render(&resource.def.src, &context))
+            .map_err(|err| RenderError::Template {
+                src: resource.def.src.clone(),
+                dest: dest.clone(),
+                reason: error_chain(&err),
+            })?;
+        Ok(match sync::sync_file(&dest, text.as_bytes(), &resource.spec)? {
+            Outcome::Written => ServiceOutcome::Written(dest),
+            Outcome::Unchanged => ServiceOutcome::Unchanged,
+        })
     }
 
     /// Service names that have a file of this per-service resource on disk.

@@ -7,6 +7,7 @@
 
 use super::RenderError;
 use crate::config::BuiltinCheck;
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,10 +35,7 @@ pub enum Outcome {
 
 /// Writes `content` to `dest` if it differs, after the checks pass.
 pub fn sync_file(dest: &Path, content: &[u8], spec: &FileSpec) -> Result<Outcome, RenderError> {
-    let current = std::fs::read(dest).ok();
-    let current_mode = std::fs::metadata(dest)
-        .ok()
-        .map(|m| m.permissions().mode() & 0o7777);
+    let (current, current_mode) = read_current(dest);
     let mode_ok = spec.mode.is_none() || spec.mode == current_mode;
     if current.as_deref() == Some(content) && mode_ok {
         return Ok(Outcome::Unchanged);
@@ -46,20 +44,27 @@ pub fn sync_file(dest: &Path, content: &[u8], spec: &FileSpec) -> Result<Outcome
         let path = path.to_path_buf();
         move |source| RenderError::Write { path, source }
     };
-    let parent = dest
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(write_err(parent))?;
     let staged = staged_path(dest);
+    let mut file = match create_new(&staged) {
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            // First file in a directory that does not exist yet.
+            let parent = dest.parent().unwrap_or(Path::new("."));
+            std::fs::create_dir_all(parent).map_err(write_err(parent))?;
+            create_new(&staged)
+        }
+        other => other,
+    }
+    .map_err(write_err(&staged))?;
     let result = (|| {
-        std::fs::write(&staged, content).map_err(write_err(&staged))?;
+        file.write_all(content).map_err(write_err(&staged))?;
         let mode = spec.mode.or(current_mode).unwrap_or(0o644);
-        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
+        // fchmod on the open file: exact bits whatever the umask.
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(write_err(&staged))?;
         if spec.uid.is_some() || spec.gid.is_some() {
-            std::os::unix::fs::chown(&staged, spec.uid, spec.gid).map_err(write_err(&staged))?;
+            std::os::unix::fs::fchown(&file, spec.uid, spec.gid).map_err(write_err(&staged))?;
         }
+        drop(file);
         if let Some(check) = spec.check {
             builtin_check(check, content).map_err(|reason| RenderError::Check {
                 dest: dest.to_path_buf(),
@@ -83,6 +88,26 @@ pub fn sync_file(dest: &Path, content: &[u8], spec: &FileSpec) -> Result<Outcome
         let _ = std::fs::remove_file(&staged);
     }
     result.map(|()| Outcome::Written)
+}
+
+/// The current content and permission bits of `dest`, from one open.
+fn read_current(dest: &Path) -> (Option<Vec<u8>>, Option<u32>) {
+    let Ok(mut file) = std::fs::File::open(dest) else {
+        return (None, None);
+    };
+    let mode = file.metadata().ok().map(|m| m.permissions().mode() & 0o7777);
+    let mut content = Vec::new();
+    match file.read_to_end(&mut content) {
+        Ok(_) => (Some(content), mode),
+        Err(_) => (None, mode),
+    }
+}
+
+fn create_new(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
 }
 
 /// Removes a rendered file; `Ok(false)` if it was already gone.

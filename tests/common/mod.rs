@@ -144,6 +144,11 @@ impl Etcd {
         self.launch();
     }
 
+    /// The etcd process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub async fn client(&self) -> etcd_client::Client {
         etcd_client::Client::connect([self.endpoint()], None)
             .await
@@ -174,6 +179,10 @@ impl Loopmesh {
             .spawn()
             .unwrap();
         Loopmesh { child, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log_text(&self) -> String {
