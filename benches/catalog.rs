@@ -514,9 +514,14 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        scale(100, 10, writes).await;
+        let only_large = std::env::var_os("LOOPMESH_BENCH_LARGE_ONLY").is_some();
+        if !only_large {
+            scale(100, 10, writes).await;
+        }
         if !quick {
-            scale(1_000, 10, writes / 5).await;
+            if !only_large {
+                scale(1_000, 10, writes / 5).await;
+            }
             scale(10_000, 10, writes / 5).await;
         }
     });

@@ -88,6 +88,8 @@ impl Pipeline {
                         .iter()
                         .map(|e| (e.key.as_str(), e.value.as_slice(), e.create_revision)),
                 );
+                drop(entries);
+                release_freed_memory();
                 self.catalog.set_revision(revision);
                 self.dirty.mark_all();
                 self.requested.clear();
@@ -169,7 +171,11 @@ impl Pipeline {
     /// Renders what changed since the last pass and records the state.
     pub fn render(&mut self) -> Report {
         let dirty = std::mem::take(&mut self.dirty);
+        let full = dirty.is_full();
         let report = blocking(|| self.renderer.render(&self.catalog, &dirty));
+        if full {
+            release_freed_memory();
+        }
         for failure in &report.failures {
             tracing::error!("{failure}");
         }
@@ -288,6 +294,16 @@ impl Pipeline {
         sync.abort();
         tracing::info!("agent stopping; rendered files stay in place");
         Ok(())
+    }
+}
+
+/// Hands memory freed after a snapshot (the raw values, the old catalog)
+/// back to the OS; glibc keeps it otherwise, inflating RSS for good.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use sync::{FileSpec, Outcome};
 use tera::Tera;
-use view::{CatalogContext, Globals, ServiceContext};
+use view::{Context, Globals};
 
 /// Templates built into the binary, used when no templates directory is set
 /// and as fallbacks for names the directory lacks.
@@ -134,6 +134,11 @@ impl Dirty {
 
     pub fn is_empty(&self) -> bool {
         !self.all && self.services.is_empty()
+    }
+
+    /// Whether everything is to be rendered.
+    pub fn is_full(&self) -> bool {
+        self.all
     }
 
     fn touches_any(&self, keys: &[KeyKind]) -> bool {
@@ -383,9 +388,10 @@ impl Renderer {
 
     fn render_catalog(&self, resource: &Resource, catalog: &Catalog, globals: &Globals, report: &mut Report) {
         let with_instances = resource.def.keys.contains(&KeyKind::Instances);
-        let context = CatalogContext {
+        let context = Context {
             globals,
-            services: view::service_views(catalog, with_instances),
+            key: "services",
+            value: view::service_views(catalog, with_instances),
         };
         let rendered = tera::Context::from_serialize(&context)
             .and_then(|context| self.tera.render(&resource.def.src, &context));
@@ -479,9 +485,10 @@ impl Renderer {
                 false => ServiceOutcome::Absent,
             });
         };
-        let context = ServiceContext {
+        let context = Context {
             globals,
-            service: view,
+            key: "service",
+            value: view,
         };
         let text = tera::Context::from_serialize(&context)
             .and_then(|context| self.tera.render(&resource.def.src, &context))

@@ -45,27 +45,55 @@ pub struct ServiceView<'a> {
 }
 
 /// One instance of a service, with its id.
-#[derive(Debug, Clone, Serialize)]
+///
+/// Serialized by hand: `#[serde(flatten)]` buffers every field through an
+/// intermediate map, which dominated per-service render time at scale.
+#[derive(Debug, Clone)]
 pub struct InstanceView<'a> {
     pub id: &'a str,
-    #[serde(flatten)]
     pub instance: &'a Instance,
 }
 
-/// Template context of a whole-catalog template.
-#[derive(Serialize)]
-pub struct CatalogContext<'a> {
-    #[serde(flatten)]
-    pub globals: &'a Globals,
-    pub services: Vec<ServiceView<'a>>,
+impl Serialize for InstanceView<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let i = self.instance;
+        let mut out = serializer.serialize_struct("Instance", 8)?;
+        out.serialize_field("id", self.id)?;
+        out.serialize_field("host", &i.host)?;
+        out.serialize_field("port", &i.port)?;
+        out.serialize_field("node", &i.node)?;
+        out.serialize_field("zone", &i.zone)?;
+        out.serialize_field("tags", &i.tags)?;
+        out.serialize_field("weight", &i.weight)?;
+        out.serialize_field("state", &i.state)?;
+        out.end()
+    }
 }
 
-/// Template context of a per-service template.
-#[derive(Serialize)]
-pub struct ServiceContext<'a> {
-    #[serde(flatten)]
+/// A template context: the globals plus one more entry (`services` for a
+/// whole-catalog template, `service` for a per-service one).
+pub struct Context<'a, T> {
     pub globals: &'a Globals,
-    pub service: ServiceView<'a>,
+    pub key: &'static str,
+    pub value: T,
+}
+
+impl<T: Serialize> Serialize for Context<'_, T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let g = self.globals;
+        let mut out = serializer.serialize_map(Some(8))?;
+        out.serialize_entry("zone", &g.zone)?;
+        out.serialize_entry("zone_name", &g.zone_name)?;
+        out.serialize_entry("ttl", &g.ttl)?;
+        out.serialize_entry("dns_address", &g.dns_address)?;
+        out.serialize_entry("node", &g.node)?;
+        out.serialize_entry("node_zone", &g.node_zone)?;
+        out.serialize_entry("revision", &g.revision)?;
+        out.serialize_entry(self.key, &self.value)?;
+        out.end()
+    }
 }
 
 /// `my-db` -> `MY_DB`; a leading digit gets an underscore in front.
