@@ -137,6 +137,22 @@ fn default_weight() -> u32 {
     1
 }
 
+/// Checks a node name, zone or tag: 1-253 characters of `[A-Za-z0-9._:/-]`,
+/// so every template (YAML, HAProxy, env files) can print it unquoted.
+fn check_label(field: &str, value: &str) -> Result<(), String> {
+    let ok = (1..=253).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:/-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field} {value:?} must be 1-253 characters of [A-Za-z0-9._:/-]"
+        ))
+    }
+}
+
 /// Highest instance weight accepted.
 pub const MAX_WEIGHT: u32 = 10_000;
 
@@ -153,6 +169,14 @@ impl Instance {
         }
         if self.port == 0 {
             return Err("port must be 1-65535".into());
+        }
+        let labels = self
+            .node
+            .iter()
+            .map(|n| ("node", n))
+            .chain(self.zone.iter().map(|z| ("zone", z)));
+        for (field, value) in labels.chain(self.tags.iter().map(|t| ("tag", t))) {
+            check_label(field, value)?;
         }
         if self.weight > MAX_WEIGHT {
             return Err(format!("weight {} exceeds {MAX_WEIGHT}", self.weight));
@@ -539,6 +563,17 @@ mod tests {
         assert!(parse_service(b"port: 70000\n").is_err());
         assert!(parse_service(b"port: 1\nbalance: random\n").is_err());
         assert!(parse_service(&[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn instance_labels_must_be_template_safe() {
+        assert!(
+            parse_instance(b"{host: h, port: 1, zone: eu-1a, node: n1.example, tags: [v2, canary]}").is_ok()
+        );
+        assert!(parse_instance(b"{host: h, port: 1, zone: 'a: b'}").is_err());
+        assert!(parse_instance(b"{host: h, port: 1, tags: ['has space']}").is_err());
+        assert!(parse_instance(b"{host: h, port: 1, node: ''}").is_err());
+        assert!(parse_instance(b"{host: 'h\n', port: 1}").is_err());
     }
 
     #[test]

@@ -67,11 +67,121 @@ where
     }
 }
 
+/// Certificates for an etcd serving client TLS, made with openssl.
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TlsFiles {
+    /// A CA, a server certificate for `ip`, and a client certificate.
+    pub fn generate(dir: &Path, ip: Ipv4Addr) -> TlsFiles {
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "1",
+                    "-subj",
+                    "/CN=loopmesh-test-ca",
+                ],
+            ]
+            .concat(),
+        );
+        for (name, ext) in [
+            (
+                "server",
+                format!("subjectAltName=IP:{ip}\nextendedKeyUsage=serverAuth,clientAuth\n"),
+            ),
+            ("client", "extendedKeyUsage=clientAuth\n".to_string()),
+        ] {
+            std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+            let (key, csr, pem, extfile) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+                format!("{name}.ext"),
+            );
+            openssl(
+                &[
+                    &["req"][..],
+                    &ec,
+                    &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={name}")],
+                ]
+                .concat(),
+            );
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "1",
+                "-extfile",
+                &extfile,
+            ]);
+        }
+        TlsFiles {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        }
+    }
+
+    pub fn client_options(&self) -> etcd_client::ConnectOptions {
+        let read = |p: &PathBuf| std::fs::read(p).unwrap();
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&self.ca)))
+            .identity(etcd_client::Identity::from_pem(
+                read(&self.client_cert),
+                read(&self.client_key),
+            ));
+        etcd_client::ConnectOptions::new().with_tls(tls)
+    }
+}
+
 /// A single-member etcd cluster owned by one test.
 pub struct Etcd {
     pub ip: Ipv4Addr,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    pub tls: Option<TlsFiles>,
 }
 
 impl Etcd {
@@ -80,13 +190,34 @@ impl Etcd {
             ip: unique_ip(),
             dir: tempfile::tempdir().unwrap(),
             child: None,
+            tls: None,
+        };
+        etcd.launch();
+        etcd
+    }
+
+    /// An etcd that serves clients over TLS and requires client certificates.
+    pub fn start_tls() -> Etcd {
+        let ip = unique_ip();
+        let dir = tempfile::tempdir().unwrap();
+        let tls = TlsFiles::generate(dir.path(), ip);
+        let mut etcd = Etcd {
+            ip,
+            dir,
+            child: None,
+            tls: Some(tls),
         };
         etcd.launch();
         etcd
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}:2379", self.ip)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:2379", self.ip)
+    }
+
+    fn connect_options(&self) -> Option<etcd_client::ConnectOptions> {
+        self.tls.as_ref().map(TlsFiles::client_options)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -96,7 +227,18 @@ impl Etcd {
     fn launch(&mut self) {
         let peer = format!("http://{}:2380", self.ip);
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).unwrap();
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.server_cert)
+                .arg("--key-file")
+                .arg(&tls.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", "t"])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
@@ -112,6 +254,7 @@ impl Etcd {
             .expect("etcd binary (Debian package etcd-server) must be installed");
         self.child = Some(child);
         let endpoint = self.endpoint();
+        let options = self.connect_options();
         // Its own thread and runtime, so callers may be sync or async.
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -120,8 +263,9 @@ impl Etcd {
                 .unwrap();
             rt.block_on(eventually_async("etcd to answer", || {
                 let endpoint = endpoint.clone();
+                let options = options.clone();
                 async move {
-                    let mut client = etcd_client::Client::connect([endpoint], None).await.ok()?;
+                    let mut client = etcd_client::Client::connect([endpoint], options).await.ok()?;
                     client.get("probe", None).await.ok().map(drop)
                 }
             }));
@@ -150,7 +294,7 @@ impl Etcd {
     }
 
     pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.endpoint()], None)
+        etcd_client::Client::connect([self.endpoint()], self.connect_options())
             .await
             .unwrap()
     }
