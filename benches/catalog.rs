@@ -72,8 +72,15 @@ fn memory_mib(pid: u32) -> (f64, f64, f64) {
     )
 }
 
-fn service_value(i: usize) -> String {
-    format!("{{port: {}, balance: round_robin}}", 1000 + i % 60000)
+/// One port for every service (each has its own address), picked free so a
+/// wildcard listener elsewhere on the machine cannot collide with HAProxy's binds.
+fn service_port() -> u16 {
+    static PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    *PORT.get_or_init(|| std::net::TcpListener::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port())
+}
+
+fn service_value(_i: usize) -> String {
+    format!("{{port: {}, balance: round_robin}}", service_port())
 }
 
 fn instance_value(service: usize, instance: usize, marker: usize) -> String {
@@ -348,9 +355,11 @@ fn haproxy_peer(endpoint: &str, services: usize) -> Option<(Duration, (f64, f64,
         pin(child.id(), 1);
     }
     let last = address_of(services - 1);
-    let port = 1000 + (services - 1) % 60000;
     common::eventually("haproxy to accept on its last frontend", || {
-        std::net::TcpStream::connect_timeout(&(last, port as u16).into(), Duration::from_millis(50)).ok()
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("haproxy exited with {status}; run it by hand on {}", cfg_path.display());
+        }
+        std::net::TcpStream::connect_timeout(&(last, service_port()).into(), Duration::from_millis(50)).ok()
     });
     let serving = started.elapsed();
     let memory = memory_mib(child.id());
