@@ -76,7 +76,13 @@ fn memory_mib(pid: u32) -> (f64, f64, f64) {
 /// wildcard listener elsewhere on the machine cannot collide with HAProxy's binds.
 fn service_port() -> u16 {
     static PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
-    *PORT.get_or_init(|| std::net::TcpListener::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port())
+    *PORT.get_or_init(|| {
+        std::net::TcpListener::bind("0.0.0.0:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    })
 }
 
 fn service_value(_i: usize) -> String {
@@ -258,7 +264,7 @@ async fn propagation(
         // loopmesh: the same kind of write → the route file on disk.
         let service = n % services;
         let marker = 100_000 + n;
-        let needle = format!("port: {}\n", 20000 + marker % 40000);
+        let needle = format!("\"port\": {},", 20000 + marker % 40000);
         let started = Instant::now();
         client
             .put(
@@ -268,7 +274,7 @@ async fn propagation(
             )
             .await
             .unwrap();
-        waiter.wait_for(&agent.routes().join(format!("s{service}.yaml")), &needle);
+        waiter.wait_for(&agent.routes().join(format!("s{service}.json")), &needle);
         ours.push(started.elapsed());
     }
     (ours, peer)
@@ -357,7 +363,10 @@ fn haproxy_peer(endpoint: &str, services: usize) -> Option<(Duration, (f64, f64,
     let last = address_of(services - 1);
     common::eventually("haproxy to accept on its last frontend", || {
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("haproxy exited with {status}; run it by hand on {}", cfg_path.display());
+            panic!(
+                "haproxy exited with {status}; run it by hand on {}",
+                cfg_path.display()
+            );
         }
         std::net::TcpStream::connect_timeout(&(last, service_port()).into(), Duration::from_millis(50)).ok()
     });

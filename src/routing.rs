@@ -1,10 +1,12 @@
-//! The routing table: one YAML file per service under `<state_dir>/routes/`.
+//! The routing table: one file per service under `<state_dir>/routes/`.
 //!
 //! This is what the data plane loads and what an operator reads to know
-//! what the node does. The agent renders it from the catalog (and validates
-//! every file before it goes live); in static mode an operator writes it by
-//! hand. Either way it is parsed and validated here, and a table that fails
-//! validation is refused as a whole.
+//! what the node does. The agent renders it from the catalog as pretty JSON
+//! (which is YAML too), validating every file before it goes live; in static
+//! mode an operator may write the files by hand, in JSON or YAML. Either way
+//! they are parsed and validated here, and a table that fails validation is
+//! refused as a whole. JSON is parsed with serde_json (about 2 µs a file)
+//! rather than the YAML parser (30-100 µs), which matters at 10k services.
 
 use crate::addresses::check_service_address;
 use crate::catalog::{check_instance_id, check_service_name, Balance, InstanceState, Protocol, MAX_WEIGHT};
@@ -39,6 +41,9 @@ pub enum RoutingError {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
+    /// Who wrote the file (informational; the agent fills it in).
+    #[serde(default)]
+    pub rendered_by: Option<String>,
     pub service: String,
     pub address: Ipv4Addr,
     pub port: u16,
@@ -77,9 +82,13 @@ fn one() -> u32 {
 }
 
 impl Route {
-    /// Parses and validates one route file's text.
+    /// Parses and validates one route file's text (JSON or YAML).
     pub fn parse(text: &str) -> Result<Route, String> {
-        let route: Route = yaml::from_str(text).map_err(|e| e.to_string())?;
+        let route: Route = if text.trim_start().starts_with('{') {
+            serde_json::from_str(text).map_err(|e| e.to_string())?
+        } else {
+            yaml::from_str(text).map_err(|e| e.to_string())?
+        };
         route.validate()?;
         Ok(route)
     }
@@ -154,7 +163,8 @@ pub fn load_table(dir: &Path) -> Result<BTreeMap<String, Route>, RoutingError> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if name.starts_with('.') || !name.ends_with(".yaml") {
+        let is_route = [".json", ".yaml", ".yml"].iter().any(|ext| name.ends_with(ext));
+        if name.starts_with('.') || !is_route {
             continue;
         }
         let route = load_route(&path)?;
@@ -194,6 +204,15 @@ mod tests {
         assert!(Route::parse(&ROUTE.replace("port: 5432\nconnect", "port: 0\nconnect")).is_err());
         assert!(Route::parse(&format!("{ROUTE}  - {{id: a, host: h, port: 1}}\n")).is_err());
         assert!(Route::parse(&format!("{ROUTE}extra: 1\n")).is_err());
+    }
+
+    #[test]
+    fn json_and_yaml_parse_alike() {
+        let json = r#"{"service": "pg", "address": "127.100.0.7", "port": 5432, "connect_timeout": "1s",
+            "idle_timeout": "600s", "retries": 2, "backends": [{"id": "a", "host": "10.0.0.1", "port": 5432}]}"#;
+        assert_eq!(Route::parse(json).unwrap(), Route::parse(ROUTE).unwrap());
+        let err = Route::parse(&json.replace("\"retries\"", "\"retires\"")).unwrap_err();
+        assert!(err.contains("retires"), "{err}");
     }
 
     #[test]

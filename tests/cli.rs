@@ -84,9 +84,12 @@ fn render_once_on_the_file_catalog_allocates_and_renders() {
     let (ok, stdout, stderr) = run(&args);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("rendered: 2 written"), "{stdout}");
-    let route = read(&state.join("routes/pg.yaml")).unwrap();
+    let route = read(&state.join("routes/pg.json")).unwrap();
     let address = read(&catalog.join("addresses/pg.yaml")).unwrap();
-    assert!(route.contains(&format!("address: {}", address.trim())), "{route}");
+    assert!(
+        route.contains(&format!(r#""address": "{}""#, address.trim())),
+        "{route}"
+    );
     // Again: nothing changes, the address stays.
     let (ok, stdout, _) = run(&args);
     assert!(
@@ -117,7 +120,7 @@ async fn render_once_against_etcd_and_a_clear_error_when_it_is_down() {
     ];
     let (ok, _, stderr) = run(&args);
     assert!(ok, "{stderr}");
-    assert!(read(&state.join("routes/pg.yaml")).is_some());
+    assert!(read(&state.join("routes/pg.json")).is_some());
     assert!(read(&state.join("mesh.zone"))
         .unwrap()
         .contains("pg IN A 127.100."));
@@ -130,7 +133,7 @@ async fn render_once_against_etcd_and_a_clear_error_when_it_is_down() {
         "the error names the endpoint: {stderr}"
     );
     assert!(
-        read(&state.join("routes/pg.yaml")).is_some(),
+        read(&state.join("routes/pg.json")).is_some(),
         "a failed render keeps the files"
     );
 }
@@ -151,7 +154,7 @@ fn agent_follows_file_catalog_edits() {
         ],
         dir.path(),
     );
-    let route = state.join("routes/web.yaml");
+    let route = state.join("routes/web.json");
     eventually("web route", || read(&route));
 
     write_atomic(
@@ -159,19 +162,19 @@ fn agent_follows_file_catalog_edits() {
         "{host: 10.0.0.1, port: 8080}\n",
     );
     eventually("w1 in the route", || {
-        read(&route).filter(|r| r.contains("id: w1"))
+        read(&route).filter(|r| r.contains(r#""id": "w1""#))
     });
     write_atomic(
         &catalog.join("instances/web/w1.yaml"),
         "{host: 10.0.0.1, port: 8080, state: maintenance}\n",
     );
     eventually("w1 in maintenance", || {
-        read(&route).filter(|r| r.contains("state: maintenance"))
+        read(&route).filter(|r| r.contains(r#""state": "maintenance""#))
     });
     write_atomic(&catalog.join("services/web.yaml"), "port: [broken\n");
     agent.wait_log("invalid catalog value at services/web");
     assert!(
-        read(&route).unwrap().contains("port: 8080"),
+        read(&route).unwrap().contains(r#""port": 8080,"#),
         "the last good definition stays"
     );
 

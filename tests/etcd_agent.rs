@@ -4,6 +4,8 @@ mod common;
 
 use common::{eventually_async, read, Cutter, Etcd, Loopmesh};
 use etcd_client::{Client, CompactionOptions};
+use loopmesh::catalog::InstanceState;
+use loopmesh::routing::Route;
 use std::path::{Path, PathBuf};
 
 const PREFIX: &str = "/lm";
@@ -39,8 +41,10 @@ impl Node {
         self.dir.path().join("state")
     }
 
-    fn route(&self, service: &str) -> Option<String> {
-        read(&self.state().join(format!("routes/{service}.yaml")))
+    /// The service's rendered route, parsed as the data plane parses it.
+    fn route(&self, service: &str) -> Option<Route> {
+        let text = read(&self.state().join(format!("routes/{service}.json")))?;
+        Some(Route::parse(&text).unwrap_or_else(|err| panic!("route {service} does not parse: {err}")))
     }
 
     fn zone(&self) -> String {
@@ -60,13 +64,14 @@ async fn delete(client: &mut Client, key: &str) {
     client.delete(format!("{PREFIX}/{key}"), None).await.unwrap();
 }
 
-/// The address a route file says its service listens on.
-fn route_address(route: &str) -> String {
-    route
-        .lines()
-        .find_map(|line| line.strip_prefix("address: "))
-        .expect("route has an address")
-        .to_string()
+/// Whether a route has a backend with this id.
+fn has(route: &Route, id: &str) -> bool {
+    route.backends.iter().any(|b| b.id == id)
+}
+
+/// The address a route says its service listens on.
+fn route_address(route: &Route) -> String {
+    route.address.to_string()
 }
 
 fn state_json(node: &Node) -> serde_json::Value {
@@ -94,14 +99,20 @@ async fn puts_and_deletes_reach_the_rendered_files() {
     )
     .await;
     node.until("pg route with two backends", |n| {
-        n.route("pg")
-            .is_some_and(|r| r.contains("id: db-1") && r.contains("id: db-2"))
+        n.route("pg").is_some_and(|r| has(&r, "db-1") && has(&r, "db-2"))
     })
     .await;
     let route = node.route("pg").unwrap();
     assert!(
-        route.contains("state: draining") && route.contains("zone: z1"),
-        "{route}"
+        route
+            .backends
+            .iter()
+            .any(|b| b.id == "db-2" && b.state == InstanceState::Draining)
+            && route
+                .backends
+                .iter()
+                .any(|b| b.id == "db-1" && b.zone.as_deref() == Some("z1")),
+        "{route:?}"
     );
     let address = route_address(&route);
     assert!(
@@ -116,7 +127,7 @@ async fn puts_and_deletes_reach_the_rendered_files() {
 
     delete(&mut client, "instances/pg/db-1").await;
     node.until("db-1 gone from the route", |n| {
-        n.route("pg").is_some_and(|r| !r.contains("db-1"))
+        n.route("pg").is_some_and(|r| !has(&r, "db-1"))
     })
     .await;
 
@@ -143,11 +154,11 @@ async fn a_malformed_value_is_skipped_and_the_rest_renders() {
     .await;
     put(&mut client, "instances/good/y", "{host: 10.0.0.2, port: 80}").await;
     node.until("good route with y", |n| {
-        n.route("good").is_some_and(|r| r.contains("id: y"))
+        n.route("good").is_some_and(|r| has(&r, "y"))
     })
     .await;
     assert!(node.route("broken").is_none());
-    assert!(!node.route("good").unwrap().contains("id: x"));
+    assert!(!has(&node.route("good").unwrap(), "x"));
     agent.wait_log("invalid catalog value at services/broken");
     agent.wait_log("invalid catalog value at instances/good/x");
     let invalid = state_json(&node)["invalid_keys"].clone();
@@ -159,11 +170,9 @@ async fn a_malformed_value_is_skipped_and_the_rest_renders() {
     // A bad update to a good service keeps its last good definition.
     put(&mut client, "services/good", "port: 81\nbalance: random\n").await;
     put(&mut client, "instances/good/z", "{host: 10.0.0.3, port: 80}").await;
-    node.until("z added", |n| {
-        n.route("good").is_some_and(|r| r.contains("id: z"))
-    })
-    .await;
-    assert!(node.route("good").unwrap().contains("port: 80\n"));
+    node.until("z added", |n| n.route("good").is_some_and(|r| has(&r, "z")))
+        .await;
+    assert_eq!(node.route("good").unwrap().port, 80);
     agent.wait_log("invalid catalog value at services/good");
     agent.wait_log("keeping its previous value");
 }
@@ -197,9 +206,7 @@ async fn compaction_while_the_agent_is_cut_off_forces_a_correct_resync() {
 
     agent.wait_log("taking a fresh snapshot");
     node.until("resynced files", |n| {
-        n.route("old").is_none()
-            && n.route("new").is_some()
-            && n.route("kept").is_some_and(|r| r.contains("id: k"))
+        n.route("old").is_none() && n.route("new").is_some() && n.route("kept").is_some_and(|r| has(&r, "k"))
     })
     .await;
     node.until("stale cleared", |n| state_json(n)["stale"] == false)
@@ -234,7 +241,7 @@ async fn etcd_restart_mid_watch_loses_no_update() {
     put(&mut client, "instances/a/i4", "{host: 10.0.2.4, port: 1}").await;
     node.until("all 20 writes, the delete and the update", |n| {
         n.route("a").is_some_and(|r| {
-            r.matches("  - id: ").count() == 19 && !r.contains("id: i3\n") && r.contains("host: 10.0.2.4")
+            r.backends.len() == 19 && !has(&r, "i3") && r.backends.iter().any(|b| b.host == "10.0.2.4")
         })
     })
     .await;
@@ -347,10 +354,8 @@ async fn an_agent_started_with_etcd_down_keeps_its_last_files() {
     let agent = node.spawn();
     put(&mut client, "services/a", "port: 1").await;
     put(&mut client, "instances/a/x", "{host: 10.0.0.1, port: 1}").await;
-    node.until("a rendered", |n| {
-        n.route("a").is_some_and(|r| r.contains("id: x"))
-    })
-    .await;
+    node.until("a rendered", |n| n.route("a").is_some_and(|r| has(&r, "x")))
+        .await;
     agent.stop();
     let files_before = snapshot_dir(&node.state().join("routes"));
     let zone_before = node.zone();
@@ -368,10 +373,8 @@ async fn an_agent_started_with_etcd_down_keeps_its_last_files() {
     etcd.restart();
     let mut client = etcd.client().await;
     put(&mut client, "instances/a/y", "{host: 10.0.0.2, port: 1}").await;
-    node.until("y rendered", |n| {
-        n.route("a").is_some_and(|r| r.contains("id: y"))
-    })
-    .await;
+    node.until("y rendered", |n| n.route("a").is_some_and(|r| has(&r, "y")))
+        .await;
     node.until("stale cleared", |n| state_json(n)["stale"] == false)
         .await;
 }

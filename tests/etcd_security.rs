@@ -32,7 +32,7 @@ async fn client_tls_with_a_client_certificate() {
     let path = config(dir.path(), &block);
     let (ok, _, stderr) = run(&["render", "--once", "--config", path.to_str().unwrap()]);
     assert!(ok, "{stderr}");
-    assert!(read(&dir.path().join("state/routes/secure.yaml")).is_some());
+    assert!(read(&dir.path().join("state/routes/secure.json")).is_some());
 
     // Without the client certificate etcd refuses us, and we say so.
     let block = format!(
@@ -67,7 +67,7 @@ async fn user_and_password_from_a_file() {
     let path = config(dir.path(), &block);
     let agent = Loopmesh::spawn(&["agent", "--config", path.to_str().unwrap()], dir.path());
     common::eventually("route rendered with auth", || {
-        read(&dir.path().join("state/routes/authed.yaml"))
+        read(&dir.path().join("state/routes/authed.json"))
     });
     agent.stop();
 

@@ -76,9 +76,9 @@ fn render_all(state: &Path) {
 }
 
 const OUTPUTS: [&str; 7] = [
-    "routes/postgres.yaml",
-    "routes/web.yaml",
-    "routes/3scale.yaml",
+    "routes/postgres.json",
+    "routes/web.json",
+    "routes/3scale.json",
     "mesh.zone",
     "haproxy.cfg",
     "hosts",

@@ -24,8 +24,8 @@ use view::{Context, Globals};
 /// and as fallbacks for names the directory lacks.
 pub const BUILTIN_TEMPLATES: [(&str, &str); 5] = [
     (
-        "routes.yaml.tera",
-        include_str!("../../templates/routes.yaml.tera"),
+        "routes.json.tera",
+        include_str!("../../templates/routes.json.tera"),
     ),
     ("zone.tera", include_str!("../../templates/zone.tera")),
     (
@@ -228,8 +228,8 @@ pub fn core_resources() -> Vec<TemplateResource> {
     };
     vec![
         resource(
-            "routes.yaml.tera",
-            format!("{}/{{service}}.yaml", crate::routing::ROUTES_DIR),
+            "routes.json.tera",
+            format!("{}/{{service}}.json", crate::routing::ROUTES_DIR),
             Each::Service,
             vec![KeyKind::Services, KeyKind::Instances, KeyKind::Addresses],
             Some(BuiltinCheck::Route),
@@ -548,20 +548,20 @@ mod tests {
         let report = renderer.render(&catalog, &Dirty::everything());
         assert!(report.failures.is_empty(), "{:?}", report.failures);
         assert_eq!(report.written.len(), 2);
-        let route = crate::routing::load_route(&dir.path().join("routes/pg.yaml")).unwrap();
+        let route = crate::routing::load_route(&dir.path().join("routes/pg.json")).unwrap();
         assert_eq!(route.backends.len(), 1);
 
         // An instance change rewrites the route only; the zone is not even rendered.
         let mut dirty = Dirty::default();
         dirty.touch(catalog.put("instances/pg/b", b"{host: 10.0.0.2, port: 5432}", 2));
         let report = renderer.render(&catalog, &dirty);
-        assert_eq!(report.written, vec![dir.path().join("routes/pg.yaml")]);
+        assert_eq!(report.written, vec![dir.path().join("routes/pg.json")]);
         assert_eq!(report.unchanged, 0);
 
         let mut dirty = Dirty::default();
         dirty.touch(catalog.delete("services/pg"));
         let report = renderer.render(&catalog, &dirty);
-        assert_eq!(report.removed, vec![dir.path().join("routes/pg.yaml")]);
+        assert_eq!(report.removed, vec![dir.path().join("routes/pg.json")]);
         assert_eq!(report.written, vec![dir.path().join(ZONE_FILE)]);
     }
 
@@ -569,11 +569,11 @@ mod tests {
     fn full_render_removes_files_of_services_that_are_gone() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("routes")).unwrap();
-        std::fs::write(dir.path().join("routes/stale.yaml"), "old").unwrap();
+        std::fs::write(dir.path().join("routes/stale.json"), "old").unwrap();
         let mut renderer = renderer(dir.path(), "");
         let report = renderer.render(&catalog(), &Dirty::everything());
-        assert!(report.removed.contains(&dir.path().join("routes/stale.yaml")));
-        assert!(dir.path().join("routes/pg.yaml").exists());
+        assert!(report.removed.contains(&dir.path().join("routes/stale.json")));
+        assert!(dir.path().join("routes/pg.json").exists());
     }
 
     #[test]
@@ -604,7 +604,7 @@ mod tests {
             "old"
         );
         assert!(!report.retry.is_empty());
-        assert!(dir.path().join("routes/pg.yaml").exists());
+        assert!(dir.path().join("routes/pg.json").exists());
     }
 
     #[test]
