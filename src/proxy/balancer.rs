@@ -1,0 +1,492 @@
+//! Choosing a backend: policies, weights, zones, and passive outlier ejection.
+//!
+//! A [`BackendSet`] is immutable once built; the proxy swaps whole sets on
+//! reload. Per-backend counters live in [`BackendStats`], shared by id
+//! across sets, so a reload neither resets least-connection counts nor
+//! forgives an ejected backend.
+
+use crate::catalog::{Balance, InstanceState};
+use std::cell::Cell;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Passive outlier detection settings of one service.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutlierPolicy {
+    /// Connect failures in a row that eject a backend.
+    pub consecutive_failures: u32,
+    /// First ejection length; doubles with each ejection in a row.
+    pub base_ejection: Duration,
+    /// Longest ejection.
+    pub max_ejection: Duration,
+    /// Most backends ejected at once, as a percentage of the set.
+    pub max_ejected_percent: u32,
+}
+
+impl Default for OutlierPolicy {
+    fn default() -> Self {
+        OutlierPolicy {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(5),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+/// Nanoseconds since the first call, a cheap monotonic clock for atomics.
+fn now_nanos() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Live counters of one backend, kept across reloads.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    /// Connections open to it now.
+    pub active: AtomicU64,
+    /// Peak-EWMA of connect latency, in nanoseconds (0: no sample yet).
+    ewma_nanos: AtomicU64,
+    ewma_stamp: AtomicU64,
+    consecutive_failures: AtomicU32,
+    /// Ejected until this `now_nanos()` instant (0: not ejected).
+    ejected_until: AtomicU64,
+    /// Ejections in a row; sets the next ejection's length.
+    ejections: AtomicU32,
+}
+
+/// Decay time of the latency EWMA.
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+
+impl BackendStats {
+    /// Whether the backend is ejected at `now`.
+    pub fn is_ejected(&self, now: u64) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) > now
+    }
+
+    /// Records a successful connect and its latency (peak-EWMA: a slower
+    /// sample counts at once, faster ones decay in).
+    pub fn record_success(&self, latency: Duration) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.ejections.store(0, Ordering::Relaxed);
+        let now = now_nanos();
+        let sample = latency.as_nanos().max(1) as u64;
+        let previous = self.ewma_nanos.load(Ordering::Relaxed);
+        let stamp = self.ewma_stamp.swap(now, Ordering::Relaxed);
+        let next = if previous == 0 || sample > previous {
+            sample
+        } else {
+            let elapsed = now.saturating_sub(stamp) as f64;
+            let weight = (-elapsed / EWMA_DECAY.as_nanos() as f64).exp();
+            (previous as f64 * weight + sample as f64 * (1.0 - weight)) as u64
+        };
+        self.ewma_nanos.store(next.max(1), Ordering::Relaxed);
+    }
+
+    /// Records a failed connect; returns the ejection length if this failure
+    /// should eject the backend (the caller checks the ejection cap).
+    fn record_failure(&self, policy: &OutlierPolicy) -> Option<Duration> {
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < policy.consecutive_failures {
+            return None;
+        }
+        let ejections = self.ejections.load(Ordering::Relaxed).min(16);
+        let length = policy.base_ejection.saturating_mul(1 << ejections).min(policy.max_ejection);
+        Some(length)
+    }
+
+    fn eject(&self, length: Duration) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+        self.ejected_until.store(now_nanos() + length.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Connect latency estimate used by peak-EWMA (unknown backends look fast,
+    /// so new backends get tried).
+    fn latency_estimate(&self) -> f64 {
+        self.ewma_nanos.load(Ordering::Relaxed) as f64
+    }
+}
+
+/// One backend as the balancer sees it.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub id: String,
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+    pub zone: Option<String>,
+    pub state: InstanceState,
+    pub stats: Arc<BackendStats>,
+}
+
+/// The backends of one service and how to choose among them.
+#[derive(Debug)]
+pub struct BackendSet {
+    backends: Vec<Backend>,
+    policy: Balance,
+    outlier: OutlierPolicy,
+    /// The node's zone: prefer backends there when any is usable.
+    local_zone: Option<String>,
+    cursor: AtomicU64,
+}
+
+/// Why no backend could be chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoBackend {
+    /// None is up (all draining, in maintenance, weight 0, or none at all).
+    NoneUp,
+    /// Every usable backend was already tried for this connection.
+    Exhausted,
+}
+
+impl BackendSet {
+    pub fn new(backends: Vec<Backend>, policy: Balance, outlier: OutlierPolicy, local_zone: Option<String>) -> Self {
+        BackendSet {
+            backends,
+            policy,
+            outlier,
+            local_zone,
+            cursor: AtomicU64::new(0),
+        }
+    }
+
+    pub fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+
+    /// Chooses a backend for a connection from `client`, skipping `tried`
+    /// (indices already attempted for this connection).
+    pub fn pick(&self, client: IpAddr, tried: &[usize]) -> Result<usize, NoBackend> {
+        let now = now_nanos();
+        let up: Vec<usize> = (0..self.backends.len())
+            .filter(|&i| {
+                let b = &self.backends[i];
+                b.state == InstanceState::Up && b.weight > 0
+            })
+            .collect();
+        if up.is_empty() {
+            return Err(NoBackend::NoneUp);
+        }
+        let untried: Vec<usize> = up.iter().copied().filter(|i| !tried.contains(i)).collect();
+        if untried.is_empty() {
+            return Err(NoBackend::Exhausted);
+        }
+        // Ejected backends sit out, unless every untried one is ejected:
+        // then trying one beats refusing the connection.
+        let healthy: Vec<usize> =
+            untried.iter().copied().filter(|&i| !self.backends[i].stats.is_ejected(now)).collect();
+        let pool = if healthy.is_empty() { untried } else { healthy };
+        let local: Vec<usize> = match &self.local_zone {
+            Some(zone) => pool
+                .iter()
+                .copied()
+                .filter(|&i| self.backends[i].zone.as_deref() == Some(zone.as_str()))
+                .collect(),
+            None => Vec::new(),
+        };
+        let candidates = if local.is_empty() { pool } else { local };
+        Ok(match self.policy {
+            Balance::RoundRobin => self.weighted_round_robin(&candidates),
+            Balance::LeastConnections => self.least_connections(&candidates),
+            Balance::PeakEwma => self.power_of_two(&candidates),
+            Balance::ConsistentHash => self.rendezvous(&candidates, client),
+        })
+    }
+
+    fn weight(&self, index: usize) -> u64 {
+        u64::from(self.backends[index].weight)
+    }
+
+    /// Each backend gets turns in proportion to its weight.
+    fn weighted_round_robin(&self, candidates: &[usize]) -> usize {
+        let total: u64 = candidates.iter().map(|&i| self.weight(i)).sum();
+        let mut ticket = self.cursor.fetch_add(1, Ordering::Relaxed) % total;
+        for &i in candidates {
+            let weight = self.weight(i);
+            if ticket < weight {
+                return i;
+            }
+            ticket -= weight;
+        }
+        candidates[0]
+    }
+
+    /// Fewest open connections per unit of weight; ties rotate.
+    fn least_connections(&self, candidates: &[usize]) -> usize {
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed) as usize;
+        let load = |i: usize| self.backends[i].stats.active.load(Ordering::Relaxed) as f64 / self.weight(i) as f64;
+        (0..candidates.len())
+            .map(|k| candidates[(start + k) % candidates.len()])
+            .min_by(|&a, &b| load(a).total_cmp(&load(b)))
+            .expect("candidates is not empty")
+    }
+
+    /// Power of two choices over latency × load / weight: two backends drawn
+    /// at random (by weight), the cheaper wins. Faster backends get more.
+    fn power_of_two(&self, candidates: &[usize]) -> usize {
+        if candidates.len() == 1 {
+            return candidates[0];
+        }
+        let a = self.draw_weighted(candidates);
+        let mut b = self.draw_weighted(candidates);
+        for _ in 0..4 {
+            if b != a {
+                break;
+            }
+            b = self.draw_weighted(candidates);
+        }
+        let cost = |i: usize| {
+            let stats = &self.backends[i].stats;
+            let active = stats.active.load(Ordering::Relaxed) as f64;
+            (stats.latency_estimate() + 1.0) * (active + 1.0) / self.weight(i) as f64
+        };
+        if cost(a) <= cost(b) {
+            a
+        } else {
+            b
+        }
+    }
+
+    fn draw_weighted(&self, candidates: &[usize]) -> usize {
+        let total: u64 = candidates.iter().map(|&i| self.weight(i)).sum();
+        let mut ticket = random() % total;
+        for &i in candidates {
+            let weight = self.weight(i);
+            if ticket < weight {
+                return i;
+            }
+            ticket -= weight;
+        }
+        candidates[0]
+    }
+
+    /// Weighted rendezvous hashing on the client address: the same client
+    /// keeps its backend, and a backend leaving moves only its own clients.
+    fn rendezvous(&self, candidates: &[usize], client: IpAddr) -> usize {
+        let score = |i: usize| {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            client.hash(&mut hasher);
+            self.backends[i].id.hash(&mut hasher);
+            // Map the hash to (0, 1] and weight it: -w / ln(u) is largest for the winner.
+            let unit = ((hasher.finish() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+            -(self.weight(i) as f64) / unit.ln()
+        };
+        candidates
+            .iter()
+            .copied()
+            .max_by(|&a, &b| score(a).total_cmp(&score(b)))
+            .expect("candidates is not empty")
+    }
+
+    /// Records a failed connect to backend `index`; returns true if it was ejected.
+    pub fn record_failure(&self, index: usize) -> bool {
+        let stats = &self.backends[index].stats;
+        let Some(length) = stats.record_failure(&self.outlier) else {
+            return false;
+        };
+        let now = now_nanos();
+        let ejected = self.backends.iter().filter(|b| b.stats.is_ejected(now)).count();
+        let cap = (self.backends.len() * self.outlier.max_ejected_percent as usize) / 100;
+        if ejected >= cap {
+            return false;
+        }
+        stats.eject(length);
+        true
+    }
+}
+
+/// A fast per-thread xorshift generator; balancing needs spread, not secrecy.
+fn random() -> u64 {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let seed = now_nanos() ^ (std::process::id() as u64).rotate_left(32);
+            let local = 0u8;
+            seed ^ (&local as *const u8 as u64) | 1
+        });
+    }
+    STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        state.set(x);
+        x
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn backend(id: &str, weight: u32, zone: Option<&str>, state: InstanceState) -> Backend {
+        Backend {
+            id: id.into(),
+            host: "127.0.0.1".into(),
+            port: 1,
+            weight,
+            zone: zone.map(str::to_string),
+            state,
+            stats: Arc::new(BackendStats::default()),
+        }
+    }
+
+    fn counts(set: &BackendSet, picks: usize) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for n in 0..picks {
+            let client = IpAddr::from([10, 0, (n / 256) as u8, (n % 256) as u8]);
+            let i = set.pick(client, &[]).unwrap();
+            *counts.entry(set.backends()[i].id.clone()).or_default() += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn round_robin_follows_weights_exactly() {
+        let set = BackendSet::new(
+            vec![
+                backend("a", 1, None, InstanceState::Up),
+                backend("b", 3, None, InstanceState::Up),
+            ],
+            Balance::RoundRobin,
+            OutlierPolicy::default(),
+            None,
+        );
+        let counts = counts(&set, 400);
+        assert_eq!((counts["a"], counts["b"]), (100, 300));
+    }
+
+    #[test]
+    fn draining_maintenance_and_zero_weight_get_nothing() {
+        let set = BackendSet::new(
+            vec![
+                backend("up", 1, None, InstanceState::Up),
+                backend("drain", 1, None, InstanceState::Draining),
+                backend("maint", 1, None, InstanceState::Maintenance),
+                backend("zero", 0, None, InstanceState::Up),
+            ],
+            Balance::RoundRobin,
+            OutlierPolicy::default(),
+            None,
+        );
+        assert_eq!(counts(&set, 50)["up"], 50);
+        let none = BackendSet::new(vec![], Balance::RoundRobin, OutlierPolicy::default(), None);
+        assert_eq!(none.pick(IpAddr::from([1, 1, 1, 1]), &[]), Err(NoBackend::NoneUp));
+    }
+
+    #[test]
+    fn zone_preference_until_the_zone_has_nothing_up() {
+        let mut backends = vec![
+            backend("near", 1, Some("z1"), InstanceState::Up),
+            backend("far", 1, Some("z2"), InstanceState::Up),
+        ];
+        let set = BackendSet::new(backends.clone(), Balance::RoundRobin, OutlierPolicy::default(), Some("z1".into()));
+        assert_eq!(counts(&set, 20)["near"], 20);
+        backends[0].state = InstanceState::Maintenance;
+        let set = BackendSet::new(backends, Balance::RoundRobin, OutlierPolicy::default(), Some("z1".into()));
+        assert_eq!(counts(&set, 20)["far"], 20);
+    }
+
+    #[test]
+    fn least_connections_prefers_the_idle_backend() {
+        let set = BackendSet::new(
+            vec![
+                backend("busy", 1, None, InstanceState::Up),
+                backend("idle", 1, None, InstanceState::Up),
+            ],
+            Balance::LeastConnections,
+            OutlierPolicy::default(),
+            None,
+        );
+        set.backends()[0].stats.active.store(5, Ordering::Relaxed);
+        assert_eq!(counts(&set, 20)["idle"], 20);
+    }
+
+    #[test]
+    fn peak_ewma_sends_more_to_the_faster_backend() {
+        let set = BackendSet::new(
+            vec![
+                backend("slow", 1, None, InstanceState::Up),
+                backend("fast", 1, None, InstanceState::Up),
+            ],
+            Balance::PeakEwma,
+            OutlierPolicy::default(),
+            None,
+        );
+        set.backends()[0].stats.record_success(Duration::from_millis(20));
+        set.backends()[1].stats.record_success(Duration::from_millis(1));
+        let counts = counts(&set, 1000);
+        assert!(counts["fast"] > 700, "{counts:?}");
+    }
+
+    #[test]
+    fn consistent_hash_is_sticky_and_moves_only_the_leavers_clients() {
+        let ids = ["a", "b", "c", "d"];
+        let all: Vec<_> = ids.iter().map(|id| backend(id, 1, None, InstanceState::Up)).collect();
+        let set = BackendSet::new(all.clone(), Balance::ConsistentHash, OutlierPolicy::default(), None);
+        let without_d = BackendSet::new(all[..3].to_vec(), Balance::ConsistentHash, OutlierPolicy::default(), None);
+        let mut spread = HashMap::new();
+        for n in 0..2000u32 {
+            let client = IpAddr::from(n.to_be_bytes());
+            let before = &set.backends()[set.pick(client, &[]).unwrap()].id;
+            assert_eq!(before, &set.backends()[set.pick(client, &[]).unwrap()].id, "sticky");
+            let after = &without_d.backends()[without_d.pick(client, &[]).unwrap()].id;
+            if before != "d" {
+                assert_eq!(before, after, "a client of a remaining backend moved");
+            }
+            *spread.entry(before.clone()).or_insert(0) += 1;
+        }
+        assert!(spread.values().all(|&n| n > 350), "{spread:?}");
+    }
+
+    #[test]
+    fn failures_eject_with_growing_length_but_never_past_the_cap() {
+        let outlier = OutlierPolicy {
+            consecutive_failures: 2,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(60),
+            max_ejected_percent: 50,
+        };
+        let set = BackendSet::new(
+            vec![
+                backend("a", 1, None, InstanceState::Up),
+                backend("b", 1, None, InstanceState::Up),
+            ],
+            Balance::RoundRobin,
+            outlier,
+            None,
+        );
+        assert!(!set.record_failure(0));
+        assert!(set.record_failure(0));
+        assert_eq!(counts(&set, 10)["b"], 10, "an ejected backend gets no connections");
+        // The cap (50% of 2 = 1) keeps b in service however it fails.
+        assert!(!set.record_failure(1));
+        assert!(!set.record_failure(1));
+        assert!(!set.backends()[1].stats.is_ejected(now_nanos()));
+        // A second ejection in a row is twice as long.
+        let stats = &set.backends()[0].stats;
+        assert_eq!(stats.record_failure(&outlier), None);
+        assert_eq!(stats.record_failure(&outlier), Some(Duration::from_secs(20)));
+    }
+
+    #[test]
+    fn retries_skip_backends_already_tried() {
+        let set = BackendSet::new(
+            vec![
+                backend("a", 1, None, InstanceState::Up),
+                backend("b", 1, None, InstanceState::Up),
+            ],
+            Balance::RoundRobin,
+            OutlierPolicy::default(),
+            None,
+        );
+        let first = set.pick(IpAddr::from([1, 1, 1, 1]), &[]).unwrap();
+        let second = set.pick(IpAddr::from([1, 1, 1, 1]), &[first]).unwrap();
+        assert_ne!(first, second);
+        assert_eq!(set.pick(IpAddr::from([1, 1, 1, 1]), &[first, second]), Err(NoBackend::Exhausted));
+    }
+}
