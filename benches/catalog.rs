@@ -147,17 +147,18 @@ struct Agent {
     spawned: Instant,
 }
 
+/// Writes a loopmesh config reading the benchmark's etcd, plus `extra` YAML.
+fn write_config(dir: &Path, endpoint: &str, extra: &str) -> PathBuf {
+    let config = dir.join("loopmesh.yaml");
+    let store = format!("store: {{prefix: {PREFIX}, etcd: {{endpoints: [{endpoint}]}}}}\n");
+    std::fs::write(&config, format!("node: bench\n{store}{extra}")).unwrap();
+    config
+}
+
 impl Agent {
     fn start(endpoint: &str) -> Agent {
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("agent.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "node: bench\nstore: {{prefix: {PREFIX}, etcd: {{endpoints: [{endpoint}]}}}}\nstate_dir: state\n"
-            ),
-        )
-        .unwrap();
+        let config = write_config(dir.path(), endpoint, "state_dir: state\n");
         let spawned = Instant::now();
         let process = Loopmesh::spawn(&["agent", "--config", config.to_str().unwrap()], dir.path());
         if pinned() {
@@ -366,14 +367,11 @@ fn create_rename_floor(files: usize, base: &Path) -> Duration {
 /// HAProxy loading the same table: time until its last frontend accepts, and RSS.
 fn haproxy_peer(endpoint: &str, services: usize) -> Option<(Duration, (f64, f64, f64))> {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("render.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "store: {{prefix: {PREFIX}, etcd: {{endpoints: [{endpoint}]}}}}\nstate_dir: out\ntemplates: [{{src: haproxy.cfg.tera, dest: haproxy.cfg}}]\n"
-        ),
-    )
-    .unwrap();
+    let config = write_config(
+        dir.path(),
+        endpoint,
+        "state_dir: out\ntemplates: [{src: haproxy.cfg.tera, dest: haproxy.cfg}]\n",
+    );
     let (ok, _, stderr) = common::run(&["render", "--once", "--config", config.to_str().unwrap()]);
     assert!(ok, "{stderr}");
     let cfg_path = dir.path().join("out/haproxy.cfg");

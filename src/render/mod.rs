@@ -610,25 +610,20 @@ mod tests {
     #[test]
     fn unknown_template_and_owner_are_refused_up_front() {
         let dir = tempfile::tempdir().unwrap();
-        let text = format!(
-            "state_dir: {}\ntemplates: [{{src: nope.tera, dest: x}}]\n",
-            dir.path().display()
-        );
-        let config: AgentConfig = crate::yaml::from_str(&text).unwrap();
-        let err = Renderer::new(&config, Ipv4Addr::LOCALHOST)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(err.contains("nope.tera"), "{err}");
-        let text = format!(
-            "state_dir: {}\ntemplates: [{{src: env.tera, dest: x, owner: no-such-user-lm}}]\n",
-            dir.path().display()
-        );
-        let config: AgentConfig = crate::yaml::from_str(&text).unwrap();
-        let err = Renderer::new(&config, Ipv4Addr::LOCALHOST)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(err.contains("no-such-user-lm"), "{err}");
+        for (resource, needle) in [
+            ("{src: nope.tera, dest: x}", "nope.tera"),
+            (
+                "{src: env.tera, dest: x, owner: no-such-user-lm}",
+                "no-such-user-lm",
+            ),
+        ] {
+            let text = format!("state_dir: {}\ntemplates: [{resource}]\n", dir.path().display());
+            let config: AgentConfig = crate::yaml::from_str(&text).unwrap();
+            let err = Renderer::new(&config, Ipv4Addr::LOCALHOST)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains(needle), "{err}");
+        }
     }
 }
