@@ -73,6 +73,56 @@ pub struct ServiceSpec {
     /// Concurrent connections allowed; the excess is refused at once.
     #[serde(default)]
     pub max_connections: Option<u32>,
+    /// Passive outlier detection.
+    #[serde(default)]
+    pub outlier: Outlier,
+}
+
+/// Passive outlier detection: connect failures in a row eject a backend for
+/// a while, growing with each ejection in a row, never past a share of the set.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Outlier {
+    /// Connect failures in a row that eject a backend.
+    pub consecutive_failures: u32,
+    /// First ejection length; doubles with each ejection in a row.
+    #[serde(with = "crate::duration")]
+    pub base_ejection: Duration,
+    /// Longest ejection.
+    #[serde(with = "crate::duration")]
+    pub max_ejection: Duration,
+    /// Most backends ejected at once, as a percentage of the set.
+    pub max_ejected_percent: u32,
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Outlier {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(5),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+impl Outlier {
+    /// Checks the settings; shared by the catalog and the routing table.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.consecutive_failures == 0 {
+            return Err("outlier.consecutive_failures must be at least 1".into());
+        }
+        if self.base_ejection.is_zero() || self.max_ejection < self.base_ejection {
+            return Err("outlier ejections must be positive, max_ejection at least base_ejection".into());
+        }
+        if self.max_ejected_percent > 100 {
+            return Err(format!(
+                "outlier.max_ejected_percent {} exceeds 100",
+                self.max_ejected_percent
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn default_connect_timeout() -> Duration {
@@ -99,7 +149,7 @@ impl ServiceSpec {
         if self.max_connections == Some(0) {
             return Err("max_connections must be at least 1 (omit it for no limit)".into());
         }
-        Ok(())
+        self.outlier.validate()
     }
 }
 

@@ -15,6 +15,8 @@
 //! - [`addresses`]: the loopback address pool and stable first picks.
 //! - [`render`]: tera templates, template resources, atomic file sync.
 //! - [`routing`]: the rendered routing table's format and validation.
+//! - [`proxy`]: the L4 proxy: a listener per service, hot-swapped backends,
+//!   balancing, outlier ejection, drain.
 //! - [`state`]: the last-known-good record.
 //! - [`agent`]: the control loop tying store, catalog and render together.
 //! - [`cli`]: the `loopmesh` command line.
@@ -25,6 +27,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod duration;
+pub mod proxy;
 pub mod render;
 pub mod routing;
 pub mod state;

@@ -9,7 +9,9 @@
 //! rather than the YAML parser (30-100 µs), which matters at 10k services.
 
 use crate::addresses::check_service_address;
-use crate::catalog::{check_instance_id, check_service_name, Balance, InstanceState, Protocol, MAX_WEIGHT};
+use crate::catalog::{
+    check_instance_id, check_service_name, Balance, InstanceState, Outlier, Protocol, MAX_WEIGHT,
+};
 use crate::yaml;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -59,6 +61,8 @@ pub struct Route {
     #[serde(default)]
     pub max_connections: Option<u32>,
     #[serde(default)]
+    pub outlier: Outlier,
+    #[serde(default)]
     pub backends: Vec<Backend>,
 }
 
@@ -102,6 +106,10 @@ impl Route {
         if self.connect_timeout.is_zero() || self.idle_timeout.is_zero() {
             return Err("timeouts must be greater than zero".into());
         }
+        if self.max_connections == Some(0) {
+            return Err("max_connections must be at least 1 (omit it for no limit)".into());
+        }
+        self.outlier.validate()?;
         let mut ids = HashSet::new();
         for backend in &self.backends {
             check_instance_id(&backend.id).map_err(|e| e.to_string())?;

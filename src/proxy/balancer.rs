@@ -5,37 +5,13 @@
 //! across sets, so a reload neither resets least-connection counts nor
 //! forgives an ejected backend.
 
-use crate::catalog::{Balance, InstanceState};
+use crate::catalog::{Balance, InstanceState, Outlier};
 use std::cell::Cell;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-
-/// Passive outlier detection settings of one service.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct OutlierPolicy {
-    /// Connect failures in a row that eject a backend.
-    pub consecutive_failures: u32,
-    /// First ejection length; doubles with each ejection in a row.
-    pub base_ejection: Duration,
-    /// Longest ejection.
-    pub max_ejection: Duration,
-    /// Most backends ejected at once, as a percentage of the set.
-    pub max_ejected_percent: u32,
-}
-
-impl Default for OutlierPolicy {
-    fn default() -> Self {
-        OutlierPolicy {
-            consecutive_failures: 3,
-            base_ejection: Duration::from_secs(5),
-            max_ejection: Duration::from_secs(300),
-            max_ejected_percent: 50,
-        }
-    }
-}
 
 /// Nanoseconds since the first call, a cheap monotonic clock for atomics.
 fn now_nanos() -> u64 {
@@ -88,20 +64,24 @@ impl BackendStats {
 
     /// Records a failed connect; returns the ejection length if this failure
     /// should eject the backend (the caller checks the ejection cap).
-    fn record_failure(&self, policy: &OutlierPolicy) -> Option<Duration> {
+    fn record_failure(&self, policy: &Outlier) -> Option<Duration> {
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures < policy.consecutive_failures {
             return None;
         }
         let ejections = self.ejections.load(Ordering::Relaxed).min(16);
-        let length = policy.base_ejection.saturating_mul(1 << ejections).min(policy.max_ejection);
+        let length = policy
+            .base_ejection
+            .saturating_mul(1 << ejections)
+            .min(policy.max_ejection);
         Some(length)
     }
 
     fn eject(&self, length: Duration) {
         self.consecutive_failures.store(0, Ordering::Relaxed);
         self.ejections.fetch_add(1, Ordering::Relaxed);
-        self.ejected_until.store(now_nanos() + length.as_nanos() as u64, Ordering::Relaxed);
+        self.ejected_until
+            .store(now_nanos() + length.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Connect latency estimate used by peak-EWMA (unknown backends look fast,
@@ -128,7 +108,7 @@ pub struct Backend {
 pub struct BackendSet {
     backends: Vec<Backend>,
     policy: Balance,
-    outlier: OutlierPolicy,
+    outlier: Outlier,
     /// The node's zone: prefer backends there when any is usable.
     local_zone: Option<String>,
     cursor: AtomicU64,
@@ -144,7 +124,12 @@ pub enum NoBackend {
 }
 
 impl BackendSet {
-    pub fn new(backends: Vec<Backend>, policy: Balance, outlier: OutlierPolicy, local_zone: Option<String>) -> Self {
+    pub fn new(
+        backends: Vec<Backend>,
+        policy: Balance,
+        outlier: Outlier,
+        local_zone: Option<String>,
+    ) -> Self {
         BackendSet {
             backends,
             policy,
@@ -177,8 +162,11 @@ impl BackendSet {
         }
         // Ejected backends sit out, unless every untried one is ejected:
         // then trying one beats refusing the connection.
-        let healthy: Vec<usize> =
-            untried.iter().copied().filter(|&i| !self.backends[i].stats.is_ejected(now)).collect();
+        let healthy: Vec<usize> = untried
+            .iter()
+            .copied()
+            .filter(|&i| !self.backends[i].stats.is_ejected(now))
+            .collect();
         let pool = if healthy.is_empty() { untried } else { healthy };
         let local: Vec<usize> = match &self.local_zone {
             Some(zone) => pool
@@ -218,7 +206,8 @@ impl BackendSet {
     /// Fewest open connections per unit of weight; ties rotate.
     fn least_connections(&self, candidates: &[usize]) -> usize {
         let start = self.cursor.fetch_add(1, Ordering::Relaxed) as usize;
-        let load = |i: usize| self.backends[i].stats.active.load(Ordering::Relaxed) as f64 / self.weight(i) as f64;
+        let load =
+            |i: usize| self.backends[i].stats.active.load(Ordering::Relaxed) as f64 / self.weight(i) as f64;
         (0..candidates.len())
             .map(|k| candidates[(start + k) % candidates.len()])
             .min_by(|&a, &b| load(a).total_cmp(&load(b)))
@@ -353,7 +342,7 @@ mod tests {
                 backend("b", 3, None, InstanceState::Up),
             ],
             Balance::RoundRobin,
-            OutlierPolicy::default(),
+            Outlier::default(),
             None,
         );
         let counts = counts(&set, 400);
@@ -370,11 +359,11 @@ mod tests {
                 backend("zero", 0, None, InstanceState::Up),
             ],
             Balance::RoundRobin,
-            OutlierPolicy::default(),
+            Outlier::default(),
             None,
         );
         assert_eq!(counts(&set, 50)["up"], 50);
-        let none = BackendSet::new(vec![], Balance::RoundRobin, OutlierPolicy::default(), None);
+        let none = BackendSet::new(vec![], Balance::RoundRobin, Outlier::default(), None);
         assert_eq!(none.pick(IpAddr::from([1, 1, 1, 1]), &[]), Err(NoBackend::NoneUp));
     }
 
@@ -384,10 +373,20 @@ mod tests {
             backend("near", 1, Some("z1"), InstanceState::Up),
             backend("far", 1, Some("z2"), InstanceState::Up),
         ];
-        let set = BackendSet::new(backends.clone(), Balance::RoundRobin, OutlierPolicy::default(), Some("z1".into()));
+        let set = BackendSet::new(
+            backends.clone(),
+            Balance::RoundRobin,
+            Outlier::default(),
+            Some("z1".into()),
+        );
         assert_eq!(counts(&set, 20)["near"], 20);
         backends[0].state = InstanceState::Maintenance;
-        let set = BackendSet::new(backends, Balance::RoundRobin, OutlierPolicy::default(), Some("z1".into()));
+        let set = BackendSet::new(
+            backends,
+            Balance::RoundRobin,
+            Outlier::default(),
+            Some("z1".into()),
+        );
         assert_eq!(counts(&set, 20)["far"], 20);
     }
 
@@ -399,7 +398,7 @@ mod tests {
                 backend("idle", 1, None, InstanceState::Up),
             ],
             Balance::LeastConnections,
-            OutlierPolicy::default(),
+            Outlier::default(),
             None,
         );
         set.backends()[0].stats.active.store(5, Ordering::Relaxed);
@@ -414,7 +413,7 @@ mod tests {
                 backend("fast", 1, None, InstanceState::Up),
             ],
             Balance::PeakEwma,
-            OutlierPolicy::default(),
+            Outlier::default(),
             None,
         );
         set.backends()[0].stats.record_success(Duration::from_millis(20));
@@ -426,14 +425,26 @@ mod tests {
     #[test]
     fn consistent_hash_is_sticky_and_moves_only_the_leavers_clients() {
         let ids = ["a", "b", "c", "d"];
-        let all: Vec<_> = ids.iter().map(|id| backend(id, 1, None, InstanceState::Up)).collect();
-        let set = BackendSet::new(all.clone(), Balance::ConsistentHash, OutlierPolicy::default(), None);
-        let without_d = BackendSet::new(all[..3].to_vec(), Balance::ConsistentHash, OutlierPolicy::default(), None);
+        let all: Vec<_> = ids
+            .iter()
+            .map(|id| backend(id, 1, None, InstanceState::Up))
+            .collect();
+        let set = BackendSet::new(all.clone(), Balance::ConsistentHash, Outlier::default(), None);
+        let without_d = BackendSet::new(
+            all[..3].to_vec(),
+            Balance::ConsistentHash,
+            Outlier::default(),
+            None,
+        );
         let mut spread = HashMap::new();
         for n in 0..2000u32 {
             let client = IpAddr::from(n.to_be_bytes());
             let before = &set.backends()[set.pick(client, &[]).unwrap()].id;
-            assert_eq!(before, &set.backends()[set.pick(client, &[]).unwrap()].id, "sticky");
+            assert_eq!(
+                before,
+                &set.backends()[set.pick(client, &[]).unwrap()].id,
+                "sticky"
+            );
             let after = &without_d.backends()[without_d.pick(client, &[]).unwrap()].id;
             if before != "d" {
                 assert_eq!(before, after, "a client of a remaining backend moved");
@@ -445,7 +456,7 @@ mod tests {
 
     #[test]
     fn failures_eject_with_growing_length_but_never_past_the_cap() {
-        let outlier = OutlierPolicy {
+        let outlier = Outlier {
             consecutive_failures: 2,
             base_ejection: Duration::from_secs(10),
             max_ejection: Duration::from_secs(60),
@@ -462,7 +473,11 @@ mod tests {
         );
         assert!(!set.record_failure(0));
         assert!(set.record_failure(0));
-        assert_eq!(counts(&set, 10)["b"], 10, "an ejected backend gets no connections");
+        assert_eq!(
+            counts(&set, 10)["b"],
+            10,
+            "an ejected backend gets no connections"
+        );
         // The cap (50% of 2 = 1) keeps b in service however it fails.
         assert!(!set.record_failure(1));
         assert!(!set.record_failure(1));
@@ -481,12 +496,15 @@ mod tests {
                 backend("b", 1, None, InstanceState::Up),
             ],
             Balance::RoundRobin,
-            OutlierPolicy::default(),
+            Outlier::default(),
             None,
         );
         let first = set.pick(IpAddr::from([1, 1, 1, 1]), &[]).unwrap();
         let second = set.pick(IpAddr::from([1, 1, 1, 1]), &[first]).unwrap();
         assert_ne!(first, second);
-        assert_eq!(set.pick(IpAddr::from([1, 1, 1, 1]), &[first, second]), Err(NoBackend::Exhausted));
+        assert_eq!(
+            set.pick(IpAddr::from([1, 1, 1, 1]), &[first, second]),
+            Err(NoBackend::Exhausted)
+        );
     }
 }

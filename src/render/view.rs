@@ -5,7 +5,7 @@
 //! losing an address clash); instances are included only for templates that
 //! declared the `instances` key, which keeps zone-style renders cheap.
 
-use crate::catalog::{Balance, Catalog, Instance, Protocol};
+use crate::catalog::{Balance, Catalog, Instance, Outlier, Protocol};
 use serde::Serialize;
 use std::net::Ipv4Addr;
 
@@ -40,6 +40,7 @@ pub struct ServiceView<'a> {
     pub idle_timeout: String,
     pub retries: u32,
     pub max_connections: Option<u32>,
+    pub outlier: Outlier,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instances: Option<Vec<InstanceView<'a>>>,
 }
@@ -132,6 +133,7 @@ pub fn service_view<'a>(
         idle_timeout: crate::duration::format(spec.idle_timeout),
         retries: spec.retries,
         max_connections: spec.max_connections,
+        outlier: spec.outlier,
         instances,
     })
 }

@@ -1,0 +1,288 @@
+//! The in-process L4 proxy: one listener per service on its loopback address.
+//!
+//! [`ProxyManager::apply`] takes a validated routing table and changes only
+//! what differs: a new service gets a listener; a removed (or moved) one
+//! stops accepting at once and its open connections drain, killed only at
+//! the drain deadline; a changed one gets a new backend set swapped in
+//! through a watch channel, which established connections never look at
+//! again. A service whose address cannot be bound fails alone, loudly, and
+//! is retried on the next apply.
+
+pub mod balancer;
+pub mod tcp;
+
+use crate::routing::Route;
+use balancer::{Backend, BackendSet, BackendStats};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Settings of the proxy as a whole.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// How long a removed listener's connections may take to finish.
+    pub drain_timeout: Duration,
+    /// The node's zone, for zone preference.
+    pub node_zone: Option<String>,
+}
+
+/// Counters of one service that outlive reloads.
+#[derive(Debug, Default)]
+pub struct ServiceShared {
+    /// Open connections, for the circuit breaker.
+    pub active: AtomicU64,
+}
+
+/// Everything a new connection to a service needs; replaced whole on reload.
+#[derive(Debug)]
+pub struct ServiceState {
+    pub name: String,
+    pub backends: BackendSet,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub retries: u32,
+    pub max_connections: Option<u32>,
+    pub shared: Arc<ServiceShared>,
+}
+
+/// A listening service.
+struct Running {
+    route: Route,
+    state: watch::Sender<Arc<ServiceState>>,
+    /// Aborting it closes the listener.
+    accept: JoinHandle<()>,
+    /// Flipped to true at the drain deadline; dropped receivers mean done.
+    kill: watch::Sender<bool>,
+    shared: Arc<ServiceShared>,
+}
+
+/// What one apply changed.
+#[derive(Debug, Default, PartialEq)]
+pub struct ApplyReport {
+    pub added: Vec<String>,
+    pub updated: Vec<String>,
+    pub removed: Vec<String>,
+    /// Services that could not listen, with why.
+    pub failed: BTreeMap<String, String>,
+}
+
+/// Owns the listeners and swaps their state as the routing table changes.
+pub struct ProxyManager {
+    settings: ProxySettings,
+    running: HashMap<String, Running>,
+    /// Backend counters by (service, backend id), kept across reloads.
+    stats: HashMap<(String, String), Arc<BackendStats>>,
+    failed: BTreeMap<String, String>,
+}
+
+impl ProxyManager {
+    pub fn new(settings: ProxySettings) -> Self {
+        ProxyManager {
+            settings,
+            running: HashMap::new(),
+            stats: HashMap::new(),
+            failed: BTreeMap::new(),
+        }
+    }
+
+    /// Services that failed to listen, with why.
+    pub fn failed(&self) -> &BTreeMap<String, String> {
+        &self.failed
+    }
+
+    /// Services listening now.
+    pub fn listening(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.running.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Makes the listeners match `table` (already validated as a whole).
+    pub async fn apply(&mut self, table: &BTreeMap<String, Route>) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        let moved_or_gone: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(name, running)| {
+                table
+                    .get(*name)
+                    .is_none_or(|route| listen_addr(route) != listen_addr(&running.route))
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in moved_or_gone {
+            if let Some(running) = self.running.remove(&name) {
+                self.stop(&name, running).await;
+                if !table.contains_key(&name) {
+                    report.removed.push(name);
+                }
+            }
+        }
+        self.failed.retain(|name, _| table.contains_key(name));
+        self.stats.retain(|(service, _), _| table.contains_key(service));
+        for (name, route) in table {
+            match self.running.get_mut(name) {
+                Some(running) if running.route == *route => {}
+                Some(running) => {
+                    let state = build_state(route, &self.settings, &mut self.stats, running.shared.clone());
+                    running.state.send_replace(Arc::new(state));
+                    running.route = route.clone();
+                    report.updated.push(name.clone());
+                }
+                None => match self.start(route).await {
+                    Ok(running) => {
+                        self.running.insert(name.clone(), running);
+                        if self.failed.remove(name).is_some() {
+                            tracing::info!("service {name} now listens on {}", listen_addr(route));
+                        }
+                        report.added.push(name.clone());
+                    }
+                    Err(reason) => {
+                        if self.failed.get(name) != Some(&reason) {
+                            tracing::error!(
+                                "service {name} not served: {reason}; the other services are unaffected"
+                            );
+                        }
+                        metrics::counter!("loopmesh_proxy_bind_failures_total", "service" => name.clone())
+                            .increment(1);
+                        self.failed.insert(name.clone(), reason);
+                    }
+                },
+            }
+        }
+        metrics::gauge!("loopmesh_proxy_listeners").set(self.running.len() as f64);
+        metrics::gauge!("loopmesh_proxy_listeners_failed").set(self.failed.len() as f64);
+        report.failed = self.failed.clone();
+        report
+    }
+
+    async fn start(&mut self, route: &Route) -> Result<Running, String> {
+        let addr = listen_addr(route);
+        let listener = bind(addr).map_err(|err| format!("cannot listen on {addr}: {err}"))?;
+        let shared = Arc::new(ServiceShared::default());
+        let state = build_state(route, &self.settings, &mut self.stats, shared.clone());
+        let (state_tx, state_rx) = watch::channel(Arc::new(state));
+        let (kill_tx, kill_rx) = watch::channel(false);
+        let accept = tokio::spawn(accept_loop(route.service.clone(), listener, state_rx, kill_rx));
+        Ok(Running {
+            route: route.clone(),
+            state: state_tx,
+            accept,
+            kill: kill_tx,
+            shared,
+        })
+    }
+
+    /// Stops accepting now (the listener is closed when this returns), then
+    /// lets open connections finish, killing what remains at the deadline.
+    async fn stop(&self, name: &str, running: Running) {
+        running.accept.abort();
+        let _ = running.accept.await;
+        let kill = running.kill;
+        let deadline = self.settings.drain_timeout;
+        let name = name.to_string();
+        tokio::spawn(async move {
+            if tokio::time::timeout(deadline, kill.closed()).await.is_err() {
+                tracing::warn!(
+                    "service {name}: {} connection(s) still open after the {deadline:?} drain; closing them",
+                    kill.receiver_count()
+                );
+                kill.send_replace(true);
+                kill.closed().await;
+            }
+        });
+    }
+
+    /// Stops every listener and waits for connections to drain (shutdown).
+    pub async fn shutdown(&mut self) {
+        let names: Vec<String> = self.running.keys().cloned().collect();
+        let mut drains = Vec::new();
+        for name in names {
+            if let Some(running) = self.running.remove(&name) {
+                running.accept.abort();
+                let _ = running.accept.await;
+                drains.push(running.kill);
+            }
+        }
+        let deadline = self.settings.drain_timeout;
+        for kill in drains {
+            if tokio::time::timeout(deadline, kill.closed()).await.is_err() {
+                kill.send_replace(true);
+            }
+        }
+    }
+}
+
+/// The address a route listens on.
+pub fn listen_addr(route: &Route) -> SocketAddr {
+    SocketAddr::from((route.address, route.port))
+}
+
+/// Binds with SO_REUSEADDR so a restart does not wait out TIME_WAIT.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+fn build_state(
+    route: &Route,
+    settings: &ProxySettings,
+    stats: &mut HashMap<(String, String), Arc<BackendStats>>,
+    shared: Arc<ServiceShared>,
+) -> ServiceState {
+    let backends = route
+        .backends
+        .iter()
+        .map(|b| Backend {
+            id: b.id.clone(),
+            host: b.host.clone(),
+            port: b.port,
+            weight: b.weight,
+            zone: b.zone.clone(),
+            state: b.state,
+            stats: stats
+                .entry((route.service.clone(), b.id.clone()))
+                .or_default()
+                .clone(),
+        })
+        .collect();
+    ServiceState {
+        name: route.service.clone(),
+        backends: BackendSet::new(backends, route.balance, route.outlier, settings.node_zone.clone()),
+        connect_timeout: route.connect_timeout,
+        idle_timeout: route.idle_timeout,
+        retries: route.retries,
+        max_connections: route.max_connections,
+        shared,
+    }
+}
+
+async fn accept_loop(
+    service: String,
+    listener: TcpListener,
+    state: watch::Receiver<Arc<ServiceState>>,
+    kill: watch::Receiver<bool>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((client, peer)) => {
+                let current = state.borrow().clone();
+                tokio::spawn(tcp::serve(client, peer, current, kill.clone()));
+            }
+            Err(err) => {
+                // Out of file descriptors and the like: say so, back off briefly.
+                tracing::warn!("service {service}: accept failed: {err}");
+                metrics::counter!("loopmesh_proxy_accept_errors_total", "service" => service.clone())
+                    .increment(1);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
