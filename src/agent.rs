@@ -12,7 +12,9 @@ use crate::config::{AgentConfig, ConfigError};
 use crate::render::{Dirty, RenderError, Renderer, Report};
 use crate::state::{self, LastKnownGood, StateError};
 use crate::store::{AnyStore, Change, Store, StoreError, StoreEvent};
+use crate::proxy::{ProxyManager, ProxySettings};
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +51,8 @@ pub struct Pipeline {
     requested: HashSet<String>,
     synced: bool,
     reachable: bool,
+    /// The data plane, unless the config turns it off.
+    proxy: Option<ProxyManager>,
 }
 
 impl Pipeline {
@@ -61,6 +65,7 @@ impl Pipeline {
             reason: err.to_string(),
         })?;
         let renderer = Renderer::new(&config, *config.dns.listen.ip())?;
+        let proxy = config.proxy.enabled.then(|| new_proxy(&config));
         Ok(Pipeline {
             config,
             store,
@@ -71,6 +76,7 @@ impl Pipeline {
             requested: HashSet::new(),
             synced: false,
             reachable: false,
+            proxy,
         })
     }
 
@@ -197,6 +203,18 @@ impl Pipeline {
         report
     }
 
+    /// Renders, then reloads the data plane if the routing table changed.
+    pub async fn render_and_apply(&mut self) -> Report {
+        let report = self.render();
+        let routes = routes_dir(&self.config);
+        if report.written.iter().chain(&report.removed).any(|path| path.starts_with(&routes)) {
+            if let Some(proxy) = &mut self.proxy {
+                reload_data_plane(proxy, &routes).await;
+            }
+        }
+        report
+    }
+
     fn record_state(&self) {
         let record = LastKnownGood {
             revision: self.catalog.revision(),
@@ -240,6 +258,9 @@ impl Pipeline {
             self.config.state_dir.display()
         );
         self.announce_last_known_good();
+        if let Some(proxy) = &mut self.proxy {
+            reload_data_plane(proxy, &routes_dir(&self.config)).await;
+        }
         let (tx, mut rx) = mpsc::channel(1024);
         let store = self.store.clone();
         let sync = tokio::spawn(async move { store.sync(tx).await });
@@ -268,7 +289,7 @@ impl Pipeline {
                         if debounce.is_zero() {
                             // Leading edge: render now; whatever arrives
                             // meanwhile is batched into the next pass.
-                            if !self.render().failures.is_empty() {
+                            if !self.render_and_apply().await.failures.is_empty() {
                                 retry_at = Some(Instant::now() + RETRY_AFTER);
                             }
                         } else {
@@ -283,7 +304,7 @@ impl Pipeline {
                     if self.synced && self.allocate_addresses().await {
                         retry_at = Some(Instant::now() + RETRY_AFTER);
                     }
-                    let report = self.render();
+                    let report = self.render_and_apply().await;
                     if !report.failures.is_empty() {
                         retry_at = Some(Instant::now() + RETRY_AFTER);
                     }
@@ -293,9 +314,97 @@ impl Pipeline {
         }
         sync.abort();
         tracing::info!("agent stopping; rendered files stay in place");
+        if let Some(proxy) = &mut self.proxy {
+            proxy.shutdown().await;
+        }
         Ok(())
     }
 }
+
+/// The routing table directory of a config.
+pub fn routes_dir(config: &AgentConfig) -> PathBuf {
+    config.state_dir.join(crate::routing::ROUTES_DIR)
+}
+
+fn new_proxy(config: &AgentConfig) -> ProxyManager {
+    ProxyManager::new(ProxySettings {
+        drain_timeout: config.proxy.drain_timeout,
+        node_zone: config.node_zone.clone(),
+    })
+}
+
+/// Loads the routing table from disk and applies it; a table that fails
+/// validation is refused as a whole and the running one stays.
+pub async fn reload_data_plane(proxy: &mut ProxyManager, routes: &Path) {
+    let table = match blocking(|| crate::routing::load_table(routes)) {
+        Ok(table) => table,
+        Err(err) => {
+            tracing::error!("routing table refused: {err}; the running data plane stays as it was");
+            metrics::counter!("loopmesh_proxy_table_refusals_total").increment(1);
+            return;
+        }
+    };
+    let report = proxy.apply(&table).await;
+    metrics::counter!("loopmesh_proxy_reloads_total").increment(1);
+    if !(report.added.is_empty() && report.removed.is_empty() && report.updated.is_empty()) {
+        tracing::info!(
+            "data plane: {} listening ({} added, {} updated, {} removed), {} failed",
+            proxy.listening().len(),
+            report.added.len(),
+            report.updated.len(),
+            report.removed.len(),
+            report.failed.len()
+        );
+    }
+}
+
+/// Static mode: serve the hand-written routing table, reloading it whenever
+/// a file in it changes. No catalog, no rendering.
+pub async fn run_static(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let routes = routes_dir(&config);
+    std::fs::create_dir_all(&routes).map_err(|source| StoreError::Write {
+        path: routes.clone(),
+        source,
+    })?;
+    let (wake_tx, mut wake) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
+        let _ = wake_tx.send(());
+    })
+    .map_err(|source| StoreError::Notify {
+        path: routes.clone(),
+        source,
+    })?;
+    notify::Watcher::watch(&mut watcher, &routes, notify::RecursiveMode::NonRecursive).map_err(|source| {
+        StoreError::Notify {
+            path: routes.clone(),
+            source,
+        }
+    })?;
+    tracing::info!("agent {} in static mode: serving {}", config.node_name(), routes.display());
+    let mut proxy = new_proxy(&config);
+    reload_data_plane(&mut proxy, &routes).await;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            woke = wake.recv() => {
+                if woke.is_none() {
+                    break;
+                }
+                // Let an editor's burst of writes settle, then reload once.
+                tokio::time::sleep(STATIC_SETTLE).await;
+                while wake.try_recv().is_ok() {}
+                reload_data_plane(&mut proxy, &routes).await;
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    tracing::info!("agent stopping; draining connections");
+    proxy.shutdown().await;
+    Ok(())
+}
+
+/// Quiet time after a routing file event in static mode.
+const STATIC_SETTLE: Duration = Duration::from_millis(20);
 
 /// Hands memory freed after a snapshot (the raw values, the old catalog)
 /// back to the OS; glibc keeps it otherwise, inflating RSS for good.

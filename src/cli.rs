@@ -57,6 +57,9 @@ pub struct AgentArgs {
     /// Node name (default: hostname).
     #[arg(long, value_name = "NAME")]
     pub node: Option<String>,
+    /// Static mode: no catalog; serve the hand-written files in <state-dir>/routes.
+    #[arg(long = "static")]
+    pub static_mode: bool,
 }
 
 impl AgentArgs {
@@ -68,6 +71,7 @@ impl AgentArgs {
             state_dir: self.state_dir.clone(),
             node: self.node.clone(),
             dns_listen: self.dns_listen,
+            static_mode: self.static_mode,
         };
         Ok(AgentConfig::load(self.config.as_deref(), &overrides)?)
     }
@@ -95,8 +99,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Agent(args) => {
-                let pipeline = Pipeline::new(args.load()?)?;
-                pipeline.run(shutdown_signal()).await?;
+                let config = args.load()?;
+                if config.static_mode {
+                    agent::run_static(config, shutdown_signal()).await?;
+                } else {
+                    Pipeline::new(config)?.run(shutdown_signal()).await?;
+                }
             }
             Command::Check(args) => {
                 let config = args.load()?;

@@ -263,6 +263,31 @@ pub struct AgentConfig {
     pub address_pool: String,
     pub dns: DnsConfig,
     pub render: RenderConfig,
+    pub proxy: ProxyConfig,
+    /// Static mode: no catalog; the routing table files under
+    /// `<state_dir>/routes/`, written by hand, drive the data plane.
+    #[serde(rename = "static")]
+    pub static_mode: bool,
+}
+
+/// The in-process L4 proxy.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Serve the routing table (off: render files only, e.g. for HAProxy).
+    pub enabled: bool,
+    /// How long a removed service's open connections may take to finish.
+    #[serde(with = "crate::duration")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            enabled: true,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 impl Default for AgentConfig {
@@ -277,6 +302,8 @@ impl Default for AgentConfig {
             address_pool: "127.100.0.0/16".into(),
             dns: DnsConfig::default(),
             render: RenderConfig::default(),
+            proxy: ProxyConfig::default(),
+            static_mode: false,
         }
     }
 }
@@ -290,6 +317,7 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
     pub node: Option<String>,
     pub dns_listen: Option<std::net::SocketAddrV4>,
+    pub static_mode: bool,
 }
 
 impl Overrides {
@@ -357,6 +385,7 @@ impl AgentConfig {
         if let Some(listen) = overrides.dns_listen {
             config.dns.listen = listen;
         }
+        config.static_mode |= overrides.static_mode;
         config.validate(&origin)?;
         Ok(config)
     }
@@ -400,6 +429,9 @@ impl AgentConfig {
         self.pool()
             .map_err(|err| invalid("address_pool", err.to_string()))?;
         validate_zone_name(&self.dns.zone).map_err(|reason| invalid("dns.zone", reason))?;
+        if self.static_mode && !self.proxy.enabled {
+            return Err(invalid("static", "static mode serves the routing table; it needs proxy.enabled".into()));
+        }
         if let Some(node) = &self.node {
             if node.is_empty() || node.contains('/') || node.chars().any(char::is_whitespace) {
                 return Err(invalid(

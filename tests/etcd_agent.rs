@@ -23,7 +23,7 @@ impl Node {
         std::fs::write(
             &config,
             format!(
-                "node: {name}\nstore:\n  prefix: {PREFIX}\n  etcd: {{endpoints: [{endpoint}], retry_max: 200ms, dial_timeout: 1s, request_timeout: 2s}}\nstate_dir: state\n{extra}"
+                "node: {name}\nstore:\n  prefix: {PREFIX}\n  etcd: {{endpoints: [{endpoint}], retry_max: 200ms, dial_timeout: 1s, request_timeout: 2s}}\nstate_dir: state\nproxy: {{enabled: false}}\n{extra}"
             ),
         )
         .unwrap();

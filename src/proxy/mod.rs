@@ -95,6 +95,23 @@ impl ProxyManager {
         &self.failed
     }
 
+    /// Each backend of a service: id, whether ejected now, open connections.
+    pub fn backend_status(&self, service: &str) -> Vec<(String, bool, u64)> {
+        let Some(running) = self.running.get(service) else {
+            return Vec::new();
+        };
+        let state = running.state.borrow().clone();
+        state
+            .backends
+            .backends()
+            .iter()
+            .map(|b| {
+                let ejected = b.stats.is_ejected(balancer::now_nanos());
+                (b.id.clone(), ejected, b.stats.active.load(std::sync::atomic::Ordering::Relaxed))
+            })
+            .collect()
+    }
+
     /// Services listening now.
     pub fn listening(&self) -> Vec<String> {
         let mut names: Vec<String> = self.running.keys().cloned().collect();
