@@ -9,13 +9,13 @@
 use crate::addresses::AddressPool;
 use crate::catalog::Catalog;
 use crate::config::{AgentConfig, ConfigError};
+use crate::proxy::{ProxyManager, ProxySettings};
 use crate::render::{Dirty, RenderError, Renderer, Report};
 use crate::state::{self, LastKnownGood, StateError};
 use crate::store::{AnyStore, Change, Store, StoreError, StoreEvent};
-use crate::proxy::{ProxyManager, ProxySettings};
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -207,7 +207,12 @@ impl Pipeline {
     pub async fn render_and_apply(&mut self) -> Report {
         let report = self.render();
         let routes = routes_dir(&self.config);
-        if report.written.iter().chain(&report.removed).any(|path| path.starts_with(&routes)) {
+        if report
+            .written
+            .iter()
+            .chain(&report.removed)
+            .any(|path| path.starts_with(&routes))
+        {
             if let Some(proxy) = &mut self.proxy {
                 reload_data_plane(proxy, &routes).await;
             }
@@ -380,7 +385,11 @@ pub async fn run_static(config: AgentConfig, shutdown: impl Future<Output = ()>)
             source,
         }
     })?;
-    tracing::info!("agent {} in static mode: serving {}", config.node_name(), routes.display());
+    tracing::info!(
+        "agent {} in static mode: serving {}",
+        config.node_name(),
+        routes.display()
+    );
     let mut proxy = new_proxy(&config);
     reload_data_plane(&mut proxy, &routes).await;
     tokio::pin!(shutdown);

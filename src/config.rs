@@ -430,7 +430,10 @@ impl AgentConfig {
             .map_err(|err| invalid("address_pool", err.to_string()))?;
         validate_zone_name(&self.dns.zone).map_err(|reason| invalid("dns.zone", reason))?;
         if self.static_mode && !self.proxy.enabled {
-            return Err(invalid("static", "static mode serves the routing table; it needs proxy.enabled".into()));
+            return Err(invalid(
+                "static",
+                "static mode serves the routing table; it needs proxy.enabled".into(),
+            ));
         }
         if let Some(node) = &self.node {
             if node.is_empty() || node.contains('/') || node.chars().any(char::is_whitespace) {

@@ -107,7 +107,11 @@ impl ProxyManager {
             .iter()
             .map(|b| {
                 let ejected = b.stats.is_ejected(balancer::now_nanos());
-                (b.id.clone(), ejected, b.stats.active.load(std::sync::atomic::Ordering::Relaxed))
+                (
+                    b.id.clone(),
+                    ejected,
+                    b.stats.active.load(std::sync::atomic::Ordering::Relaxed),
+                )
             })
             .collect()
     }

@@ -1,0 +1,396 @@
+//! The L4 proxy with real sockets: backends that name themselves and echo,
+//! clients on loopback, routing tables applied the way the agent applies them.
+
+mod common;
+
+use common::{eventually_async, unique_ip};
+use loopmesh::catalog::{Balance, InstanceState, Outlier, Protocol};
+use loopmesh::proxy::{ProxyManager, ProxySettings};
+use loopmesh::routing::{Backend, Route};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A backend that writes its id and a newline, then echoes until EOF.
+struct EchoBackend {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EchoBackend {
+    async fn start(id: &str) -> EchoBackend {
+        let listener = TcpListener::bind((unique_ip(), 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let id = id.to_string();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let id = id.clone();
+                tokio::spawn(async move {
+                    let (mut read, mut write) = stream.split();
+                    if write.write_all(format!("{id}\n").as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                    let _ = write.shutdown().await;
+                });
+            }
+        });
+        EchoBackend { addr, task }
+    }
+
+    fn backend(&self, id: &str, weight: u32) -> Backend {
+        Backend {
+            id: id.into(),
+            host: self.addr.ip().to_string(),
+            port: self.addr.port(),
+            weight,
+            zone: None,
+            state: InstanceState::Up,
+        }
+    }
+
+    /// Stops accepting: new connects are refused.
+    fn kill(&self) {
+        self.task.abort();
+    }
+}
+
+/// A service address of this test's own, with a port free on it.
+fn service_addr() -> SocketAddr {
+    let ip = unique_ip();
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn route(name: &str, addr: SocketAddr, balance: Balance, backends: Vec<Backend>) -> Route {
+    Route {
+        rendered_by: None,
+        service: name.into(),
+        address: match addr.ip() {
+            std::net::IpAddr::V4(v4) => v4,
+            std::net::IpAddr::V6(_) => unreachable!("test addresses are IPv4"),
+        },
+        port: addr.port(),
+        protocol: Protocol::Tcp,
+        balance,
+        connect_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(60),
+        retries: 2,
+        max_connections: None,
+        outlier: Outlier::default(),
+        backends,
+    }
+}
+
+fn table(routes: &[&Route]) -> BTreeMap<String, Route> {
+    routes.iter().map(|r| (r.service.clone(), (*r).clone())).collect()
+}
+
+fn manager(drain: Duration) -> ProxyManager {
+    ProxyManager::new(ProxySettings {
+        drain_timeout: drain,
+        node_zone: None,
+    })
+}
+
+/// Connects through the proxy and returns the stream and the backend's id.
+async fn connect(addr: SocketAddr) -> (BufReader<TcpStream>, String) {
+    let stream = TcpStream::connect(addr).await.expect("the proxy accepts");
+    let mut reader = BufReader::new(stream);
+    let mut id = String::new();
+    reader.read_line(&mut id).await.unwrap();
+    (reader, id.trim().to_string())
+}
+
+/// Sends `data` and reads the same bytes back.
+async fn echo(stream: &mut BufReader<TcpStream>, data: &[u8]) {
+    stream.get_mut().write_all(data).await.unwrap();
+    let mut back = vec![0; data.len()];
+    stream.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, data, "bytes changed in flight");
+}
+
+/// True once the connection is closed by the other side.
+async fn closed(stream: &mut BufReader<TcpStream>) -> bool {
+    let mut rest = Vec::new();
+    matches!(
+        tokio::time::timeout(common::PATIENCE, stream.read_to_end(&mut rest)).await,
+        Ok(Ok(_)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn weighted_round_robin_splits_connections_by_weight() {
+    let (a, b) = (EchoBackend::start("a").await, EchoBackend::start("b").await);
+    let addr = service_addr();
+    let svc = route(
+        "web",
+        addr,
+        Balance::RoundRobin,
+        vec![a.backend("a", 1), b.backend("b", 3)],
+    );
+    let mut proxy = manager(Duration::from_secs(5));
+    let report = proxy.apply(&table(&[&svc])).await;
+    assert_eq!(report.added, vec!["web".to_string()]);
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..200 {
+        let (_, id) = connect(addr).await;
+        *counts.entry(id).or_default() += 1;
+    }
+    assert_eq!((counts["a"], counts["b"]), (50, 150));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consistent_hash_keeps_a_client_on_one_backend() {
+    let backends = [
+        EchoBackend::start("a").await,
+        EchoBackend::start("b").await,
+        EchoBackend::start("c").await,
+    ];
+    let addr = service_addr();
+    let list = backends
+        .iter()
+        .zip(["a", "b", "c"])
+        .map(|(b, id)| b.backend(id, 1))
+        .collect();
+    let svc = route("sticky", addr, Balance::ConsistentHash, list);
+    let mut proxy = manager(Duration::from_secs(5));
+    proxy.apply(&table(&[&svc])).await;
+    let (_, first) = connect(addr).await;
+    for _ in 0..20 {
+        assert_eq!(connect(addr).await.1, first);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_backend_is_ejected_and_traffic_continues() {
+    let backends = [
+        EchoBackend::start("a").await,
+        EchoBackend::start("b").await,
+        EchoBackend::start("c").await,
+    ];
+    let addr = service_addr();
+    let list = backends
+        .iter()
+        .zip(["a", "b", "c"])
+        .map(|(b, id)| b.backend(id, 1))
+        .collect();
+    let svc = route("db", addr, Balance::RoundRobin, list);
+    let mut proxy = manager(Duration::from_secs(5));
+    proxy.apply(&table(&[&svc])).await;
+    backends[1].kill();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..60 {
+        let (_, id) = connect(addr).await;
+        *counts.entry(id).or_default() += 1;
+    }
+    assert!(!counts.contains_key("b"), "{counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), 60, "every connection was served");
+    let status = proxy.backend_status("db");
+    assert!(
+        status.iter().any(|(id, ejected, _)| id == "b" && *ejected),
+        "{status:?}"
+    );
+    assert!(
+        status.iter().all(|(id, ejected, _)| id == "b" || !ejected),
+        "{status:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn long_lived_connections_survive_hundreds_of_reloads_with_bytes_intact() {
+    let (a, b, c) = (
+        EchoBackend::start("a").await,
+        EchoBackend::start("b").await,
+        EchoBackend::start("c").await,
+    );
+    let addr = service_addr();
+    let other_addr = service_addr();
+    let mut proxy = manager(Duration::from_secs(5));
+    let base = route(
+        "stream",
+        addr,
+        Balance::RoundRobin,
+        vec![a.backend("a", 1), b.backend("b", 1)],
+    );
+    proxy.apply(&table(&[&base])).await;
+    let mut open = Vec::new();
+    for _ in 0..6 {
+        open.push(connect(addr).await.0);
+    }
+    for round in 0..300u32 {
+        // Real changes every time: weights, backends in and out, policies,
+        // and another service coming and going beside it.
+        let mut next = base.clone();
+        next.backends[0].weight = 1 + round % 5;
+        if round % 2 == 0 {
+            next.backends.push(c.backend("c", 2));
+        }
+        if round % 3 == 0 {
+            next.balance = Balance::LeastConnections;
+        }
+        let other = route("other", other_addr, Balance::RoundRobin, vec![c.backend("c", 1)]);
+        let tables = if round % 4 == 0 {
+            table(&[&next, &other])
+        } else {
+            table(&[&next])
+        };
+        let report = proxy.apply(&tables).await;
+        assert!(report.failed.is_empty(), "{report:?}");
+        for (n, stream) in open.iter_mut().enumerate() {
+            let chunk = format!(
+                "round {round} stream {n} {}\n",
+                "x".repeat((round as usize * 7 + n) % 300)
+            );
+            echo(stream, chunk.as_bytes()).await;
+        }
+    }
+    // New connections still flow after all that.
+    let (mut fresh, _) = connect(addr).await;
+    echo(&mut fresh, b"after the reloads").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_service_stops_accepting_while_open_connections_finish() {
+    let a = EchoBackend::start("a").await;
+    let addr = service_addr();
+    let svc = route("gone", addr, Balance::RoundRobin, vec![a.backend("a", 1)]);
+    let mut proxy = manager(Duration::from_secs(30));
+    proxy.apply(&table(&[&svc])).await;
+    let (mut open, _) = connect(addr).await;
+
+    let report = proxy.apply(&BTreeMap::new()).await;
+    assert_eq!(report.removed, vec!["gone".to_string()]);
+    let refused = TcpStream::connect(addr).await;
+    assert!(refused.is_err(), "a removed listener must not accept");
+    echo(&mut open, b"still here").await;
+    open.get_mut().shutdown().await.unwrap();
+    assert!(closed(&mut open).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_drain_deadline_closes_stragglers() {
+    let a = EchoBackend::start("a").await;
+    let addr = service_addr();
+    let svc = route("slow", addr, Balance::RoundRobin, vec![a.backend("a", 1)]);
+    let mut proxy = manager(Duration::from_millis(200));
+    proxy.apply(&table(&[&svc])).await;
+    let (mut open, _) = connect(addr).await;
+    proxy.apply(&BTreeMap::new()).await;
+    assert!(closed(&mut open).await, "the straggler is closed at the deadline");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_taken_port_fails_only_its_service_until_it_is_free() {
+    let a = EchoBackend::start("a").await;
+    let (taken_addr, free_addr) = (service_addr(), service_addr());
+    let squatter = std::net::TcpListener::bind(taken_addr).unwrap();
+    let taken = route("taken", taken_addr, Balance::RoundRobin, vec![a.backend("a", 1)]);
+    let fine = route("fine", free_addr, Balance::RoundRobin, vec![a.backend("a", 1)]);
+    let mut proxy = manager(Duration::from_secs(5));
+    let report = proxy.apply(&table(&[&taken, &fine])).await;
+    assert_eq!(report.added, vec!["fine".to_string()]);
+    let reason = &report.failed["taken"];
+    assert!(
+        reason.contains(&taken_addr.to_string()) && reason.contains("in use"),
+        "{reason}"
+    );
+    assert_eq!(connect(free_addr).await.1, "a");
+
+    drop(squatter);
+    let report = proxy.apply(&table(&[&taken, &fine])).await;
+    assert_eq!(report.added, vec!["taken".to_string()]);
+    assert!(report.failed.is_empty());
+    assert_eq!(connect(taken_addr).await.1, "a");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_circuit_breaker_refuses_the_excess_at_once() {
+    let a = EchoBackend::start("a").await;
+    let addr = service_addr();
+    let mut svc = route("limited", addr, Balance::RoundRobin, vec![a.backend("a", 1)]);
+    svc.max_connections = Some(2);
+    let mut proxy = manager(Duration::from_secs(5));
+    proxy.apply(&table(&[&svc])).await;
+    let (_held1, _) = connect(addr).await;
+    let (_held2, _) = connect(addr).await;
+    let mut third = BufReader::new(TcpStream::connect(addr).await.unwrap());
+    let mut line = String::new();
+    let read = tokio::time::timeout(common::PATIENCE, third.read_line(&mut line))
+        .await
+        .unwrap();
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the third connection must be closed, got {line:?}"
+    );
+    drop(_held1);
+    let (_, id) = eventually_async("a slot to free up", || async {
+        let stream = TcpStream::connect(addr).await.ok()?;
+        let mut reader = BufReader::new(stream);
+        let mut id = String::new();
+        (reader.read_line(&mut id).await.ok()? > 0).then_some((reader, id))
+    })
+    .await;
+    assert_eq!(id.trim(), "a");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn half_close_passes_through_and_idle_connections_time_out() {
+    let a = EchoBackend::start("a").await;
+    let addr = service_addr();
+    let mut svc = route("half", addr, Balance::RoundRobin, vec![a.backend("a", 1)]);
+    svc.idle_timeout = Duration::from_millis(300);
+    let mut proxy = manager(Duration::from_secs(5));
+    proxy.apply(&table(&[&svc])).await;
+
+    // Client sends, then closes its write side; it still gets the whole echo.
+    let (mut stream, _) = connect(addr).await;
+    stream.get_mut().write_all(b"last words").await.unwrap();
+    stream.get_mut().shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest, b"last words");
+
+    // A connection nobody speaks on is closed after idle_timeout.
+    let (mut quiet, _) = connect(addr).await;
+    assert!(closed(&mut quiet).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn draining_backends_get_no_new_connections_but_keep_theirs() {
+    let (a, b) = (EchoBackend::start("a").await, EchoBackend::start("b").await);
+    let addr = service_addr();
+    let svc = route(
+        "drain",
+        addr,
+        Balance::RoundRobin,
+        vec![a.backend("a", 1), b.backend("b", 1)],
+    );
+    let mut proxy = manager(Duration::from_secs(5));
+    proxy.apply(&table(&[&svc])).await;
+    let mut on_b = None;
+    for _ in 0..2 {
+        let (stream, id) = connect(addr).await;
+        if id == "b" {
+            on_b = Some(stream);
+        }
+    }
+    let mut on_b = on_b.expect("round robin reached b");
+    let mut draining = svc.clone();
+    draining.backends[1].state = InstanceState::Draining;
+    assert_eq!(
+        proxy.apply(&table(&[&draining])).await.updated,
+        vec!["drain".to_string()]
+    );
+    for _ in 0..10 {
+        assert_eq!(connect(addr).await.1, "a");
+    }
+    echo(&mut on_b, b"b keeps its connection").await;
+}
