@@ -1,0 +1,209 @@
+//! The agent binary serving traffic: etcd change → render → reload, static
+//! mode following hand edits, and a bad table leaving the data plane alone.
+
+mod common;
+
+use common::{eventually_async, read, unique_ip, Etcd, Loopmesh};
+use std::net::SocketAddr;
+use std::path::Path;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A backend that writes its id and a newline, then echoes.
+async fn backend(id: &str) -> SocketAddr {
+    let listener = TcpListener::bind((unique_ip(), 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let id = id.to_string();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let id = id.clone();
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.split();
+                let _ = write.write_all(format!("{id}\n").as_bytes()).await;
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Connects and returns the backend id that answered, if any.
+async fn who_answers(addr: SocketAddr) -> Option<(BufReader<TcpStream>, String)> {
+    let stream = TcpStream::connect(addr).await.ok()?;
+    let mut reader = BufReader::new(stream);
+    let mut id = String::new();
+    (reader.read_line(&mut id).await.ok()? > 0).then(|| (reader, id.trim().to_string()))
+}
+
+/// A service address owned by this test: a unique IP and a free port on it.
+fn service_addr() -> SocketAddr {
+    std::net::TcpListener::bind((unique_ip(), 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn instance(addr: SocketAddr) -> String {
+    format!(r#"{{"host": "{}", "port": {}}}"#, addr.ip(), addr.port())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_written_to_etcd_is_reachable_and_a_removed_one_drains() {
+    let etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "store: {{etcd: {{endpoints: [{}], retry_max: 200ms}}}}\nstate_dir: state\nproxy: {{drain_timeout: 30s}}\n",
+            etcd.endpoint()
+        ),
+    )
+    .unwrap();
+    let _agent = Loopmesh::spawn(&["agent", "--config", config.to_str().unwrap()], dir.path());
+
+    let (one, two) = (backend("one").await, backend("two").await);
+    let svc = service_addr();
+    // Pin the address so this test owns it; the port is the service's.
+    client
+        .put("/loopmesh/addresses/api", svc.ip().to_string(), None)
+        .await
+        .unwrap();
+    client
+        .put("/loopmesh/services/api", format!("port: {}", svc.port()), None)
+        .await
+        .unwrap();
+    client
+        .put("/loopmesh/instances/api/one", instance(one), None)
+        .await
+        .unwrap();
+    let (mut open, id) = eventually_async("api to answer through the proxy", || who_answers(svc)).await;
+    assert_eq!(id, "one");
+
+    // Backends change underneath: new connections follow, the open one stays.
+    client
+        .put("/loopmesh/instances/api/two", instance(two), None)
+        .await
+        .unwrap();
+    client.delete("/loopmesh/instances/api/one", None).await.unwrap();
+    eventually_async("traffic to move to two", || async {
+        let (_, id) = who_answers(svc).await?;
+        (id == "two").then_some(())
+    })
+    .await;
+    open.get_mut().write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    open.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping");
+
+    // The service goes: its address stops accepting, the open connection lives on.
+    client.delete("/loopmesh/services/api", None).await.unwrap();
+    eventually_async("api to stop accepting", || async {
+        TcpStream::connect(svc).await.is_err().then_some(())
+    })
+    .await;
+    open.get_mut().write_all(b"pong").await.unwrap();
+    open.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"pong");
+}
+
+fn write_route(dir: &Path, service: &str, addr: SocketAddr, backends: &[(&str, SocketAddr)]) {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(id, b)| format!(r#"{{"id": "{id}", "host": "{}", "port": {}}}"#, b.ip(), b.port()))
+        .collect();
+    let text = format!(
+        r#"{{"service": "{service}", "address": "{}", "port": {}, "connect_timeout": "1s", "idle_timeout": "60s", "retries": 1, "backends": [{}]}}"#,
+        addr.ip(),
+        addr.port(),
+        list.join(", ")
+    );
+    let staged = dir.join(format!(".{service}.tmp"));
+    std::fs::write(&staged, text).unwrap();
+    std::fs::rename(staged, dir.join(format!("{service}.json"))).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn static_mode_follows_hand_edits_and_refuses_a_bad_table_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let routes = state.join("routes");
+    std::fs::create_dir_all(&routes).unwrap();
+    let (one, two) = (backend("one").await, backend("two").await);
+    let (svc, other) = (service_addr(), service_addr());
+    write_route(&routes, "static-svc", svc, &[("one", one)]);
+    let agent = Loopmesh::spawn(
+        &["agent", "--static", "--state-dir", state.to_str().unwrap()],
+        dir.path(),
+    );
+    let (_, id) = eventually_async("the static route to answer", || who_answers(svc)).await;
+    assert_eq!(id, "one");
+
+    write_route(&routes, "static-svc", svc, &[("two", two)]);
+    write_route(&routes, "other", other, &[("one", one)]);
+    eventually_async("the edit to take effect", || async {
+        let (_, id) = who_answers(svc).await?;
+        (id == "two").then_some(())
+    })
+    .await;
+    eventually_async("the new service to answer", || who_answers(other)).await;
+
+    // A broken file refuses the whole table: nothing changes, it says why.
+    std::fs::write(routes.join("broken.json"), r#"{"service": "broken", "port": 0}"#).unwrap();
+    write_route(&routes, "static-svc", svc, &[("one", one)]);
+    agent.wait_log("routing table refused");
+    assert_eq!(
+        who_answers(svc).await.unwrap().1,
+        "two",
+        "a refused table must not apply"
+    );
+    assert!(read(&routes.join("broken.json")).is_some());
+
+    std::fs::remove_file(routes.join("broken.json")).unwrap();
+    eventually_async("the fixed table to apply", || async {
+        let (_, id) = who_answers(svc).await?;
+        (id == "one").then_some(())
+    })
+    .await;
+    agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_started_with_etcd_down_serves_its_last_routing_table() {
+    let mut etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "store: {{etcd: {{endpoints: [{}], retry_max: 200ms}}}}\nstate_dir: state\n",
+            etcd.endpoint()
+        ),
+    )
+    .unwrap();
+    let one = backend("one").await;
+    let svc = service_addr();
+    client
+        .put("/loopmesh/addresses/lkg", svc.ip().to_string(), None)
+        .await
+        .unwrap();
+    client
+        .put("/loopmesh/services/lkg", format!("port: {}", svc.port()), None)
+        .await
+        .unwrap();
+    client
+        .put("/loopmesh/instances/lkg/one", instance(one), None)
+        .await
+        .unwrap();
+    let agent = Loopmesh::spawn(&["agent", "--config", config.to_str().unwrap()], dir.path());
+    eventually_async("lkg to answer", || who_answers(svc)).await;
+    agent.stop();
+
+    etcd.stop();
+    let agent = Loopmesh::spawn(&["agent", "--config", config.to_str().unwrap()], dir.path());
+    agent.wait_log("catalog unreachable");
+    let (_, id) = eventually_async("lkg to answer from the files on disk", || who_answers(svc)).await;
+    assert_eq!(id, "one");
+}
