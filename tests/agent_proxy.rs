@@ -43,6 +43,17 @@ fn service_addr() -> SocketAddr {
         .unwrap()
 }
 
+/// An agent config on `etcd` in `dir`, plus `extra` YAML.
+fn agent_config(dir: &Path, etcd: &Etcd, extra: &str) -> std::path::PathBuf {
+    let config = dir.join("agent.yaml");
+    let store = format!(
+        "store: {{etcd: {{endpoints: [{}], retry_max: 200ms}}}}\n",
+        etcd.endpoint()
+    );
+    std::fs::write(&config, format!("{store}state_dir: state\n{extra}")).unwrap();
+    config
+}
+
 fn instance(addr: SocketAddr) -> String {
     format!(r#"{{"host": "{}", "port": {}}}"#, addr.ip(), addr.port())
 }
@@ -52,15 +63,7 @@ async fn a_service_written_to_etcd_is_reachable_and_a_removed_one_drains() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("agent.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "store: {{etcd: {{endpoints: [{}], retry_max: 200ms}}}}\nstate_dir: state\nproxy: {{drain_timeout: 30s}}\n",
-            etcd.endpoint()
-        ),
-    )
-    .unwrap();
+    let config = agent_config(dir.path(), &etcd, "proxy: {drain_timeout: 30s}\n");
     let _agent = Loopmesh::spawn(&["agent", "--config", config.to_str().unwrap()], dir.path());
 
     let (one, two) = (backend("one").await, backend("two").await);
@@ -174,15 +177,7 @@ async fn an_agent_started_with_etcd_down_serves_its_last_routing_table() {
     let mut etcd = Etcd::start();
     let mut client = etcd.client().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("agent.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "store: {{etcd: {{endpoints: [{}], retry_max: 200ms}}}}\nstate_dir: state\n",
-            etcd.endpoint()
-        ),
-    )
-    .unwrap();
+    let config = agent_config(dir.path(), &etcd, "");
     let one = backend("one").await;
     let svc = service_addr();
     client

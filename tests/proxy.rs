@@ -100,6 +100,24 @@ fn manager(drain: Duration) -> ProxyManager {
     })
 }
 
+/// Three echo backends a, b, c behind one service with `balance`, applied.
+async fn three_backend_service(name: &str, balance: Balance) -> ([EchoBackend; 3], SocketAddr, ProxyManager) {
+    let backends = [
+        EchoBackend::start("a").await,
+        EchoBackend::start("b").await,
+        EchoBackend::start("c").await,
+    ];
+    let addr = service_addr();
+    let list = backends
+        .iter()
+        .zip(["a", "b", "c"])
+        .map(|(b, id)| b.backend(id, 1))
+        .collect();
+    let mut proxy = manager(Duration::from_secs(5));
+    proxy.apply(&table(&[&route(name, addr, balance, list)])).await;
+    (backends, addr, proxy)
+}
+
 /// Connects through the proxy and returns the stream and the backend's id.
 async fn connect(addr: SocketAddr) -> (BufReader<TcpStream>, String) {
     let stream = TcpStream::connect(addr).await.expect("the proxy accepts");
@@ -149,20 +167,7 @@ async fn weighted_round_robin_splits_connections_by_weight() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn consistent_hash_keeps_a_client_on_one_backend() {
-    let backends = [
-        EchoBackend::start("a").await,
-        EchoBackend::start("b").await,
-        EchoBackend::start("c").await,
-    ];
-    let addr = service_addr();
-    let list = backends
-        .iter()
-        .zip(["a", "b", "c"])
-        .map(|(b, id)| b.backend(id, 1))
-        .collect();
-    let svc = route("sticky", addr, Balance::ConsistentHash, list);
-    let mut proxy = manager(Duration::from_secs(5));
-    proxy.apply(&table(&[&svc])).await;
+    let (_backends, addr, _proxy) = three_backend_service("sticky", Balance::ConsistentHash).await;
     let (_, first) = connect(addr).await;
     for _ in 0..20 {
         assert_eq!(connect(addr).await.1, first);
@@ -171,20 +176,7 @@ async fn consistent_hash_keeps_a_client_on_one_backend() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_backend_is_ejected_and_traffic_continues() {
-    let backends = [
-        EchoBackend::start("a").await,
-        EchoBackend::start("b").await,
-        EchoBackend::start("c").await,
-    ];
-    let addr = service_addr();
-    let list = backends
-        .iter()
-        .zip(["a", "b", "c"])
-        .map(|(b, id)| b.backend(id, 1))
-        .collect();
-    let svc = route("db", addr, Balance::RoundRobin, list);
-    let mut proxy = manager(Duration::from_secs(5));
-    proxy.apply(&table(&[&svc])).await;
+    let (backends, addr, proxy) = three_backend_service("db", Balance::RoundRobin).await;
     backends[1].kill();
     let mut counts: HashMap<String, usize> = HashMap::new();
     for _ in 0..60 {

@@ -324,6 +324,15 @@ mod tests {
         }
     }
 
+    /// A set of up backends without zones, by (id, weight).
+    fn up_set(policy: Balance, backends: &[(&str, u32)]) -> BackendSet {
+        let list = backends
+            .iter()
+            .map(|(id, w)| backend(id, *w, None, InstanceState::Up))
+            .collect();
+        BackendSet::new(list, policy, Outlier::default(), None)
+    }
+
     fn counts(set: &BackendSet, picks: usize) -> HashMap<String, usize> {
         let mut counts = HashMap::new();
         for n in 0..picks {
@@ -336,15 +345,7 @@ mod tests {
 
     #[test]
     fn round_robin_follows_weights_exactly() {
-        let set = BackendSet::new(
-            vec![
-                backend("a", 1, None, InstanceState::Up),
-                backend("b", 3, None, InstanceState::Up),
-            ],
-            Balance::RoundRobin,
-            Outlier::default(),
-            None,
-        );
+        let set = up_set(Balance::RoundRobin, &[("a", 1), ("b", 3)]);
         let counts = counts(&set, 400);
         assert_eq!((counts["a"], counts["b"]), (100, 300));
     }
@@ -392,30 +393,14 @@ mod tests {
 
     #[test]
     fn least_connections_prefers_the_idle_backend() {
-        let set = BackendSet::new(
-            vec![
-                backend("busy", 1, None, InstanceState::Up),
-                backend("idle", 1, None, InstanceState::Up),
-            ],
-            Balance::LeastConnections,
-            Outlier::default(),
-            None,
-        );
+        let set = up_set(Balance::LeastConnections, &[("busy", 1), ("idle", 1)]);
         set.backends()[0].stats.active.store(5, Ordering::Relaxed);
         assert_eq!(counts(&set, 20)["idle"], 20);
     }
 
     #[test]
     fn peak_ewma_sends_more_to_the_faster_backend() {
-        let set = BackendSet::new(
-            vec![
-                backend("slow", 1, None, InstanceState::Up),
-                backend("fast", 1, None, InstanceState::Up),
-            ],
-            Balance::PeakEwma,
-            Outlier::default(),
-            None,
-        );
+        let set = up_set(Balance::PeakEwma, &[("slow", 1), ("fast", 1)]);
         set.backends()[0].stats.record_success(Duration::from_millis(20));
         set.backends()[1].stats.record_success(Duration::from_millis(1));
         let counts = counts(&set, 1000);
@@ -490,15 +475,7 @@ mod tests {
 
     #[test]
     fn retries_skip_backends_already_tried() {
-        let set = BackendSet::new(
-            vec![
-                backend("a", 1, None, InstanceState::Up),
-                backend("b", 1, None, InstanceState::Up),
-            ],
-            Balance::RoundRobin,
-            Outlier::default(),
-            None,
-        );
+        let set = up_set(Balance::RoundRobin, &[("a", 1), ("b", 1)]);
         let first = set.pick(IpAddr::from([1, 1, 1, 1]), &[]).unwrap();
         let second = set.pick(IpAddr::from([1, 1, 1, 1]), &[first]).unwrap();
         assert_ne!(first, second);
