@@ -1,0 +1,324 @@
+#!/usr/bin/env python3
+"""L4 proxy benchmark: direct vs loopmesh vs HAProxy (mode tcp) vs nginx (stream).
+
+Each round runs every target one after another (interleaved), so the noisy
+2-core machine moves them together; the report gives medians over rounds and
+ratios to direct and to HAProxy from the same rounds.
+
+Needs: wrk, iperf3, haproxy, nginx with libnginx-mod-stream (Debian packages),
+and `cargo build --release`. Run from the repository root:
+
+    python3 benches/l4.py                 # unpinned
+    LOOPMESH_BENCH_PIN=1 python3 benches/l4.py   # load + backend on cpu0, proxies on cpu1
+
+Every proxy runs one worker: HAProxy nbthread 1, nginx worker_processes 1,
+loopmesh pinned or not as the others are (its runtime sizes itself to the
+CPUs it may use).
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROUNDS = int(os.environ.get("LOOPMESH_BENCH_ROUNDS", "3"))
+SECONDS = int(os.environ.get("LOOPMESH_BENCH_SECONDS", "8"))
+PIN = bool(os.environ.get("LOOPMESH_BENCH_PIN"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "loopmesh")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+# Each target listens on its own loopback address; backends on 127.0.0.1.
+ADDRS = {"loopmesh": "127.100.250.10", "haproxy": "127.100.250.11", "nginx": "127.100.250.12"}
+
+
+def free_port(host="127.0.0.1"):
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def pinned(cmd, cpu):
+    return (["taskset", "-c", str(cpu)] + cmd) if PIN else cmd
+
+
+def wait_port(host, port, timeout=20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"{host}:{port} never accepted")
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / TICKS
+
+
+def rss_mib(pids):
+    total = 0.0
+    for pid in pids:
+        try:
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
+
+
+def children(pid):
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+    except OSError:
+        return []
+
+
+class Setup:
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="loopmesh-l4-")
+        self.procs = []
+        self.http_port = free_port()
+        self.iperf_port = free_port()
+        self.svc_port = 8080
+        self.iperf_svc_port = 5201
+
+    def spawn(self, cmd, cpu, **kw):
+        proc = subprocess.Popen(pinned(cmd, cpu), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def start_backends(self):
+        conf = os.path.join(self.dir, "backend.conf")
+        with open(conf, "w") as f:
+            f.write(f"""
+daemon off; worker_processes 1; pid {self.dir}/backend.pid; error_log /dev/null;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{self.http_port} reuseport backlog=4096; location / {{ return 200 "ok\\n"; }} }} }}
+""")
+        self.spawn(["nginx", "-c", conf, "-p", self.dir], 0)
+        self.spawn(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(self.iperf_port)], 0)
+        wait_port("127.0.0.1", self.http_port)
+        wait_port("127.0.0.1", self.iperf_port)
+
+    def start_loopmesh(self):
+        routes = os.path.join(self.dir, "state", "routes")
+        os.makedirs(routes)
+        for name, port, backend in (("bench-http", self.svc_port, self.http_port), ("bench-iperf", self.iperf_svc_port, self.iperf_port)):
+            route = {
+                "service": name, "address": ADDRS["loopmesh"], "port": port,
+                "connect_timeout": "1s", "idle_timeout": "600s", "retries": 1,
+                "backends": [{"id": "b1", "host": "127.0.0.1", "port": backend}],
+            }
+            with open(os.path.join(routes, f"{name}.json"), "w") as f:
+                json.dump(route, f)
+        self.routes = routes
+        env = dict(os.environ, RUST_LOG="warn")
+        proc = self.spawn([BIN, "agent", "--static", "--state-dir", os.path.join(self.dir, "state")], 1, env=env)
+        wait_port(ADDRS["loopmesh"], self.svc_port)
+        return [proc.pid]
+
+    def start_haproxy(self):
+        conf = os.path.join(self.dir, "haproxy.cfg")
+        a = ADDRS["haproxy"]
+        with open(conf, "w") as f:
+            f.write(f"""
+global
+    nbthread 1
+    maxconn 10000
+defaults
+    mode tcp
+    timeout connect 1s
+    timeout client 600s
+    timeout server 600s
+listen http
+    bind {a}:{self.svc_port}
+    server b1 127.0.0.1:{self.http_port}
+listen iperf
+    bind {a}:{self.iperf_svc_port}
+    server b1 127.0.0.1:{self.iperf_port}
+""")
+        proc = self.spawn(["haproxy", "-db", "-f", conf], 1)
+        wait_port(a, self.svc_port)
+        return [proc.pid]
+
+    def start_nginx(self):
+        conf = os.path.join(self.dir, "nginx-stream.conf")
+        a = ADDRS["nginx"]
+        with open(conf, "w") as f:
+            f.write(f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+daemon off; worker_processes 1; pid {self.dir}/stream.pid; error_log /dev/null;
+events {{ worker_connections 10000; }}
+stream {{
+  server {{ listen {a}:{self.svc_port}; proxy_pass 127.0.0.1:{self.http_port}; }}
+  server {{ listen {a}:{self.iperf_svc_port}; proxy_pass 127.0.0.1:{self.iperf_port}; }}
+}}
+""")
+        proc = self.spawn(["nginx", "-c", conf, "-p", self.dir], 1)
+        wait_port(a, self.svc_port)
+        time.sleep(0.2)  # let the master fork its worker before we read its pid
+        return [proc.pid] + children(proc.pid)
+
+    def stop(self):
+        for proc in self.procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def wrk(url, conns, seconds, extra=()):
+    cmd = pinned(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", *extra, url], 0)
+    out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+    def pct(p):
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
+        value, unit = float(m.group(1)), m.group(2)
+        return value * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    errors = 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    return {"rps": rps, "p50": pct(50), "p99": pct(99), "errors": errors, "requests": total}
+
+
+def iperf(host, port, seconds, streams):
+    cmd = pinned(["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J"], 0)
+    out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def main():
+    if not os.path.exists(BIN):
+        sys.exit("build first: cargo build --release")
+    for tool in ("wrk", "iperf3", "haproxy", "nginx", "taskset"):
+        if not shutil.which(tool):
+            sys.exit(f"missing {tool}: apt-get install wrk iperf3 haproxy nginx-light libnginx-mod-stream")
+    setup = Setup()
+    try:
+        setup.start_backends()
+        pids = {
+            "direct": [],
+            "loopmesh": setup.start_loopmesh(),
+            "haproxy": setup.start_haproxy(),
+            "nginx": setup.start_nginx(),
+        }
+        idle_rss = {name: rss_mib(p) for name, p in pids.items() if p}
+        target = {
+            "direct": ("127.0.0.1", setup.http_port, setup.iperf_port),
+            **{name: (ADDRS[name], setup.svc_port, setup.iperf_svc_port) for name in ADDRS},
+        }
+        results = {name: {} for name in target}
+
+        def record(name, key, value):
+            results[name].setdefault(key, []).append(value)
+
+        for rnd in range(ROUNDS):
+            for name, (host, port, iport) in target.items():
+                url = f"http://{host}:{port}/"
+                before = cpu_seconds(pids[name])
+                r = wrk(url, 50, SECONDS)
+                cpu = cpu_seconds(pids[name]) - before
+                record(name, "rps50", r["rps"])
+                record(name, "p99_50", r["p99"])
+                record(name, "errors", r["errors"])
+                if pids[name]:
+                    record(name, "req_per_cpu_s", r["requests"] / max(cpu, 1e-9))
+                    record(name, "rss_loaded", rss_mib(pids[name]))
+                r1 = wrk(url, 1, max(3, SECONDS // 2))
+                record(name, "p50_1", r1["p50"])
+                record(name, "p99_1", r1["p99"])
+                churn = wrk(url, 20, max(3, SECONDS // 2), ("-H", "Connection: close"))
+                record(name, "churn", churn["rps"])
+                record(name, "errors", churn["errors"])
+                record(name, "bulk1", iperf(host, iport, max(3, SECONDS // 2), 1))
+                record(name, "bulk4", iperf(host, iport, max(3, SECONDS // 2), 4))
+            print(f"round {rnd + 1}/{ROUNDS} done", file=sys.stderr)
+
+        # Reload under keep-alive load: 10 real routing-table changes a second.
+        reload_result = reload_under_load(setup, target["loopmesh"])
+    finally:
+        setup.stop()
+
+    med = lambda name, key: statistics.median(results[name][key]) if results[name].get(key) else float("nan")
+    rng = lambda name, key: (min(results[name][key]), max(results[name][key])) if results[name].get(key) else (0, 0)
+    layout = "load generator + backends on cpu0, proxy on cpu1" if PIN else "unpinned"
+    print(f"\nL4 benchmark, {ROUNDS} interleaved rounds of {SECONDS}s, layout: {layout}\n")
+    print("| target | req/s c=50 (range) | ×direct | ×HAProxy | p99 c=50 ms | c=1 p50 / p99 ms | added c=1 p50 µs | conn/s (close) | bulk 1 / 4 streams Gb/s | req per CPU-s | RSS idle / loaded MiB | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in target:
+        lo, hi = rng(name, "rps50")
+        added = (med(name, "p50_1") - med("direct", "p50_1")) * 1000
+        rpc = med(name, "req_per_cpu_s")
+        print(
+            f"| {name} | {med(name, 'rps50'):.0f} ({lo:.0f}-{hi:.0f}) | {med(name, 'rps50') / med('direct', 'rps50'):.2f} "
+            f"| {med(name, 'rps50') / med('haproxy', 'rps50'):.2f} | {med(name, 'p99_50'):.2f} "
+            f"| {med(name, 'p50_1'):.3f} / {med(name, 'p99_1'):.3f} | {added:+.0f} | {med(name, 'churn'):.0f} "
+            f"| {med(name, 'bulk1'):.1f} / {med(name, 'bulk4'):.1f} | {'—' if rpc != rpc else f'{rpc:.0f}'} "
+            f"| {idle_rss.get(name, 0):.1f} / {med(name, 'rss_loaded') if name != 'direct' else 0:.1f} | {sum(results[name]['errors'])} |"
+        )
+    print(f"\nloopmesh reload under load: {reload_result}")
+
+
+def reload_under_load(setup, target):
+    """wrk keep-alive for 10 s while the route file changes 100 times (10/s)."""
+    host, port, _ = target
+    url = f"http://{host}:{port}/"
+    path = os.path.join(setup.routes, "bench-http.json")
+    base = json.load(open(path))
+    wrk_proc = subprocess.Popen(
+        pinned(["wrk", "-t1", "-c50", "-d10s", "--latency", url], 0), stdout=subprocess.PIPE, text=True
+    )
+    time.sleep(0.2)
+    for n in range(100):
+        route = dict(base)
+        # A real change each time: the backend set and its weights move.
+        route["backends"] = [
+            {"id": "b1", "host": "127.0.0.1", "port": setup.http_port, "weight": 1 + n % 7},
+            *([{"id": "b2", "host": "127.0.0.1", "port": setup.http_port}] if n % 2 else []),
+        ]
+        with open(os.path.join(setup.routes, ".bench-http.json.tmp"), "w") as f:
+            json.dump(route, f)
+        os.rename(os.path.join(setup.routes, ".bench-http.json.tmp"), path)
+        time.sleep(0.1)
+    out = wrk_proc.communicate()[0]
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)
+    total = re.search(r"(\d+) requests in", out).group(1)
+    errors = re.search(r"Socket errors: (.*)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return (
+        f"{total} requests at {rps} req/s during 100 table changes, "
+        f"socket errors: {errors.group(1) if errors else 'none'}, non-2xx: {non2xx.group(1) if non2xx else 0}"
+    )
+
+
+if __name__ == "__main__":
+    main()
