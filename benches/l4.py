@@ -143,7 +143,7 @@ http {{ access_log off; keepalive_requests 1000000;
             f.write(f"""
 global
     nbthread 1
-    maxconn 10000
+    maxconn 4000
 defaults
     mode tcp
     timeout connect 1s
@@ -167,7 +167,7 @@ listen iperf
             f.write(f"""
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 daemon off; worker_processes 1; pid {self.dir}/stream.pid; error_log /dev/null;
-events {{ worker_connections 10000; }}
+events {{ worker_connections 8000; }}
 stream {{
   server {{ listen {a}:{self.svc_port}; proxy_pass 127.0.0.1:{self.http_port}; }}
   server {{ listen {a}:{self.iperf_svc_port}; proxy_pass 127.0.0.1:{self.iperf_port}; }}

@@ -38,9 +38,46 @@ pub struct ServiceShared {
     pub active: AtomicU64,
 }
 
+/// A service's metric handles, registered once per reload rather than per
+/// connection (label strings and registry lookups cost more than the copy
+/// itself for short connections).
+#[derive(Debug)]
+pub struct ServiceMetrics {
+    pub connections: metrics::Counter,
+    pub active: metrics::Gauge,
+    pub connect_duration: metrics::Histogram,
+    pub bytes_to_backend: metrics::Counter,
+    pub bytes_to_client: metrics::Counter,
+    pub refused_max_connections: metrics::Counter,
+    pub refused_no_backend: metrics::Counter,
+    pub refused_connect_failed: metrics::Counter,
+    pub idle_timeouts: metrics::Counter,
+    pub drain_kills: metrics::Counter,
+}
+
+impl ServiceMetrics {
+    fn new(service: &str) -> Self {
+        let s = service.to_string();
+        let refused = |reason: &'static str| metrics::counter!("loopmesh_proxy_refused_total", "service" => s.clone(), "reason" => reason);
+        ServiceMetrics {
+            connections: metrics::counter!("loopmesh_proxy_connections_total", "service" => s.clone()),
+            active: metrics::gauge!("loopmesh_proxy_connections_active", "service" => s.clone()),
+            connect_duration: metrics::histogram!("loopmesh_proxy_connect_duration_seconds", "service" => s.clone()),
+            bytes_to_backend: metrics::counter!("loopmesh_proxy_bytes_total", "service" => s.clone(), "direction" => "to_backend"),
+            bytes_to_client: metrics::counter!("loopmesh_proxy_bytes_total", "service" => s.clone(), "direction" => "to_client"),
+            refused_max_connections: refused("max_connections"),
+            refused_no_backend: refused("no_backend"),
+            refused_connect_failed: refused("connect_failed"),
+            idle_timeouts: metrics::counter!("loopmesh_proxy_idle_timeouts_total", "service" => s.clone()),
+            drain_kills: metrics::counter!("loopmesh_proxy_drain_kills_total", "service" => s),
+        }
+    }
+}
+
 /// Everything a new connection to a service needs; replaced whole on reload.
 #[derive(Debug)]
 pub struct ServiceState {
+    pub metrics: ServiceMetrics,
     pub name: String,
     pub backends: BackendSet,
     pub connect_timeout: Duration,
@@ -275,6 +312,7 @@ fn build_state(
         })
         .collect();
     ServiceState {
+        metrics: ServiceMetrics::new(&route.service),
         name: route.service.clone(),
         backends: BackendSet::new(backends, route.balance, route.outlier, settings.node_zone.clone()),
         connect_timeout: route.connect_timeout,

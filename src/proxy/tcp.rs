@@ -77,8 +77,7 @@ async fn connect(state: &ServiceState, client: SocketAddr) -> Option<(usize, Tcp
         let index = match state.backends.pick(client.ip(), &tried) {
             Ok(index) => index,
             Err(NoBackend::NoneUp) => {
-                metrics::counter!("loopmesh_proxy_refused_total", "service" => service.to_string(), "reason" => "no_backend")
-                    .increment(1);
+                state.metrics.refused_no_backend.increment(1);
                 return None;
             }
             Err(NoBackend::Exhausted) => break,
@@ -93,8 +92,7 @@ async fn connect(state: &ServiceState, client: SocketAddr) -> Option<(usize, Tcp
             Ok(Ok(stream)) => {
                 let latency = started.elapsed();
                 backend.stats.record_success(latency);
-                metrics::histogram!("loopmesh_proxy_connect_duration_seconds", "service" => service.to_string())
-                    .record(latency.as_secs_f64());
+                state.metrics.connect_duration.record(latency.as_secs_f64());
                 return Some((index, stream));
             }
             Ok(Err(err)) => match err.kind() {
@@ -123,8 +121,7 @@ async fn connect(state: &ServiceState, client: SocketAddr) -> Option<(usize, Tcp
         tried.push(index);
     }
     tracing::debug!("service {service}: no backend answered for {client}");
-    metrics::counter!("loopmesh_proxy_refused_total", "service" => service.to_string(), "reason" => "connect_failed")
-        .increment(1);
+    state.metrics.refused_connect_failed.increment(1);
     None
 }
 
@@ -135,16 +132,15 @@ pub async fn serve(
     state: Arc<ServiceState>,
     mut kill: watch::Receiver<bool>,
 ) {
-    let service = state.name.as_str();
+    let metrics = &state.metrics;
     let active = state.shared.active.fetch_add(1, Ordering::Relaxed) + 1;
     let _held = Held(&state.shared.active);
     if state.max_connections.is_some_and(|max| active > u64::from(max)) {
-        metrics::counter!("loopmesh_proxy_refused_total", "service" => service.to_string(), "reason" => "max_connections")
-            .increment(1);
+        metrics.refused_max_connections.increment(1);
         return;
     }
-    metrics::counter!("loopmesh_proxy_connections_total", "service" => service.to_string()).increment(1);
-    let gauge = metrics::gauge!("loopmesh_proxy_connections_active", "service" => service.to_string());
+    metrics.connections.increment(1);
+    let gauge = &metrics.active;
     gauge.increment(1.0);
     let Some((index, mut upstream)) = connect(&state, peer).await else {
         gauge.decrement(1.0);
@@ -181,18 +177,12 @@ pub async fn serve(
     tokio::select! {
         result = copy => {
             if let Ok((to_backend, to_client)) = result {
-                metrics::counter!("loopmesh_proxy_bytes_total", "service" => service.to_string(), "direction" => "to_backend")
-                    .increment(to_backend);
-                metrics::counter!("loopmesh_proxy_bytes_total", "service" => service.to_string(), "direction" => "to_client")
-                    .increment(to_client);
+                metrics.bytes_to_backend.increment(to_backend);
+                metrics.bytes_to_client.increment(to_client);
             }
         }
-        () = idle => {
-            metrics::counter!("loopmesh_proxy_idle_timeouts_total", "service" => service.to_string()).increment(1);
-        }
-        _ = kill.wait_for(|killed| *killed) => {
-            metrics::counter!("loopmesh_proxy_drain_kills_total", "service" => service.to_string()).increment(1);
-        }
+        () = idle => metrics.idle_timeouts.increment(1),
+        _ = kill.wait_for(|killed| *killed) => metrics.drain_kills.increment(1),
     }
     gauge.decrement(1.0);
 }
