@@ -9,6 +9,7 @@
 //! is retried on the next apply.
 
 pub mod balancer;
+pub mod splice;
 pub mod tcp;
 
 use crate::routing::Route;

@@ -3,61 +3,20 @@
 //! connection idles out, or a drain deadline kills it.
 
 use super::balancer::NoBackend;
+use super::splice;
 use super::ServiceState;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-
-/// Copy buffer per direction: 8 KiB (tokio's default) is the slowest path
-/// for bulk transfers here; 64 KiB is several times faster.
-const COPY_BUFFER: usize = 64 * 1024;
 
 /// Milliseconds since the first call: the idle clock.
 fn now_millis() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
-
-/// A stream that stamps the time of its last read, for the idle timeout.
-struct Activity<'a> {
-    stream: &'a mut TcpStream,
-    last: &'a AtomicU64,
-}
-
-impl AsyncRead for Activity<'_> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut *self.stream).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.last.store(now_millis(), Ordering::Relaxed);
-        }
-        result
-    }
-}
-
-impl AsyncWrite for Activity<'_> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.stream).poll_shutdown(cx)
-    }
 }
 
 /// Decrements a counter when dropped.
@@ -127,7 +86,7 @@ async fn connect(state: &ServiceState, client: SocketAddr) -> Option<(usize, Tcp
 
 /// Serves one accepted connection to the end.
 pub async fn serve(
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     state: Arc<ServiceState>,
     mut kill: watch::Receiver<bool>,
@@ -142,7 +101,7 @@ pub async fn serve(
     metrics.connections.increment(1);
     let gauge = &metrics.active;
     gauge.increment(1.0);
-    let Some((index, mut upstream)) = connect(&state, peer).await else {
+    let Some((index, upstream)) = connect(&state, peer).await else {
         gauge.decrement(1.0);
         return;
     };
@@ -153,17 +112,14 @@ pub async fn serve(
     let _ = upstream.set_nodelay(true);
 
     let last = AtomicU64::new(now_millis());
+    let touch = || last.store(now_millis(), Ordering::Relaxed);
     let idle_limit = state.idle_timeout;
+    // Both directions at once; the first error ends both.
     let copy = async {
-        let mut a = Activity {
-            stream: &mut client,
-            last: &last,
-        };
-        let mut b = Activity {
-            stream: &mut upstream,
-            last: &last,
-        };
-        tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUFFER, COPY_BUFFER).await
+        tokio::try_join!(
+            splice::relay(&client, &upstream, touch),
+            splice::relay(&upstream, &client, touch)
+        )
     };
     let idle = async {
         loop {

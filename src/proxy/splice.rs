@@ -1,0 +1,248 @@
+//! Forwarding one direction of a connection: a small user-space copy for
+//! request/response traffic, switching to zero-copy splice(2) (socket →
+//! pipe → socket) once the stream shows it is bulk.
+//!
+//! Why both: a 64 KiB user-space copy reached only 0.5-0.65× a direct
+//! connection for bulk transfers here, and splice reaches 0.8×; but for small
+//! messages splice costs more than read/write and hurt requests/s. A 16 KiB
+//! buffer also keeps memory per connection low. Pipes are pooled, so a
+//! connection that turns bulk does not pay pipe creation.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Mutex;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// Bytes asked of one splice call.
+const CHUNK: usize = 256 * 1024;
+
+/// Pipes kept for reuse.
+const POOL_LIMIT: usize = 256;
+
+/// An empty pipe (read end, write end).
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+
+impl Pipe {
+    /// A pooled pipe, or a new non-blocking one sized for bulk transfers.
+    pub fn take() -> io::Result<Pipe> {
+        if let Some(pipe) = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Ok(pipe);
+        }
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: pipe2 fills two fds on success; we own them from here on.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both fds were just created and are owned by nothing else.
+        let pipe = unsafe {
+            Pipe {
+                read: OwnedFd::from_raw_fd(fds[0]),
+                write: OwnedFd::from_raw_fd(fds[1]),
+            }
+        };
+        // A bigger pipe means fewer syscalls per megabyte; the default works too.
+        // SAFETY: fcntl on a pipe fd we own.
+        unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
+        Ok(pipe)
+    }
+
+    /// Returns an empty pipe to the pool (a pipe with data in it is closed).
+    pub fn give_back(self, empty: bool) {
+        if empty {
+            let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+            if pool.len() < POOL_LIMIT {
+                pool.push(self);
+            }
+        }
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
+    // SAFETY: plain syscall on fds that stay open for the call; null offsets.
+    let n = unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, flags) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// User-space buffer of the copy phase.
+const COPY_BUFFER: usize = 16 * 1024;
+
+/// Full buffers in a row that make a stream bulk (then it is spliced).
+const BULK_AFTER: u32 = 4;
+
+/// Forwards `from` to `to` until EOF (then half-closes `to`), copying through
+/// a small buffer and moving to splice when reads keep filling it.
+/// `on_data` is called after each read. Returns the bytes forwarded.
+pub async fn relay(from: &TcpStream, to: &TcpStream, mut on_data: impl FnMut()) -> io::Result<u64> {
+    let mut buf = vec![0u8; COPY_BUFFER];
+    let mut total = 0u64;
+    let mut full_in_a_row = 0;
+    // With no pipe to be had (out of file descriptors), keep copying.
+    let mut pipe = None;
+    while pipe.is_none() {
+        let n = read_some(from, &mut buf).await?;
+        if n == 0 {
+            half_close(to);
+            return Ok(total);
+        }
+        on_data();
+        write_all(to, &buf[..n]).await?;
+        total += n as u64;
+        full_in_a_row = if n == buf.len() { full_in_a_row + 1 } else { 0 };
+        if full_in_a_row >= BULK_AFTER {
+            pipe = Pipe::take().ok();
+        }
+    }
+    drop(buf);
+    let pipe = pipe.expect("the loop ends with a pipe");
+    let spliced = forward(from, to, &pipe, on_data).await;
+    if spliced.is_ok() {
+        pipe.give_back(true);
+    }
+    spliced.map(|rest| total + rest)
+}
+
+async fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        from.readable().await?;
+        match from.try_read(buf) {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            other => return other,
+        }
+    }
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
+/// Shuts down the write side of `to`: the half-close passed on.
+fn half_close(to: &TcpStream) {
+    // SAFETY: shutdown(2) of the write side of a socket we hold.
+    unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+}
+
+/// Forwards `from` to `to` until `from` reaches EOF, then shuts down `to`'s
+/// write side (half-close). `on_data` is called after each chunk read.
+/// Returns the bytes forwarded; on `Ok` the pipe is empty again.
+pub async fn forward(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe: &Pipe,
+    mut on_data: impl FnMut(),
+) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut in_pipe = 0usize;
+    {
+        loop {
+            // Fill the pipe from the socket (the pipe is empty here).
+            let n = loop {
+                from.readable().await?;
+                match from.try_io(Interest::READABLE, || {
+                    splice(from.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)
+                }) {
+                    Ok(n) => break n,
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(err) => return Err(err),
+                }
+            };
+            if n == 0 {
+                half_close(to);
+                return Ok(total);
+            }
+            in_pipe += n;
+            on_data();
+            // Drain it into the other socket.
+            while in_pipe > 0 {
+                to.writable().await?;
+                match to.try_io(Interest::WRITABLE, || {
+                    splice(pipe.read.as_raw_fd(), to.as_raw_fd(), in_pipe)
+                }) {
+                    Ok(n) => {
+                        in_pipe -= n;
+                        total += n as u64;
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(err) => return Err(err),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (client.unwrap(), server.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn relay_copies_small_traffic_and_splices_bulk_intact() {
+        let (mut source, from) = pair().await;
+        let (to, mut sink) = pair().await;
+        // Small writes first (copy phase), then a bulk tail (spliced).
+        let mut data: Vec<u8> = b"hello ".repeat(10);
+        data.extend((0..4_000_000u32).map(|i| (i % 253) as u8));
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            source.write_all(&sent[..60]).await.unwrap();
+            source.write_all(&sent[60..]).await.unwrap();
+            source.shutdown().await.unwrap();
+        });
+        let mut received = Vec::new();
+        let (relayed, read) = tokio::join!(relay(&from, &to, || {}), sink.read_to_end(&mut received));
+        assert_eq!(relayed.unwrap(), data.len() as u64);
+        read.unwrap();
+        assert_eq!(received, data, "bytes changed in flight");
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn forwards_every_byte_then_half_closes() {
+        let (mut source, from) = pair().await;
+        let (to, mut sink) = pair().await;
+        let pipe = Pipe::take().unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            source.write_all(&sent).await.unwrap();
+            source.shutdown().await.unwrap();
+            source
+        });
+        let mut chunks = 0;
+        let forwarding = forward(&from, &to, &pipe, || chunks += 1);
+        let mut received = Vec::new();
+        let (forwarded, read) = tokio::join!(forwarding, sink.read_to_end(&mut received));
+        assert_eq!(forwarded.unwrap(), data.len() as u64);
+        read.unwrap();
+        assert_eq!(received, data, "bytes changed in flight");
+        assert!(chunks > 0);
+        writer.await.unwrap();
+        pipe.give_back(true);
+    }
+}
