@@ -136,14 +136,15 @@ http {{ access_log off; keepalive_requests 1000000;
         wait_port(ADDRS["loopmesh"], self.svc_port)
         return [proc.pid]
 
-    def start_haproxy(self):
+    def write_haproxy(self, weight=1):
         conf = os.path.join(self.dir, "haproxy.cfg")
         a = ADDRS["haproxy"]
-        with open(conf, "w") as f:
+        with open(conf + ".tmp", "w") as f:
             f.write(f"""
 global
     nbthread 1
     maxconn 4000
+    stats socket {self.dir}/haproxy.sock mode 600 level admin expose-fd listeners
 defaults
     mode tcp
     timeout connect 1s
@@ -151,30 +152,45 @@ defaults
     timeout server 600s
 listen http
     bind {a}:{self.svc_port}
-    server b1 127.0.0.1:{self.http_port}
+    server b1 127.0.0.1:{self.http_port} weight {weight}
 listen iperf
     bind {a}:{self.iperf_svc_port}
     server b1 127.0.0.1:{self.iperf_port}
 """)
-        proc = self.spawn(["haproxy", "-db", "-f", conf], 1)
-        wait_port(a, self.svc_port)
-        return [proc.pid]
+        os.rename(conf + ".tmp", conf)
+        return conf
 
-    def start_nginx(self):
+    def start_haproxy(self):
+        conf = self.write_haproxy()
+        # Master-worker, so reloads (SIGUSR2) hand the listeners over seamlessly.
+        proc = self.spawn(["haproxy", "-W", "-db", "-f", conf], 1)
+        self.haproxy_master = proc.pid
+        wait_port(ADDRS["haproxy"], self.svc_port)
+        time.sleep(0.2)
+        return [proc.pid] + children(proc.pid)
+
+    def write_nginx(self, weight=1):
         conf = os.path.join(self.dir, "nginx-stream.conf")
         a = ADDRS["nginx"]
-        with open(conf, "w") as f:
+        with open(conf + ".tmp", "w") as f:
             f.write(f"""
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 daemon off; worker_processes 1; pid {self.dir}/stream.pid; error_log /dev/null;
 events {{ worker_connections 8000; }}
 stream {{
-  server {{ listen {a}:{self.svc_port}; proxy_pass 127.0.0.1:{self.http_port}; }}
+  upstream http_backend {{ server 127.0.0.1:{self.http_port} weight={weight}; }}
+  server {{ listen {a}:{self.svc_port}; proxy_pass http_backend; }}
   server {{ listen {a}:{self.iperf_svc_port}; proxy_pass 127.0.0.1:{self.iperf_port}; }}
 }}
 """)
+        os.rename(conf + ".tmp", conf)
+        return conf
+
+    def start_nginx(self):
+        conf = self.write_nginx()
         proc = self.spawn(["nginx", "-c", conf, "-p", self.dir], 1)
-        wait_port(a, self.svc_port)
+        self.nginx_master = proc.pid
+        wait_port(ADDRS["nginx"], self.svc_port)
         time.sleep(0.2)  # let the master fork its worker before we read its pid
         return [proc.pid] + children(proc.pid)
 
@@ -263,8 +279,11 @@ def main():
                 record(name, "bulk4", iperf(host, iport, max(3, SECONDS // 2), 4))
             print(f"round {rnd + 1}/{ROUNDS} done", file=sys.stderr)
 
-        # Reload under keep-alive load: 10 real routing-table changes a second.
-        reload_result = reload_under_load(setup, target["loopmesh"])
+        # Reload under load: 100 real table changes at 10/s, keep-alive and churn.
+        reloads = {}
+        for name in ("loopmesh", "haproxy", "nginx"):
+            for mode, extra in (("keep-alive", ()), ("churn", ("-H", "Connection: close"))):
+                reloads[(name, mode)] = reload_under_load(setup, name, target[name], extra)
     finally:
         setup.stop()
 
@@ -285,39 +304,50 @@ def main():
             f"| {med(name, 'bulk1'):.1f} / {med(name, 'bulk4'):.1f} | {'—' if rpc != rpc else f'{rpc:.0f}'} "
             f"| {idle_rss.get(name, 0):.1f} / {med(name, 'rss_loaded') if name != 'direct' else 0:.1f} | {sum(results[name]['errors'])} |"
         )
-    print(f"\nloopmesh reload under load: {reload_result}")
+    print("\nReload under load: wrk for 10 s while the table changes 100 times (10/s)\n")
+    print("| target | load | requests | req/s | socket errors | non-2xx |")
+    print("|---|---|---|---|---|---|")
+    for (name, mode), r in reloads.items():
+        print(f"| {name} | {mode} | {r['requests']} | {r['rps']:.0f} | {r['socket_errors']} | {r['non2xx']} |")
 
 
-def reload_under_load(setup, target):
-    """wrk keep-alive for 10 s while the route file changes 100 times (10/s)."""
+def reload_under_load(setup, name, target, extra):
+    """wrk for 10 s while `name`'s table changes 100 times at 10/s."""
     host, port, _ = target
-    url = f"http://{host}:{port}/"
-    path = os.path.join(setup.routes, "bench-http.json")
-    base = json.load(open(path))
+    conns = "-c20" if extra else "-c50"
     wrk_proc = subprocess.Popen(
-        pinned(["wrk", "-t1", "-c50", "-d10s", "--latency", url], 0), stdout=subprocess.PIPE, text=True
+        pinned(["wrk", "-t1", conns, "-d10s", *extra, f"http://{host}:{port}/"], 0), stdout=subprocess.PIPE, text=True
     )
     time.sleep(0.2)
     for n in range(100):
-        route = dict(base)
-        # A real change each time: the backend set and its weights move.
-        route["backends"] = [
-            {"id": "b1", "host": "127.0.0.1", "port": setup.http_port, "weight": 1 + n % 7},
-            *([{"id": "b2", "host": "127.0.0.1", "port": setup.http_port}] if n % 2 else []),
-        ]
-        with open(os.path.join(setup.routes, ".bench-http.json.tmp"), "w") as f:
-            json.dump(route, f)
-        os.rename(os.path.join(setup.routes, ".bench-http.json.tmp"), path)
+        # A real change each time: weights move (and for loopmesh, the backend set).
+        if name == "loopmesh":
+            path = os.path.join(setup.routes, "bench-http.json")
+            route = json.load(open(path))
+            route["backends"] = [
+                {"id": "b1", "host": "127.0.0.1", "port": setup.http_port, "weight": 1 + n % 7},
+                *([{"id": "b2", "host": "127.0.0.1", "port": setup.http_port}] if n % 2 else []),
+            ]
+            staged = os.path.join(setup.routes, ".bench-http.json.tmp")
+            with open(staged, "w") as f:
+                json.dump(route, f)
+            os.rename(staged, path)
+        elif name == "haproxy":
+            setup.write_haproxy(weight=1 + n % 7)
+            os.kill(setup.haproxy_master, signal.SIGUSR2)
+        else:
+            setup.write_nginx(weight=1 + n % 7)
+            os.kill(setup.nginx_master, signal.SIGHUP)
         time.sleep(0.1)
     out = wrk_proc.communicate()[0]
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)
-    total = re.search(r"(\d+) requests in", out).group(1)
-    errors = re.search(r"Socket errors: (.*)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return (
-        f"{total} requests at {rps} req/s during 100 table changes, "
-        f"socket errors: {errors.group(1) if errors else 'none'}, non-2xx: {non2xx.group(1) if non2xx else 0}"
-    )
+    return {
+        "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "socket_errors": sum(int(x) for x in errors.groups()) if errors else 0,
+        "non2xx": int(non2xx.group(1)) if non2xx else 0,
+    }
 
 
 if __name__ == "__main__":
