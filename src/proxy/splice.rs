@@ -112,10 +112,41 @@ pub async fn relay(from: &TcpStream, to: &TcpStream, mut on_data: impl FnMut()) 
     spliced.map(|rest| total + rest)
 }
 
+/// Waits until `stream` may be readable, through its single reader waker
+/// slot (as `poll_read` does) rather than `readable()`'s list of waiters:
+/// each direction has exactly one reader and one writer.
+async fn read_ready(stream: &TcpStream) -> io::Result<()> {
+    std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await
+}
+
+/// Waits until `stream` may be writable, through its single writer waker slot.
+async fn write_ready(stream: &TcpStream) -> io::Result<()> {
+    std::future::poll_fn(|cx| stream.poll_write_ready(cx)).await
+}
+
+/// Reads what is there. A short read means the socket buffer is drained,
+/// so the read readiness is dropped right away (as HAProxy does) instead of
+/// paying one more recv that would only say EAGAIN. tokio keeps any edge
+/// that arrived meanwhile, so no wake-up is lost.
 async fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     loop {
-        from.readable().await?;
-        match from.try_read(buf) {
+        read_ready(from).await?;
+        let mut short = 0;
+        let result = from.try_io(Interest::READABLE, || {
+            // SAFETY: read(2) into a buffer we own, on a socket we hold.
+            let n = unsafe { libc::read(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let n = n as usize;
+            if n > 0 && n < buf.len() {
+                short = n;
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match result {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock && short > 0 => return Ok(short),
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
             other => return other,
         }
@@ -124,7 +155,7 @@ async fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 
 async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
-        to.writable().await?;
+        write_ready(to).await?;
         match to.try_write(data) {
             Ok(n) => data = &data[n..],
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
@@ -155,7 +186,7 @@ pub async fn forward(
         loop {
             // Fill the pipe from the socket (the pipe is empty here).
             let n = loop {
-                from.readable().await?;
+                read_ready(from).await?;
                 match from.try_io(Interest::READABLE, || {
                     splice(from.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)
                 }) {
@@ -172,7 +203,7 @@ pub async fn forward(
             on_data();
             // Drain it into the other socket.
             while in_pipe > 0 {
-                to.writable().await?;
+                write_ready(to).await?;
                 match to.try_io(Interest::WRITABLE, || {
                     splice(pipe.read.as_raw_fd(), to.as_raw_fd(), in_pipe)
                 }) {
