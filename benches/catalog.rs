@@ -126,6 +126,15 @@ fn catalog_entries(services: usize, instances: usize, with_addresses: bool) -> V
     entries
 }
 
+/// Deletes every address key of the benchmark catalog.
+async fn delete_addresses(client: &mut Client) {
+    let all = etcd_client::DeleteOptions::new().with_prefix();
+    client
+        .delete(format!("{PREFIX}/addresses/"), Some(all))
+        .await
+        .unwrap();
+}
+
 /// Writes entries to etcd as JSON values, as the registrar and `service put` do.
 async fn load(client: &mut Client, entries: &[(String, String)]) -> i64 {
     let mut revision = 0;
@@ -492,14 +501,7 @@ async fn scale(services: usize, instances: usize, writes: usize) {
     drop(agent);
 
     // First allocation of every address (a bulk import), from the same store.
-    client
-        .delete(
-            format!("{PREFIX}/addresses/"),
-            Some(etcd_client::DeleteOptions::new().with_prefix()),
-        )
-        .await
-        .unwrap();
-    let revision = client.get("x", None).await.unwrap().header().unwrap().revision();
+    delete_addresses(&mut client).await;
     let agent = Agent::start(&etcd.endpoint());
     let expected = services;
     common::eventually("every service to be addressed and rendered", || {
@@ -511,18 +513,11 @@ async fn scale(services: usize, instances: usize, writes: usize) {
         "| agent cold start with no addresses: allocate {services} addresses, render all | {:.0} ms |",
         agent.spawned.elapsed().as_secs_f64() * 1000.0
     );
-    let _ = revision;
     drop(agent);
 
     if services >= 1000 {
         // Restore the pinned addresses HAProxy's check uses.
-        client
-            .delete(
-                format!("{PREFIX}/addresses/"),
-                Some(etcd_client::DeleteOptions::new().with_prefix()),
-            )
-            .await
-            .unwrap();
+        delete_addresses(&mut client).await;
         let addresses: Vec<_> = (0..services)
             .map(|s| (format!("addresses/s{s}"), address_of(s).to_string()))
             .collect();

@@ -191,8 +191,14 @@ impl BackendSet {
 
     /// Each backend gets turns in proportion to its weight.
     fn weighted_round_robin(&self, candidates: &[usize]) -> usize {
+        self.by_ticket(candidates, self.cursor.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The candidate whose share of the total weight holds `ticket`
+    /// (taken modulo the total): the weighted pick shared by the policies.
+    fn by_ticket(&self, candidates: &[usize], ticket: u64) -> usize {
         let total: u64 = candidates.iter().map(|&i| self.weight(i)).sum();
-        let mut ticket = self.cursor.fetch_add(1, Ordering::Relaxed) % total;
+        let mut ticket = ticket % total;
         for &i in candidates {
             let weight = self.weight(i);
             if ticket < weight {
@@ -241,16 +247,7 @@ impl BackendSet {
     }
 
     fn draw_weighted(&self, candidates: &[usize]) -> usize {
-        let total: u64 = candidates.iter().map(|&i| self.weight(i)).sum();
-        let mut ticket = random() % total;
-        for &i in candidates {
-            let weight = self.weight(i);
-            if ticket < weight {
-                return i;
-            }
-            ticket -= weight;
-        }
-        candidates[0]
+        self.by_ticket(candidates, random())
     }
 
     /// Weighted rendezvous hashing on the client address: the same client
