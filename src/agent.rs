@@ -275,6 +275,7 @@ impl Pipeline {
         let mut first_change: Option<Instant> = None;
         let mut last_change = Instant::now();
         let mut retry_at: Option<Instant> = None;
+        let mut bind_retry = tokio::time::interval(BIND_RETRY);
         loop {
             let deadline = match (first_change, retry_at) {
                 (Some(first), _) => Some((last_change + debounce).min(first + max_delay)),
@@ -312,6 +313,11 @@ impl Pipeline {
                     let report = self.render_and_apply().await;
                     if !report.failures.is_empty() {
                         retry_at = Some(Instant::now() + RETRY_AFTER);
+                    }
+                }
+                _ = bind_retry.tick() => {
+                    if let Some(proxy) = &mut self.proxy {
+                        retry_binds(proxy).await;
                     }
                 }
                 () = &mut shutdown => break,
@@ -372,8 +378,10 @@ pub async fn run_static(config: AgentConfig, shutdown: impl Future<Output = ()>)
         source,
     })?;
     let (wake_tx, mut wake) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
-        let _ = wake_tx.send(());
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if crate::store::file::is_change(&event) {
+            let _ = wake_tx.send(());
+        }
     })
     .map_err(|source| StoreError::Notify {
         path: routes.clone(),
@@ -393,8 +401,10 @@ pub async fn run_static(config: AgentConfig, shutdown: impl Future<Output = ()>)
     let mut proxy = new_proxy(&config);
     reload_data_plane(&mut proxy, &routes).await;
     tokio::pin!(shutdown);
+    let mut bind_retry = tokio::time::interval(BIND_RETRY);
     loop {
         tokio::select! {
+            _ = bind_retry.tick() => retry_binds(&mut proxy).await,
             woke = wake.recv() => {
                 if woke.is_none() {
                     break;
@@ -410,6 +420,20 @@ pub async fn run_static(config: AgentConfig, shutdown: impl Future<Output = ()>)
     tracing::info!("agent stopping; draining connections");
     proxy.shutdown().await;
     Ok(())
+}
+
+/// How often services whose address could not be bound are tried again.
+const BIND_RETRY: Duration = Duration::from_secs(2);
+
+/// Retries failed binds, if any; says so when one comes up.
+async fn retry_binds(proxy: &mut ProxyManager) {
+    if proxy.failed().is_empty() {
+        return;
+    }
+    let report = proxy.retry_failed().await;
+    for service in &report.added {
+        tracing::info!("service {service} is listening now that its address is free");
+    }
 }
 
 /// Quiet time after a routing file event in static mode.

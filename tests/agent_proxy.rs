@@ -202,3 +202,28 @@ async fn an_agent_started_with_etcd_down_serves_its_last_routing_table() {
     let (_, id) = eventually_async("lkg to answer from the files on disk", || who_answers(svc)).await;
     assert_eq!(id, "one");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_whose_port_was_taken_comes_up_once_it_is_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let routes = state.join("routes");
+    std::fs::create_dir_all(&routes).unwrap();
+    let one = backend("one").await;
+    let (taken, free) = (service_addr(), service_addr());
+    let squatter = std::net::TcpListener::bind(taken).unwrap();
+    write_route(&routes, "taken", taken, &[("one", one)]);
+    write_route(&routes, "free", free, &[("one", one)]);
+    let agent = Loopmesh::spawn(
+        &["agent", "--static", "--state-dir", state.to_str().unwrap()],
+        dir.path(),
+    );
+    eventually_async("the free service to answer", || who_answers(free)).await;
+    agent.wait_log(&format!("service taken not served: cannot listen on {taken}"));
+
+    // Nothing in the table changes: the agent retries on its own.
+    drop(squatter);
+    let (_, id) = eventually_async("the taken service to come up", || who_answers(taken)).await;
+    assert_eq!(id, "one");
+    agent.wait_log("service taken is listening now that its address is free");
+}

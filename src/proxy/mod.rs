@@ -116,6 +116,8 @@ pub struct ProxyManager {
     /// Backend counters by (service, backend id), kept across reloads.
     stats: HashMap<(String, String), Arc<BackendStats>>,
     failed: BTreeMap<String, String>,
+    /// The table last applied, to retry failed binds against.
+    table: BTreeMap<String, Route>,
 }
 
 impl ProxyManager {
@@ -125,7 +127,17 @@ impl ProxyManager {
             running: HashMap::new(),
             stats: HashMap::new(),
             failed: BTreeMap::new(),
+            table: BTreeMap::new(),
         }
+    }
+
+    /// Tries again to bind the services that failed to, against the table
+    /// last applied (a port freed since then comes up without a reload).
+    pub async fn retry_failed(&mut self) -> ApplyReport {
+        let table = std::mem::take(&mut self.table);
+        let report = self.apply(&table).await;
+        self.table = table;
+        report
     }
 
     /// Services that failed to listen, with why.
@@ -217,6 +229,7 @@ impl ProxyManager {
         metrics::gauge!("loopmesh_proxy_listeners").set(self.running.len() as f64);
         metrics::gauge!("loopmesh_proxy_listeners_failed").set(self.failed.len() as f64);
         report.failed = self.failed.clone();
+        self.table = table.clone();
         report
     }
 

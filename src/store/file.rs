@@ -142,14 +142,32 @@ impl FileStore {
             path: self.dir.clone(),
             source,
         };
-        let mut watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
-            let _ = wake.send(());
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if is_change(&event) {
+                let _ = wake.send(());
+            }
         })
         .map_err(notify_err)?;
         watcher
             .watch(&self.dir, RecursiveMode::Recursive)
             .map_err(notify_err)?;
         Ok(watcher)
+    }
+}
+
+/// Whether a notify event may mean a file changed. Opens and reads are not:
+/// inotify reports the watcher's own scans as opens, and reacting to them
+/// would rescan forever. Errors count, so a rescan settles any doubt.
+pub fn is_change(event: &notify::Result<notify::Event>) -> bool {
+    match event {
+        Ok(event) => !matches!(
+            event.kind,
+            notify::EventKind::Access(notify::event::AccessKind::Open(_) | notify::event::AccessKind::Read)
+                | notify::EventKind::Access(notify::event::AccessKind::Close(
+                    notify::event::AccessMode::Read
+                ))
+        ),
+        Err(_) => true,
     }
 }
 
@@ -388,6 +406,25 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    #[test]
+    fn own_reads_are_not_changes() {
+        use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
+        use notify::{Event, EventKind};
+        let event = |kind| Ok(Event::new(kind));
+        assert!(!is_change(&event(EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        )))));
+        assert!(!is_change(&event(EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        )))));
+        assert!(is_change(&event(EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        )))));
+        assert!(is_change(&event(EventKind::Create(CreateKind::File))));
+        assert!(is_change(&event(EventKind::Modify(ModifyKind::Any))));
+        assert!(is_change(&Err(notify::Error::generic("queue overflow"))));
     }
 
     #[tokio::test]
