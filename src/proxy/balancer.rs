@@ -147,36 +147,39 @@ impl BackendSet {
     /// (indices already attempted for this connection).
     pub fn pick(&self, client: IpAddr, tried: &[usize]) -> Result<usize, NoBackend> {
         let now = now_nanos();
-        let up: Vec<usize> = (0..self.backends.len())
-            .filter(|&i| {
-                let b = &self.backends[i];
-                b.state == InstanceState::Up && b.weight > 0
-            })
-            .collect();
-        if up.is_empty() {
+        let mut any_up = false;
+        let mut best_tier = u8::MAX;
+        let mut candidates = Vec::with_capacity(self.backends.len());
+        for (i, backend) in self.backends.iter().enumerate() {
+            if backend.state != InstanceState::Up || backend.weight == 0 {
+                continue;
+            }
+            any_up = true;
+            if tried.contains(&i) {
+                continue;
+            }
+            // Lower tiers win: healthy before ejected (trying an ejected
+            // backend beats refusing the connection), then the node's zone.
+            let ejected = backend.stats.is_ejected(now);
+            let remote = self
+                .local_zone
+                .as_deref()
+                .is_some_and(|zone| backend.zone.as_deref() != Some(zone));
+            let tier = (u8::from(ejected) << 1) | u8::from(remote);
+            if tier < best_tier {
+                best_tier = tier;
+                candidates.clear();
+            }
+            if tier == best_tier {
+                candidates.push(i);
+            }
+        }
+        if !any_up {
             return Err(NoBackend::NoneUp);
         }
-        let untried: Vec<usize> = up.iter().copied().filter(|i| !tried.contains(i)).collect();
-        if untried.is_empty() {
+        if candidates.is_empty() {
             return Err(NoBackend::Exhausted);
         }
-        // Ejected backends sit out, unless every untried one is ejected:
-        // then trying one beats refusing the connection.
-        let healthy: Vec<usize> = untried
-            .iter()
-            .copied()
-            .filter(|&i| !self.backends[i].stats.is_ejected(now))
-            .collect();
-        let pool = if healthy.is_empty() { untried } else { healthy };
-        let local: Vec<usize> = match &self.local_zone {
-            Some(zone) => pool
-                .iter()
-                .copied()
-                .filter(|&i| self.backends[i].zone.as_deref() == Some(zone.as_str()))
-                .collect(),
-            None => Vec::new(),
-        };
-        let candidates = if local.is_empty() { pool } else { local };
         Ok(match self.policy {
             Balance::RoundRobin => self.weighted_round_robin(&candidates),
             Balance::LeastConnections => self.least_connections(&candidates),
@@ -468,6 +471,26 @@ mod tests {
         let stats = &set.backends()[0].stats;
         assert_eq!(stats.record_failure(&outlier), None);
         assert_eq!(stats.record_failure(&outlier), Some(Duration::from_secs(20)));
+    }
+
+    #[test]
+    fn when_every_backend_is_ejected_they_are_still_tried_local_zone_first() {
+        let outlier = Outlier {
+            consecutive_failures: 1,
+            max_ejected_percent: 100,
+            ..Outlier::default()
+        };
+        let set = BackendSet::new(
+            vec![
+                backend("far", 1, Some("z2"), InstanceState::Up),
+                backend("near", 1, Some("z1"), InstanceState::Up),
+            ],
+            Balance::RoundRobin,
+            outlier,
+            Some("z1".into()),
+        );
+        assert!(set.record_failure(0) && set.record_failure(1));
+        assert_eq!(counts(&set, 10)["near"], 10);
     }
 
     #[test]
