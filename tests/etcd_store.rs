@@ -16,6 +16,11 @@ fn store(etcd: &Etcd) -> EtcdStore {
     EtcdStore::new(EtcdConfig::with_endpoints(vec![etcd.endpoint()]), "/lm").unwrap()
 }
 
+/// The revision a write committed at.
+fn revision_of(header: Option<&etcd_client::ResponseHeader>) -> i64 {
+    header.expect("etcd answers with a header").revision()
+}
+
 async fn next(rx: &mut mpsc::Receiver<StoreEvent>) -> StoreEvent {
     tokio::time::timeout(common::PATIENCE, rx.recv())
         .await
@@ -49,22 +54,11 @@ async fn snapshot_then_every_revision_in_order() {
     let mut written = Vec::new();
     for i in 0..50 {
         let key = format!("/lm/instances/a/i{i}");
-        let rev = client
-            .put(key, format!("n: {i}"), None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision();
-        written.push(rev);
+        let put = client.put(key, format!("n: {i}"), None).await.unwrap();
+        written.push(revision_of(put.header()));
     }
-    let rev = client
-        .delete("/lm/instances/a/i7", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
+    let deleted = client.delete("/lm/instances/a/i7", None).await.unwrap();
+    let rev = revision_of(deleted.header());
     written.push(rev);
 
     let mut seen = Vec::new();
