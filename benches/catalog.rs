@@ -167,7 +167,8 @@ fn write_config(dir: &Path, endpoint: &str, extra: &str) -> PathBuf {
 impl Agent {
     fn start(endpoint: &str) -> Agent {
         let dir = tempfile::tempdir().unwrap();
-        let config = write_config(dir.path(), endpoint, "state_dir: state\n");
+        // The render pipeline alone: the data plane has its own benchmark (l4.py).
+        let config = write_config(dir.path(), endpoint, "state_dir: state\nproxy: {enabled: false}\n");
         let spawned = Instant::now();
         let process = Loopmesh::spawn(&["agent", "--config", config.to_str().unwrap()], dir.path());
         if pinned() {
