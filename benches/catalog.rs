@@ -168,7 +168,11 @@ impl Agent {
     fn start(endpoint: &str) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         // The render pipeline alone: the data plane has its own benchmark (l4.py).
-        let config = write_config(dir.path(), endpoint, "state_dir: state\nproxy: {enabled: false}\n");
+        let config = write_config(
+            dir.path(),
+            endpoint,
+            "state_dir: state\nproxy: {enabled: false}\n",
+        );
         let spawned = Instant::now();
         let process = Loopmesh::spawn(&["agent", "--config", config.to_str().unwrap()], dir.path());
         if pinned() {
