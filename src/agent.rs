@@ -378,21 +378,7 @@ pub async fn run_static(config: AgentConfig, shutdown: impl Future<Output = ()>)
         source,
     })?;
     let (wake_tx, mut wake) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if crate::store::file::is_change(&event) {
-            let _ = wake_tx.send(());
-        }
-    })
-    .map_err(|source| StoreError::Notify {
-        path: routes.clone(),
-        source,
-    })?;
-    notify::Watcher::watch(&mut watcher, &routes, notify::RecursiveMode::NonRecursive).map_err(|source| {
-        StoreError::Notify {
-            path: routes.clone(),
-            source,
-        }
-    })?;
+    let _watcher = crate::store::file::watch_changes(&routes, notify::RecursiveMode::NonRecursive, wake_tx)?;
     tracing::info!(
         "agent {} in static mode: serving {}",
         config.node_name(),

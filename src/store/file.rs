@@ -136,29 +136,34 @@ impl FileStore {
         }
         Ok(())
     }
+}
 
-    fn watcher(&self, wake: mpsc::UnboundedSender<()>) -> Result<notify::RecommendedWatcher, StoreError> {
-        let notify_err = |source| StoreError::Notify {
-            path: self.dir.clone(),
-            source,
-        };
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if is_change(&event) {
-                let _ = wake.send(());
-            }
-        })
-        .map_err(notify_err)?;
-        watcher
-            .watch(&self.dir, RecursiveMode::Recursive)
-            .map_err(notify_err)?;
-        Ok(watcher)
-    }
+/// Watches `dir` and sends on `wake` whenever something in it may have
+/// changed (see [`is_change`]); keep the watcher alive as long as needed.
+/// Shared by the file catalog and static mode.
+pub fn watch_changes(
+    dir: &Path,
+    mode: RecursiveMode,
+    wake: mpsc::UnboundedSender<()>,
+) -> Result<notify::RecommendedWatcher, StoreError> {
+    let notify_err = |source| StoreError::Notify {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if is_change(&event) {
+            let _ = wake.send(());
+        }
+    })
+    .map_err(notify_err)?;
+    watcher.watch(dir, mode).map_err(notify_err)?;
+    Ok(watcher)
 }
 
 /// Whether a notify event may mean a file changed. Opens and reads are not:
 /// inotify reports the watcher's own scans as opens, and reacting to them
 /// would rescan forever. Errors count, so a rescan settles any doubt.
-pub fn is_change(event: &notify::Result<notify::Event>) -> bool {
+fn is_change(event: &notify::Result<notify::Event>) -> bool {
     match event {
         Ok(event) => !matches!(
             event.kind,
@@ -250,7 +255,7 @@ impl Store for FileStore {
         }
         let (wake_tx, mut wake) = mpsc::unbounded_channel();
         // Keep the watcher alive for the whole sync; without it, rescans on a timer.
-        let _watcher = match self.watcher(wake_tx) {
+        let _watcher = match watch_changes(&self.dir, RecursiveMode::Recursive, wake_tx) {
             Ok(watcher) => Some(watcher),
             Err(err) => {
                 tracing::error!("{err}; rescanning the file catalog every second instead");
