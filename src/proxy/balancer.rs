@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-/// Nanoseconds since the first call, a cheap monotonic clock for atomics.
+/// Nanoseconds since the first call: the proxy's monotonic clock, cheap to
+/// keep in atomics (ejection deadlines, latency stamps, idle times).
 pub fn now_nanos() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64

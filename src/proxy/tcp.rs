@@ -2,21 +2,20 @@
 //! then copy both ways with half-close until both sides are done, the
 //! connection idles out, or a drain deadline kills it.
 
-use super::balancer::NoBackend;
+use super::balancer::{now_nanos, NoBackend};
 use super::splice;
 use super::ServiceState;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-/// Milliseconds since the first call: the idle clock.
+/// Milliseconds on the proxy's monotonic clock: the idle clock.
 fn now_millis() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+    now_nanos() / 1_000_000
 }
 
 /// Decrements a counter when dropped.
