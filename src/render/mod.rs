@@ -393,15 +393,7 @@ impl Renderer {
             key: "services",
             value: view::service_views(catalog, with_instances),
         };
-        let rendered = tera::Context::from_serialize(&context)
-            .and_then(|context| self.tera.render(&resource.def.src, &context));
-        let result = rendered
-            .map_err(|err| RenderError::Template {
-                src: resource.def.src.clone(),
-                dest: resource.dest.clone(),
-                reason: error_chain(&err),
-            })
-            .and_then(|text| sync::sync_file(&resource.dest, text.as_bytes(), &resource.spec));
+        let result = self.render_file(resource, &context, &resource.dest);
         match result {
             Ok(Outcome::Written) => report.written.push(resource.dest.clone()),
             Ok(Outcome::Unchanged) => report.unchanged += 1,
@@ -490,17 +482,27 @@ impl Renderer {
             key: "service",
             value: view,
         };
-        let text = tera::Context::from_serialize(&context)
-            .and_then(|context| self.tera.render(&resource.def.src, &context))
-            .map_err(|err| RenderError::Template {
-                src: resource.def.src.clone(),
-                dest: dest.clone(),
-                reason: error_chain(&err),
-            })?;
-        Ok(match sync::sync_file(&dest, text.as_bytes(), &resource.spec)? {
+        Ok(match self.render_file(resource, &context, &dest)? {
             Outcome::Written => ServiceOutcome::Written(dest),
             Outcome::Unchanged => ServiceOutcome::Unchanged,
         })
+    }
+
+    /// Renders `resource`'s template with `context` and syncs it to `dest`.
+    fn render_file<T: serde::Serialize>(
+        &self,
+        resource: &Resource,
+        context: &Context<'_, T>,
+        dest: &Path,
+    ) -> Result<Outcome, RenderError> {
+        let text = tera::Context::from_serialize(context)
+            .and_then(|context| self.tera.render(&resource.def.src, &context))
+            .map_err(|err| RenderError::Template {
+                src: resource.def.src.clone(),
+                dest: dest.to_path_buf(),
+                reason: error_chain(&err),
+            })?;
+        sync::sync_file(dest, text.as_bytes(), &resource.spec)
     }
 
     /// Service names that have a file of this per-service resource on disk.
