@@ -188,7 +188,8 @@ impl ProxyManager {
             .collect();
         for name in moved_or_gone {
             if let Some(running) = self.running.remove(&name) {
-                self.stop(&name, running).await;
+                // The drain goes on in the background; the listener is closed now.
+                drop(self.stop(&name, running).await);
                 if !table.contains_key(&name) {
                     report.removed.push(name);
                 }
@@ -252,41 +253,38 @@ impl ProxyManager {
 
     /// Stops accepting now (the listener is closed when this returns), then
     /// lets open connections finish, killing what remains at the deadline.
-    async fn stop(&self, name: &str, running: Running) {
+    async fn stop(&self, name: &str, running: Running) -> JoinHandle<()> {
         running.accept.abort();
         let _ = running.accept.await;
-        let kill = running.kill;
-        let deadline = self.settings.drain_timeout;
-        let name = name.to_string();
-        tokio::spawn(async move {
-            if tokio::time::timeout(deadline, kill.closed()).await.is_err() {
-                tracing::warn!(
-                    "service {name}: {} connection(s) still open after the {deadline:?} drain; closing them",
-                    kill.receiver_count()
-                );
-                kill.send_replace(true);
-                kill.closed().await;
-            }
-        });
+        tokio::spawn(drain(name.to_string(), running.kill, self.settings.drain_timeout))
     }
 
-    /// Stops every listener and waits for connections to drain (shutdown).
+    /// Stops every listener and waits for their connections to drain, all
+    /// at once, so shutdown takes one drain deadline at most (shutdown).
     pub async fn shutdown(&mut self) {
         let names: Vec<String> = self.running.keys().cloned().collect();
         let mut drains = Vec::new();
         for name in names {
             if let Some(running) = self.running.remove(&name) {
-                running.accept.abort();
-                let _ = running.accept.await;
-                drains.push(running.kill);
+                drains.push(self.stop(&name, running).await);
             }
         }
-        let deadline = self.settings.drain_timeout;
-        for kill in drains {
-            if tokio::time::timeout(deadline, kill.closed()).await.is_err() {
-                kill.send_replace(true);
-            }
+        for drained in drains {
+            let _ = drained.await;
         }
+    }
+}
+
+/// Lets a stopped listener's connections finish, closing what is left at
+/// the deadline. Done when every connection holding `kill` has ended.
+async fn drain(name: String, kill: watch::Sender<bool>, deadline: Duration) {
+    if tokio::time::timeout(deadline, kill.closed()).await.is_err() {
+        tracing::warn!(
+            "service {name}: {} connection(s) still open after the {deadline:?} drain; closing them",
+            kill.receiver_count()
+        );
+        kill.send_replace(true);
+        kill.closed().await;
     }
 }
 
