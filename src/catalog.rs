@@ -137,20 +137,43 @@ fn default_retries() -> u32 {
 
 impl ServiceSpec {
     fn validate(&self) -> Result<(), String> {
-        if self.port == 0 {
-            return Err("port must be 1-65535".into());
-        }
-        if self.connect_timeout.is_zero() || self.idle_timeout.is_zero() {
-            return Err("timeouts must be greater than zero".into());
-        }
-        if self.retries > 16 {
-            return Err(format!("retries {} exceeds the limit of 16", self.retries));
-        }
-        if self.max_connections == Some(0) {
-            return Err("max_connections must be at least 1 (omit it for no limit)".into());
-        }
-        self.outlier.validate()
+        check_service_settings(
+            self.port,
+            self.connect_timeout,
+            self.idle_timeout,
+            self.retries,
+            self.max_connections,
+            &self.outlier,
+        )
     }
+}
+
+/// Most other backends a connection may try after a failed connect.
+pub const MAX_RETRIES: u32 = 16;
+
+/// Checks the settings a service definition and its rendered route share,
+/// so a hand-written route (static mode) is held to the catalog's rules.
+pub fn check_service_settings(
+    port: u16,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    retries: u32,
+    max_connections: Option<u32>,
+    outlier: &Outlier,
+) -> Result<(), String> {
+    if port == 0 {
+        return Err("port must be 1-65535".into());
+    }
+    if connect_timeout.is_zero() || idle_timeout.is_zero() {
+        return Err("timeouts must be greater than zero".into());
+    }
+    if retries > MAX_RETRIES {
+        return Err(format!("retries {retries} exceeds the limit of {MAX_RETRIES}"));
+    }
+    if max_connections == Some(0) {
+        return Err("max_connections must be at least 1 (omit it for no limit)".into());
+    }
+    outlier.validate()
 }
 
 /// Whether an instance takes new connections.

@@ -10,7 +10,8 @@
 
 use crate::addresses::check_service_address;
 use crate::catalog::{
-    check_instance_id, check_service_name, Balance, InstanceState, Outlier, Protocol, MAX_WEIGHT,
+    check_instance_id, check_service_name, check_service_settings, Balance, InstanceState, Outlier, Protocol,
+    MAX_WEIGHT,
 };
 use crate::yaml;
 use serde::Deserialize;
@@ -100,16 +101,14 @@ impl Route {
     fn validate(&self) -> Result<(), String> {
         check_service_name(&self.service).map_err(|e| e.to_string())?;
         check_service_address(self.address).map_err(|e| e.to_string())?;
-        if self.port == 0 {
-            return Err("port must be 1-65535".into());
-        }
-        if self.connect_timeout.is_zero() || self.idle_timeout.is_zero() {
-            return Err("timeouts must be greater than zero".into());
-        }
-        if self.max_connections == Some(0) {
-            return Err("max_connections must be at least 1 (omit it for no limit)".into());
-        }
-        self.outlier.validate()?;
+        check_service_settings(
+            self.port,
+            self.connect_timeout,
+            self.idle_timeout,
+            self.retries,
+            self.max_connections,
+            &self.outlier,
+        )?;
         let mut ids = HashSet::new();
         for backend in &self.backends {
             check_instance_id(&backend.id).map_err(|e| e.to_string())?;
@@ -212,6 +211,7 @@ mod tests {
         assert!(Route::parse(&ROUTE.replace("port: 5432\nconnect", "port: 0\nconnect")).is_err());
         assert!(Route::parse(&format!("{ROUTE}  - {{id: a, host: h, port: 1}}\n")).is_err());
         assert!(Route::parse(&format!("{ROUTE}extra: 1\n")).is_err());
+        assert!(Route::parse(&ROUTE.replace("retries: 2", "retries: 17")).is_err());
     }
 
     #[test]
