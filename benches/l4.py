@@ -31,6 +31,8 @@ import time
 ROUNDS = int(os.environ.get("LOOPMESH_BENCH_ROUNDS", "3"))
 SECONDS = int(os.environ.get("LOOPMESH_BENCH_SECONDS", "8"))
 PIN = bool(os.environ.get("LOOPMESH_BENCH_PIN"))
+# A subset for quick iterations: any of rps,c1,churn,bulk,reload (default all).
+ONLY = set(filter(None, os.environ.get("LOOPMESH_BENCH_ONLY", "rps,c1,churn,bulk,reload").split(",")))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "loopmesh")
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -260,28 +262,32 @@ def main():
         for rnd in range(ROUNDS):
             for name, (host, port, iport) in target.items():
                 url = f"http://{host}:{port}/"
-                before = cpu_seconds(pids[name])
-                r = wrk(url, 50, SECONDS)
-                cpu = cpu_seconds(pids[name]) - before
-                record(name, "rps50", r["rps"])
-                record(name, "p99_50", r["p99"])
-                record(name, "errors", r["errors"])
-                if pids[name]:
-                    record(name, "req_per_cpu_s", r["requests"] / max(cpu, 1e-9))
-                    record(name, "rss_loaded", rss_mib(pids[name]))
-                r1 = wrk(url, 1, max(3, SECONDS // 2))
-                record(name, "p50_1", r1["p50"])
-                record(name, "p99_1", r1["p99"])
-                churn = wrk(url, 20, max(3, SECONDS // 2), ("-H", "Connection: close"))
-                record(name, "churn", churn["rps"])
-                record(name, "errors", churn["errors"])
-                record(name, "bulk1", iperf(host, iport, max(3, SECONDS // 2), 1))
-                record(name, "bulk4", iperf(host, iport, max(3, SECONDS // 2), 4))
+                if "rps" in ONLY:
+                    before = cpu_seconds(pids[name])
+                    r = wrk(url, 50, SECONDS)
+                    cpu = cpu_seconds(pids[name]) - before
+                    record(name, "rps50", r["rps"])
+                    record(name, "p99_50", r["p99"])
+                    record(name, "errors", r["errors"])
+                    if pids[name]:
+                        record(name, "req_per_cpu_s", r["requests"] / max(cpu, 1e-9))
+                        record(name, "rss_loaded", rss_mib(pids[name]))
+                if "c1" in ONLY:
+                    r1 = wrk(url, 1, max(3, SECONDS // 2))
+                    record(name, "p50_1", r1["p50"])
+                    record(name, "p99_1", r1["p99"])
+                if "churn" in ONLY:
+                    churn = wrk(url, 20, max(3, SECONDS // 2), ("-H", "Connection: close"))
+                    record(name, "churn", churn["rps"])
+                    record(name, "errors", churn["errors"])
+                if "bulk" in ONLY:
+                    record(name, "bulk1", iperf(host, iport, max(3, SECONDS // 2), 1))
+                    record(name, "bulk4", iperf(host, iport, max(3, SECONDS // 2), 4))
             print(f"round {rnd + 1}/{ROUNDS} done", file=sys.stderr)
 
         # Reload under load: 100 real table changes at 10/s, keep-alive and churn.
         reloads = {}
-        for name in ("loopmesh", "haproxy", "nginx"):
+        for name in ("loopmesh", "haproxy", "nginx") if "reload" in ONLY else ():
             for mode, extra in (("keep-alive", ()), ("churn", ("-H", "Connection: close"))):
                 reloads[(name, mode)] = reload_under_load(setup, name, target[name], extra)
     finally:
@@ -302,7 +308,7 @@ def main():
             f"| {med(name, 'rps50') / med('haproxy', 'rps50'):.2f} | {med(name, 'p99_50'):.2f} "
             f"| {med(name, 'p50_1'):.3f} / {med(name, 'p99_1'):.3f} | {added:+.0f} | {med(name, 'churn'):.0f} "
             f"| {med(name, 'bulk1'):.1f} / {med(name, 'bulk4'):.1f} | {'—' if rpc != rpc else f'{rpc:.0f}'} "
-            f"| {idle_rss.get(name, 0):.1f} / {med(name, 'rss_loaded') if name != 'direct' else 0:.1f} | {sum(results[name]['errors'])} |"
+            f"| {idle_rss.get(name, 0):.1f} / {med(name, 'rss_loaded') if name != 'direct' else 0:.1f} | {sum(results[name].get('errors', []))} |"
         )
     print("\nReload under load: wrk for 10 s while the table changes 100 times (10/s)\n")
     print("| target | load | requests | req/s | socket errors | non-2xx |")

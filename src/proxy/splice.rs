@@ -10,6 +10,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -82,8 +83,15 @@ const BULK_AFTER: u32 = 4;
 
 /// Forwards `from` to `to` until EOF (then half-closes `to`), copying through
 /// a small buffer and moving to splice when reads keep filling it.
-/// `on_data` is called after each read. Returns the bytes forwarded.
-pub async fn relay(from: &TcpStream, to: &TcpStream, mut on_data: impl FnMut()) -> io::Result<u64> {
+/// `ended` counts the directions of this connection that reached EOF (see
+/// [`pass_on_eof`]). `on_data` is called after each read. Returns the bytes
+/// forwarded.
+pub async fn relay(
+    from: &TcpStream,
+    to: &TcpStream,
+    ended: &AtomicU8,
+    mut on_data: impl FnMut(),
+) -> io::Result<u64> {
     let mut buf = vec![0u8; COPY_BUFFER];
     let mut total = 0u64;
     let mut full_in_a_row = 0;
@@ -92,7 +100,7 @@ pub async fn relay(from: &TcpStream, to: &TcpStream, mut on_data: impl FnMut()) 
     while pipe.is_none() {
         let n = read_some(from, &mut buf).await?;
         if n == 0 {
-            half_close(to);
+            pass_on_eof(to, ended);
             return Ok(total);
         }
         on_data();
@@ -105,7 +113,7 @@ pub async fn relay(from: &TcpStream, to: &TcpStream, mut on_data: impl FnMut()) 
     }
     drop(buf);
     let pipe = pipe.expect("the loop ends with a pipe");
-    let spliced = forward(from, to, &pipe, on_data).await;
+    let spliced = forward(from, to, &pipe, ended, on_data).await;
     if spliced.is_ok() {
         pipe.give_back(true);
     }
@@ -165,19 +173,25 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Shuts down the write side of `to`: the half-close passed on.
-fn half_close(to: &TcpStream) {
-    // SAFETY: shutdown(2) of the write side of a socket we hold.
-    unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+/// Passes an EOF on: the first direction to end shuts down the write side
+/// of `to` (the half-close); the second skips it, because the connection is
+/// closed right after and close(2) sends that FIN (its receive queue is empty,
+/// having just read EOF), which saves a syscall per connection.
+fn pass_on_eof(to: &TcpStream, ended: &AtomicU8) {
+    if ended.fetch_add(1, Ordering::Relaxed) == 0 {
+        // SAFETY: shutdown(2) of the write side of a socket we hold.
+        unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+    }
 }
 
-/// Forwards `from` to `to` until `from` reaches EOF, then shuts down `to`'s
-/// write side (half-close). `on_data` is called after each chunk read.
+/// Forwards `from` to `to` until `from` reaches EOF, then passes the EOF on
+/// ([`pass_on_eof`]). `on_data` is called after each chunk read.
 /// Returns the bytes forwarded; on `Ok` the pipe is empty again.
 pub async fn forward(
     from: &TcpStream,
     to: &TcpStream,
     pipe: &Pipe,
+    ended: &AtomicU8,
     mut on_data: impl FnMut(),
 ) -> io::Result<u64> {
     let mut total = 0u64;
@@ -196,7 +210,7 @@ pub async fn forward(
                 }
             };
             if n == 0 {
-                half_close(to);
+                pass_on_eof(to, ended);
                 return Ok(total);
             }
             in_pipe += n;
@@ -246,7 +260,8 @@ mod tests {
             source.shutdown().await.unwrap();
         });
         let mut received = Vec::new();
-        let (relayed, read) = tokio::join!(relay(&from, &to, || {}), sink.read_to_end(&mut received));
+        let ended = AtomicU8::new(0);
+        let (relayed, read) = tokio::join!(relay(&from, &to, &ended, || {}), sink.read_to_end(&mut received));
         assert_eq!(relayed.unwrap(), data.len() as u64);
         read.unwrap();
         assert_eq!(received, data, "bytes changed in flight");
@@ -266,7 +281,8 @@ mod tests {
             source
         });
         let mut chunks = 0;
-        let forwarding = forward(&from, &to, &pipe, || chunks += 1);
+        let ended = AtomicU8::new(0);
+        let forwarding = forward(&from, &to, &pipe, &ended, || chunks += 1);
         let mut received = Vec::new();
         let (forwarded, read) = tokio::join!(forwarding, sink.read_to_end(&mut received));
         assert_eq!(forwarded.unwrap(), data.len() as u64);

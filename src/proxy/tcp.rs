@@ -7,7 +7,7 @@ use super::splice;
 use super::ServiceState;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -107,17 +107,18 @@ pub async fn serve(
     let backend = &state.backends.backends()[index];
     backend.stats.active.fetch_add(1, Ordering::Relaxed);
     let _backend_held = Held(&backend.stats.active);
-    let _ = client.set_nodelay(true);
+    // The client socket inherited TCP_NODELAY from the listener.
     let _ = upstream.set_nodelay(true);
 
     let last = AtomicU64::new(now_millis());
     let touch = || last.store(now_millis(), Ordering::Relaxed);
     let idle_limit = state.idle_timeout;
     // Both directions at once; the first error ends both.
+    let ended = AtomicU8::new(0);
     let copy = async {
         tokio::try_join!(
-            splice::relay(&client, &upstream, touch),
-            splice::relay(&upstream, &client, touch)
+            splice::relay(&client, &upstream, &ended, touch),
+            splice::relay(&upstream, &client, &ended, touch)
         )
     };
     let idle = async {
