@@ -26,6 +26,7 @@ pub mod agent;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod dns;
 pub mod duration;
 pub mod proxy;
 pub mod render;

@@ -1,0 +1,417 @@
+//! The mesh zone, parsed once per reload into answers ready to send.
+//!
+//! Why precompute: a stock hickory-dns server answers at about 0.6× dnsmasq
+//! on this class of machine, mostly per-query work (lookups through an
+//! authority, record sets cloned, every name encoded). The zone only changes
+//! when the catalog does, so each (name, type) gets its records and their
+//! wire form built here, and a query costs one hash lookup and a copy.
+//! A new zone is built whole beside the old one and swapped in (see
+//! `super::ZoneCell`), so no query ever sees half of one.
+
+use super::DnsError;
+use hickory_server::proto::rr::{DNSClass, Name, RData, Record, RecordSet, RecordType, RrKey};
+use hickory_server::proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
+use hickory_server::proto::serialize::txt::Parser;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// Longest name on the wire (RFC 1035 §2.3.4).
+pub const MAX_NAME: usize = 255;
+
+/// Records of one type at one name, with their wire form.
+#[derive(Debug)]
+pub struct RrSet {
+    pub records: Vec<Record>,
+    /// In-zone address records of the names these records point at (SRV,
+    /// NS and MX targets), sent in the additional section.
+    pub additionals: Vec<Record>,
+    /// Answer records whose owner is a pointer to the question (offset 12).
+    pub answer_wire: Vec<u8>,
+    pub additional_wire: Vec<u8>,
+}
+
+/// What the zone says about one question.
+#[derive(Debug)]
+pub enum Lookup<'a> {
+    /// Records to answer with.
+    Found(&'a RrSet),
+    /// The name exists without records of that type: NOERROR, SOA in authority.
+    NoData(&'a Negative),
+    /// Inside the zone, no such name: NXDOMAIN, SOA in authority.
+    NxDomain(&'a Negative),
+    /// Outside the zone: REFUSED, the agent answers for nothing else.
+    Refused,
+    /// Inside the zone, but no zone has loaded yet: SERVFAIL (try later).
+    NotLoaded,
+}
+
+/// The SOA sent with negative answers (TTL per RFC 2308), and its wire form.
+#[derive(Debug)]
+pub struct Negative {
+    pub soa: Record,
+    pub wire: Vec<u8>,
+}
+
+/// Everything the server answers from: one parsed, validated zone.
+#[derive(Debug)]
+pub struct Answers {
+    origin: Name,
+    /// The apex in lowercase wire form.
+    origin_wire: Vec<u8>,
+    serial: u32,
+    negative: Negative,
+    /// Lowercase wire name → its record sets by type; names that only hold
+    /// others (`_tcp.zone`) are present with none, so they answer NODATA.
+    names: HashMap<Box<[u8]>, Vec<(u16, RrSet)>>,
+    records: usize,
+}
+
+impl Answers {
+    /// Reads and builds a zone file; `zone` is the apex it must declare.
+    pub fn load(path: &Path, zone: &Name) -> Result<Answers, DnsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| DnsError::ReadZone {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Answers::parse(&text, zone).map_err(|reason| DnsError::BadZone {
+            path: path.to_path_buf(),
+            reason,
+        })
+    }
+
+    /// Parses zone text (RFC 1035 master format) for apex `zone`.
+    pub fn parse(text: &str, zone: &Name) -> Result<Answers, String> {
+        // The last $ORIGIN may name a subdomain; the apex is dns.zone, and
+        // the SOA and every record must sit there or below.
+        let (_, sets) = parse_text(text, zone).map_err(|err| match first_failing_line(text, zone, &err) {
+            Some(line) => format!("line {line}: {err}"),
+            None => err,
+        })?;
+        let origin = zone.to_lowercase();
+        let origin_wire = wire_name(&origin);
+        let mut by_name: HashMap<Box<[u8]>, RecordsByType> = HashMap::new();
+        let mut soa = None;
+        let mut records = 0;
+        for set in sets.values() {
+            let name = set.name();
+            if !origin.zone_of(name) {
+                return Err(format!("record {name} lies outside the zone {origin}"));
+            }
+            let set_records: Vec<Record> = set.records_without_rrsigs().cloned().collect();
+            for record in &set_records {
+                if record.dns_class != DNSClass::IN {
+                    return Err(format!(
+                        "record {name} has class {}, only IN is served",
+                        record.dns_class
+                    ));
+                }
+            }
+            if set.record_type() == RecordType::SOA {
+                if name.to_lowercase() != origin {
+                    return Err(format!(
+                        "SOA at {name}: the only SOA belongs at the apex {origin}"
+                    ));
+                }
+                soa = set_records.first().cloned();
+            }
+            records += set_records.len();
+            let wire = wire_name(name);
+            // Every name between this one and the apex exists (empty non-terminals).
+            let mut at = 0;
+            while wire[at..] != origin_wire[..] {
+                by_name.entry(wire[at..].into()).or_default();
+                at += usize::from(wire[at]) + 1;
+            }
+            by_name
+                .entry(wire.into())
+                .or_default()
+                .push((u16::from(set.record_type()), set_records));
+        }
+        let soa = soa.ok_or_else(|| format!("it has no SOA record at {origin}"))?;
+        let RData::SOA(soa_data) = &soa.data else {
+            return Err("its SOA record has no SOA data".into());
+        };
+        let mut negative_soa = soa.clone();
+        negative_soa.ttl = soa.ttl.min(soa_data.minimum);
+        let serial = soa_data.serial;
+        let negative = Negative {
+            wire: encode_full(std::slice::from_ref(&negative_soa))?,
+            soa: negative_soa,
+        };
+
+        let address_of = |target: &Name| -> Vec<Record> {
+            let Some(sets) = by_name.get(wire_name(target).as_slice()) else {
+                return Vec::new();
+            };
+            sets.iter()
+                .filter(|(rtype, _)| {
+                    *rtype == u16::from(RecordType::A) || *rtype == u16::from(RecordType::AAAA)
+                })
+                .flat_map(|(_, records)| records.iter().cloned())
+                .collect()
+        };
+        let mut names = HashMap::with_capacity(by_name.len());
+        for (wire, sets) in &by_name {
+            let mut built = Vec::with_capacity(sets.len() + 1);
+            for (rtype, records) in sets {
+                let additionals = records
+                    .iter()
+                    .filter_map(|record| match &record.data {
+                        RData::SRV(srv) => Some(&srv.target),
+                        RData::NS(ns) => Some(&ns.0),
+                        RData::MX(mx) => Some(&mx.exchange),
+                        _ => None,
+                    })
+                    .flat_map(address_of)
+                    .collect();
+                built.push((*rtype, rrset(records.clone(), additionals)?));
+            }
+            if !sets.is_empty() {
+                // ANY: every record at the name, once (RFC 8482 allows less).
+                let all = sets
+                    .iter()
+                    .flat_map(|(_, records)| records.iter().cloned())
+                    .collect();
+                built.push((u16::from(RecordType::ANY), rrset(all, Vec::new())?));
+            }
+            names.insert(wire.clone(), built);
+        }
+        Ok(Answers {
+            origin,
+            origin_wire,
+            serial,
+            negative,
+            names,
+            records,
+        })
+    }
+
+    /// The zone's apex.
+    pub fn origin(&self) -> &Name {
+        &self.origin
+    }
+
+    /// The SOA serial (the catalog revision the zone was rendered from).
+    pub fn serial(&self) -> u32 {
+        self.serial
+    }
+
+    /// Records in the zone.
+    pub fn len(&self) -> usize {
+        self.records
+    }
+
+    /// Whether the zone holds no records (never: it has an SOA).
+    pub fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+
+    /// Answers a question; `name` is the lowercase wire form.
+    pub fn lookup(&self, name: &[u8], rtype: u16) -> Lookup<'_> {
+        if !in_zone(name, &self.origin_wire) {
+            return Lookup::Refused;
+        }
+        let Some(sets) = self.names.get(name) else {
+            return Lookup::NxDomain(&self.negative);
+        };
+        let cname = u16::from(RecordType::CNAME);
+        let found = sets
+            .iter()
+            .find(|(t, _)| *t == rtype)
+            // A name with a CNAME has nothing else: answer the alias, the
+            // resolver follows it.
+            .or_else(|| sets.iter().find(|(t, _)| *t == cname));
+        match found {
+            Some((_, set)) => Lookup::Found(set),
+            None => Lookup::NoData(&self.negative),
+        }
+    }
+}
+
+/// Record sets of one name, by type.
+type RecordsByType = Vec<(u16, Vec<Record>)>;
+
+type ParsedZone = BTreeMap<RrKey, RecordSet>;
+
+fn parse_text(text: &str, zone: &Name) -> Result<(Name, ParsedZone), String> {
+    Parser::new(text, None, Some(zone.clone()))
+        .parse()
+        .map_err(|err| err.to_string())
+}
+
+/// The line a parse error comes from, which hickory's message leaves out:
+/// the shortest prefix of the text that fails the same way (bisected, so
+/// only the error path pays, about log2(lines) parses).
+fn first_failing_line(text: &str, zone: &Name, error: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let fails_alike = |n: usize| parse_text(&lines[..n].join("\n"), zone).err().as_deref() == Some(error);
+    if !fails_alike(lines.len()) {
+        return None;
+    }
+    let (mut good, mut bad) = (0, lines.len());
+    while bad - good > 1 {
+        let mid = (good + bad) / 2;
+        if fails_alike(mid) {
+            bad = mid;
+        } else {
+            good = mid;
+        }
+    }
+    Some(bad)
+}
+
+/// Whether wire name `name` is `origin` or below it (label-aligned).
+pub fn in_zone(name: &[u8], origin: &[u8]) -> bool {
+    let mut at = 0;
+    while at < name.len() {
+        if name[at..] == *origin {
+            return true;
+        }
+        at += usize::from(name[at]) + 1;
+    }
+    false
+}
+
+/// A name in lowercase wire form: length-prefixed labels, then the root.
+pub fn wire_name(name: &Name) -> Vec<u8> {
+    let mut wire = Vec::with_capacity(MAX_NAME);
+    for label in name.iter() {
+        wire.push(label.len() as u8);
+        wire.extend(label.iter().map(u8::to_ascii_lowercase));
+    }
+    wire.push(0);
+    wire
+}
+
+fn rrset(records: Vec<Record>, additionals: Vec<Record>) -> Result<RrSet, String> {
+    let mut answer_wire = Vec::new();
+    for record in &records {
+        // The owner is the question's name: a pointer to offset 12.
+        answer_wire.extend_from_slice(&[0xc0, 0x0c]);
+        encode_after_owner(record, &mut answer_wire)?;
+    }
+    let additional_wire = encode_full(&additionals)?;
+    Ok(RrSet {
+        records,
+        additionals,
+        answer_wire,
+        additional_wire,
+    })
+}
+
+/// Records with their owner names written out (no compression).
+fn encode_full(records: &[Record]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    for record in records {
+        out.extend_from_slice(&wire_name(&record.name));
+        encode_after_owner(record, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// Type, class, TTL and RDATA of a record, names inside uncompressed so the
+/// bytes are valid at any offset of any message.
+fn encode_after_owner(record: &Record, out: &mut Vec<u8>) -> Result<(), String> {
+    let mut rdata = Vec::new();
+    {
+        let mut encoder = BinEncoder::new(&mut rdata);
+        encoder.set_name_encoding(NameEncoding::Uncompressed);
+        record
+            .data
+            .emit(&mut encoder)
+            .map_err(|err| format!("record {} cannot be encoded: {err}", record.name))?;
+    }
+    let length = u16::try_from(rdata.len()).map_err(|_| format!("record {} is too large", record.name))?;
+    out.extend_from_slice(&u16::from(record.record_type()).to_be_bytes());
+    out.extend_from_slice(&u16::from(record.dns_class).to_be_bytes());
+    out.extend_from_slice(&record.ttl.to_be_bytes());
+    out.extend_from_slice(&length.to_be_bytes());
+    out.extend_from_slice(&rdata);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ZONE: &str = "$ORIGIN mesh.internal.
+$TTL 300
+@ IN SOA ns.mesh.internal. hostmaster.mesh.internal. ( 42 3600 600 86400 30 )
+@ IN NS ns.mesh.internal.
+ns IN A 127.0.0.153
+web IN A 127.100.0.8
+_web._tcp IN SRV 0 0 8080 web.mesh.internal.
+";
+
+    fn zone() -> Name {
+        Name::from_ascii("mesh.internal.").unwrap()
+    }
+
+    fn wire(name: &str) -> Vec<u8> {
+        wire_name(&Name::from_ascii(name).unwrap())
+    }
+
+    #[test]
+    fn answers_by_name_and_type_and_tells_nodata_from_nxdomain() {
+        let answers = Answers::parse(ZONE, &zone()).unwrap();
+        assert_eq!(answers.serial(), 42);
+        assert_eq!(answers.len(), 5);
+        let a = u16::from(RecordType::A);
+        let Lookup::Found(set) = answers.lookup(&wire("web.mesh.internal."), a) else {
+            panic!("web A not found");
+        };
+        assert_eq!(
+            set.records[0].data,
+            RData::A("127.100.0.8".parse::<std::net::Ipv4Addr>().unwrap().into())
+        );
+        let Lookup::Found(srv) = answers.lookup(&wire("_web._tcp.mesh.internal."), 33) else {
+            panic!("SRV not found");
+        };
+        assert_eq!(
+            srv.additionals.len(),
+            1,
+            "the SRV target's address goes in the additional section"
+        );
+        assert!(matches!(
+            answers.lookup(&wire("web.mesh.internal."), 28),
+            Lookup::NoData(_)
+        ));
+        assert!(matches!(
+            answers.lookup(&wire("_tcp.mesh.internal."), a),
+            Lookup::NoData(_)
+        ));
+        let Lookup::NxDomain(negative) = answers.lookup(&wire("nope.mesh.internal."), a) else {
+            panic!("nope should not exist");
+        };
+        assert_eq!(negative.soa.ttl, 30, "negative TTL is the SOA minimum");
+        assert!(matches!(
+            answers.lookup(&wire("example.com."), a),
+            Lookup::Refused
+        ));
+        assert!(matches!(
+            answers.lookup(&wire("xmesh.internal."), a),
+            Lookup::Refused
+        ));
+        assert!(matches!(answers.lookup(&wire("internal."), a), Lookup::Refused));
+    }
+
+    #[test]
+    fn refuses_zones_that_do_not_fit() {
+        let cases = [
+            (
+                ZONE.replace("mesh.internal.", "other.internal."),
+                "outside the zone",
+            ),
+            (ZONE.replace("@ IN SOA", "; @ IN SOA"), "no SOA"),
+            (
+                format!("{ZONE}www.example.com. IN A 10.0.0.1\n"),
+                "outside the zone",
+            ),
+            (format!("{ZONE}web IN A not-an-address\n"), "line 8: "),
+        ];
+        for (text, expected) in cases {
+            let err = Answers::parse(&text, &zone()).unwrap_err();
+            assert!(err.contains(expected), "{err:?} should mention {expected:?}");
+        }
+    }
+}

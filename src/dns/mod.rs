@@ -1,0 +1,343 @@
+//! The agent's DNS server: authoritative for the mesh zone and nothing else.
+//!
+//! It answers from the zone file the agent renders (`<state_dir>/mesh.zone`),
+//! so what it says is what an operator reads on disk. A new zone is parsed,
+//! validated and built into answers beside the running one, then swapped in
+//! whole; a zone that fails to parse leaves the old one answering. Names
+//! outside the zone get REFUSED: the agent is never an open or recursive
+//! resolver.
+//!
+//! UDP goes through a lean path of our own ([`wire`]); TCP through
+//! hickory-server ([`handler`]). Both answer from the same [`Answers`].
+
+pub mod answers;
+mod handler;
+pub mod wire;
+
+use answers::{in_zone, wire_name, Answers, Lookup};
+use hickory_server::proto::rr::Name;
+use hickory_server::Server;
+use metrics::{Counter, Histogram};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::task::JoinHandle;
+use wire::{rcode, Answered};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("dns.zone {zone:?} is not a valid domain name: {reason}")]
+    ZoneName { zone: String, reason: String },
+    #[error("cannot read zone file {path}: {source}")]
+    ReadZone { path: PathBuf, source: std::io::Error },
+    #[error("zone file {path} refused: {reason}")]
+    BadZone { path: PathBuf, reason: String },
+    #[error("cannot listen for DNS on {addr} ({transport}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        transport: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// What the server answers from at one moment: the zone's apex, and the
+/// answers once a zone has loaded.
+#[derive(Debug)]
+pub struct Served {
+    origin_wire: Vec<u8>,
+    answers: Option<Answers>,
+}
+
+impl Served {
+    /// Answers a question (`name` in lowercase wire form).
+    pub fn lookup(&self, name: &[u8], rtype: u16) -> Lookup<'_> {
+        match &self.answers {
+            Some(answers) => answers.lookup(name, rtype),
+            None if in_zone(name, &self.origin_wire) => Lookup::NotLoaded,
+            None => Lookup::Refused,
+        }
+    }
+}
+
+/// The zone being served, swapped whole on reload. Readers on the hot path
+/// keep their own `Arc` and only take the lock when the version moved.
+#[derive(Debug)]
+pub struct ZoneCell {
+    current: RwLock<Arc<Served>>,
+    version: AtomicU64,
+}
+
+impl ZoneCell {
+    fn new(served: Served) -> Self {
+        ZoneCell {
+            current: RwLock::new(Arc::new(served)),
+            version: AtomicU64::new(0),
+        }
+    }
+
+    /// The zone now.
+    pub fn current(&self) -> Arc<Served> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    fn swap(&self, served: Served) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(served);
+        self.version.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Record types with a label of their own in the query metrics.
+const METRIC_TYPES: [(u16, &str); 9] = [
+    (1, "A"),
+    (28, "AAAA"),
+    (33, "SRV"),
+    (6, "SOA"),
+    (2, "NS"),
+    (5, "CNAME"),
+    (12, "PTR"),
+    (16, "TXT"),
+    (255, "ANY"),
+];
+
+const METRIC_RCODES: [(u16, &str); 7] = [
+    (rcode::NOERROR, "NOERROR"),
+    (rcode::FORMERR, "FORMERR"),
+    (rcode::SERVFAIL, "SERVFAIL"),
+    (rcode::NXDOMAIN, "NXDOMAIN"),
+    (rcode::NOTIMP, "NOTIMP"),
+    (rcode::REFUSED, "REFUSED"),
+    (rcode::BADVERS, "BADVERS"),
+];
+
+/// Query counters by transport, type and response code, registered once so
+/// a query costs an index, not a registry lookup.
+pub struct QueryMetrics {
+    /// [transport][type (last: other)][rcode (last: other)]
+    queries: Vec<Vec<Vec<Counter>>>,
+    duration: [Histogram; 2],
+    truncated: Counter,
+}
+
+impl QueryMetrics {
+    fn new() -> Self {
+        let transports = ["udp", "tcp"];
+        let types: Vec<&str> = METRIC_TYPES.iter().map(|(_, n)| *n).chain(["other"]).collect();
+        let codes: Vec<&str> = METRIC_RCODES.iter().map(|(_, n)| *n).chain(["other"]).collect();
+        let queries = transports
+            .iter()
+            .map(|transport| {
+                types
+                    .iter()
+                    .map(|qtype| {
+                        codes
+                            .iter()
+                            .map(|code| {
+                                metrics::counter!("loopmesh_dns_queries_total",
+                                    "transport" => *transport, "type" => *qtype, "rcode" => *code)
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        QueryMetrics {
+            queries,
+            duration: transports
+                .map(|transport| metrics::histogram!("loopmesh_dns_query_duration_seconds", "transport" => transport)),
+            truncated: metrics::counter!("loopmesh_dns_truncated_total"),
+        }
+    }
+
+    /// Counts one answered query.
+    pub fn record(&self, answered: Answered, transport: &str, took: Duration) {
+        let t = usize::from(transport == "tcp");
+        let qtype = METRIC_TYPES
+            .iter()
+            .position(|(code, _)| *code == answered.qtype)
+            .unwrap_or(METRIC_TYPES.len());
+        let code = METRIC_RCODES
+            .iter()
+            .position(|(code, _)| *code == answered.rcode)
+            .unwrap_or(METRIC_RCODES.len());
+        self.queries[t][qtype][code].increment(1);
+        self.duration[t].record(took.as_secs_f64());
+        if answered.truncated {
+            self.truncated.increment(1);
+        }
+    }
+}
+
+/// How long a TCP client may stay quiet before its connection is closed.
+const TCP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The DNS server of one agent.
+pub struct DnsServer {
+    zone: Name,
+    zone_path: PathBuf,
+    listen: SocketAddr,
+    cell: Arc<ZoneCell>,
+    metrics: Arc<QueryMetrics>,
+    running: Option<Running>,
+}
+
+struct Running {
+    udp: JoinHandle<()>,
+    tcp: Server<handler::TcpHandler>,
+}
+
+impl DnsServer {
+    /// A server for `zone` (e.g. `mesh.internal.`) reading `zone_path`,
+    /// to listen on `listen`. Nothing is bound or loaded yet.
+    pub fn new(zone: &str, zone_path: &Path, listen: SocketAddr) -> Result<DnsServer, DnsError> {
+        let name = Name::from_ascii(zone).map_err(|err| DnsError::ZoneName {
+            zone: zone.to_string(),
+            reason: err.to_string(),
+        })?;
+        let served = Served {
+            origin_wire: wire_name(&name),
+            answers: None,
+        };
+        Ok(DnsServer {
+            zone: name,
+            zone_path: zone_path.to_path_buf(),
+            listen,
+            cell: Arc::new(ZoneCell::new(served)),
+            metrics: Arc::new(QueryMetrics::new()),
+            running: None,
+        })
+    }
+
+    /// Loads the zone file and swaps it in. On failure the zone already
+    /// served stays, and the error says so.
+    pub fn reload(&self) -> Result<(), DnsError> {
+        let started = Instant::now();
+        let answers = match Answers::load(&self.zone_path, &self.zone) {
+            Ok(answers) => answers,
+            Err(err) => {
+                metrics::counter!("loopmesh_dns_reload_failures_total").increment(1);
+                return Err(err);
+            }
+        };
+        tracing::info!(
+            "dns: serving zone {} serial {} ({} records) from {}, built in {:.1} ms",
+            self.zone,
+            answers.serial(),
+            answers.len(),
+            self.zone_path.display(),
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+        metrics::counter!("loopmesh_dns_reloads_total").increment(1);
+        metrics::gauge!("loopmesh_dns_zone_records").set(answers.len() as f64);
+        metrics::gauge!("loopmesh_dns_zone_serial").set(f64::from(answers.serial()));
+        self.cell.swap(Served {
+            origin_wire: wire_name(&self.zone),
+            answers: Some(answers),
+        });
+        Ok(())
+    }
+
+    /// Reloads, logging a failure with what stays served.
+    pub fn reload_or_keep(&self) {
+        if let Err(err) = self.reload() {
+            let kept = match &self.cell.current().answers {
+                Some(answers) => format!("still answering from serial {}", answers.serial()),
+                None => "no zone loaded yet: in-zone names get SERVFAIL".to_string(),
+            };
+            tracing::error!("dns: {err}; {kept}");
+        }
+    }
+
+    /// The zone served now (for tests and the admin API).
+    pub fn current(&self) -> Arc<Served> {
+        self.cell.current()
+    }
+
+    /// Whether UDP and TCP are bound and answering.
+    pub fn is_listening(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// The address queries go to.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// Binds UDP and TCP and starts answering. A failure leaves the server
+    /// down (call again to retry) and nothing half-bound.
+    pub async fn start(&mut self) -> Result<(), DnsError> {
+        if self.running.is_some() {
+            return Ok(());
+        }
+        let addr = self.listen;
+        let bind_error = |transport| {
+            move |source| DnsError::Bind {
+                addr,
+                transport,
+                source,
+            }
+        };
+        let udp = UdpSocket::bind(addr).await.map_err(bind_error("udp"))?;
+        let tcp = TcpListener::bind(addr).await.map_err(bind_error("tcp"))?;
+        let mut server = Server::new(handler::TcpHandler {
+            zone: self.cell.clone(),
+            metrics: self.metrics.clone(),
+        });
+        server.register_listener(tcp, TCP_TIMEOUT, 64);
+        let udp = tokio::spawn(serve_udp(udp, self.cell.clone(), self.metrics.clone()));
+        self.running = Some(Running { udp, tcp: server });
+        tracing::info!("dns: answering for {} on {addr} (udp and tcp)", self.zone);
+        Ok(())
+    }
+
+    /// Stops answering.
+    pub async fn shutdown(&mut self) {
+        if let Some(mut running) = self.running.take() {
+            running.udp.abort();
+            let _ = running.udp.await;
+            let _ = running.tcp.shutdown_gracefully().await;
+        }
+    }
+}
+
+/// Largest query read; anything longer is cut and answered FORMERR.
+const MAX_QUERY: usize = 4096;
+
+/// Answers UDP queries until aborted.
+async fn serve_udp(socket: UdpSocket, cell: Arc<ZoneCell>, metrics: Arc<QueryMetrics>) {
+    let mut query = vec![0u8; MAX_QUERY];
+    let mut response = Vec::with_capacity(MAX_QUERY);
+    let mut version = cell.version();
+    let mut served = cell.current();
+    loop {
+        let (len, peer) = match socket.recv_from(&mut query).await {
+            Ok(received) => received,
+            Err(err) => {
+                tracing::debug!("dns: udp receive failed: {err}");
+                continue;
+            }
+        };
+        let started = Instant::now();
+        if peer.port() == 0 {
+            continue;
+        }
+        if cell.version() != version {
+            version = cell.version();
+            served = cell.current();
+        }
+        let Some(answered) = wire::respond(&served, &query[..len], &mut response) else {
+            continue;
+        };
+        if let Err(err) = socket.send_to(&response, peer).await {
+            tracing::debug!("dns: cannot answer {peer}: {err}");
+            continue;
+        }
+        metrics.record(answered, "udp", started.elapsed());
+    }
+}
