@@ -9,6 +9,7 @@
 use crate::addresses::AddressPool;
 use crate::catalog::Catalog;
 use crate::config::{AgentConfig, ConfigError};
+use crate::dns::{DnsError, DnsServer};
 use crate::proxy::{ProxyManager, ProxySettings};
 use crate::render::{Dirty, RenderError, Renderer, Report};
 use crate::state::{self, LastKnownGood, StateError};
@@ -35,6 +36,8 @@ pub enum AgentError {
     Render(#[from] RenderError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Dns(#[from] DnsError),
     #[error("{count} file(s) failed to render; see the errors above")]
     RenderFailures { count: usize },
 }
@@ -53,6 +56,8 @@ pub struct Pipeline {
     reachable: bool,
     /// The data plane, unless the config turns it off.
     proxy: Option<ProxyManager>,
+    /// The DNS server, unless the config turns it off.
+    dns: Option<DnsServer>,
 }
 
 impl Pipeline {
@@ -66,6 +71,7 @@ impl Pipeline {
         })?;
         let renderer = Renderer::new(&config, *config.dns.listen.ip())?;
         let proxy = config.proxy.enabled.then(|| new_proxy(&config));
+        let dns = new_dns(&config)?;
         Ok(Pipeline {
             config,
             store,
@@ -77,6 +83,7 @@ impl Pipeline {
             synced: false,
             reachable: false,
             proxy,
+            dns,
         })
     }
 
@@ -203,18 +210,22 @@ impl Pipeline {
         report
     }
 
-    /// Renders, then reloads the data plane if the routing table changed.
+    /// Renders, then reloads the data plane if the routing table changed
+    /// and the DNS server if the zone did.
     pub async fn render_and_apply(&mut self) -> Report {
         let report = self.render();
         let routes = routes_dir(&self.config);
-        if report
-            .written
-            .iter()
-            .chain(&report.removed)
-            .any(|path| path.starts_with(&routes))
-        {
+        let touched =
+            |wanted: &dyn Fn(&Path) -> bool| report.written.iter().chain(&report.removed).any(|p| wanted(p));
+        if touched(&|path| path.starts_with(&routes)) {
             if let Some(proxy) = &mut self.proxy {
                 reload_data_plane(proxy, &routes).await;
+            }
+        }
+        let zone = zone_path(&self.config);
+        if touched(&|path| path == zone) {
+            if let Some(dns) = &self.dns {
+                dns.reload_or_keep();
             }
         }
         report
@@ -265,6 +276,9 @@ impl Pipeline {
         self.announce_last_known_good();
         if let Some(proxy) = &mut self.proxy {
             reload_data_plane(proxy, &routes_dir(&self.config)).await;
+        }
+        if let Some(dns) = &mut self.dns {
+            start_dns(dns).await;
         }
         let (tx, mut rx) = mpsc::channel(1024);
         let store = self.store.clone();
@@ -319,12 +333,18 @@ impl Pipeline {
                     if let Some(proxy) = &mut self.proxy {
                         retry_binds(proxy).await;
                     }
+                    if let Some(dns) = &mut self.dns {
+                        retry_dns_bind(dns).await;
+                    }
                 }
                 () = &mut shutdown => break,
             }
         }
         sync.abort();
         tracing::info!("agent stopping; rendered files stay in place");
+        if let Some(dns) = &mut self.dns {
+            dns.shutdown().await;
+        }
         if let Some(proxy) = &mut self.proxy {
             proxy.shutdown().await;
         }
@@ -335,6 +355,56 @@ impl Pipeline {
 /// The routing table directory of a config.
 pub fn routes_dir(config: &AgentConfig) -> PathBuf {
     config.state_dir.join(crate::routing::ROUTES_DIR)
+}
+
+/// The rendered DNS zone of a config.
+pub fn zone_path(config: &AgentConfig) -> PathBuf {
+    config.state_dir.join(crate::render::ZONE_FILE)
+}
+
+/// The DNS server a config asks for (none if `dns.enabled` is off).
+fn new_dns(config: &AgentConfig) -> Result<Option<DnsServer>, DnsError> {
+    if !config.dns.enabled {
+        return Ok(None);
+    }
+    let listen = std::net::SocketAddr::V4(config.dns.listen);
+    DnsServer::new(&config.dns.zone, &zone_path(config), listen).map(Some)
+}
+
+/// Loads the zone on disk (the last one rendered, if any) and binds.
+async fn start_dns(dns: &mut DnsServer) {
+    let zone = dns.zone_path().to_path_buf();
+    if zone.exists() {
+        dns.reload_or_keep();
+    } else {
+        tracing::info!(
+            "dns: no zone at {} yet; in-zone names get SERVFAIL until the first render",
+            zone.display()
+        );
+    }
+    retry_dns_bind(dns).await;
+}
+
+/// Binds the DNS server if it is not listening; a failure is logged (and
+/// counted) with the retry that follows, the rest of the agent serves on.
+async fn retry_dns_bind(dns: &mut DnsServer) {
+    if dns.is_listening() {
+        return;
+    }
+    let first = !dns.has_tried_to_bind();
+    match dns.start().await {
+        Ok(()) if !first => tracing::info!("dns: listening on {} now that it is free", dns.listen_addr()),
+        Ok(()) => {}
+        Err(err) => {
+            metrics::counter!("loopmesh_dns_bind_failures_total").increment(1);
+            if first {
+                tracing::error!(
+                    "dns: {err}; the proxy and rendering go on, DNS is retried every {}s (port 53 needs CAP_NET_BIND_SERVICE)",
+                    BIND_RETRY.as_secs()
+                );
+            }
+        }
+    }
 }
 
 fn new_proxy(config: &AgentConfig) -> ProxyManager {
@@ -386,11 +456,37 @@ pub async fn run_static(config: AgentConfig, shutdown: impl Future<Output = ()>)
     );
     let mut proxy = new_proxy(&config);
     reload_data_plane(&mut proxy, &routes).await;
+    // The zone next to the routes is served too, and followed the same way.
+    let mut dns = new_dns(&config)?;
+    let (zone_tx, mut zone_wake) = mpsc::unbounded_channel();
+    let _zone_watcher = match &mut dns {
+        Some(dns) => {
+            start_dns(dns).await;
+            Some(crate::store::file::watch_changes(
+                &config.state_dir,
+                notify::RecursiveMode::NonRecursive,
+                zone_tx,
+            )?)
+        }
+        None => None,
+    };
     tokio::pin!(shutdown);
     let mut bind_retry = tokio::time::interval(BIND_RETRY);
     loop {
         tokio::select! {
-            _ = bind_retry.tick() => retry_binds(&mut proxy).await,
+            _ = bind_retry.tick() => {
+                retry_binds(&mut proxy).await;
+                if let Some(dns) = &mut dns {
+                    retry_dns_bind(dns).await;
+                }
+            }
+            Some(()) = zone_wake.recv() => {
+                tokio::time::sleep(STATIC_SETTLE).await;
+                while zone_wake.try_recv().is_ok() {}
+                if let Some(dns) = &dns {
+                    dns.reload_or_keep();
+                }
+            }
             woke = wake.recv() => {
                 if woke.is_none() {
                     break;
@@ -404,6 +500,9 @@ pub async fn run_static(config: AgentConfig, shutdown: impl Future<Output = ()>)
         }
     }
     tracing::info!("agent stopping; draining connections");
+    if let Some(dns) = &mut dns {
+        dns.shutdown().await;
+    }
     proxy.shutdown().await;
     Ok(())
 }

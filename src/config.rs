@@ -199,6 +199,8 @@ impl TemplateResource {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
+    /// Serve the zone (off: render mesh.zone only, e.g. for another server).
+    pub enabled: bool,
     /// Zone apex, fully qualified (`mesh.internal.`).
     pub zone: String,
     /// TTL of the A and SRV records. Addresses never move, so long is safe.
@@ -210,6 +212,7 @@ pub struct DnsConfig {
 impl Default for DnsConfig {
     fn default() -> Self {
         DnsConfig {
+            enabled: true,
             zone: "mesh.internal.".into(),
             ttl: 300,
             listen: std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(127, 0, 0, 153), 53),

@@ -8,12 +8,10 @@
 //! A new zone is built whole beside the old one and swapped in (see
 //! `super::ZoneCell`), so no query ever sees half of one.
 
-use super::DnsError;
 use hickory_server::proto::rr::{DNSClass, Name, RData, Record, RecordSet, RecordType, RrKey};
 use hickory_server::proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
 use hickory_server::proto::serialize::txt::Parser;
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 
 /// Longest name on the wire (RFC 1035 §2.3.4).
 pub const MAX_NAME: usize = 255;
@@ -67,18 +65,6 @@ pub struct Answers {
 }
 
 impl Answers {
-    /// Reads and builds a zone file; `zone` is the apex it must declare.
-    pub fn load(path: &Path, zone: &Name) -> Result<Answers, DnsError> {
-        let text = std::fs::read_to_string(path).map_err(|source| DnsError::ReadZone {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Answers::parse(&text, zone).map_err(|reason| DnsError::BadZone {
-            path: path.to_path_buf(),
-            reason,
-        })
-    }
-
     /// Parses zone text (RFC 1035 master format) for apex `zone`.
     pub fn parse(text: &str, zone: &Name) -> Result<Answers, String> {
         // The last $ORIGIN may name a subdomain; the apex is dns.zone, and

@@ -185,6 +185,10 @@ pub struct DnsServer {
     cell: Arc<ZoneCell>,
     metrics: Arc<QueryMetrics>,
     running: Option<Running>,
+    /// Whether a bind was tried (to log the first failure loudly, not each retry).
+    tried: bool,
+    /// Hash of the zone text served, so an unchanged file is not rebuilt.
+    loaded: std::sync::Mutex<Option<u64>>,
 }
 
 struct Running {
@@ -211,20 +215,40 @@ impl DnsServer {
             cell: Arc::new(ZoneCell::new(served)),
             metrics: Arc::new(QueryMetrics::new()),
             running: None,
+            tried: false,
+            loaded: std::sync::Mutex::new(None),
         })
     }
 
-    /// Loads the zone file and swaps it in. On failure the zone already
-    /// served stays, and the error says so.
+    /// Loads the zone file and swaps it in (a file identical to the one
+    /// served is left alone). On failure the zone already served stays.
     pub fn reload(&self) -> Result<(), DnsError> {
         let started = Instant::now();
-        let answers = match Answers::load(&self.zone_path, &self.zone) {
-            Ok(answers) => answers,
-            Err(err) => {
-                metrics::counter!("loopmesh_dns_reload_failures_total").increment(1);
-                return Err(err);
+        let text = std::fs::read_to_string(&self.zone_path).map_err(|source| {
+            metrics::counter!("loopmesh_dns_reload_failures_total").increment(1);
+            DnsError::ReadZone {
+                path: self.zone_path.clone(),
+                source,
             }
+        })?;
+        let hash = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            text.hash(&mut hasher);
+            hasher.finish()
         };
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if *loaded == Some(hash) {
+            return Ok(());
+        }
+        let answers = Answers::parse(&text, &self.zone).map_err(|reason| {
+            metrics::counter!("loopmesh_dns_reload_failures_total").increment(1);
+            DnsError::BadZone {
+                path: self.zone_path.clone(),
+                reason,
+            }
+        })?;
+        *loaded = Some(hash);
         tracing::info!(
             "dns: serving zone {} serial {} ({} records) from {}, built in {:.1} ms",
             self.zone,
@@ -269,12 +293,23 @@ impl DnsServer {
         self.listen
     }
 
+    /// The zone file served.
+    pub fn zone_path(&self) -> &Path {
+        &self.zone_path
+    }
+
+    /// Whether [`DnsServer::start`] was called before.
+    pub fn has_tried_to_bind(&self) -> bool {
+        self.tried
+    }
+
     /// Binds UDP and TCP and starts answering. A failure leaves the server
     /// down (call again to retry) and nothing half-bound.
     pub async fn start(&mut self) -> Result<(), DnsError> {
         if self.running.is_some() {
             return Ok(());
         }
+        self.tried = true;
         let addr = self.listen;
         let bind_error = |transport| {
             move |source| DnsError::Bind {

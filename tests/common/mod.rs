@@ -310,19 +310,42 @@ impl Drop for Etcd {
 pub struct Loopmesh {
     child: Child,
     pub log: PathBuf,
+    /// Where an agent answers DNS: a loopback address of its own unless the
+    /// arguments name one.
+    pub dns: Option<SocketAddr>,
+}
+
+/// A UDP port free on a fresh loopback address (so TCP is free there too).
+pub fn dns_addr() -> SocketAddr {
+    std::net::UdpSocket::bind((unique_ip(), 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 impl Loopmesh {
     pub fn spawn(args: &[&str], log_dir: &Path) -> Loopmesh {
         let log = log_dir.join(format!("loopmesh-{}.log", NEXT.fetch_add(1, Ordering::Relaxed)));
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let mut dns = None;
+        if args.first().is_some_and(|a| a == "agent") {
+            match args.iter().position(|a| a == "--dns-listen") {
+                Some(at) => dns = args.get(at + 1).and_then(|a| a.parse().ok()),
+                None => {
+                    let addr = dns_addr();
+                    args.extend(["--dns-listen".to_string(), addr.to_string()]);
+                    dns = Some(addr);
+                }
+            }
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_loopmesh"))
-            .args(args)
-            .env("RUST_LOG", "info")
+            .args(&args)
+            .env("RUST_LOG", "info,hickory_server=warn")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        Loopmesh { child, log }
+        Loopmesh { child, log, dns }
     }
 
     pub fn pid(&self) -> u32 {
