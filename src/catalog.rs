@@ -188,6 +188,17 @@ pub enum InstanceState {
     Maintenance,
 }
 
+impl InstanceState {
+    /// The word as written in the catalog.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Up => "up",
+            InstanceState::Draining => "draining",
+            InstanceState::Maintenance => "maintenance",
+        }
+    }
+}
+
 /// One backend of a service, under `instances/<service>/<id>`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]

@@ -1,10 +1,12 @@
-//! Command line: `loopmesh agent | check | render --once`.
+//! Command line: `loopmesh agent | check | render --once | registrar | set-state`.
 //!
 //! Flag names follow the contract in DESIGN.md; they override the config
 //! file. Errors reach the operator as one line and a non-zero exit.
 
 use crate::agent::{self, Pipeline};
 use crate::config::{AgentConfig, Overrides};
+use crate::registrar::config::{parse_state, write_flag, RegistrarConfig};
+use crate::registrar::Registrar;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -31,6 +33,52 @@ pub enum Command {
         #[command(flatten)]
         args: AgentArgs,
     },
+    /// Health-check this node's backends and keep the healthy ones registered.
+    Registrar(RegistrarArgs),
+    /// Put one of this node's instances in maintenance or draining (or back up):
+    /// writes the registrar's flag file, which the running registrar follows.
+    SetState {
+        /// Registrar config file (names the flags directory).
+        #[arg(long, value_name = "FILE", default_value = "/etc/loopmesh/registrar.yaml")]
+        config: PathBuf,
+        /// Instance id (as registered: `<node>-<port>` unless configured).
+        instance: String,
+        /// up, draining or maintenance.
+        state: String,
+    },
+}
+
+/// Flags of the registrar.
+#[derive(Debug, Args)]
+pub struct RegistrarArgs {
+    /// YAML config file.
+    #[arg(long, value_name = "FILE", default_value = "/etc/loopmesh/registrar.yaml")]
+    pub config: PathBuf,
+    /// etcd endpoints, comma-separated; absent means the file catalog.
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+    pub etcd: Option<Vec<String>>,
+    /// File catalog directory.
+    #[arg(long, value_name = "DIR")]
+    pub catalog_dir: Option<PathBuf>,
+    /// Key prefix (default /loopmesh).
+    #[arg(long, value_name = "P")]
+    pub prefix: Option<String>,
+    /// Node name (default: hostname).
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+}
+
+impl RegistrarArgs {
+    fn load(&self) -> anyhow::Result<RegistrarConfig> {
+        let overrides = Overrides {
+            etcd: self.etcd.clone(),
+            catalog_dir: self.catalog_dir.clone(),
+            prefix: self.prefix.clone(),
+            node: self.node.clone(),
+            ..Overrides::default()
+        };
+        Ok(RegistrarConfig::load(&self.config, &overrides)?)
+    }
 }
 
 /// Flags shared by the agent's commands.
@@ -117,6 +165,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     "ok: config, {} template resource(s) and templates are valid",
                     config.templates.len() + crate::render::core_resources().len()
                 );
+            }
+            Command::Registrar(args) => {
+                let config = args.load()?;
+                Registrar::new(config)?.run(shutdown_signal()).await?;
+            }
+            Command::SetState {
+                config,
+                instance,
+                state,
+            } => {
+                let state = parse_state(&state).map_err(|reason| anyhow::anyhow!("{reason}"))?;
+                crate::catalog::check_instance_id(&instance)?;
+                let config = RegistrarConfig::load(&config, &Overrides::default())?;
+                let flags = config.flags_dir();
+                write_flag(&flags, &instance, state).with_context(|| {
+                    format!("cannot write the flag for {instance} in {}", flags.display())
+                })?;
+                println!("{instance}: {} (flag in {})", state.as_str(), flags.display());
             }
             Command::Render { args, .. } => {
                 let report = agent::render_once(args.load()?).await?;

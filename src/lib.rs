@@ -29,6 +29,7 @@ pub mod config;
 pub mod dns;
 pub mod duration;
 pub mod proxy;
+pub mod registrar;
 pub mod render;
 pub mod routing;
 pub mod state;

@@ -127,12 +127,12 @@ impl EtcdStore {
     }
 
     /// Forgets the client so the next call reconnects.
-    async fn reset(&self) {
+    pub async fn reset(&self) {
         *self.client.lock().await = None;
     }
 
     /// Runs an etcd call with the request timeout, naming the endpoints on error.
-    async fn timed<T>(
+    pub async fn timed<T>(
         &self,
         call: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, StoreError> {

@@ -1,0 +1,376 @@
+//! The registrar's configuration: the store, the lease, and the local
+//! backends to check, inline or one file each in a conf.d-style directory.
+
+use crate::catalog::{check_instance_id, check_service_name, parse_instance, Instance, InstanceState};
+use crate::config::{read_yaml, resolve, validate_store, ConfigError, Overrides, StoreConfig};
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// `registrar.yaml`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrarConfig {
+    /// Node name written into every instance (default: hostname).
+    pub node: Option<String>,
+    /// The node's zone, the default zone of its instances.
+    pub zone: Option<String>,
+    pub store: StoreConfig,
+    /// TTL of the etcd lease all registrations live under: how long they
+    /// outlive a registrar, node or network that died.
+    #[serde(with = "crate::duration")]
+    pub lease_ttl: Duration,
+    /// On SIGTERM, how long instances stay registered as draining before
+    /// they are deleted.
+    #[serde(with = "crate::duration")]
+    pub drain_period: Duration,
+    /// A directory of service files (`*.yaml`, `*.yml`, `*.json`), one
+    /// backend each, followed without a restart.
+    pub services_dir: Option<PathBuf>,
+    /// Backends listed in this file.
+    pub services: Vec<ServiceCheck>,
+    /// Where operators' state flags live (`flags/<instance-id>`).
+    pub state_dir: PathBuf,
+}
+
+impl Default for RegistrarConfig {
+    fn default() -> Self {
+        RegistrarConfig {
+            node: None,
+            zone: None,
+            store: StoreConfig::default(),
+            lease_ttl: Duration::from_secs(10),
+            drain_period: Duration::from_secs(10),
+            services_dir: None,
+            services: Vec::new(),
+            state_dir: PathBuf::from("/var/lib/loopmesh/registrar"),
+        }
+    }
+}
+
+/// One local backend and how to check it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceCheck {
+    pub service: String,
+    #[serde(default = "default_host")]
+    pub host: String,
+    pub port: u16,
+    /// Instance id (default `<node>-<port>`).
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Default: the registrar's zone.
+    #[serde(default)]
+    pub zone: Option<String>,
+    #[serde(default)]
+    pub check: CheckConfig,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// How and how often a backend is checked. With no kind given, a TCP connect.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckConfig {
+    pub tcp: Option<TcpCheck>,
+    pub http: Option<HttpCheck>,
+    pub exec: Option<ExecCheck>,
+    #[serde(with = "crate::duration")]
+    pub interval: Duration,
+    #[serde(with = "crate::duration")]
+    pub timeout: Duration,
+    /// Passes in a row that make a backend healthy (and registered).
+    pub rise: u32,
+    /// Failures in a row that make it unhealthy (and deregistered).
+    pub fall: u32,
+}
+
+impl Default for CheckConfig {
+    fn default() -> Self {
+        CheckConfig {
+            tcp: None,
+            http: None,
+            exec: None,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TcpCheck {}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCheck {
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// Expected status (default 200).
+    #[serde(default = "default_status")]
+    pub status: u16,
+    /// A substring the body must contain.
+    #[serde(default)]
+    pub body: Option<String>,
+}
+
+fn default_path() -> String {
+    "/".into()
+}
+
+fn default_status() -> u16 {
+    200
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExecCheck {
+    /// Run with `sh -c`; exit 0 is healthy.
+    pub command: String,
+}
+
+/// The kind of check, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CheckKind {
+    Tcp,
+    Http(HttpCheck),
+    Exec(ExecCheck),
+}
+
+impl CheckConfig {
+    pub fn kind(&self) -> CheckKind {
+        match (&self.http, &self.exec) {
+            (Some(http), _) => CheckKind::Http(http.clone()),
+            (None, Some(exec)) => CheckKind::Exec(exec.clone()),
+            (None, None) => CheckKind::Tcp,
+        }
+    }
+}
+
+/// A backend as the registrar runs it: where it is registered and what.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backend {
+    pub service: String,
+    pub id: String,
+    /// The instance as registered while up (state set per flags).
+    pub instance: Instance,
+    pub check: CheckConfig,
+}
+
+impl Backend {
+    /// `<service>/<id>`, the key below `<prefix>/instances/`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.service, self.id)
+    }
+
+    /// The instance with `state`.
+    pub fn with_state(&self, state: InstanceState) -> Instance {
+        Instance {
+            state,
+            ..self.instance.clone()
+        }
+    }
+}
+
+impl RegistrarConfig {
+    /// Loads the file, applies flags, resolves paths and validates the store
+    /// and the inline services.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut config: RegistrarConfig = read_yaml(path)?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        config.store.catalog_dir = resolve(&base, &config.store.catalog_dir);
+        config.state_dir = resolve(&base, &config.state_dir);
+        config.services_dir = config.services_dir.as_deref().map(|dir| resolve(&base, dir));
+        if let Some(etcd) = &mut config.store.etcd {
+            etcd.password_file = etcd.password_file.as_deref().map(|p| resolve(&base, p));
+            if let Some(tls) = &mut etcd.tls {
+                tls.ca_file = resolve(&base, &tls.ca_file);
+                tls.cert_file = tls.cert_file.as_deref().map(|p| resolve(&base, p));
+                tls.key_file = tls.key_file.as_deref().map(|p| resolve(&base, p));
+            }
+        }
+        overrides.apply_store(&mut config.store);
+        if let Some(node) = &overrides.node {
+            config.node = Some(node.clone());
+        }
+        let origin = path.display().to_string();
+        let invalid = |field: &str, reason: String| ConfigError::Invalid {
+            origin: origin.clone(),
+            field: field.into(),
+            reason,
+        };
+        validate_store(&config.store).map_err(|(field, reason)| invalid(field, reason))?;
+        if config.lease_ttl < Duration::from_secs(2) {
+            return Err(invalid(
+                "lease_ttl",
+                "must be at least 2s (etcd's minimum is about 1s, keep-alives go at a third)".into(),
+            ));
+        }
+        for (index, service) in config.services.iter().enumerate() {
+            config
+                .backend(service)
+                .map_err(|reason| invalid(&format!("services[{index}]"), reason))?;
+        }
+        Ok(config)
+    }
+
+    /// The node name: configured, or the machine's hostname.
+    pub fn node_name(&self) -> String {
+        self.node.clone().unwrap_or_else(crate::config::hostname)
+    }
+
+    /// Where operators' state flags live.
+    pub fn flags_dir(&self) -> PathBuf {
+        self.state_dir.join("flags")
+    }
+
+    /// Validates one service entry into the backend the registrar runs.
+    pub fn backend(&self, service: &ServiceCheck) -> Result<Backend, String> {
+        check_service_name(&service.service).map_err(|err| err.to_string())?;
+        let id = service
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", self.node_name(), service.port));
+        check_instance_id(&id).map_err(|err| err.to_string())?;
+        let check = &service.check;
+        let kinds = [check.tcp.is_some(), check.http.is_some(), check.exec.is_some()];
+        if kinds.iter().filter(|k| **k).count() > 1 {
+            return Err("check: give one of tcp, http or exec".into());
+        }
+        if check.interval.is_zero() || check.timeout.is_zero() {
+            return Err("check: interval and timeout must be more than 0".into());
+        }
+        if check.rise == 0 || check.fall == 0 {
+            return Err("check: rise and fall must be at least 1".into());
+        }
+        if let Some(http) = &check.http {
+            if !http.path.starts_with('/') {
+                return Err(format!("check.http.path {:?} must start with /", http.path));
+            }
+        }
+        let instance = Instance {
+            host: service.host.clone(),
+            port: service.port,
+            node: Some(self.node_name()),
+            zone: service.zone.clone().or_else(|| self.zone.clone()),
+            tags: service.tags.clone(),
+            weight: service.weight,
+            state: InstanceState::Up,
+        };
+        // The same validation the agents apply when they read it back.
+        let value = serde_json::to_vec(&instance).map_err(|err| err.to_string())?;
+        parse_instance(&value).map_err(|err| err.to_string())?;
+        Ok(Backend {
+            service: service.service.clone(),
+            id,
+            instance,
+            check: check.clone(),
+        })
+    }
+
+    /// Every backend: inline ones, then one per file of `services_dir`
+    /// (sorted by name). The first invalid entry fails the whole set, naming
+    /// its file, so a bad edit never removes the good ones.
+    pub fn backends(&self) -> Result<Vec<Backend>, ConfigError> {
+        let mut backends = Vec::new();
+        for service in &self.services {
+            backends.push(self.backend(service).map_err(|reason| ConfigError::Invalid {
+                origin: "registrar config".into(),
+                field: format!("services ({})", service.service),
+                reason,
+            })?);
+        }
+        if let Some(dir) = &self.services_dir {
+            let entries = std::fs::read_dir(dir).map_err(|source| ConfigError::Read {
+                path: dir.clone(),
+                source,
+            })?;
+            let mut files: Vec<PathBuf> = entries
+                .filter_map(Result::ok)
+                .map(|entry| entry.path())
+                .filter(|path| {
+                    let hidden = path
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+                    let ext = path.extension().and_then(|e| e.to_str());
+                    !hidden && matches!(ext, Some("yaml" | "yml" | "json"))
+                })
+                .collect();
+            files.sort();
+            for file in files {
+                let service: ServiceCheck = read_yaml(&file)?;
+                backends.push(self.backend(&service).map_err(|reason| ConfigError::Invalid {
+                    origin: file.display().to_string(),
+                    field: "service".into(),
+                    reason,
+                })?);
+            }
+        }
+        let mut seen = HashSet::new();
+        for backend in &backends {
+            if !seen.insert(backend.key()) {
+                return Err(ConfigError::Invalid {
+                    origin: "registrar services".into(),
+                    field: backend.key(),
+                    reason: "the same instance is listed twice; give one an id".into(),
+                });
+            }
+        }
+        Ok(backends)
+    }
+}
+
+/// Reads an operator's state flag for an instance: `maintenance` or
+/// `draining` in `<flags_dir>/<id>`; no file is `up`.
+pub fn read_flag(flags_dir: &Path, id: &str) -> Result<InstanceState, String> {
+    let path = flags_dir.join(id);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            parse_state(text.trim()).map_err(|reason| format!("flag file {}: {reason}", path.display()))
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(InstanceState::Up),
+        Err(err) => Err(format!("cannot read flag file {}: {err}", path.display())),
+    }
+}
+
+/// Parses `up`, `draining` or `maintenance`.
+pub fn parse_state(text: &str) -> Result<InstanceState, String> {
+    match text {
+        "up" => Ok(InstanceState::Up),
+        "draining" => Ok(InstanceState::Draining),
+        "maintenance" => Ok(InstanceState::Maintenance),
+        other => Err(format!("state {other:?} is not one of up, draining, maintenance")),
+    }
+}
+
+/// Writes (or for `up`, removes) an instance's flag file, atomically.
+pub fn write_flag(flags_dir: &Path, id: &str, state: InstanceState) -> std::io::Result<()> {
+    std::fs::create_dir_all(flags_dir)?;
+    let path = flags_dir.join(id);
+    let word = match state {
+        InstanceState::Up => {
+            return match std::fs::remove_file(&path) {
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
+                _ => Ok(()),
+            }
+        }
+        InstanceState::Draining => "draining",
+        InstanceState::Maintenance => "maintenance",
+    };
+    let staged = flags_dir.join(format!(".{id}.tmp"));
+    std::fs::write(&staged, format!("{word}\n"))?;
+    std::fs::rename(&staged, &path)
+}

@@ -1,0 +1,288 @@
+//! The registrar (Nerve's job in SmartStack): checks the backends on this
+//! node and keeps exactly the healthy ones in the catalog.
+//!
+//! One task per backend runs its checks and reports only flips (rise/fall
+//! reached). The main loop owns the registry and decides what each key
+//! should hold: a healthy backend is registered with the state an operator
+//! set by flag (`up`, `draining`, `maintenance`), an unhealthy one is not.
+//! A store outage never flaps anything: checks go on, the lease outlives
+//! short blips, and whatever could not be written is retried.
+
+pub mod check;
+pub mod config;
+mod registry;
+
+use crate::catalog::InstanceState;
+use crate::config::ConfigError;
+use crate::store::StoreError;
+use config::{read_flag, Backend, RegistrarConfig};
+use registry::Registry;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistrarError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A backend being checked, and what the registrar knows of it.
+struct Running {
+    backend: Backend,
+    checker: JoinHandle<()>,
+    healthy: bool,
+}
+
+/// Quiet time after a file event before re-reading (editors write in bursts).
+const SETTLE: Duration = Duration::from_millis(50);
+
+/// The registrar daemon.
+pub struct Registrar {
+    config: RegistrarConfig,
+    registry: Registry,
+    running: BTreeMap<String, Running>,
+    /// Operators' flags by instance id.
+    flags: HashMap<String, InstanceState>,
+    flips_tx: mpsc::UnboundedSender<check::Flip>,
+    flips: mpsc::UnboundedReceiver<check::Flip>,
+}
+
+impl Registrar {
+    /// Validates everything that can be validated before running.
+    pub fn new(config: RegistrarConfig) -> Result<Self, RegistrarError> {
+        let registry = Registry::open(&config.store, config.lease_ttl)?;
+        let (flips_tx, flips) = mpsc::unbounded_channel();
+        Ok(Registrar {
+            config,
+            registry,
+            running: BTreeMap::new(),
+            flags: HashMap::new(),
+            flips_tx,
+            flips,
+        })
+    }
+
+    /// Runs until `shutdown`, then drains: every registered instance is
+    /// marked draining, stays so for `drain_period`, then is deleted and
+    /// the lease revoked.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), RegistrarError> {
+        let backends = self.config.backends()?;
+        tracing::info!(
+            "registrar {} starting: {} backend(s), {}",
+            self.config.node_name(),
+            backends.len(),
+            self.registry.describe()
+        );
+        let flags_dir = self.config.flags_dir();
+        std::fs::create_dir_all(&flags_dir).map_err(|source| StoreError::Write {
+            path: flags_dir.clone(),
+            source,
+        })?;
+        let (wake_tx, mut wake) = mpsc::unbounded_channel();
+        let _flags_watcher = crate::store::file::watch_changes(
+            &flags_dir,
+            notify::RecursiveMode::NonRecursive,
+            wake_tx.clone(),
+        )?;
+        let _services_watcher = match &self.config.services_dir {
+            Some(dir) => Some(crate::store::file::watch_changes(
+                dir,
+                notify::RecursiveMode::NonRecursive,
+                wake_tx,
+            )?),
+            None => None,
+        };
+        self.read_flags();
+        self.apply_backends(backends).await;
+        let mut tick = tokio::time::interval(self.config.lease_ttl / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                Some(flip) = self.flips.recv() => self.on_flip(flip).await,
+                _ = tick.tick() => self.registry.tick().await,
+                Some(()) = wake.recv() => {
+                    tokio::time::sleep(SETTLE).await;
+                    while wake.try_recv().is_ok() {}
+                    self.reload().await;
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        self.drain().await;
+        Ok(())
+    }
+
+    /// A backend crossed rise or fall.
+    async fn on_flip(&mut self, flip: check::Flip) {
+        let Some(running) = self.running.get_mut(&flip.key) else {
+            return;
+        };
+        running.healthy = flip.healthy;
+        let (checks, word) = if flip.healthy {
+            (running.backend.check.rise, "passed")
+        } else {
+            (running.backend.check.fall, "failed")
+        };
+        tracing::info!(
+            "registrar: {} is {} after {checks} check(s) {word} ({})",
+            flip.key,
+            if flip.healthy { "healthy" } else { "unhealthy" },
+            flip.detail
+        );
+        self.publish(&flip.key).await;
+    }
+
+    /// Makes the registry hold what `key` should: its instance with the
+    /// flagged state while healthy, nothing otherwise.
+    async fn publish(&mut self, key: &str) {
+        let value = self.running.get(key).and_then(|running| {
+            let state = self.flags.get(&running.backend.id).copied().unwrap_or_default();
+            metrics::gauge!("loopmesh_registrar_registered", "service" => running.backend.service.clone(), "instance" => running.backend.id.clone())
+                .set(if running.healthy { 1.0 } else { 0.0 });
+            running
+                .healthy
+                .then(|| serde_json::to_vec(&running.backend.with_state(state)).expect("instances serialize"))
+        });
+        self.registry.set(key, value).await;
+    }
+
+    /// Re-reads the services and the flags after a file event.
+    async fn reload(&mut self) {
+        let flags_before = self.flags.clone();
+        self.read_flags();
+        if self.flags != flags_before {
+            let keys: Vec<String> = self.running.keys().cloned().collect();
+            for key in keys {
+                self.publish(&key).await;
+            }
+        }
+        if self.config.services_dir.is_some() {
+            match self.config.backends() {
+                Ok(backends) => self.apply_backends(backends).await,
+                Err(err) => {
+                    metrics::counter!("loopmesh_registrar_config_errors_total").increment(1);
+                    tracing::error!(
+                        "registrar: {err}; the previous {} backend(s) stay",
+                        self.running.len()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Reads every flag file; an unreadable or invalid one is reported and
+    /// leaves that instance's state as it was.
+    fn read_flags(&mut self) {
+        let dir = self.config.flags_dir();
+        let mut flags = HashMap::new();
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            if id.starts_with('.') {
+                continue;
+            }
+            match read_flag(&dir, &id) {
+                Ok(state) => {
+                    flags.insert(id, state);
+                }
+                Err(err) => {
+                    tracing::error!("registrar: {err}; instance {id} keeps its state");
+                    if let Some(previous) = self.flags.get(&id) {
+                        flags.insert(id, *previous);
+                    }
+                }
+            }
+        }
+        for (id, state) in &flags {
+            if self.flags.get(id) != Some(state) {
+                tracing::info!("registrar: instance {id} set to {} by flag", state.as_str());
+            }
+        }
+        for id in self.flags.keys().filter(|id| !flags.contains_key(*id)) {
+            tracing::info!("registrar: instance {id} flag removed: up");
+        }
+        self.flags = flags;
+    }
+
+    /// Starts checking new backends, stops (and deregisters) removed ones,
+    /// restarts changed ones.
+    async fn apply_backends(&mut self, backends: Vec<Backend>) {
+        let wanted: BTreeMap<String, Backend> = backends.into_iter().map(|b| (b.key(), b)).collect();
+        let gone: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(key, running)| wanted.get(*key) != Some(&running.backend))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in gone {
+            if let Some(running) = self.running.remove(&key) {
+                running.checker.abort();
+                if !wanted.contains_key(&key) {
+                    tracing::info!("registrar: {key} is no longer configured; deregistering it");
+                }
+                self.registry.set(&key, None).await;
+            }
+        }
+        for (key, backend) in wanted {
+            if self.running.contains_key(&key) {
+                continue;
+            }
+            tracing::info!(
+                "registrar: checking {key} at {}:{} every {:?}",
+                backend.instance.host,
+                backend.instance.port,
+                backend.check.interval
+            );
+            let checker = tokio::spawn(check::run(backend.clone(), self.flips_tx.clone()));
+            self.running.insert(
+                key,
+                Running {
+                    backend,
+                    checker,
+                    healthy: false,
+                },
+            );
+        }
+    }
+
+    /// SIGTERM: mark every registered instance draining, wait the drain
+    /// period, then delete them all and revoke the lease.
+    async fn drain(&mut self) {
+        for running in self.running.values() {
+            running.checker.abort();
+        }
+        let registered: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(_, running)| running.healthy)
+            .map(|(key, _)| key.clone())
+            .collect();
+        if !registered.is_empty() && !self.config.drain_period.is_zero() {
+            tracing::info!(
+                "registrar stopping: {} instance(s) draining for {:?}",
+                registered.len(),
+                self.config.drain_period
+            );
+            for key in &registered {
+                let backend = &self.running[key].backend;
+                let value = serde_json::to_vec(&backend.with_state(InstanceState::Draining))
+                    .expect("instances serialize");
+                self.registry.set(key, Some(value)).await;
+            }
+            tokio::time::sleep(self.config.drain_period).await;
+        }
+        self.registry.close().await;
+        if self.registry.is_settled() {
+            tracing::info!("registrar stopped: instances deregistered, lease revoked");
+        } else {
+            tracing::warn!(
+                "registrar stopped without reaching the store; its registrations expire with the lease"
+            );
+        }
+    }
+}
