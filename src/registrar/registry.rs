@@ -191,6 +191,7 @@ impl EtcdRegistry {
             let mut leases = client.lease_client();
             match self.store.timed(leases.keep_alive(lease)).await {
                 Ok(keeper) => self.keeper = Some(keeper),
+                Err(err) if is_lease_lost(&err) => return self.replace_lost_lease(lease).await,
                 Err(err) => return self.failed("cannot keep the lease alive", err).await,
             }
         }
@@ -205,20 +206,29 @@ impl EtcdRegistry {
             Ok(Some(answer)) if answer.ttl() > 0 => self.succeeded(),
             Ok(_) => {
                 self.succeeded();
-                metrics::counter!("loopmesh_registrar_leases_lost_total").increment(1);
-                tracing::warn!(
-                    "registrar: lease {lease:x} is gone (expired or revoked); registering {} instance(s) again under a new one",
-                    self.desired.len()
-                );
-                self.lease = None;
-                self.keeper = None;
-                self.lease().await;
+                self.replace_lost_lease(lease).await;
+            }
+            Err(err) if is_lease_lost(&err) => {
+                self.succeeded();
+                self.replace_lost_lease(lease).await;
             }
             Err(err) => {
                 metrics::counter!("loopmesh_registrar_keepalive_failures_total").increment(1);
                 self.failed("lease keep-alive failed", err).await;
             }
         }
+    }
+
+    /// The lease is gone: take a new one and write every instance again.
+    async fn replace_lost_lease(&mut self, lease: i64) {
+        metrics::counter!("loopmesh_registrar_leases_lost_total").increment(1);
+        tracing::warn!(
+            "registrar: lease {lease:x} is gone (expired or revoked); registering {} instance(s) again under a new one",
+            self.desired.len()
+        );
+        self.lease = None;
+        self.keeper = None;
+        self.lease().await;
     }
 
     async fn flush(&mut self) {
@@ -246,10 +256,9 @@ impl EtcdRegistry {
                     self.succeeded();
                     self.dirty.remove(&key);
                 }
-                Err(err) if err.to_string().contains("lease not found") => {
+                Err(err) if is_lease_lost(&err) => {
                     // Gone between keep-alives: take a new one, write all again.
-                    self.lease = None;
-                    self.keeper = None;
+                    self.replace_lost_lease(lease).await;
                     return;
                 }
                 Err(err) => return self.failed(&format!("cannot write {key}"), err).await,
@@ -267,6 +276,11 @@ impl EtcdRegistry {
             }
         }
     }
+}
+
+/// Whether etcd said the lease no longer exists (expired or revoked).
+fn is_lease_lost(err: &StoreError) -> bool {
+    err.to_string().contains("lease not found")
 }
 
 /// Registrations as files of the file catalog, written atomically.
