@@ -412,3 +412,71 @@ async fn service_files_reload_without_restart_and_flags_set_state() {
     assert!(!ok, "an unknown state is refused");
     assert!(err.contains("not one of up, draining, maintenance"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_the_file_catalog_an_agent_renders_registrations_flags_and_draining() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("catalog");
+    std::fs::create_dir_all(catalog.join("services")).unwrap();
+    std::fs::write(catalog.join("services/web.yaml"), "port: 8080\n").unwrap();
+    let backend = Backend::start(fresh_addr(), "200 OK", "ok").await;
+    let config = dir.path().join("registrar.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "store: {{catalog_dir: catalog}}\nlease_ttl: 3s\ndrain_period: 1s\nstate_dir: state\nservices:\n{}",
+            service("web", backend.addr, "")
+        ),
+    )
+    .unwrap();
+    let registrar = registrar(&config, "n1", dir.path());
+    let id = format!("n1-{}", backend.addr.port());
+    let file = catalog.join(format!("instances/web/{id}.yaml"));
+    let agent_dir = tempfile::tempdir().unwrap();
+    let _agent = Loopmesh::spawn(
+        &[
+            "agent",
+            "--catalog-dir",
+            catalog.to_str().unwrap(),
+            "--state-dir",
+            agent_dir.path().join("state").to_str().unwrap(),
+        ],
+        agent_dir.path(),
+    );
+    let route = agent_dir.path().join("state/routes/web.json");
+    let backend_line = |state: &str| {
+        format!(
+            "\"id\": \"{id}\", \"host\": \"{}\", \"port\": {}, \"weight\": 5, \"state\": \"{state}\"",
+            backend.addr.ip(),
+            backend.addr.port()
+        )
+    };
+
+    // Registered as a file the agent reads back.
+    common::eventually("the instance file", || read(&file));
+    common::eventually("the agent to render it up", || {
+        read(&route).filter(|t| t.contains(&backend_line("up")))
+    });
+
+    // A flag written by hand puts it in maintenance.
+    std::fs::write(dir.path().join(format!("state/flags/{id}")), "maintenance\n").unwrap();
+    common::eventually("maintenance rendered", || {
+        read(&route).filter(|t| t.contains(&backend_line("maintenance")))
+    });
+    std::fs::remove_file(dir.path().join(format!("state/flags/{id}"))).unwrap();
+    common::eventually("up again", || {
+        read(&route).filter(|t| t.contains(&backend_line("up")))
+    });
+
+    // SIGTERM: draining for drain_period, then the file is removed.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(registrar.pid() as i32, libc::SIGTERM) };
+    common::eventually("draining rendered", || {
+        read(&route).filter(|t| t.contains(&backend_line("draining")))
+    });
+    common::eventually("the instance file removed", || (!file.exists()).then_some(()));
+    common::eventually("the agent to drop it", || {
+        read(&route).filter(|t| !t.contains(&id))
+    });
+    registrar.stop();
+}

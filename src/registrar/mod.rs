@@ -278,7 +278,11 @@ impl Registrar {
         }
         self.registry.close().await;
         if self.registry.is_settled() {
-            tracing::info!("registrar stopped: instances deregistered, lease revoked");
+            let how = match self.registry {
+                Registry::Etcd(_) => "instances deregistered, lease revoked",
+                Registry::File(_) => "instance files removed",
+            };
+            tracing::info!("registrar stopped: {how}");
         } else {
             tracing::warn!(
                 "registrar stopped without reaching the store; its registrations expire with the lease"
