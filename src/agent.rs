@@ -102,7 +102,7 @@ impl Pipeline {
                         .map(|e| (e.key.as_str(), e.value.as_slice(), e.create_revision)),
                 );
                 drop(entries);
-                release_freed_memory();
+                crate::memory::release_freed();
                 self.catalog.set_revision(revision);
                 self.dirty.mark_all();
                 self.requested.clear();
@@ -187,7 +187,7 @@ impl Pipeline {
         let full = dirty.is_full();
         let report = blocking(|| self.renderer.render(&self.catalog, &dirty));
         if full {
-            release_freed_memory();
+            crate::memory::release_freed();
         }
         for failure in &report.failures {
             tracing::error!("{failure}");
@@ -523,16 +523,6 @@ async fn retry_binds(proxy: &mut ProxyManager) {
 
 /// Quiet time after a routing file event in static mode.
 const STATIC_SETTLE: Duration = Duration::from_millis(20);
-
-/// Hands memory freed after a snapshot (the raw values, the old catalog)
-/// back to the OS; glibc keeps it otherwise, inflating RSS for good.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free heap pages.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
 
 /// Sleeps until `deadline`, or forever if there is none.
 async fn sleep_until(deadline: Option<Instant>) {

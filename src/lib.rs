@@ -28,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod dns;
 pub mod duration;
+pub mod memory;
 pub mod proxy;
 pub mod registrar;
 pub mod render;

@@ -19,6 +19,7 @@ pub const MAX_NAME: usize = 255;
 /// Records of one type at one name, with their wire form.
 #[derive(Debug)]
 pub struct RrSet {
+    pub rtype: u16,
     pub records: Vec<Record>,
     /// In-zone address records of the names these records point at (SRV,
     /// NS and MX targets), sent in the additional section.
@@ -31,8 +32,8 @@ pub struct RrSet {
 /// What the zone says about one question.
 #[derive(Debug)]
 pub enum Lookup<'a> {
-    /// Records to answer with.
-    Found(&'a RrSet),
+    /// Record sets to answer with: one, or every set at the name for ANY.
+    Found(&'a [RrSet]),
     /// The name exists without records of that type: NOERROR, SOA in authority.
     NoData(&'a Negative),
     /// Inside the zone, no such name: NXDOMAIN, SOA in authority.
@@ -60,7 +61,7 @@ pub struct Answers {
     negative: Negative,
     /// Lowercase wire name → its record sets by type; names that only hold
     /// others (`_tcp.zone`) are present with none, so they answer NODATA.
-    names: HashMap<Box<[u8]>, Vec<(u16, RrSet)>>,
+    names: HashMap<Box<[u8]>, Vec<RrSet>>,
     records: usize,
 }
 
@@ -125,6 +126,8 @@ impl Answers {
             soa: negative_soa,
         };
 
+        // Addresses of SRV/NS/MX targets inside the zone, for the additional
+        // section, found before the record sets are moved into their answers.
         let address_of = |target: &Name| -> Vec<Record> {
             let Some(sets) = by_name.get(wire_name(target).as_slice()) else {
                 return Vec::new();
@@ -136,11 +139,10 @@ impl Answers {
                 .flat_map(|(_, records)| records.iter().cloned())
                 .collect()
         };
-        let mut names = HashMap::with_capacity(by_name.len());
+        let mut extra: HashMap<(Box<[u8]>, u16), Vec<Record>> = HashMap::new();
         for (wire, sets) in &by_name {
-            let mut built = Vec::with_capacity(sets.len() + 1);
             for (rtype, records) in sets {
-                let additionals = records
+                let additionals: Vec<Record> = records
                     .iter()
                     .filter_map(|record| match &record.data {
                         RData::SRV(srv) => Some(&srv.target),
@@ -150,17 +152,19 @@ impl Answers {
                     })
                     .flat_map(address_of)
                     .collect();
-                built.push((*rtype, rrset(records.clone(), additionals)?));
+                if !additionals.is_empty() {
+                    extra.insert((wire.clone(), *rtype), additionals);
+                }
             }
-            if !sets.is_empty() {
-                // ANY: every record at the name, once (RFC 8482 allows less).
-                let all = sets
-                    .iter()
-                    .flat_map(|(_, records)| records.iter().cloned())
-                    .collect();
-                built.push((u16::from(RecordType::ANY), rrset(all, Vec::new())?));
+        }
+        let mut names = HashMap::with_capacity(by_name.len());
+        for (wire, sets) in by_name {
+            let mut built = Vec::with_capacity(sets.len());
+            for (rtype, records) in sets {
+                let additionals = extra.remove(&(wire.clone(), rtype)).unwrap_or_default();
+                built.push(rrset(rtype, records, additionals)?);
             }
-            names.insert(wire.clone(), built);
+            names.insert(wire, built);
         }
         Ok(Answers {
             origin,
@@ -200,15 +204,19 @@ impl Answers {
         let Some(sets) = self.names.get(name) else {
             return Lookup::NxDomain(&self.negative);
         };
+        if rtype == u16::from(RecordType::ANY) && !sets.is_empty() {
+            // ANY: every record at the name (RFC 8482 would allow less).
+            return Lookup::Found(sets);
+        }
         let cname = u16::from(RecordType::CNAME);
         let found = sets
             .iter()
-            .find(|(t, _)| *t == rtype)
+            .find(|set| set.rtype == rtype)
             // A name with a CNAME has nothing else: answer the alias, the
             // resolver follows it.
-            .or_else(|| sets.iter().find(|(t, _)| *t == cname));
+            .or_else(|| sets.iter().find(|set| set.rtype == cname));
         match found {
-            Some((_, set)) => Lookup::Found(set),
+            Some(set) => Lookup::Found(std::slice::from_ref(set)),
             None => Lookup::NoData(&self.negative),
         }
     }
@@ -269,7 +277,7 @@ pub fn wire_name(name: &Name) -> Vec<u8> {
     wire
 }
 
-fn rrset(records: Vec<Record>, additionals: Vec<Record>) -> Result<RrSet, String> {
+fn rrset(rtype: u16, records: Vec<Record>, additionals: Vec<Record>) -> Result<RrSet, String> {
     let mut answer_wire = Vec::new();
     for record in &records {
         // The owner is the question's name: a pointer to offset 12.
@@ -278,6 +286,7 @@ fn rrset(records: Vec<Record>, additionals: Vec<Record>) -> Result<RrSet, String
     }
     let additional_wire = encode_full(&additionals)?;
     Ok(RrSet {
+        rtype,
         records,
         additionals,
         answer_wire,
@@ -343,14 +352,14 @@ _web._tcp IN SRV 0 0 8080 web.mesh.internal.
         assert_eq!(answers.serial(), 42);
         assert_eq!(answers.len(), 5);
         let a = u16::from(RecordType::A);
-        let Lookup::Found(set) = answers.lookup(&wire("web.mesh.internal."), a) else {
+        let Lookup::Found([set]) = answers.lookup(&wire("web.mesh.internal."), a) else {
             panic!("web A not found");
         };
         assert_eq!(
             set.records[0].data,
             RData::A("127.100.0.8".parse::<std::net::Ipv4Addr>().unwrap().into())
         );
-        let Lookup::Found(srv) = answers.lookup(&wire("_web._tcp.mesh.internal."), 33) else {
+        let Lookup::Found([srv]) = answers.lookup(&wire("_web._tcp.mesh.internal."), 33) else {
             panic!("SRV not found");
         };
         assert_eq!(

@@ -58,8 +58,10 @@ impl RequestHandler for TcpHandler {
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.authoritative = true;
         let sent = match served.lookup(&wire_name(query.name()), u16::from(qtype)) {
-            Lookup::Found(set) => {
-                let message = builder.build(metadata, &set.records, empty(), empty(), &set.additionals);
+            Lookup::Found(sets) => {
+                let answers = sets.iter().flat_map(|set| &set.records);
+                let additionals = sets.iter().flat_map(|set| &set.additionals);
+                let message = builder.build(metadata, answers, empty(), empty(), additionals);
                 response.send_response(message).await
             }
             Lookup::NoData(negative) => {

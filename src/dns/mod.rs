@@ -249,6 +249,7 @@ impl DnsServer {
             }
         })?;
         *loaded = Some(hash);
+        drop(text);
         tracing::info!(
             "dns: serving zone {} serial {} ({} records) from {}, built in {:.1} ms",
             self.zone,
@@ -264,6 +265,9 @@ impl DnsServer {
             origin_wire: wire_name(&self.zone),
             answers: Some(answers),
         });
+        // The parser's intermediate maps are garbage now (and so is the old
+        // zone once the UDP loop lets go of it).
+        crate::memory::release_freed();
         Ok(())
     }
 

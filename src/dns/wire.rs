@@ -138,11 +138,17 @@ pub fn respond(served: &Served, query: &[u8], out: &mut Vec<u8>) -> Option<Answe
         ));
     }
     let (code, authoritative, counts) = match served.lookup(&name[..name_len], qtype) {
-        Lookup::Found(set) => {
-            out.extend_from_slice(&set.answer_wire);
-            out.extend_from_slice(&set.additional_wire);
-            let counts = (set.records.len() as u16, 0, set.additionals.len() as u16);
-            (rcode::NOERROR, true, counts)
+        Lookup::Found(sets) => {
+            let (mut answers, mut additionals) = (0, 0);
+            for set in sets {
+                out.extend_from_slice(&set.answer_wire);
+                answers += set.records.len() as u16;
+            }
+            for set in sets {
+                out.extend_from_slice(&set.additional_wire);
+                additionals += set.additionals.len() as u16;
+            }
+            (rcode::NOERROR, true, (answers, 0, additionals))
         }
         Lookup::NoData(negative) => {
             out.extend_from_slice(&negative.wire);
