@@ -7,6 +7,8 @@
 //! the files it rendered last and says it is stale.
 
 use crate::addresses::AddressPool;
+use crate::admin::AdminError;
+use crate::agent_status::{AgentStatus, DnsStatus, Published};
 use crate::catalog::Catalog;
 use crate::config::{AgentConfig, ConfigError};
 use crate::dns::{DnsError, DnsServer};
@@ -38,6 +40,8 @@ pub enum AgentError {
     State(#[from] StateError),
     #[error(transparent)]
     Dns(#[from] DnsError),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
     #[error("{count} file(s) failed to render; see the errors above")]
     RenderFailures { count: usize },
 }
@@ -58,6 +62,13 @@ pub struct Pipeline {
     proxy: Option<ProxyManager>,
     /// The DNS server, unless the config turns it off.
     dns: Option<DnsServer>,
+    /// What the admin API shows.
+    status: Arc<AgentStatus>,
+    /// A routing table is applied (rendered, or the last one on disk).
+    applied: bool,
+    /// Whether systemd was told READY=1.
+    announced_ready: bool,
+    render_failures: Vec<String>,
 }
 
 impl Pipeline {
@@ -72,6 +83,7 @@ impl Pipeline {
         let renderer = Renderer::new(&config, *config.dns.listen.ip())?;
         let proxy = config.proxy.enabled.then(|| new_proxy(&config));
         let dns = new_dns(&config)?;
+        let status = Arc::new(AgentStatus::new(rendered_files(&config)));
         Ok(Pipeline {
             config,
             store,
@@ -84,6 +96,10 @@ impl Pipeline {
             reachable: false,
             proxy,
             dns,
+            status,
+            applied: false,
+            announced_ready: false,
+            render_failures: Vec::new(),
         })
     }
 
@@ -192,6 +208,7 @@ impl Pipeline {
         for failure in &report.failures {
             tracing::error!("{failure}");
         }
+        self.render_failures = report.failures.iter().map(ToString::to_string).collect();
         metrics::counter!("loopmesh_render_passes_total").increment(1);
         metrics::counter!("loopmesh_render_failures_total").increment(report.failures.len() as u64);
         metrics::histogram!("loopmesh_render_duration_seconds").record(report.elapsed.as_secs_f64());
@@ -214,6 +231,7 @@ impl Pipeline {
     /// and the DNS server if the zone did.
     pub async fn render_and_apply(&mut self) -> Report {
         let report = self.render();
+        self.applied = true;
         let routes = routes_dir(&self.config);
         let touched =
             |wanted: &dyn Fn(&Path) -> bool| report.written.iter().chain(&report.removed).any(|p| wanted(p));
@@ -274,12 +292,21 @@ impl Pipeline {
             self.config.state_dir.display()
         );
         self.announce_last_known_good();
+        if self.config.admin.enabled {
+            let metrics = crate::admin::install_recorder()?;
+            let status: Arc<dyn crate::admin::Status> = self.status.clone();
+            tokio::spawn(crate::admin::serve(self.config.admin.listen, metrics, status));
+        }
         if let Some(proxy) = &mut self.proxy {
             reload_data_plane(proxy, &routes_dir(&self.config)).await;
+            // The last known good table on disk counts as applied (stale).
+            self.applied = !proxy.listening().is_empty() || !proxy.failed().is_empty();
         }
         if let Some(dns) = &mut self.dns {
             start_dns(dns).await;
         }
+        self.publish_status();
+        let mut watchdog = crate::systemd::watchdog_interval().map(tokio::time::interval);
         let (tx, mut rx) = mpsc::channel(1024);
         let store = self.store.clone();
         let sync = tokio::spawn(async move { store.sync(tx).await });
@@ -337,9 +364,13 @@ impl Pipeline {
                         retry_dns_bind(dns).await;
                     }
                 }
+                // Pinged from this loop, so a stuck loop stops the pings.
+                _ = tick_opt(&mut watchdog) => crate::systemd::notify("WATCHDOG=1"),
                 () = &mut shutdown => break,
             }
+            self.publish_status();
         }
+        crate::systemd::notify("STOPPING=1");
         sync.abort();
         tracing::info!("agent stopping; rendered files stay in place");
         if let Some(dns) = &mut self.dns {
@@ -355,6 +386,59 @@ impl Pipeline {
 /// The routing table directory of a config.
 pub fn routes_dir(config: &AgentConfig) -> PathBuf {
     config.state_dir.join(crate::routing::ROUTES_DIR)
+}
+
+impl Pipeline {
+    /// Publishes the state for the admin API, and tells systemd the agent
+    /// is ready the first time it is.
+    fn publish_status(&mut self) {
+        let published = Published {
+            node: self.config.node_name(),
+            store: self.store.describe(),
+            applied: self.applied,
+            stale: self.is_stale(),
+            revision: self.catalog.revision(),
+            services: self.catalog.entries().len(),
+            invalid_keys: self.catalog.invalid().keys().cloned().collect(),
+            render_failures: self.render_failures.clone(),
+            proxy: self.proxy.as_ref().map(ProxyManager::view),
+            dns: self.dns.as_ref().map(dns_status),
+        };
+        self.status.publish(published);
+        if !self.announced_ready && crate::admin::Status::ready(self.status.as_ref()).0 {
+            self.announced_ready = true;
+            tracing::info!("agent ready: routing table applied, every listener bound");
+            crate::systemd::notify("READY=1");
+        }
+    }
+}
+
+/// The DNS server's state for the admin API.
+fn dns_status(dns: &DnsServer) -> DnsStatus {
+    let served = dns.current();
+    DnsStatus {
+        listen: dns.listen_addr(),
+        listening: dns.is_listening(),
+        serial: served.serial(),
+        records: served.records(),
+    }
+}
+
+/// The files an agent renders, for the admin API's `/files`.
+fn rendered_files(config: &AgentConfig) -> Vec<PathBuf> {
+    let mut files = vec![routes_dir(config), zone_path(config)];
+    files.extend(config.templates.iter().map(|resource| config.dest_path(resource)));
+    files
+}
+
+/// Ticks `interval` if there is one; never completes otherwise.
+async fn tick_opt(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// The rendered DNS zone of a config.
@@ -470,10 +554,35 @@ pub async fn run_static(config: AgentConfig, shutdown: impl Future<Output = ()>)
         }
         None => None,
     };
+    let status = Arc::new(AgentStatus::new(vec![routes.clone(), zone_path(&config)]));
+    if config.admin.enabled {
+        let metrics = crate::admin::install_recorder()?;
+        let shown: Arc<dyn crate::admin::Status> = status.clone();
+        tokio::spawn(crate::admin::serve(config.admin.listen, metrics, shown));
+    }
+    let mut announced_ready = false;
+    let mut publish = |proxy: &ProxyManager, dns: &Option<DnsServer>| {
+        status.publish(Published {
+            node: config.node_name(),
+            store: format!("static files in {}", config.state_dir.display()),
+            // The hand-written table is the table: applied from the start.
+            applied: true,
+            proxy: Some(proxy.view()),
+            dns: dns.as_ref().map(dns_status),
+            ..Published::default()
+        });
+        if !announced_ready && crate::admin::Status::ready(status.as_ref()).0 {
+            announced_ready = true;
+            crate::systemd::notify("READY=1");
+        }
+    };
+    publish(&proxy, &dns);
+    let mut watchdog = crate::systemd::watchdog_interval().map(tokio::time::interval);
     tokio::pin!(shutdown);
     let mut bind_retry = tokio::time::interval(BIND_RETRY);
     loop {
         tokio::select! {
+            _ = tick_opt(&mut watchdog) => crate::systemd::notify("WATCHDOG=1"),
             _ = bind_retry.tick() => {
                 retry_binds(&mut proxy).await;
                 if let Some(dns) = &mut dns {
@@ -498,7 +607,9 @@ pub async fn run_static(config: AgentConfig, shutdown: impl Future<Output = ()>)
             }
             () = &mut shutdown => break,
         }
+        publish(&proxy, &dns);
     }
+    crate::systemd::notify("STOPPING=1");
     tracing::info!("agent stopping; draining connections");
     if let Some(dns) = &mut dns {
         dns.shutdown().await;

@@ -66,6 +66,9 @@ pub struct RegistrarArgs {
     /// Node name (default: hostname).
     #[arg(long, value_name = "NAME")]
     pub node: Option<String>,
+    /// Admin HTTP address (/metrics, /ready, /instances).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub admin_listen: Option<std::net::SocketAddr>,
 }
 
 impl RegistrarArgs {
@@ -75,6 +78,7 @@ impl RegistrarArgs {
             catalog_dir: self.catalog_dir.clone(),
             prefix: self.prefix.clone(),
             node: self.node.clone(),
+            admin_listen: self.admin_listen,
             ..Overrides::default()
         };
         Ok(RegistrarConfig::load(&self.config, &overrides)?)
@@ -102,6 +106,9 @@ pub struct AgentArgs {
     /// DNS server address (also the zone's NS glue).
     #[arg(long, value_name = "ADDR:PORT")]
     pub dns_listen: Option<std::net::SocketAddrV4>,
+    /// Admin HTTP address (/metrics, /ready...).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub admin_listen: Option<std::net::SocketAddr>,
     /// Node name (default: hostname).
     #[arg(long, value_name = "NAME")]
     pub node: Option<String>,
@@ -119,6 +126,7 @@ impl AgentArgs {
             state_dir: self.state_dir.clone(),
             node: self.node.clone(),
             dns_listen: self.dns_listen,
+            admin_listen: self.admin_listen,
             static_mode: self.static_mode,
         };
         Ok(AgentConfig::load(self.config.as_deref(), &overrides)?)
@@ -152,6 +160,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         match cli.command {
             Command::Agent(args) => {
                 let config = args.load()?;
+                if config.admin.enabled {
+                    // Before anything registers a metric, so none is lost.
+                    crate::admin::install_recorder()?;
+                }
                 if config.static_mode {
                     agent::run_static(config, shutdown_signal()).await?;
                 } else {
@@ -168,6 +180,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Command::Registrar(args) => {
                 let config = args.load()?;
+                if config.admin.enabled {
+                    crate::admin::install_recorder()?;
+                }
                 Registrar::new(config)?.run(shutdown_signal()).await?;
             }
             Command::SetState {

@@ -267,10 +267,39 @@ pub struct AgentConfig {
     pub dns: DnsConfig,
     pub render: RenderConfig,
     pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
     /// Static mode: no catalog; the routing table files under
     /// `<state_dir>/routes/`, written by hand, drive the data plane.
     #[serde(rename = "static")]
     pub static_mode: bool,
+}
+
+/// The admin HTTP server (/metrics, /live, /ready, JSON views).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    /// Keep it on loopback: it is unauthenticated.
+    pub listen: std::net::SocketAddr,
+}
+
+impl AdminConfig {
+    /// The default for a daemon listening on `port` of 127.0.0.1.
+    pub fn on_port(port: u16) -> Self {
+        AdminConfig {
+            enabled: true,
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+}
+
+/// The agent's admin port (Envoy's admin default).
+pub const AGENT_ADMIN_PORT: u16 = 9901;
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig::on_port(AGENT_ADMIN_PORT)
+    }
 }
 
 /// The in-process L4 proxy.
@@ -306,6 +335,7 @@ impl Default for AgentConfig {
             dns: DnsConfig::default(),
             render: RenderConfig::default(),
             proxy: ProxyConfig::default(),
+            admin: AdminConfig::default(),
             static_mode: false,
         }
     }
@@ -320,6 +350,7 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
     pub node: Option<String>,
     pub dns_listen: Option<std::net::SocketAddrV4>,
+    pub admin_listen: Option<std::net::SocketAddr>,
     pub static_mode: bool,
 }
 
@@ -387,6 +418,9 @@ impl AgentConfig {
         }
         if let Some(listen) = overrides.dns_listen {
             config.dns.listen = listen;
+        }
+        if let Some(listen) = overrides.admin_listen {
+            config.admin.listen = listen;
         }
         config.static_mode |= overrides.static_mode;
         config.validate(&origin)?;

@@ -22,7 +22,9 @@
 //! - [`cli`]: the `loopmesh` command line.
 
 pub mod addresses;
+pub mod admin;
 pub mod agent;
+pub mod agent_status;
 pub mod catalog;
 pub mod cli;
 pub mod config;
@@ -35,4 +37,5 @@ pub mod render;
 pub mod routing;
 pub mod state;
 pub mod store;
+pub mod systemd;
 pub mod yaml;

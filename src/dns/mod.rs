@@ -52,6 +52,16 @@ pub struct Served {
 }
 
 impl Served {
+    /// The serial of the zone served, if one is loaded.
+    pub fn serial(&self) -> Option<u32> {
+        self.answers.as_ref().map(Answers::serial)
+    }
+
+    /// Records in the zone served.
+    pub fn records(&self) -> usize {
+        self.answers.as_ref().map_or(0, Answers::len)
+    }
+
     /// Answers a question (`name` in lowercase wire form).
     pub fn lookup(&self, name: &[u8], rtype: u16) -> Lookup<'_> {
         match &self.answers {

@@ -109,6 +109,67 @@ pub struct ApplyReport {
     pub failed: BTreeMap<String, String>,
 }
 
+/// What the data plane serves, for the admin API (see [`ProxyManager::view`]).
+#[derive(Debug, Clone, Default)]
+pub struct ProxyView {
+    services: Vec<ServiceView>,
+}
+
+#[derive(Debug, Clone)]
+struct ServiceView {
+    service: String,
+    address: std::net::Ipv4Addr,
+    port: u16,
+    error: Option<String>,
+    /// The live state while listening.
+    state: Option<watch::Receiver<Arc<ServiceState>>>,
+}
+
+impl ProxyView {
+    /// Services that failed to listen, with why.
+    pub fn failed(&self) -> Vec<(String, String)> {
+        self.services
+            .iter()
+            .filter_map(|s| s.error.clone().map(|e| (s.service.clone(), e)))
+            .collect()
+    }
+
+    /// The routes with their backends' live state, as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        let now = balancer::now_nanos();
+        let services = self.services.iter().map(|view| {
+            let backends: Vec<serde_json::Value> = match &view.state {
+                Some(state) => {
+                    let state = state.borrow().clone();
+                    state
+                        .backends
+                        .backends()
+                        .iter()
+                        .map(|b| {
+                            serde_json::json!({
+                                "id": b.id, "host": b.host, "port": b.port, "weight": b.weight,
+                                "zone": b.zone, "state": b.state.as_str(),
+                                "ejected": b.stats.is_ejected(now),
+                                "active_connections": b.stats.active.load(std::sync::atomic::Ordering::Relaxed),
+                            })
+                        })
+                        .collect()
+                }
+                None => Vec::new(),
+            };
+            serde_json::json!({
+                "service": view.service,
+                "address": view.address.to_string(),
+                "port": view.port,
+                "listening": view.state.is_some(),
+                "error": view.error,
+                "backends": backends,
+            })
+        });
+        serde_json::Value::Array(services.collect())
+    }
+}
+
 /// Owns the listeners and swaps their state as the routing table changes.
 pub struct ProxyManager {
     settings: ProxySettings,
@@ -164,6 +225,23 @@ impl ProxyManager {
                 )
             })
             .collect()
+    }
+
+    /// A live view of every service of the table last applied, for the
+    /// admin API: its counters are read when the view is rendered.
+    pub fn view(&self) -> ProxyView {
+        let services = self
+            .table
+            .iter()
+            .map(|(name, route)| ServiceView {
+                service: name.clone(),
+                address: route.address,
+                port: route.port,
+                error: self.failed.get(name).cloned(),
+                state: self.running.get(name).map(|running| running.state.subscribe()),
+            })
+            .collect();
+        ProxyView { services }
     }
 
     /// Services listening now.

@@ -2,7 +2,7 @@
 //! backends to check, inline or one file each in a conf.d-style directory.
 
 use crate::catalog::{check_instance_id, check_service_name, parse_instance, Instance, InstanceState};
-use crate::config::{read_yaml, resolve, validate_store, ConfigError, Overrides, StoreConfig};
+use crate::config::{read_yaml, resolve, validate_store, AdminConfig, ConfigError, Overrides, StoreConfig};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -32,7 +32,12 @@ pub struct RegistrarConfig {
     pub services: Vec<ServiceCheck>,
     /// Where operators' state flags live (`flags/<instance-id>`).
     pub state_dir: PathBuf,
+    /// /metrics, /live, /ready and /instances (default 127.0.0.1:9902).
+    pub admin: AdminConfig,
 }
+
+/// The registrar's admin port (next to the agent's).
+pub const REGISTRAR_ADMIN_PORT: u16 = 9902;
 
 impl Default for RegistrarConfig {
     fn default() -> Self {
@@ -45,6 +50,7 @@ impl Default for RegistrarConfig {
             services_dir: None,
             services: Vec::new(),
             state_dir: PathBuf::from("/var/lib/loopmesh/registrar"),
+            admin: AdminConfig::on_port(REGISTRAR_ADMIN_PORT),
         }
     }
 }
@@ -205,6 +211,9 @@ impl RegistrarConfig {
         overrides.apply_store(&mut config.store);
         if let Some(node) = &overrides.node {
             config.node = Some(node.clone());
+        }
+        if let Some(listen) = overrides.admin_listen {
+            config.admin.listen = listen;
         }
         let origin = path.display().to_string();
         let invalid = |field: &str, reason: String| ConfigError::Invalid {

@@ -11,6 +11,7 @@
 pub mod check;
 pub mod config;
 mod registry;
+mod status;
 
 use crate::catalog::InstanceState;
 use crate::config::ConfigError;
@@ -27,6 +28,8 @@ use tokio::task::JoinHandle;
 pub enum RegistrarError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -50,6 +53,9 @@ pub struct Registrar {
     flags: HashMap<String, InstanceState>,
     flips_tx: mpsc::UnboundedSender<check::Flip>,
     flips: mpsc::UnboundedReceiver<check::Flip>,
+    status: std::sync::Arc<status::RegistrarStatus>,
+    /// Whether systemd was told READY=1.
+    announced_ready: bool,
 }
 
 impl Registrar {
@@ -64,6 +70,8 @@ impl Registrar {
             flags: HashMap::new(),
             flips_tx,
             flips,
+            status: Default::default(),
+            announced_ready: false,
         })
     }
 
@@ -97,8 +105,16 @@ impl Registrar {
             )?),
             None => None,
         };
+        if self.config.admin.enabled {
+            let metrics = crate::admin::install_recorder()?;
+            let shown: std::sync::Arc<dyn crate::admin::Status> = self.status.clone();
+            tokio::spawn(crate::admin::serve(self.config.admin.listen, metrics, shown));
+        }
         self.read_flags();
         self.apply_backends(backends).await;
+        self.registry.tick().await;
+        self.publish_status();
+        let mut watchdog = crate::systemd::watchdog_interval().map(tokio::time::interval);
         let mut tick = tokio::time::interval(self.config.lease_ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
@@ -111,11 +127,47 @@ impl Registrar {
                     while wake.try_recv().is_ok() {}
                     self.reload().await;
                 }
+                _ = async {
+                    match &mut watchdog {
+                        Some(interval) => { interval.tick().await; }
+                        None => std::future::pending::<()>().await,
+                    }
+                } => crate::systemd::notify("WATCHDOG=1"),
                 () = &mut shutdown => break,
             }
+            self.publish_status();
         }
+        crate::systemd::notify("STOPPING=1");
         self.drain().await;
         Ok(())
+    }
+
+    /// Publishes the state for the admin API; tells systemd the first time
+    /// it is ready.
+    fn publish_status(&mut self) {
+        let instances = self
+            .running
+            .values()
+            .map(|running| {
+                let backend = &running.backend;
+                let state = self.flags.get(&backend.id).copied().unwrap_or_default();
+                serde_json::json!({
+                    "key": backend.key(), "service": backend.service, "id": backend.id,
+                    "host": backend.instance.host, "port": backend.instance.port,
+                    "healthy": running.healthy, "state": state.as_str(), "registered": running.healthy,
+                })
+            })
+            .collect();
+        self.status.publish(status::Published {
+            node: self.config.node_name(),
+            store: self.registry.describe(),
+            settled: self.registry.is_settled(),
+            instances,
+        });
+        if !self.announced_ready && self.registry.is_settled() {
+            self.announced_ready = true;
+            crate::systemd::notify("READY=1");
+        }
     }
 
     /// A backend crossed rise or fall.

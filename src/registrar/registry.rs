@@ -78,7 +78,7 @@ impl Registry {
     /// Whether every desired key is in the store.
     pub fn is_settled(&self) -> bool {
         match self {
-            Registry::Etcd(etcd) => etcd.dirty.is_empty(),
+            Registry::Etcd(etcd) => etcd.dirty.is_empty() && !etcd.failing,
             Registry::File(file) => file.dirty.is_empty(),
         }
     }

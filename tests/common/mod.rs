@@ -313,6 +313,21 @@ pub struct Loopmesh {
     /// Where an agent answers DNS: a loopback address of its own unless the
     /// arguments name one.
     pub dns: Option<SocketAddr>,
+    /// Where an agent or registrar serves its admin API (likewise its own).
+    pub admin: Option<SocketAddr>,
+}
+
+/// A plain HTTP/1.1 GET: the status code and body, if the server answered.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
 }
 
 /// A UDP port free on a fresh loopback address (so TCP is free there too).
@@ -328,6 +343,20 @@ impl Loopmesh {
         let log = log_dir.join(format!("loopmesh-{}.log", NEXT.fetch_add(1, Ordering::Relaxed)));
         let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let mut dns = None;
+        let mut admin = None;
+        if args.first().is_some_and(|a| a == "agent" || a == "registrar") {
+            match args.iter().position(|a| a == "--admin-listen") {
+                Some(at) => admin = args.get(at + 1).and_then(|a| a.parse().ok()),
+                None => {
+                    let addr = std::net::TcpListener::bind((unique_ip(), 0))
+                        .unwrap()
+                        .local_addr()
+                        .unwrap();
+                    args.extend(["--admin-listen".to_string(), addr.to_string()]);
+                    admin = Some(addr);
+                }
+            }
+        }
         if args.first().is_some_and(|a| a == "agent") {
             match args.iter().position(|a| a == "--dns-listen") {
                 Some(at) => dns = args.get(at + 1).and_then(|a| a.parse().ok()),
@@ -345,7 +374,12 @@ impl Loopmesh {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        Loopmesh { child, log, dns }
+        Loopmesh {
+            child,
+            log,
+            dns,
+            admin,
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,168 @@
+//! The admin HTTP server of the agent and the registrar, on a loopback
+//! address: `/metrics` (Prometheus), `/live`, `/ready`, and JSON views of
+//! what the process is doing (routes, catalog, rendered files, instances).
+//!
+//! Plain hyper HTTP/1.1; everything it shows is read when asked, from state
+//! the daemon publishes (`Status`), so a scrape never waits on the daemon.
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot install the metrics recorder: {0}")]
+    Recorder(String),
+}
+
+/// What a daemon shows through the admin API.
+pub trait Status: Send + Sync + 'static {
+    /// Whether it is ready, with a JSON body saying why (not).
+    fn ready(&self) -> (bool, serde_json::Value);
+    /// The JSON view at `path` (`/routes`, `/catalog`...), if there is one.
+    fn view(&self, path: &str) -> Option<serde_json::Value>;
+    /// The paths [`Status::view`] answers, for the index.
+    fn views(&self) -> &'static [&'static str];
+}
+
+/// Histogram buckets in seconds: 50 µs to 10 s, for connect, DNS, render
+/// and check latencies alike.
+const BUCKETS: [f64; 16] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder behind the `metrics` facade (once per
+/// process) and keeps its histograms trimmed.
+pub fn install_recorder() -> Result<PrometheusHandle, AdminError> {
+    if let Some(handle) = RECORDER.get() {
+        return Ok(handle.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets(&BUCKETS)
+        .map_err(|err| AdminError::Recorder(err.to_string()))?
+        .install_recorder()
+        .map_err(|err| AdminError::Recorder(err.to_string()))?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(RECORDER.get_or_init(|| handle).clone())
+}
+
+/// How often a taken admin address is tried again.
+const BIND_RETRY: Duration = Duration::from_secs(2);
+
+/// Serves the admin API on `addr` forever. A taken address is logged once
+/// and retried: the daemon keeps doing its job without its admin API.
+pub async fn serve(addr: SocketAddr, metrics: PrometheusHandle, status: Arc<dyn Status>) {
+    let mut logged = false;
+    let listener = loop {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => break listener,
+            Err(err) => {
+                if !logged {
+                    tracing::error!(
+                        "admin: cannot listen on {addr}: {err}; no /metrics or /ready until it is free (retried every {}s)",
+                        BIND_RETRY.as_secs()
+                    );
+                    logged = true;
+                }
+                tokio::time::sleep(BIND_RETRY).await;
+            }
+        }
+    };
+    tracing::info!(
+        "admin: listening on http://{addr} (/metrics /live /ready {})",
+        status.views().join(" ")
+    );
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (metrics, status) = (metrics.clone(), status.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let response = respond(&request, &metrics, status.as_ref());
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn respond(
+    request: &Request<Incoming>,
+    metrics: &PrometheusHandle,
+    status: &dyn Status,
+) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
+    }
+    match request.uri().path() {
+        "/metrics" => {
+            let mut response = text(StatusCode::OK, metrics.render());
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        "/live" => text(StatusCode::OK, "ok\n".into()),
+        "/ready" => {
+            let (ready, body) = status.ready();
+            let code = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            json(code, &body)
+        }
+        path => match status.view(path) {
+            Some(body) => json(StatusCode::OK, &body),
+            None => {
+                let mut endpoints = vec!["/metrics", "/live", "/ready"];
+                endpoints.extend(status.views());
+                json(
+                    StatusCode::NOT_FOUND,
+                    &serde_json::json!({"error": format!("no endpoint {path}"), "endpoints": endpoints}),
+                )
+            }
+        },
+    }
+}
+
+fn text(code: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn json(code: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut text = serde_json::to_string_pretty(body).unwrap_or_else(|_| "{}".into());
+    text.push('\n');
+    let mut response = Response::new(Full::new(Bytes::from(text)));
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
