@@ -65,7 +65,10 @@ def rss_mib(pid):
 
 def dnsperf(addr, queries, extra):
     cmd = pinned(["dnsperf", "-s", addr, "-p", str(PORT), "-d", queries, *extra], 0)
-    return subprocess.run(cmd, capture_output=True, text=True).stdout
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if "Queries per second" not in run.stdout:
+        sys.exit(f"dnsperf against {addr} failed:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
+    return run.stdout
 
 
 def wait_answering(addr, name):

@@ -69,6 +69,9 @@ pub struct RegistrarArgs {
     /// Admin HTTP address (/metrics, /ready, /instances).
     #[arg(long, value_name = "ADDR:PORT")]
     pub admin_listen: Option<std::net::SocketAddr>,
+    /// Validate the config and every service file, then exit.
+    #[arg(long)]
+    pub check: bool,
 }
 
 impl RegistrarArgs {
@@ -177,6 +180,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     "ok: config, {} template resource(s) and templates are valid",
                     config.templates.len() + crate::render::core_resources().len()
                 );
+            }
+            Command::Registrar(args) if args.check => {
+                let backends = args.load()?.backends()?;
+                println!("ok: registrar config and {} backend(s) are valid", backends.len());
             }
             Command::Registrar(args) => {
                 let config = args.load()?;

@@ -121,7 +121,7 @@ impl TcpHandler {
                     rcode: u16::from(info.response_code),
                     truncated: false,
                 };
-                self.metrics.record(answered, "tcp", started.elapsed());
+                self.metrics.record(answered, "tcp", Some(started.elapsed()));
                 info
             }
             Err(err) => {

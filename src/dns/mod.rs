@@ -165,8 +165,9 @@ impl QueryMetrics {
         }
     }
 
-    /// Counts one answered query.
-    pub fn record(&self, answered: Answered, transport: &str, took: Duration) {
+    /// Counts one answered query; `took` goes into the latency histogram
+    /// when given (UDP samples it, see [`LATENCY_SAMPLE`]).
+    pub fn record(&self, answered: Answered, transport: &str, took: Option<Duration>) {
         let t = usize::from(transport == "tcp");
         let qtype = METRIC_TYPES
             .iter()
@@ -177,12 +178,19 @@ impl QueryMetrics {
             .position(|(code, _)| *code == answered.rcode)
             .unwrap_or(METRIC_RCODES.len());
         self.queries[t][qtype][code].increment(1);
-        self.duration[t].record(took.as_secs_f64());
+        if let Some(took) = took {
+            self.duration[t].record(took.as_secs_f64());
+        }
         if answered.truncated {
             self.truncated.increment(1);
         }
     }
 }
+
+/// One UDP query in this many has its latency recorded. The Prometheus
+/// recorder keeps every sample until its next upkeep: at 150k queries/s,
+/// recording each one grew RSS from 9 to 21 MiB in the DNS benchmark.
+pub const LATENCY_SAMPLE: u32 = 64;
 
 /// How long a TCP client may stay quiet before its connection is closed.
 const TCP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -364,6 +372,7 @@ async fn serve_udp(socket: UdpSocket, cell: Arc<ZoneCell>, metrics: Arc<QueryMet
     let mut response = Vec::with_capacity(MAX_QUERY);
     let mut version = cell.version();
     let mut served = cell.current();
+    let mut queries: u32 = 0;
     loop {
         let (len, peer) = match socket.recv_from(&mut query).await {
             Ok(received) => received,
@@ -372,7 +381,8 @@ async fn serve_udp(socket: UdpSocket, cell: Arc<ZoneCell>, metrics: Arc<QueryMet
                 continue;
             }
         };
-        let started = Instant::now();
+        queries = queries.wrapping_add(1);
+        let started = queries.is_multiple_of(LATENCY_SAMPLE).then(Instant::now);
         if peer.port() == 0 {
             continue;
         }
@@ -387,6 +397,6 @@ async fn serve_udp(socket: UdpSocket, cell: Arc<ZoneCell>, metrics: Arc<QueryMet
             tracing::debug!("dns: cannot answer {peer}: {err}");
             continue;
         }
-        metrics.record(answered, "udp", started.elapsed());
+        metrics.record(answered, "udp", started.map(|s| s.elapsed()));
     }
 }

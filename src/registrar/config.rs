@@ -303,11 +303,21 @@ impl RegistrarConfig {
             })?);
         }
         if let Some(dir) = &self.services_dir {
-            let entries = std::fs::read_dir(dir).map_err(|source| ConfigError::Read {
-                path: dir.clone(),
-                source,
-            })?;
+            // A directory not made yet holds no services (the registrar
+            // creates it to watch it).
+            let entries = match std::fs::read_dir(dir) {
+                Ok(entries) => Some(entries),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+                Err(source) => {
+                    return Err(ConfigError::Read {
+                        path: dir.clone(),
+                        source,
+                    })
+                }
+            };
             let mut files: Vec<PathBuf> = entries
+                .into_iter()
+                .flatten()
                 .filter_map(Result::ok)
                 .map(|entry| entry.path())
                 .filter(|path| {

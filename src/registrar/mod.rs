@@ -97,6 +97,12 @@ impl Registrar {
             notify::RecursiveMode::NonRecursive,
             wake_tx.clone(),
         )?;
+        if let Some(dir) = &self.config.services_dir {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Write {
+                path: dir.clone(),
+                source,
+            })?;
+        }
         let _services_watcher = match &self.config.services_dir {
             Some(dir) => Some(crate::store::file::watch_changes(
                 dir,

@@ -340,6 +340,11 @@ pub fn dns_addr() -> SocketAddr {
 
 impl Loopmesh {
     pub fn spawn(args: &[&str], log_dir: &Path) -> Loopmesh {
+        Loopmesh::spawn_with_env(args, log_dir, &[])
+    }
+
+    /// [`Loopmesh::spawn`] with extra environment variables.
+    pub fn spawn_with_env(args: &[&str], log_dir: &Path, env: &[(&str, &str)]) -> Loopmesh {
         let log = log_dir.join(format!("loopmesh-{}.log", NEXT.fetch_add(1, Ordering::Relaxed)));
         let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let mut dns = None;
@@ -370,6 +375,7 @@ impl Loopmesh {
         let child = Command::new(env!("CARGO_BIN_EXE_loopmesh"))
             .args(&args)
             .env("RUST_LOG", "info,hickory_server=warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
