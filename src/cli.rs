@@ -5,6 +5,7 @@
 
 use crate::agent::{self, Pipeline};
 use crate::config::{AgentConfig, Overrides};
+use crate::ops::Ops;
 use crate::registrar::config::{parse_state, write_flag, RegistrarConfig};
 use crate::registrar::Registrar;
 use anyhow::Context;
@@ -35,6 +36,26 @@ pub enum Command {
     },
     /// Health-check this node's backends and keep the healthy ones registered.
     Registrar(RegistrarArgs),
+    /// Service definitions in etcd: put, get, list, delete (validated before writing).
+    Service {
+        #[command(subcommand)]
+        verb: ServiceVerb,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Instances in etcd: list them with their state, or set one's state.
+    Instance {
+        #[command(subcommand)]
+        verb: InstanceVerb,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Show a node's routes (from its agent's admin API).
+    Routes {
+        /// The agent's admin address.
+        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9901")]
+        admin: std::net::SocketAddr,
+    },
     /// Put one of this node's instances in maintenance or draining (or back up):
     /// writes the registrar's flag file, which the running registrar follows.
     SetState {
@@ -44,6 +65,49 @@ pub enum Command {
         /// Instance id (as registered: `<node>-<port>` unless configured).
         instance: String,
         /// up, draining or maintenance.
+        state: String,
+    },
+}
+
+/// Where the ops verbs find etcd.
+#[derive(Debug, Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',', global = true)]
+    pub etcd: Option<Vec<String>>,
+    /// Key prefix.
+    #[arg(long, value_name = "P", default_value = "/loopmesh", global = true)]
+    pub prefix: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceVerb {
+    /// Write a service definition (YAML or JSON), refused if an agent would refuse it.
+    Put {
+        name: String,
+        /// The definition, e.g. '{port: 5432, balance: least_connections}'.
+        #[arg(required_unless_present = "file")]
+        value: Option<String>,
+        /// Read the definition from a file instead.
+        #[arg(long, value_name = "FILE", conflicts_with = "value")]
+        file: Option<PathBuf>,
+    },
+    /// Print a service definition.
+    Get { name: String },
+    /// List services with port, address and instance count.
+    List,
+    /// Delete a service definition (its instances and address stay).
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InstanceVerb {
+    /// List instances (of one service, or all) with their state.
+    List { service: Option<String> },
+    /// Set an instance's state: up, draining or maintenance.
+    SetState {
+        service: String,
+        id: String,
         state: String,
     },
 }
@@ -181,6 +245,35 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     config.templates.len() + crate::render::core_resources().len()
                 );
             }
+            Command::Service { verb, etcd } => {
+                let ops = Ops::new(etcd.etcd, &etcd.prefix)?;
+                let out = match verb {
+                    ServiceVerb::Put { name, value, file } => {
+                        let value = match (value, file) {
+                            (Some(value), _) => value,
+                            (None, Some(file)) => std::fs::read_to_string(&file)
+                                .with_context(|| format!("cannot read {}", file.display()))?,
+                            (None, None) => anyhow::bail!("give the definition or --file"),
+                        };
+                        format!("put {}\n", ops.put_service(&name, &value).await?)
+                    }
+                    ServiceVerb::Get { name } => ops.get_service(&name).await?,
+                    ServiceVerb::List => ops.list_services().await?,
+                    ServiceVerb::Delete { name } => format!("deleted {}\n", ops.delete_service(&name).await?),
+                };
+                print!("{}", ensure_newline(out));
+            }
+            Command::Instance { verb, etcd } => {
+                let ops = Ops::new(etcd.etcd, &etcd.prefix)?;
+                let out = match verb {
+                    InstanceVerb::List { service } => ops.list_instances(service.as_deref()).await?,
+                    InstanceVerb::SetState { service, id, state } => {
+                        ops.set_instance_state(&service, &id, &state).await?
+                    }
+                };
+                print!("{}", ensure_newline(out));
+            }
+            Command::Routes { admin } => print!("{}", crate::ops::show_routes(admin).await?),
             Command::Registrar(args) if args.check => {
                 let backends = args.load()?.backends()?;
                 println!("ok: registrar config and {} backend(s) are valid", backends.len());
@@ -218,6 +311,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+fn ensure_newline(mut text: String) -> String {
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text
 }
 
 /// Completes on SIGTERM or SIGINT.

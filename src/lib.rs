@@ -31,6 +31,7 @@ pub mod config;
 pub mod dns;
 pub mod duration;
 pub mod memory;
+pub mod ops;
 pub mod proxy;
 pub mod registrar;
 pub mod render;

@@ -12,6 +12,7 @@ use hickory_server::proto::rr::{DNSClass, Name, RData, Record, RecordSet, Record
 use hickory_server::proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
 use hickory_server::proto::serialize::txt::Parser;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// Longest name on the wire (RFC 1035 §2.3.4).
 pub const MAX_NAME: usize = 255;
@@ -61,7 +62,7 @@ pub struct Answers {
     negative: Negative,
     /// Lowercase wire name → its record sets by type; names that only hold
     /// others (`_tcp.zone`) are present with none, so they answer NODATA.
-    names: HashMap<Box<[u8]>, Vec<RrSet>>,
+    names: HashMap<Box<[u8]>, Vec<RrSet>, BuildHasherDefault<Fnv>>,
     records: usize,
 }
 
@@ -157,7 +158,7 @@ impl Answers {
                 }
             }
         }
-        let mut names = HashMap::with_capacity(by_name.len());
+        let mut names = HashMap::with_capacity_and_hasher(by_name.len(), BuildHasherDefault::default());
         for (wire, sets) in by_name {
             let mut built = Vec::with_capacity(sets.len());
             for (rtype, records) in sets {
@@ -224,6 +225,29 @@ impl Answers {
 
 /// Record sets of one name, by type.
 type RecordsByType = Vec<(u16, Vec<Record>)>;
+
+/// FNV-1a for the name map: names are short, so SipHash's setup cost
+/// dominated the lookup; the keys are the zone's own (queries only look
+/// up), so a hash an attacker can predict cannot degrade the table.
+#[derive(Default)]
+pub struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let start = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        self.0 = bytes.iter().fold(start, |hash, byte| {
+            (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    }
+}
 
 type ParsedZone = BTreeMap<RrKey, RecordSet>;
 
