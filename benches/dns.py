@@ -158,6 +158,10 @@ def measure(names):
     try:
         for name, proc in servers.procs.items():
             record(name, "rss_idle", rss_mib(proc.pid))
+        # Warm-up, not recorded: lets every server (and unbound's start-up
+        # work on the same CPU) settle before the first measured round.
+        for addr in ADDRS.values():
+            dnsperf(addr, servers.queries, ["-l", "2", "-q", "100", "-c", "4"])
         for rnd in range(ROUNDS):
             for name, addr in ADDRS.items():
                 pid = servers.procs[name].pid
@@ -167,6 +171,8 @@ def measure(names):
                 qps = float(re.search(r"Queries per second:\s+([\d.]+)", out).group(1))
                 done = int(re.search(r"Queries completed:\s+(\d+)", out).group(1))
                 record(name, "qps", qps)
+                lost = int(re.search(r"Queries lost:\s+(\d+)", out).group(1))
+                print(f"  round {rnd + 1} {name}: {qps:.0f} q/s, lost {lost}", file=sys.stderr)
                 record(name, "lost", int(re.search(r"Queries lost:\s+(\d+)", out).group(1)))
                 record(name, "per_cpu", done / max(cpu, 1e-9))
                 out = dnsperf(addr, servers.queries, ["-l", str(max(3, SECONDS // 2)), "-Q", str(RATE), "-v"])

@@ -203,11 +203,17 @@ impl AgentArgs {
 /// The log filter without `RUST_LOG`.
 const DEFAULT_LOG_FILTER: &str = "info,hickory_server=warn,hickory_proto=warn,hickory_net=warn";
 
-/// Sets up logging: `RUST_LOG` wins, else info; plain text for journald.
-/// hickory-server logs every DNS response at info, so its crates start at warn.
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+/// hickory's crates at warn, ahead of a configured level (later directives win).
+const HICKORY_AT_WARN: &str = "hickory_server=warn,hickory_proto=warn,hickory_net=warn";
+
+/// Sets up logging: `RUST_LOG` wins, else the config's `log_level`, else
+/// info; plain text for journald. hickory-server logs every DNS response at
+/// info, so its crates start at warn unless the level names them.
+pub fn init_logging(level: Option<&str>) {
+    let configured = level.map(|level| format!("{HICKORY_AT_WARN},{level}"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(configured.as_deref().unwrap_or(DEFAULT_LOG_FILTER))
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -218,7 +224,13 @@ pub fn init_logging() {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    init_logging();
+    // The daemons' configs may set the level; load them first (again below).
+    let level = match &cli.command {
+        Command::Agent(args) => args.load()?.log_level,
+        Command::Registrar(args) if !args.check => args.load()?.log_level,
+        _ => None,
+    };
+    init_logging(level.as_deref());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -268,6 +268,8 @@ pub struct AgentConfig {
     pub render: RenderConfig,
     pub proxy: ProxyConfig,
     pub admin: AdminConfig,
+    /// Log level or filter (`debug`, `info,loopmesh::dns=debug`); RUST_LOG wins.
+    pub log_level: Option<String>,
     /// Static mode: no catalog; the routing table files under
     /// `<state_dir>/routes/`, written by hand, drive the data plane.
     #[serde(rename = "static")]
@@ -336,6 +338,7 @@ impl Default for AgentConfig {
             render: RenderConfig::default(),
             proxy: ProxyConfig::default(),
             admin: AdminConfig::default(),
+            log_level: None,
             static_mode: false,
         }
     }
@@ -369,6 +372,16 @@ impl Overrides {
         if let Some(prefix) = &self.prefix {
             store.prefix = prefix.clone();
         }
+    }
+}
+
+/// Checks a log level or filter directive as tracing reads it.
+pub fn validate_log_level(level: Option<&str>) -> Result<(), String> {
+    match level {
+        Some(level) => tracing_subscriber::EnvFilter::try_new(level)
+            .map(drop)
+            .map_err(|err| format!("{level:?} is not a log level or filter: {err}")),
+        None => Ok(()),
     }
 }
 
@@ -466,6 +479,7 @@ impl AgentConfig {
         self.pool()
             .map_err(|err| invalid("address_pool", err.to_string()))?;
         validate_zone_name(&self.dns.zone).map_err(|reason| invalid("dns.zone", reason))?;
+        validate_log_level(self.log_level.as_deref()).map_err(|reason| invalid("log_level", reason))?;
         if self.static_mode && !self.proxy.enabled {
             return Err(invalid(
                 "static",

@@ -40,6 +40,7 @@ fn check_refuses_bad_configs_with_one_clear_line() {
             "store: {etcd: {endpoints: [localhost:2379]}}\n",
             "store.etcd.endpoints",
         ),
+        ("log_level: \"loopmesh=shouty\"\n", "log_level"),
     ];
     write(&dir.path().join("tpl/broken.tera"), "{% for x in %}");
     for (text, needle) in cases {
@@ -181,4 +182,53 @@ fn agent_follows_file_catalog_edits() {
     std::fs::remove_file(catalog.join("services/web.yaml")).unwrap();
     eventually("web route removed", || (!route.exists()).then_some(()));
     agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_config_sets_the_log_level_unless_rust_log_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_with = |rust_log: Option<&'static str>| {
+        let dir = dir.path().to_path_buf();
+        async move {
+            let admin = std::net::TcpListener::bind((common::unique_ip(), 0))
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            let config = dir.join(format!("agent-{}.yaml", admin.ip()));
+            write(
+                &config,
+                &format!("state_dir: state\nstatic: true\nlog_level: warn\nadmin: {{listen: \"{admin}\"}}\ndns: {{enabled: false}}\n"),
+            );
+            let log = dir.join(format!("agent-{}.log", admin.ip()));
+            let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_loopmesh"));
+            command
+                .args(["agent", "--config", config.to_str().unwrap()])
+                .env_remove("RUST_LOG")
+                .stderr(std::fs::File::create(&log).unwrap());
+            if let Some(filter) = rust_log {
+                command.env("RUST_LOG", filter);
+            }
+            let mut child = command.spawn().unwrap();
+            common::eventually_async("the agent to be live", || async {
+                common::http_get(admin, "/live")
+                    .await
+                    .filter(|(status, _)| *status == 200)
+            })
+            .await;
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            assert!(child.wait().unwrap().success());
+            read(&log).unwrap_or_default()
+        }
+    };
+    let configured = log_with(None).await;
+    assert!(
+        !configured.contains(" INFO "),
+        "log_level: warn hides info lines: {configured}"
+    );
+    let overridden = log_with(Some("info")).await;
+    assert!(
+        overridden.contains(" INFO "),
+        "RUST_LOG wins over log_level: {overridden}"
+    );
 }

@@ -34,6 +34,8 @@ pub struct RegistrarConfig {
     pub state_dir: PathBuf,
     /// /metrics, /live, /ready and /instances (default 127.0.0.1:9902).
     pub admin: AdminConfig,
+    /// Log level or filter (`debug`); RUST_LOG wins.
+    pub log_level: Option<String>,
 }
 
 /// The registrar's admin port (next to the agent's).
@@ -51,6 +53,7 @@ impl Default for RegistrarConfig {
             services: Vec::new(),
             state_dir: PathBuf::from("/var/lib/loopmesh/registrar"),
             admin: AdminConfig::on_port(REGISTRAR_ADMIN_PORT),
+            log_level: None,
         }
     }
 }
@@ -222,6 +225,8 @@ impl RegistrarConfig {
             reason,
         };
         validate_store(&config.store).map_err(|(field, reason)| invalid(field, reason))?;
+        crate::config::validate_log_level(config.log_level.as_deref())
+            .map_err(|reason| invalid("log_level", reason))?;
         if config.lease_ttl < Duration::from_secs(2) {
             return Err(invalid(
                 "lease_ttl",
