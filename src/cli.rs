@@ -118,18 +118,8 @@ pub struct RegistrarArgs {
     /// YAML config file.
     #[arg(long, value_name = "FILE", default_value = "/etc/loopmesh/registrar.yaml")]
     pub config: PathBuf,
-    /// etcd endpoints, comma-separated; absent means the file catalog.
-    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
-    pub etcd: Option<Vec<String>>,
-    /// File catalog directory.
-    #[arg(long, value_name = "DIR")]
-    pub catalog_dir: Option<PathBuf>,
-    /// Key prefix (default /loopmesh).
-    #[arg(long, value_name = "P")]
-    pub prefix: Option<String>,
-    /// Node name (default: hostname).
-    #[arg(long, value_name = "NAME")]
-    pub node: Option<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// Admin HTTP address (/metrics, /ready, /instances).
     #[arg(long, value_name = "ADDR:PORT")]
     pub admin_listen: Option<std::net::SocketAddr>,
@@ -141,23 +131,17 @@ pub struct RegistrarArgs {
 impl RegistrarArgs {
     fn load(&self) -> anyhow::Result<RegistrarConfig> {
         let overrides = Overrides {
-            etcd: self.etcd.clone(),
-            catalog_dir: self.catalog_dir.clone(),
-            prefix: self.prefix.clone(),
-            node: self.node.clone(),
             admin_listen: self.admin_listen,
-            ..Overrides::default()
+            ..self.store.overrides()
         };
         Ok(RegistrarConfig::load(&self.config, &overrides)?)
     }
 }
 
-/// Flags shared by the agent's commands.
+/// Where the catalog is and who this node is: flags of the agent and the
+/// registrar alike.
 #[derive(Debug, Args)]
-pub struct AgentArgs {
-    /// YAML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+pub struct StoreArgs {
     /// etcd endpoints, comma-separated; absent means the file catalog.
     #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
     pub etcd: Option<Vec<String>>,
@@ -167,6 +151,32 @@ pub struct AgentArgs {
     /// Key prefix (default /loopmesh).
     #[arg(long, value_name = "P")]
     pub prefix: Option<String>,
+    /// Node name (default: hostname).
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+}
+
+impl StoreArgs {
+    /// The overrides these flags make.
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            etcd: self.etcd.clone(),
+            catalog_dir: self.catalog_dir.clone(),
+            prefix: self.prefix.clone(),
+            node: self.node.clone(),
+            ..Overrides::default()
+        }
+    }
+}
+
+/// Flags shared by the agent's commands.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// YAML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// Rendered files and last-known-good state.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -176,9 +186,6 @@ pub struct AgentArgs {
     /// Admin HTTP address (/metrics, /ready...).
     #[arg(long, value_name = "ADDR:PORT")]
     pub admin_listen: Option<std::net::SocketAddr>,
-    /// Node name (default: hostname).
-    #[arg(long, value_name = "NAME")]
-    pub node: Option<String>,
     /// Static mode: no catalog; serve the hand-written files in <state-dir>/routes.
     #[arg(long = "static")]
     pub static_mode: bool,
@@ -187,14 +194,11 @@ pub struct AgentArgs {
 impl AgentArgs {
     fn load(&self) -> anyhow::Result<AgentConfig> {
         let overrides = Overrides {
-            etcd: self.etcd.clone(),
-            catalog_dir: self.catalog_dir.clone(),
-            prefix: self.prefix.clone(),
             state_dir: self.state_dir.clone(),
-            node: self.node.clone(),
             dns_listen: self.dns_listen,
             admin_listen: self.admin_listen,
             static_mode: self.static_mode,
+            ..self.store.overrides()
         };
         Ok(AgentConfig::load(self.config.as_deref(), &overrides)?)
     }

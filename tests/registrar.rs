@@ -62,6 +62,24 @@ fn registrar_config(dir: &Path, etcd: &Etcd, extra: &str) -> PathBuf {
     path
 }
 
+/// Starts a healthy `web` backend and a registrar (node n1, `drain_period`)
+/// checking it; returns them with the instance key and lease once registered.
+async fn registered_web(etcd: &Etcd, dir: &Path, drain_period: &str) -> (Backend, Loopmesh, String, i64) {
+    let backend = Backend::start(fresh_addr(), "200 OK", "ok").await;
+    let services = format!("services:\n{}", service("web", backend.addr, ""));
+    let config = registrar_config(dir, etcd, &services);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("drain_period: 0s", &format!("drain_period: {drain_period}")),
+    )
+    .unwrap();
+    let registrar = registrar(&config, "n1", dir);
+    let key = format!("/loopmesh/instances/web/n1-{}", backend.addr.port());
+    let (_, lease) = wait_present(etcd, &key).await;
+    (backend, registrar, key, lease)
+}
+
 fn service(name: &str, addr: SocketAddr, check: &str) -> String {
     format!(
         "  - service: {name}\n    host: {}\n    port: {}\n    tags: [blue]\n    weight: 5\n    zone: z1\n    check: {{interval: 100ms, timeout: 500ms, rise: 2, fall: 2{check}}}\n",
@@ -229,15 +247,7 @@ async fn http_and_exec_checks_decide_registration() {
 async fn sigkill_lets_the_registration_expire_with_the_lease() {
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
-    let backend = Backend::start(fresh_addr(), "200 OK", "ok").await;
-    let config = registrar_config(
-        dir.path(),
-        &etcd,
-        &format!("services:\n{}", service("web", backend.addr, "")),
-    );
-    let registrar = registrar(&config, "n1", dir.path());
-    let key = format!("/loopmesh/instances/web/n1-{}", backend.addr.port());
-    wait_present(&etcd, &key).await;
+    let (_backend, registrar, key, _) = registered_web(&etcd, dir.path(), "0s").await;
     let killed = Instant::now();
     drop(registrar); // SIGKILL
     wait_absent(&etcd, &key).await;
@@ -252,19 +262,7 @@ async fn sigkill_lets_the_registration_expire_with_the_lease() {
 async fn sigterm_drains_then_deletes_and_revokes() {
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
-    let backend = Backend::start(fresh_addr(), "200 OK", "ok").await;
-    let config = registrar_config(
-        dir.path(),
-        &etcd,
-        &format!("services:\n{}", service("web", backend.addr, "")),
-    );
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("drain_period: 0s", "drain_period: 2s");
-    std::fs::write(&config, text).unwrap();
-    let registrar = registrar(&config, "n1", dir.path());
-    let key = format!("/loopmesh/instances/web/n1-{}", backend.addr.port());
-    let (_, lease) = wait_present(&etcd, &key).await;
+    let (_backend, registrar, key, lease) = registered_web(&etcd, dir.path(), "2s").await;
 
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(registrar.pid() as i32, libc::SIGTERM) };
@@ -281,15 +279,7 @@ async fn sigterm_drains_then_deletes_and_revokes() {
 async fn a_lost_lease_and_an_etcd_outage_past_the_ttl_end_registered() {
     let mut etcd = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
-    let backend = Backend::start(fresh_addr(), "200 OK", "ok").await;
-    let config = registrar_config(
-        dir.path(),
-        &etcd,
-        &format!("services:\n{}", service("web", backend.addr, "")),
-    );
-    let registrar = registrar(&config, "n1", dir.path());
-    let key = format!("/loopmesh/instances/web/n1-{}", backend.addr.port());
-    let (_, first_lease) = wait_present(&etcd, &key).await;
+    let (_backend, registrar, key, first_lease) = registered_web(&etcd, dir.path(), "0s").await;
 
     // The lease is revoked behind the registrar's back (as if it expired):
     // etcd deletes the key, the registrar takes a new lease and writes it again.

@@ -349,11 +349,9 @@ fn encode_after_owner(record: &Record, out: &mut Vec<u8>) -> Result<(), String> 
     Ok(())
 }
 
+/// A small zone for the DNS unit tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const ZONE: &str = "$ORIGIN mesh.internal.
+pub const TEST_ZONE: &str = "$ORIGIN mesh.internal.
 $TTL 300
 @ IN SOA ns.mesh.internal. hostmaster.mesh.internal. ( 42 3600 600 86400 30 )
 @ IN NS ns.mesh.internal.
@@ -361,6 +359,12 @@ ns IN A 127.0.0.153
 web IN A 127.100.0.8
 _web._tcp IN SRV 0 0 8080 web.mesh.internal.
 ";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ZONE: &str = TEST_ZONE;
 
     fn zone() -> Name {
         Name::from_ascii("mesh.internal.").unwrap()

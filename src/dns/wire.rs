@@ -262,18 +262,9 @@ fn header_only(query: &[u8], out: &mut Vec<u8>, code: u16) -> Answered {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dns::answers::{wire_name, Answers};
+    use crate::dns::answers::{wire_name, Answers, TEST_ZONE as ZONE};
     use hickory_server::proto::op::{Edns, Message, Query, ResponseCode};
     use hickory_server::proto::rr::{Name, RData, RecordType};
-
-    const ZONE: &str = "$ORIGIN mesh.internal.
-$TTL 300
-@ IN SOA ns.mesh.internal. hostmaster.mesh.internal. ( 7 3600 600 86400 30 )
-@ IN NS ns.mesh.internal.
-ns IN A 127.0.0.153
-web IN A 127.100.0.8
-_web._tcp IN SRV 0 0 8080 web.mesh.internal.
-";
 
     fn served() -> Served {
         let zone = Name::from_ascii("mesh.internal.").unwrap();
