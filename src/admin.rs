@@ -88,8 +88,14 @@ pub async fn serve(addr: SocketAddr, metrics: PrometheusHandle, status: Arc<dyn 
         status.views().join(" ")
     );
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Out of file descriptors and the like: back off, do not spin.
+                tracing::warn!("admin: accept failed: {err}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let (metrics, status) = (metrics.clone(), status.clone());
         tokio::spawn(async move {

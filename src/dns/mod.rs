@@ -442,7 +442,9 @@ fn serve_udp(socket: &std::net::UdpSocket, stop: &AtomicBool, cell: &ZoneCell, m
             Ok(received) => received,
             Err(err) => {
                 if !stop.load(Ordering::Acquire) {
+                    // A lasting error must not spin the thread.
                     tracing::debug!("dns: udp receive failed: {err}");
+                    std::thread::sleep(Duration::from_millis(1));
                 }
                 continue;
             }
