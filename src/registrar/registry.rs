@@ -10,10 +10,10 @@
 
 use crate::config::StoreConfig;
 use crate::store::etcd::EtcdStore;
+use crate::store::file::FileStore;
 use crate::store::StoreError;
 use etcd_client::{LeaseKeepAliveStream, LeaseKeeper, PutOptions};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::time::Duration;
 
 /// The registrar's view of its store.
@@ -36,7 +36,7 @@ impl Registry {
                 failing: false,
             })),
             None => Registry::File(FileRegistry {
-                dir: store.catalog_dir.join("instances"),
+                store: FileStore::new(store.catalog_dir.clone()),
                 desired: BTreeMap::new(),
                 dirty: BTreeSet::new(),
             }),
@@ -47,7 +47,7 @@ impl Registry {
     pub fn describe(&self) -> String {
         match self {
             Registry::Etcd(etcd) => format!("etcd, lease TTL {:?}", etcd.ttl),
-            Registry::File(file) => format!("file catalog {}", file.dir.display()),
+            Registry::File(file) => format!("file catalog {}", file.store.dir().display()),
         }
     }
 
@@ -283,9 +283,10 @@ fn is_lease_lost(err: &StoreError) -> bool {
     err.to_string().contains("lease not found")
 }
 
-/// Registrations as files of the file catalog, written atomically.
+/// Registrations as files of the file catalog, through its own atomic
+/// put and delete.
 pub struct FileRegistry {
-    dir: PathBuf,
+    store: FileStore,
     desired: BTreeMap<String, Vec<u8>>,
     dirty: BTreeSet<String>,
 }
@@ -294,13 +295,10 @@ impl FileRegistry {
     fn flush(&mut self) {
         let keys: Vec<String> = self.dirty.iter().cloned().collect();
         for key in keys {
-            let path = self.dir.join(format!("{key}.yaml"));
+            let catalog_key = format!("instances/{key}");
             let result = match self.desired.get(&key) {
-                Some(value) => write_atomically(&path, value),
-                None => match std::fs::remove_file(&path) {
-                    Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
-                    _ => Ok(()),
-                },
+                Some(value) => self.store.put(&catalog_key, value),
+                None => self.store.delete(&catalog_key),
             };
             match result {
                 Ok(()) => {
@@ -308,22 +306,9 @@ impl FileRegistry {
                 }
                 Err(err) => {
                     metrics::counter!("loopmesh_registrar_store_errors_total").increment(1);
-                    tracing::warn!("registrar: cannot update {}: {err}; retrying", path.display());
+                    tracing::warn!("registrar: {err}; retrying");
                 }
             }
         }
     }
-}
-
-/// Writes a hidden staged copy beside `path` and renames it over.
-fn write_atomically(path: &std::path::Path, value: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().expect("instance files live in a service directory");
-    std::fs::create_dir_all(dir)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let staged = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&staged, value)?;
-    std::fs::rename(&staged, path)
 }
