@@ -406,6 +406,20 @@ pub fn resolve(base: &Path, path: &Path) -> PathBuf {
     }
 }
 
+/// Resolves the store's paths (catalog directory, etcd credentials and
+/// TLS files) against `base`, for every config that has a store.
+pub fn resolve_store_paths(store: &mut StoreConfig, base: &Path) {
+    store.catalog_dir = resolve(base, &store.catalog_dir);
+    if let Some(etcd) = &mut store.etcd {
+        etcd.password_file = etcd.password_file.as_deref().map(|p| resolve(base, p));
+        if let Some(tls) = &mut etcd.tls {
+            tls.ca_file = resolve(base, &tls.ca_file);
+            tls.cert_file = tls.cert_file.as_deref().map(|p| resolve(base, p));
+            tls.key_file = tls.key_file.as_deref().map(|p| resolve(base, p));
+        }
+    }
+}
+
 impl AgentConfig {
     /// Loads the file (if any), applies flags, resolves paths and validates.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
@@ -441,17 +455,9 @@ impl AgentConfig {
     }
 
     fn resolve_paths(&mut self, base: &Path) {
-        self.store.catalog_dir = resolve(base, &self.store.catalog_dir);
+        resolve_store_paths(&mut self.store, base);
         self.state_dir = resolve(base, &self.state_dir);
         self.templates_dir = self.templates_dir.as_deref().map(|dir| resolve(base, dir));
-        if let Some(etcd) = &mut self.store.etcd {
-            etcd.password_file = etcd.password_file.as_deref().map(|p| resolve(base, p));
-            if let Some(tls) = &mut etcd.tls {
-                tls.ca_file = resolve(base, &tls.ca_file);
-                tls.cert_file = tls.cert_file.as_deref().map(|p| resolve(base, p));
-                tls.key_file = tls.key_file.as_deref().map(|p| resolve(base, p));
-            }
-        }
     }
 
     /// The node name: configured, or the machine's hostname.

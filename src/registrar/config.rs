@@ -2,7 +2,9 @@
 //! backends to check, inline or one file each in a conf.d-style directory.
 
 use crate::catalog::{check_instance_id, check_service_name, parse_instance, Instance, InstanceState};
-use crate::config::{read_yaml, resolve, validate_store, AdminConfig, ConfigError, Overrides, StoreConfig};
+use crate::config::{
+    read_yaml, resolve, resolve_store_paths, validate_store, AdminConfig, ConfigError, Overrides, StoreConfig,
+};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -200,17 +202,9 @@ impl RegistrarConfig {
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
         let mut config: RegistrarConfig = read_yaml(path)?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        config.store.catalog_dir = resolve(&base, &config.store.catalog_dir);
+        resolve_store_paths(&mut config.store, &base);
         config.state_dir = resolve(&base, &config.state_dir);
         config.services_dir = config.services_dir.as_deref().map(|dir| resolve(&base, dir));
-        if let Some(etcd) = &mut config.store.etcd {
-            etcd.password_file = etcd.password_file.as_deref().map(|p| resolve(&base, p));
-            if let Some(tls) = &mut etcd.tls {
-                tls.ca_file = resolve(&base, &tls.ca_file);
-                tls.cert_file = tls.cert_file.as_deref().map(|p| resolve(&base, p));
-                tls.key_file = tls.key_file.as_deref().map(|p| resolve(&base, p));
-            }
-        }
         overrides.apply_store(&mut config.store);
         if let Some(node) = &overrides.node {
             config.node = Some(node.clone());
