@@ -66,8 +66,8 @@ pub struct Pipeline {
     status: Arc<AgentStatus>,
     /// A routing table is applied (rendered, or the last one on disk).
     applied: bool,
-    /// Whether systemd was told READY=1.
-    announced_ready: bool,
+    /// Tells systemd READY=1 once.
+    ready: crate::systemd::ReadyOnce,
     render_failures: Vec<String>,
 }
 
@@ -98,7 +98,7 @@ impl Pipeline {
             dns,
             status,
             applied: false,
-            announced_ready: false,
+            ready: Default::default(),
             render_failures: Vec::new(),
         })
     }
@@ -306,7 +306,7 @@ impl Pipeline {
             start_dns(dns).await;
         }
         self.publish_status();
-        let mut watchdog = crate::systemd::watchdog_interval().map(tokio::time::interval);
+        let mut watchdog = crate::systemd::Watchdog::new();
         let (tx, mut rx) = mpsc::channel(1024);
         let store = self.store.clone();
         let sync = tokio::spawn(async move { store.sync(tx).await });
@@ -365,7 +365,7 @@ impl Pipeline {
                     }
                 }
                 // Pinged from this loop, so a stuck loop stops the pings.
-                _ = tick_opt(&mut watchdog) => crate::systemd::notify("WATCHDOG=1"),
+                () = watchdog.ping() => {}
                 () = &mut shutdown => break,
             }
             self.publish_status();
@@ -405,10 +405,11 @@ impl Pipeline {
             dns: self.dns.as_ref().map(dns_status),
         };
         self.status.publish(published);
-        if !self.announced_ready && crate::admin::Status::ready(self.status.as_ref()).0 {
-            self.announced_ready = true;
+        if self
+            .ready
+            .announce(crate::admin::Status::ready(self.status.as_ref()).0)
+        {
             tracing::info!("agent ready: routing table applied, every listener bound");
-            crate::systemd::notify("READY=1");
         }
     }
 }
@@ -429,16 +430,6 @@ fn rendered_files(config: &AgentConfig) -> Vec<PathBuf> {
     let mut files = vec![routes_dir(config), zone_path(config)];
     files.extend(config.templates.iter().map(|resource| config.dest_path(resource)));
     files
-}
-
-/// Ticks `interval` if there is one; never completes otherwise.
-async fn tick_opt(interval: &mut Option<tokio::time::Interval>) {
-    match interval {
-        Some(interval) => {
-            interval.tick().await;
-        }
-        None => std::future::pending().await,
-    }
 }
 
 /// The rendered DNS zone of a config.
@@ -560,7 +551,7 @@ pub async fn run_static(config: AgentConfig, shutdown: impl Future<Output = ()>)
         let shown: Arc<dyn crate::admin::Status> = status.clone();
         tokio::spawn(crate::admin::serve(config.admin.listen, metrics, shown));
     }
-    let mut announced_ready = false;
+    let mut ready = crate::systemd::ReadyOnce::default();
     let mut publish = |proxy: &ProxyManager, dns: &Option<DnsServer>| {
         status.publish(Published {
             node: config.node_name(),
@@ -571,18 +562,15 @@ pub async fn run_static(config: AgentConfig, shutdown: impl Future<Output = ()>)
             dns: dns.as_ref().map(dns_status),
             ..Published::default()
         });
-        if !announced_ready && crate::admin::Status::ready(status.as_ref()).0 {
-            announced_ready = true;
-            crate::systemd::notify("READY=1");
-        }
+        ready.announce(crate::admin::Status::ready(status.as_ref()).0);
     };
     publish(&proxy, &dns);
-    let mut watchdog = crate::systemd::watchdog_interval().map(tokio::time::interval);
+    let mut watchdog = crate::systemd::Watchdog::new();
     tokio::pin!(shutdown);
     let mut bind_retry = tokio::time::interval(BIND_RETRY);
     loop {
         tokio::select! {
-            _ = tick_opt(&mut watchdog) => crate::systemd::notify("WATCHDOG=1"),
+            () = watchdog.ping() => {}
             _ = bind_retry.tick() => {
                 retry_binds(&mut proxy).await;
                 if let Some(dns) = &mut dns {

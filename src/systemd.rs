@@ -25,9 +25,55 @@ pub fn notify(state: &str) {
     }
 }
 
+/// Sends READY=1 the first time a daemon is ready, and only then.
+#[derive(Debug, Default)]
+pub struct ReadyOnce {
+    sent: bool,
+}
+
+impl ReadyOnce {
+    /// Tells systemd if `ready` holds for the first time; true when it did.
+    pub fn announce(&mut self, ready: bool) -> bool {
+        if self.sent || !ready {
+            return false;
+        }
+        self.sent = true;
+        notify("READY=1");
+        true
+    }
+}
+
+/// The watchdog pings of a daemon's control loop: an interval at half of
+/// `WatchdogSec` when systemd set one for this process.
+pub struct Watchdog(Option<tokio::time::Interval>);
+
+impl Watchdog {
+    pub fn new() -> Self {
+        Watchdog(watchdog_interval().map(tokio::time::interval))
+    }
+
+    /// Waits for the next ping and sends it; never completes without a
+    /// watchdog. Awaited from the control loop, so a stuck loop stops pinging.
+    pub async fn ping(&mut self) {
+        match &mut self.0 {
+            Some(interval) => {
+                interval.tick().await;
+                notify("WATCHDOG=1");
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl Default for Watchdog {
+    fn default() -> Self {
+        Watchdog::new()
+    }
+}
+
 /// How often to ping the watchdog: half of `WatchdogSec`, if it is set for
 /// this process.
-pub fn watchdog_interval() -> Option<Duration> {
+fn watchdog_interval() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
     if let Some(pid) = std::env::var("WATCHDOG_PID")
         .ok()

@@ -54,8 +54,8 @@ pub struct Registrar {
     flips_tx: mpsc::UnboundedSender<check::Flip>,
     flips: mpsc::UnboundedReceiver<check::Flip>,
     status: std::sync::Arc<status::RegistrarStatus>,
-    /// Whether systemd was told READY=1.
-    announced_ready: bool,
+    /// Tells systemd READY=1 once.
+    ready: crate::systemd::ReadyOnce,
 }
 
 impl Registrar {
@@ -71,7 +71,7 @@ impl Registrar {
             flips_tx,
             flips,
             status: Default::default(),
-            announced_ready: false,
+            ready: Default::default(),
         })
     }
 
@@ -120,7 +120,7 @@ impl Registrar {
         self.apply_backends(backends).await;
         self.registry.tick().await;
         self.publish_status();
-        let mut watchdog = crate::systemd::watchdog_interval().map(tokio::time::interval);
+        let mut watchdog = crate::systemd::Watchdog::new();
         let mut tick = tokio::time::interval(self.config.lease_ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
@@ -133,12 +133,7 @@ impl Registrar {
                     while wake.try_recv().is_ok() {}
                     self.reload().await;
                 }
-                _ = async {
-                    match &mut watchdog {
-                        Some(interval) => { interval.tick().await; }
-                        None => std::future::pending::<()>().await,
-                    }
-                } => crate::systemd::notify("WATCHDOG=1"),
+                () = watchdog.ping() => {}
                 () = &mut shutdown => break,
             }
             self.publish_status();
@@ -170,10 +165,7 @@ impl Registrar {
             settled: self.registry.is_settled(),
             instances,
         });
-        if !self.announced_ready && self.registry.is_settled() {
-            self.announced_ready = true;
-            crate::systemd::notify("READY=1");
-        }
+        self.ready.announce(self.registry.is_settled());
     }
 
     /// A backend crossed rise or fall.
