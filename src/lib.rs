@@ -30,6 +30,7 @@ pub mod cli;
 pub mod config;
 pub mod dns;
 pub mod duration;
+pub mod http;
 pub mod memory;
 pub mod ops;
 pub mod proxy;

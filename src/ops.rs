@@ -197,9 +197,7 @@ impl Ops {
 /// A node's routes from its admin API, as a table.
 pub async fn show_routes(addr: std::net::SocketAddr) -> Result<String, OpsError> {
     let admin_error = |reason: String| OpsError::Admin { addr, reason };
-    let body = http_get(addr, "/routes")
-        .await
-        .map_err(|err| admin_error(err.to_string()))?;
+    let body = http_get(addr, "/routes").await.map_err(admin_error)?;
     let routes: serde_json::Value =
         serde_json::from_str(&body).map_err(|err| admin_error(err.to_string()))?;
     let mut out = String::from("SERVICE\tLISTEN\tSTATUS\tBACKENDS\n");
@@ -240,28 +238,24 @@ pub async fn show_routes(addr: std::net::SocketAddr) -> Result<String, OpsError>
     Ok(out)
 }
 
-/// One GET over HTTP/1.1 with hyper; the body if the status is 200.
-async fn http_get(
-    addr: std::net::SocketAddr,
-    path: &str,
-) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
-    use http_body_util::{BodyExt, Empty};
-    let stream = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await??;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let request = hyper::Request::get(path)
-        .header(hyper::header::HOST, addr.to_string())
-        .body(Empty::<hyper::body::Bytes>::new())?;
-    let response = sender.send_request(request).await?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    if !status.is_success() {
-        return Err(format!("status {status}").into());
-    }
-    Ok(String::from_utf8_lossy(&body).into_owned())
+/// The body of a GET on the admin API, if it answers 200 within 5 s.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String, String> {
+    use http_body_util::BodyExt;
+    let exchange = async {
+        let response = crate::http::get(&addr.ip().to_string(), addr.port(), path, "loopmesh").await?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|err| err.to_string())?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!("status {status}"));
+        }
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), exchange)
+        .await
+        .map_err(|_| "no answer within 5s".to_string())?
 }

@@ -2,8 +2,7 @@
 //! run on an interval with jitter, turned into up/down by rise and fall.
 
 use super::config::{Backend, CheckKind, HttpCheck};
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::body::Bytes;
+use http_body_util::{BodyExt, Limited};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -44,21 +43,7 @@ pub async fn check_once(backend: &Backend) -> Result<(), String> {
 
 async fn http_check(host: &str, port: u16, http: &HttpCheck) -> Result<(), String> {
     let url = format!("http://{host}:{port}{}", http.path);
-    let stream = TcpStream::connect((host, port))
-        .await
-        .map_err(|err| format!("GET {url}: connect: {err}"))?;
-    let io = hyper_util::rt::TokioIo::new(stream);
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|err| format!("GET {url}: {err}"))?;
-    tokio::spawn(connection);
-    let request = hyper::Request::get(http.path.as_str())
-        .header(hyper::header::HOST, format!("{host}:{port}"))
-        .header(hyper::header::USER_AGENT, "loopmesh-registrar")
-        .body(Empty::<Bytes>::new())
-        .map_err(|err| format!("GET {url}: {err}"))?;
-    let response = sender
-        .send_request(request)
+    let response = crate::http::get(host, port, &http.path, "loopmesh-registrar")
         .await
         .map_err(|err| format!("GET {url}: {err}"))?;
     let status = response.status().as_u16();
