@@ -486,6 +486,8 @@ fn new_proxy(config: &AgentConfig) -> ProxyManager {
     ProxyManager::new(ProxySettings {
         drain_timeout: config.proxy.drain_timeout,
         node_zone: config.node_zone.clone(),
+        loopback_congestion: crate::proxy::congestion::resolve(&config.proxy.loopback_congestion)
+            .map(Arc::new),
     })
 }
 

@@ -313,6 +313,11 @@ pub struct ProxyConfig {
     /// How long a removed service's open connections may take to finish.
     #[serde(with = "crate::duration")]
     pub drain_timeout: Duration,
+    /// Congestion control of the proxy's legs to this host (clients, and
+    /// backends on loopback addresses): `cubic` by default, because a pacing
+    /// default such as BBR only slows loopback down; `system` keeps the
+    /// kernel's default. See `proxy::congestion`.
+    pub loopback_congestion: String,
 }
 
 impl Default for ProxyConfig {
@@ -320,6 +325,7 @@ impl Default for ProxyConfig {
         ProxyConfig {
             enabled: true,
             drain_timeout: Duration::from_secs(30),
+            loopback_congestion: "cubic".into(),
         }
     }
 }
@@ -486,6 +492,8 @@ impl AgentConfig {
             .map_err(|err| invalid("address_pool", err.to_string()))?;
         validate_zone_name(&self.dns.zone).map_err(|reason| invalid("dns.zone", reason))?;
         validate_log_level(self.log_level.as_deref()).map_err(|reason| invalid("log_level", reason))?;
+        crate::proxy::congestion::validate(&self.proxy.loopback_congestion)
+            .map_err(|reason| invalid("proxy.loopback_congestion", reason))?;
         if self.static_mode && !self.proxy.enabled {
             return Err(invalid(
                 "static",
@@ -689,6 +697,7 @@ mod tests {
                 "templates[0]",
             ),
             ("render: {debounce: 5}", "invalid duration \"5\""),
+            ("proxy: {loopback_congestion: BBR}", "proxy.loopback_congestion"),
         ];
         for (text, field) in cases {
             let err = parse(text).unwrap_err();

@@ -97,6 +97,7 @@ fn manager(drain: Duration) -> ProxyManager {
     ProxyManager::new(ProxySettings {
         drain_timeout: drain,
         node_zone: None,
+        loopback_congestion: None,
     })
 }
 
@@ -385,4 +386,101 @@ async fn draining_backends_get_no_new_connections_but_keep_theirs() {
         assert_eq!(connect(addr).await.1, "a");
     }
     echo(&mut on_b, b"b keeps its connection").await;
+}
+
+/// An IPv4 socket address from a getsockname/getpeername-style call on `fd`.
+fn socket_addr(
+    fd: i32,
+    call: unsafe extern "C" fn(i32, *mut libc::sockaddr, *mut libc::socklen_t) -> i32,
+) -> Option<SocketAddr> {
+    // SAFETY: a zeroed sockaddr_in is valid; the call writes at most `len` bytes.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let rc = unsafe { call(fd, (&mut addr as *mut libc::sockaddr_in).cast(), &mut len) };
+    if rc != 0 || i32::from(addr.sin_family) != libc::AF_INET {
+        return None;
+    }
+    let ip = std::net::Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
+    Some(SocketAddr::from((ip, u16::from_be(addr.sin_port))))
+}
+
+/// The congestion control of the socket of this process that connects
+/// `local` to `peer` (the proxy runs in-process, so its sockets are ours).
+fn congestion_of(local: SocketAddr, peer: SocketAddr) -> Option<String> {
+    for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if socket_addr(fd, libc::getsockname) != Some(local)
+            || socket_addr(fd, libc::getpeername) != Some(peer)
+        {
+            continue;
+        }
+        let mut name = [0u8; 16];
+        let mut len = name.len() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `name`.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_CONGESTION,
+                name.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if rc == 0 {
+            return Some(
+                String::from_utf8_lossy(&name[..len as usize])
+                    .trim_end_matches('\0')
+                    .to_string(),
+            );
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn loopback_legs_get_the_configured_congestion_control() {
+    let backend = EchoBackend::start("a").await;
+    let addr = service_addr();
+    // An algorithm other than the system default, so that the test can tell
+    // them apart: reno is built into every kernel; cubic, its usual default.
+    let default = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").unwrap();
+    let default = default.trim();
+    let wanted = if default == "reno" { "cubic" } else { "reno" };
+    let mut proxy = ProxyManager::new(ProxySettings {
+        drain_timeout: Duration::from_secs(5),
+        node_zone: None,
+        loopback_congestion: Some(std::sync::Arc::new(std::ffi::CString::new(wanted).unwrap())),
+    });
+    proxy
+        .apply(&table(&[&route(
+            "cc",
+            addr,
+            Balance::RoundRobin,
+            vec![backend.backend("a", 1)],
+        )]))
+        .await;
+    let (mut client, id) = connect(addr).await;
+    assert_eq!(id, "a");
+    echo(&mut client, b"ping").await;
+    let client_addr = client.get_ref().local_addr().unwrap();
+    // The client's leg: the socket the proxy accepted (inherited from the listener).
+    assert_eq!(congestion_of(addr, client_addr).as_deref(), Some(wanted));
+    // The backend's leg: the proxy's socket whose peer is the backend.
+    let upstream = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|&fd| socket_addr(fd, libc::getpeername) == Some(backend.addr))
+        .filter_map(|fd| socket_addr(fd, libc::getsockname))
+        .collect::<Vec<_>>();
+    assert_eq!(
+        upstream.len(),
+        1,
+        "one proxied connection to the backend: {upstream:?}"
+    );
+    assert_eq!(congestion_of(upstream[0], backend.addr).as_deref(), Some(wanted));
+    // The test's own client socket keeps the system default.
+    assert_eq!(congestion_of(client_addr, addr).as_deref(), Some(default));
 }

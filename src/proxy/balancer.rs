@@ -7,8 +7,9 @@
 
 use crate::catalog::{Balance, InstanceState, Outlier};
 use std::cell::Cell;
+use std::ffi::CString;
 use std::hash::{Hash, Hasher};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -98,6 +99,11 @@ pub struct Backend {
     pub id: String,
     pub host: String,
     pub port: u16,
+    /// `host` and `port` when the host is an IP address (no lookup per connect).
+    pub addr: Option<SocketAddr>,
+    /// Congestion control to set before connecting (a backend on this host,
+    /// see [`super::congestion`]).
+    pub congestion: Option<Arc<CString>>,
     pub weight: u32,
     pub zone: Option<String>,
     pub state: InstanceState,
@@ -318,6 +324,8 @@ mod tests {
             id: id.into(),
             host: "127.0.0.1".into(),
             port: 1,
+            addr: None,
+            congestion: None,
             weight,
             zone: zone.map(str::to_string),
             state,

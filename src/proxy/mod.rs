@@ -9,13 +9,16 @@
 //! is retried on the next apply.
 
 pub mod balancer;
+pub mod congestion;
 pub mod splice;
 pub mod tcp;
 
 use crate::routing::Route;
 use balancer::{Backend, BackendSet, BackendStats};
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::ffi::CString;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +33,9 @@ pub struct ProxySettings {
     pub drain_timeout: Duration,
     /// The node's zone, for zone preference.
     pub node_zone: Option<String>,
+    /// Congestion control for legs to this host ([`congestion`]); `None`
+    /// leaves sockets at the system default.
+    pub loopback_congestion: Option<Arc<CString>>,
 }
 
 /// Counters of one service that outlive reloads.
@@ -314,7 +320,8 @@ impl ProxyManager {
 
     async fn start(&mut self, route: &Route) -> Result<Running, String> {
         let addr = listen_addr(route);
-        let listener = bind(addr).map_err(|err| format!("cannot listen on {addr}: {err}"))?;
+        let listener = bind(addr, self.settings.loopback_congestion.as_deref())
+            .map_err(|err| format!("cannot listen on {addr}: {err}"))?;
         let shared = Arc::new(ServiceShared::default());
         let state = build_state(route, &self.settings, &mut self.stats, shared.clone());
         let (state_tx, state_rx) = watch::channel(Arc::new(state));
@@ -366,18 +373,28 @@ async fn drain(name: String, kill: watch::Sender<bool>, deadline: Duration) {
     }
 }
 
+/// Whether a backend host is an address of this host (loopback); names are
+/// not resolved here and count as remote.
+fn is_on_this_host(host: &str) -> bool {
+    host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The address a route listens on.
 pub fn listen_addr(route: &Route) -> SocketAddr {
     SocketAddr::from((route.address, route.port))
 }
 
 /// Binds with SO_REUSEADDR so a restart does not wait out TIME_WAIT, and
-/// TCP_NODELAY, which accepted sockets inherit on Linux (one setsockopt per
-/// connection saved).
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// TCP_NODELAY and the loopback congestion control, which accepted sockets
+/// inherit on Linux (setsockopts per connection saved): every client is on
+/// this host.
+fn bind(addr: SocketAddr, congestion: Option<&CString>) -> std::io::Result<TcpListener> {
     let socket = TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
     socket.set_nodelay(true)?;
+    if let Some(name) = congestion {
+        congestion::apply(socket.as_raw_fd(), name);
+    }
     socket.bind(addr)?;
     socket.listen(1024)
 }
@@ -395,6 +412,15 @@ fn build_state(
             id: b.id.clone(),
             host: b.host.clone(),
             port: b.port,
+            addr: b
+                .host
+                .parse::<IpAddr>()
+                .ok()
+                .map(|ip| SocketAddr::new(ip, b.port)),
+            congestion: settings
+                .loopback_congestion
+                .clone()
+                .filter(|_| is_on_this_host(&b.host)),
             weight: b.weight,
             zone: b.zone.clone(),
             state: b.state,

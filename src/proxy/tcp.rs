@@ -2,15 +2,16 @@
 //! then copy both ways with half-close until both sides are done, the
 //! connection idles out, or a drain deadline kills it.
 
-use super::balancer::{now_nanos, NoBackend};
-use super::splice;
+use super::balancer::{now_nanos, Backend, NoBackend};
 use super::ServiceState;
+use super::{congestion, splice};
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 /// Milliseconds on the proxy's monotonic clock: the idle clock.
@@ -25,6 +26,26 @@ impl Drop for Held<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Opens a connection to one backend, with TCP_NODELAY and, for a backend
+/// on this host, the loopback congestion control set before the handshake.
+async fn connect_to(backend: &Backend) -> io::Result<TcpStream> {
+    let Some(addr) = backend.addr else {
+        let stream = TcpStream::connect((backend.host.as_str(), backend.port)).await?;
+        stream.set_nodelay(true)?;
+        return Ok(stream);
+    };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_nodelay(true)?;
+    if let Some(name) = &backend.congestion {
+        congestion::apply(socket.as_raw_fd(), name);
+    }
+    socket.connect(addr).await
 }
 
 /// Connects to a backend, trying others on failure; `None` if none answered.
@@ -42,10 +63,7 @@ async fn connect(state: &ServiceState, client: SocketAddr) -> Option<(usize, Tcp
         };
         let backend = &state.backends.backends()[index];
         let started = Instant::now();
-        let attempt = tokio::time::timeout(
-            state.connect_timeout,
-            TcpStream::connect((backend.host.as_str(), backend.port)),
-        );
+        let attempt = tokio::time::timeout(state.connect_timeout, connect_to(backend));
         let kind = match attempt.await {
             Ok(Ok(stream)) => {
                 let latency = started.elapsed();
@@ -107,8 +125,8 @@ pub async fn serve(
     let backend = &state.backends.backends()[index];
     backend.stats.active.fetch_add(1, Ordering::Relaxed);
     let _backend_held = Held(&backend.stats.active);
-    // The client socket inherited TCP_NODELAY from the listener.
-    let _ = upstream.set_nodelay(true);
+    // The client socket inherited TCP_NODELAY from the listener; the
+    // upstream got it in connect_to.
 
     let last = AtomicU64::new(now_millis());
     let touch = || last.store(now_millis(), Ordering::Relaxed);
