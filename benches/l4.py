@@ -34,7 +34,8 @@ PIN = bool(os.environ.get("LOOPMESH_BENCH_PIN"))
 # A subset for quick iterations: any of rps,c1,churn,bulk,reload (default all).
 ONLY = set(filter(None, os.environ.get("LOOPMESH_BENCH_ONLY", "rps,c1,churn,bulk,reload").split(",")))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "loopmesh")
+# Another build to compare, e.g. the previous commit's (default: this tree's release build).
+BIN = os.environ.get("LOOPMESH_BENCH_BIN", os.path.join(ROOT, "target", "release", "loopmesh"))
 TICKS = os.sysconf("SC_CLK_TCK")
 
 # Each target listens on its own loopback address; backends on 127.0.0.1.

@@ -2,7 +2,7 @@
 //! then copy both ways with half-close until both sides are done, the
 //! connection idles out, or a drain deadline kills it.
 
-use super::balancer::{now_nanos, Backend, NoBackend};
+use super::balancer::{Backend, NoBackend};
 use super::ServiceState;
 use super::{congestion, splice};
 use std::io;
@@ -14,9 +14,19 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 
-/// Milliseconds on the proxy's monotonic clock: the idle clock.
+/// Milliseconds on the coarse monotonic clock: the idle clock. It is read
+/// after every read of every connection, and idle timeouts are seconds, so a
+/// few milliseconds of resolution do; CLOCK_MONOTONIC_COARSE is a plain
+/// memory read in the vDSO where the precise clock reads the TSC (about 1%
+/// of the proxy's CPU at 60k requests/s, measured with perf).
 fn now_millis() -> u64 {
-    now_nanos() / 1_000_000
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+    now.tv_sec as u64 * 1000 + now.tv_nsec as u64 / 1_000_000
 }
 
 /// Decrements a counter when dropped.
