@@ -3,8 +3,9 @@
 //! pipe → socket) once the stream shows it is bulk.
 //!
 //! Why both: a 64 KiB user-space copy reached only 0.5-0.65× a direct
-//! connection for bulk transfers here, and splice reaches 0.8×; but for small
-//! messages splice costs more than read/write and hurt requests/s. A 16 KiB
+//! connection for bulk transfers here, and splice 0.8× (both measured while
+//! the loopback legs still paced, see `congestion`); but for small messages
+//! splice costs more than read/write and hurt requests/s. A 16 KiB
 //! buffer also keeps memory per connection low. Pipes are pooled, so a
 //! connection that turns bulk does not pay pipe creation.
 
