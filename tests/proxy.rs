@@ -5,7 +5,7 @@ mod common;
 
 use common::{eventually_async, unique_ip};
 use loopmesh::catalog::{Balance, InstanceState, Outlier, Protocol};
-use loopmesh::proxy::{ProxyManager, ProxySettings};
+use loopmesh::proxy::{congestion, ProxyManager, ProxySettings};
 use loopmesh::routing::{Backend, Route};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -404,39 +404,29 @@ fn socket_addr(
     Some(SocketAddr::from((ip, u16::from_be(addr.sin_port))))
 }
 
-/// The congestion control of the socket of this process that connects
-/// `local` to `peer` (the proxy runs in-process, so its sockets are ours).
-fn congestion_of(local: SocketAddr, peer: SocketAddr) -> Option<String> {
-    for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
-        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if socket_addr(fd, libc::getsockname) != Some(local)
-            || socket_addr(fd, libc::getpeername) != Some(peer)
-        {
-            continue;
-        }
-        let mut name = [0u8; 16];
-        let mut len = name.len() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `name`.
-        let rc = unsafe {
-            libc::getsockopt(
+/// This process's IPv4 TCP sockets as (fd, local, peer): the proxy runs
+/// in-process, so its sockets are among them.
+fn connected_sockets() -> Vec<(i32, SocketAddr, SocketAddr)> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter_map(|fd| {
+            Some((
                 fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_CONGESTION,
-                name.as_mut_ptr().cast(),
-                &mut len,
-            )
-        };
-        if rc == 0 {
-            return Some(
-                String::from_utf8_lossy(&name[..len as usize])
-                    .trim_end_matches('\0')
-                    .to_string(),
-            );
-        }
-    }
-    None
+                socket_addr(fd, libc::getsockname)?,
+                socket_addr(fd, libc::getpeername)?,
+            ))
+        })
+        .collect()
+}
+
+/// The congestion control of this process's socket from `local` to `peer`.
+fn congestion_of(local: SocketAddr, peer: SocketAddr) -> Option<String> {
+    let (fd, _, _) = connected_sockets()
+        .into_iter()
+        .find(|&(_, l, p)| l == local && p == peer)?;
+    congestion::of_socket(fd).ok()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -445,8 +435,7 @@ async fn loopback_legs_get_the_configured_congestion_control() {
     let addr = service_addr();
     // An algorithm other than the system default, so that the test can tell
     // them apart: reno is built into every kernel; cubic, its usual default.
-    let default = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").unwrap();
-    let default = default.trim();
+    let default = congestion::system_default().unwrap();
     let wanted = if default == "reno" { "cubic" } else { "reno" };
     let mut proxy = ProxyManager::new(ProxySettings {
         drain_timeout: Duration::from_secs(5),
@@ -468,12 +457,10 @@ async fn loopback_legs_get_the_configured_congestion_control() {
     // The client's leg: the socket the proxy accepted (inherited from the listener).
     assert_eq!(congestion_of(addr, client_addr).as_deref(), Some(wanted));
     // The backend's leg: the proxy's socket whose peer is the backend.
-    let upstream = std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
-        .filter(|&fd| socket_addr(fd, libc::getpeername) == Some(backend.addr))
-        .filter_map(|fd| socket_addr(fd, libc::getsockname))
+    let upstream = connected_sockets()
+        .into_iter()
+        .filter(|&(_, _, peer)| peer == backend.addr)
+        .map(|(_, local, _)| local)
         .collect::<Vec<_>>();
     assert_eq!(
         upstream.len(),
@@ -482,5 +469,8 @@ async fn loopback_legs_get_the_configured_congestion_control() {
     );
     assert_eq!(congestion_of(upstream[0], backend.addr).as_deref(), Some(wanted));
     // The test's own client socket keeps the system default.
-    assert_eq!(congestion_of(client_addr, addr).as_deref(), Some(default));
+    assert_eq!(
+        congestion_of(client_addr, addr).as_deref(),
+        Some(default.as_str())
+    );
 }

@@ -46,15 +46,41 @@ pub fn resolve(configured: &str) -> Option<CString> {
     if configured == SYSTEM {
         return None;
     }
-    let current = std::fs::read_to_string(SYSTEM_DEFAULT_FILE).unwrap_or_default();
-    if current.trim() == configured {
+    let current = system_default().unwrap_or_default();
+    if current == configured {
         return None;
     }
     tracing::info!(
-        "proxy: loopback legs use congestion control {configured} (the system default is {})",
-        current.trim()
+        "proxy: loopback legs use congestion control {configured} (the system default is {current})"
     );
     CString::new(configured).ok()
+}
+
+/// The algorithm new sockets get on this host.
+pub fn system_default() -> io::Result<String> {
+    Ok(std::fs::read_to_string(SYSTEM_DEFAULT_FILE)?.trim().to_string())
+}
+
+/// The algorithm of the socket `fd`.
+pub fn of_socket(fd: RawFd) -> io::Result<String> {
+    let mut name = [0u8; 16];
+    let mut len = name.len() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `name`, which lives
+    // across the call, on a socket the caller holds.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let name = String::from_utf8_lossy(&name[..len as usize]);
+    Ok(name.trim_end_matches('\0').to_string())
 }
 
 /// Set when a failure was logged, so that thousands of sockets do not each
@@ -107,30 +133,11 @@ mod tests {
         assert_eq!(resolve(SYSTEM), None);
     }
 
-    fn congestion_of(fd: RawFd) -> String {
-        let mut buf = [0u8; 16];
-        let mut len = buf.len() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `buf`.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_CONGESTION,
-                buf.as_mut_ptr().cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0, "getsockopt TCP_CONGESTION: {}", io::Error::last_os_error());
-        String::from_utf8_lossy(&buf[..len as usize])
-            .trim_end_matches('\0')
-            .to_string()
-    }
-
     #[test]
     fn apply_sets_the_algorithm_on_the_socket() {
         // reno is built into every Linux kernel and always allowed.
         let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         apply(socket.as_raw_fd(), &CString::new("reno").unwrap());
-        assert_eq!(congestion_of(socket.as_raw_fd()), "reno");
+        assert_eq!(of_socket(socket.as_raw_fd()).unwrap(), "reno");
     }
 }

@@ -373,12 +373,6 @@ async fn drain(name: String, kill: watch::Sender<bool>, deadline: Duration) {
     }
 }
 
-/// Whether a backend host is an address of this host (loopback); names are
-/// not resolved here and count as remote.
-fn is_on_this_host(host: &str) -> bool {
-    host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
 /// The address a route listens on.
 pub fn listen_addr(route: &Route) -> SocketAddr {
     SocketAddr::from((route.address, route.port))
@@ -408,26 +402,29 @@ fn build_state(
     let backends = route
         .backends
         .iter()
-        .map(|b| Backend {
-            id: b.id.clone(),
-            host: b.host.clone(),
-            port: b.port,
-            addr: b
+        .map(|b| {
+            let addr = b
                 .host
                 .parse::<IpAddr>()
                 .ok()
-                .map(|ip| SocketAddr::new(ip, b.port)),
-            congestion: settings
-                .loopback_congestion
-                .clone()
-                .filter(|_| is_on_this_host(&b.host)),
-            weight: b.weight,
-            zone: b.zone.clone(),
-            state: b.state,
-            stats: stats
-                .entry((route.service.clone(), b.id.clone()))
-                .or_default()
-                .clone(),
+                .map(|ip| SocketAddr::new(ip, b.port));
+            // A backend on this host is a loopback address; names are not
+            // resolved here and count as remote.
+            let on_this_host = addr.is_some_and(|addr| addr.ip().is_loopback());
+            Backend {
+                id: b.id.clone(),
+                host: b.host.clone(),
+                port: b.port,
+                addr,
+                congestion: settings.loopback_congestion.clone().filter(|_| on_this_host),
+                weight: b.weight,
+                zone: b.zone.clone(),
+                state: b.state,
+                stats: stats
+                    .entry((route.service.clone(), b.id.clone()))
+                    .or_default()
+                    .clone(),
+            }
         })
         .collect();
     ServiceState {
