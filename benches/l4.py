@@ -11,9 +11,10 @@ and `cargo build --release`. Run from the repository root:
     python3 benches/l4.py                 # unpinned
     LOOPMESH_BENCH_PIN=1 python3 benches/l4.py   # load + backend on cpu0, proxies on cpu1
 
-Every proxy runs one worker: HAProxy nbthread 1, nginx worker_processes 1,
-loopmesh pinned or not as the others are (its runtime sizes itself to the
-CPUs it may use).
+Every proxy runs the same number of workers, one unless
+LOOPMESH_BENCH_WORKERS says otherwise: HAProxy nbthread, nginx
+worker_processes, loopmesh proxy.workers (event loops). Pinned, they all
+share cpu1.
 """
 
 import json
@@ -31,6 +32,7 @@ import time
 ROUNDS = int(os.environ.get("LOOPMESH_BENCH_ROUNDS", "3"))
 SECONDS = int(os.environ.get("LOOPMESH_BENCH_SECONDS", "8"))
 PIN = bool(os.environ.get("LOOPMESH_BENCH_PIN"))
+WORKERS = int(os.environ.get("LOOPMESH_BENCH_WORKERS", "1"))
 # A subset for quick iterations: any of rps,c1,churn,bulk,reload (default all).
 ONLY = set(filter(None, os.environ.get("LOOPMESH_BENCH_ONLY", "rps,c1,churn,bulk,reload").split(",")))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,7 +137,11 @@ http {{ access_log off; keepalive_requests 1000000;
                 json.dump(route, f)
         self.routes = routes
         env = dict(os.environ, RUST_LOG="warn")
-        proc = self.spawn([BIN, "agent", "--static", "--state-dir", os.path.join(self.dir, "state")], 1, env=env)
+        config = os.path.join(self.dir, "agent.yaml")
+        with open(config, "w") as f:
+            f.write(f"proxy: {{workers: {WORKERS}}}\n")
+        cmd = [BIN, "agent", "--config", config, "--static", "--state-dir", os.path.join(self.dir, "state")]
+        proc = self.spawn(cmd, 1, env=env)
         wait_port(ADDRS["loopmesh"], self.svc_port)
         return [proc.pid]
 
@@ -145,7 +151,7 @@ http {{ access_log off; keepalive_requests 1000000;
         with open(conf + ".tmp", "w") as f:
             f.write(f"""
 global
-    nbthread 1
+    nbthread {WORKERS}
     maxconn 4000
     stats socket {self.dir}/haproxy.sock mode 600 level admin expose-fd listeners
 defaults
@@ -178,7 +184,7 @@ listen iperf
         with open(conf + ".tmp", "w") as f:
             f.write(f"""
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-daemon off; worker_processes 1; pid {self.dir}/stream.pid; error_log /dev/null;
+daemon off; worker_processes {WORKERS}; pid {self.dir}/stream.pid; error_log /dev/null;
 events {{ worker_connections 8000; }}
 stream {{
   upstream http_backend {{ server 127.0.0.1:{self.http_port} weight={weight}; }}
@@ -296,7 +302,7 @@ def main():
 
     med = lambda name, key: statistics.median(results[name][key]) if results[name].get(key) else float("nan")
     rng = lambda name, key: (min(results[name][key]), max(results[name][key])) if results[name].get(key) else (0, 0)
-    layout = "load generator + backends on cpu0, proxy on cpu1" if PIN else "unpinned"
+    layout = ("load generator + backends on cpu0, proxy on cpu1" if PIN else "unpinned") + f", {WORKERS} worker(s) per proxy"
     print(f"\nL4 benchmark, {ROUNDS} interleaved rounds of {SECONDS}s, layout: {layout}\n")
     print("| target | req/s c=50 (range) | ×direct | ×HAProxy | p99 c=50 ms | c=1 p50 / p99 ms | added c=1 p50 µs | conn/s (close) | bulk 1 / 4 streams Gb/s | req per CPU-s | RSS idle / loaded MiB | errors |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -42,6 +42,8 @@ pub enum AgentError {
     Dns(#[from] DnsError),
     #[error(transparent)]
     Admin(#[from] AdminError),
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::workers::WorkerError),
     #[error("{count} file(s) failed to render; see the errors above")]
     RenderFailures { count: usize },
 }
@@ -81,7 +83,7 @@ impl Pipeline {
             reason: err.to_string(),
         })?;
         let renderer = Renderer::new(&config, *config.dns.listen.ip())?;
-        let proxy = config.proxy.enabled.then(|| new_proxy(&config));
+        let proxy = config.proxy.enabled.then(|| new_proxy(&config)).transpose()?;
         let dns = new_dns(&config)?;
         let status = Arc::new(AgentStatus::new(rendered_files(&config)));
         Ok(Pipeline {
@@ -482,13 +484,16 @@ async fn retry_dns_bind(dns: &mut DnsServer) {
     }
 }
 
-fn new_proxy(config: &AgentConfig) -> ProxyManager {
-    ProxyManager::new(ProxySettings {
+fn new_proxy(config: &AgentConfig) -> Result<ProxyManager, crate::proxy::workers::WorkerError> {
+    let proxy = ProxyManager::new(ProxySettings {
         drain_timeout: config.proxy.drain_timeout,
         node_zone: config.node_zone.clone(),
         loopback_congestion: crate::proxy::congestion::resolve(&config.proxy.loopback_congestion)
             .map(Arc::new),
-    })
+        workers: config.proxy.workers,
+    })?;
+    tracing::debug!("proxy: {} event loop(s)", proxy.worker_count());
+    Ok(proxy)
 }
 
 /// Loads the routing table from disk and applies it; a table that fails
@@ -531,7 +536,7 @@ pub async fn run_static(config: AgentConfig, shutdown: impl Future<Output = ()>)
         config.node_name(),
         routes.display()
     );
-    let mut proxy = new_proxy(&config);
+    let mut proxy = new_proxy(&config)?;
     reload_data_plane(&mut proxy, &routes).await;
     // The zone next to the routes is served too, and followed the same way.
     let mut dns = new_dns(&config)?;

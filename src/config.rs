@@ -318,6 +318,9 @@ pub struct ProxyConfig {
     /// default such as BBR only slows loopback down; `system` keeps the
     /// kernel's default. See `proxy::congestion`.
     pub loopback_congestion: String,
+    /// Event loops the proxy runs connections on; absent: one per CPU the
+    /// agent may use. See `proxy::workers`.
+    pub workers: Option<usize>,
 }
 
 impl Default for ProxyConfig {
@@ -326,6 +329,7 @@ impl Default for ProxyConfig {
             enabled: true,
             drain_timeout: Duration::from_secs(30),
             loopback_congestion: "cubic".into(),
+            workers: None,
         }
     }
 }
@@ -494,6 +498,15 @@ impl AgentConfig {
         validate_log_level(self.log_level.as_deref()).map_err(|reason| invalid("log_level", reason))?;
         crate::proxy::congestion::validate(&self.proxy.loopback_congestion)
             .map_err(|reason| invalid("proxy.loopback_congestion", reason))?;
+        if let Some(workers) = self.proxy.workers {
+            let max = crate::proxy::workers::MAX_WORKERS;
+            if !(1..=max).contains(&workers) {
+                return Err(invalid(
+                    "proxy.workers",
+                    format!("{workers} workers; give 1 to {max}, or leave it out for one per CPU"),
+                ));
+            }
+        }
         if self.static_mode && !self.proxy.enabled {
             return Err(invalid(
                 "static",
@@ -698,6 +711,8 @@ mod tests {
             ),
             ("render: {debounce: 5}", "invalid duration \"5\""),
             ("proxy: {loopback_congestion: BBR}", "proxy.loopback_congestion"),
+            ("proxy: {workers: 0}", "proxy.workers"),
+            ("proxy: {workers: 100000}", "proxy.workers"),
         ];
         for (text, field) in cases {
             let err = parse(text).unwrap_err();

@@ -141,10 +141,11 @@ pub fn load_route(path: &Path) -> Result<Route, RoutingError> {
     })?;
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
     if stem.as_deref() != Some(route.service.as_str()) {
+        let extension = path.extension().map_or("yaml".into(), |e| e.to_string_lossy());
         return Err(RoutingError::Invalid {
             path: path.to_path_buf(),
             reason: format!(
-                "file name must be {}.yaml for service {}",
+                "file name must be {}.{extension} for service {}",
                 route.service, route.service
             ),
         });
@@ -242,5 +243,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("other.yaml"), ROUTE).unwrap();
         assert!(load_table(dir.path()).is_err());
+        // The fix it names keeps the file's own extension.
+        let json = dir.path().join("other.json");
+        std::fs::write(&json, ROUTE).unwrap();
+        let err = load_route(&json).unwrap_err().to_string();
+        assert!(err.contains("file name must be pg.json for service pg"), "{err}");
     }
 }

@@ -63,6 +63,7 @@ fn the_role_lints_and_applies_idempotently_into_a_temporary_root() {
         "loopmesh_manage_services": false,
         "loopmesh_binary_src": env!("CARGO_BIN_EXE_loopmesh"),
         "loopmesh_registrar_enabled": true,
+        "loopmesh_proxy_workers": 3,
         "loopmesh_registrar_services": [{"service": "web", "port": 8080, "check": {"http": {"path": "/health"}}}],
     })
     .to_string();
@@ -106,7 +107,14 @@ fn the_role_lints_and_applies_idempotently_into_a_temporary_root() {
         resolved.contains("DNS=127.0.0.153\n") && resolved.contains("Domains=~mesh.internal\n"),
         "{resolved}"
     );
-    // The configs it wrote are ones the binary accepts.
+    // The configs it wrote are ones the binary accepts, with the settings given.
+    let agent = loopmesh::config::AgentConfig::load(
+        Some(&root.path().join("etc/loopmesh/agent.yaml")),
+        &loopmesh::config::Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(agent.proxy.workers, Some(3));
+    assert_eq!(agent.proxy.loopback_congestion, "cubic");
     let registrar = root.path().join("etc/loopmesh/registrar.yaml");
     let check = Command::new(env!("CARGO_BIN_EXE_loopmesh"))
         .args(["registrar", "--check", "--config", registrar.to_str().unwrap()])

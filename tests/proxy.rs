@@ -98,7 +98,10 @@ fn manager(drain: Duration) -> ProxyManager {
         drain_timeout: drain,
         node_zone: None,
         loopback_congestion: None,
+        // Two loops whatever the machine, so that listeners share their port.
+        workers: Some(2),
     })
+    .unwrap()
 }
 
 /// Three echo backends a, b, c behind one service with `balance`, applied.
@@ -441,7 +444,9 @@ async fn loopback_legs_get_the_configured_congestion_control() {
         drain_timeout: Duration::from_secs(5),
         node_zone: None,
         loopback_congestion: Some(std::sync::Arc::new(std::ffi::CString::new(wanted).unwrap())),
-    });
+        workers: Some(2),
+    })
+    .unwrap();
     proxy
         .apply(&table(&[&route(
             "cc",
@@ -473,4 +478,60 @@ async fn loopback_legs_get_the_configured_congestion_control() {
         congestion_of(client_addr, addr).as_deref(),
         Some(default.as_str())
     );
+}
+
+/// This process's TCP listeners on `addr`.
+fn listeners_on(addr: SocketAddr) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|&fd| socket_addr(fd, libc::getsockname) == Some(addr))
+        .filter(|&fd| {
+            let mut listening: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: SO_ACCEPTCONN writes one int into the buffer given.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_ACCEPTCONN,
+                    (&mut listening as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            rc == 0 && listening == 1
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_worker_listens_on_the_service_port_and_removal_closes_them_all() {
+    let a = EchoBackend::start("a").await;
+    let addr = service_addr();
+    let svc = route("spread", addr, Balance::RoundRobin, vec![a.backend("a", 1)]);
+    let mut proxy = manager(Duration::from_secs(5));
+    assert_eq!(proxy.worker_count(), 2);
+    assert_eq!(
+        proxy.apply(&table(&[&svc])).await.added,
+        vec!["spread".to_string()]
+    );
+    assert_eq!(listeners_on(addr), 2, "one listener per worker, sharing the port");
+    // Whichever listener the kernel hands a connection to serves it.
+    let mut open = Vec::new();
+    for i in 0..40 {
+        let (mut stream, id) = connect(addr).await;
+        assert_eq!(id, "a");
+        echo(&mut stream, format!("connection {i}\n").as_bytes()).await;
+        open.push(stream);
+    }
+    let report = proxy.apply(&BTreeMap::new()).await;
+    assert_eq!(report.removed, vec!["spread".to_string()]);
+    assert_eq!(listeners_on(addr), 0, "every worker's listener is closed");
+    let refused = TcpStream::connect(addr).await.unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    // The open connections drain on their workers.
+    for stream in &mut open {
+        echo(stream, b"still here\n").await;
+    }
 }

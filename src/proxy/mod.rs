@@ -7,11 +7,15 @@
 //! through a watch channel, which established connections never look at
 //! again. A service whose address cannot be bound fails alone, loudly, and
 //! is retried on the next apply.
+//!
+//! Connections run on the proxy's own event loops ([`workers`]), each
+//! service listening once per loop.
 
 pub mod balancer;
 pub mod congestion;
 pub mod splice;
 pub mod tcp;
+pub mod workers;
 
 use crate::routing::Route;
 use balancer::{Backend, BackendSet, BackendStats};
@@ -25,6 +29,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use workers::{WorkerError, Workers};
 
 /// Settings of the proxy as a whole.
 #[derive(Debug, Clone)]
@@ -36,6 +41,8 @@ pub struct ProxySettings {
     /// Congestion control for legs to this host ([`congestion`]); `None`
     /// leaves sockets at the system default.
     pub loopback_congestion: Option<Arc<CString>>,
+    /// Event loops to run connections on; `None`: one per CPU.
+    pub workers: Option<usize>,
 }
 
 /// Counters of one service that outlive reloads.
@@ -98,8 +105,8 @@ pub struct ServiceState {
 struct Running {
     route: Route,
     state: watch::Sender<Arc<ServiceState>>,
-    /// Aborting it closes the listener.
-    accept: JoinHandle<()>,
+    /// One per worker; aborting them closes the listeners.
+    accept: Vec<JoinHandle<()>>,
     /// Flipped to true at the drain deadline; dropped receivers mean done.
     kill: watch::Sender<bool>,
     shared: Arc<ServiceShared>,
@@ -179,6 +186,7 @@ impl ProxyView {
 /// Owns the listeners and swaps their state as the routing table changes.
 pub struct ProxyManager {
     settings: ProxySettings,
+    workers: Workers,
     running: HashMap<String, Running>,
     /// Backend counters by (service, backend id), kept across reloads.
     stats: HashMap<(String, String), Arc<BackendStats>>,
@@ -188,14 +196,22 @@ pub struct ProxyManager {
 }
 
 impl ProxyManager {
-    pub fn new(settings: ProxySettings) -> Self {
-        ProxyManager {
+    /// Starts the proxy's event loops; no service listens yet.
+    pub fn new(settings: ProxySettings) -> Result<Self, WorkerError> {
+        let workers = Workers::start(settings.workers.unwrap_or_else(workers::default_count))?;
+        Ok(ProxyManager {
             settings,
+            workers,
             running: HashMap::new(),
             stats: HashMap::new(),
             failed: BTreeMap::new(),
             table: BTreeMap::new(),
-        }
+        })
+    }
+
+    /// How many event loops serve connections.
+    pub fn worker_count(&self) -> usize {
+        self.workers.count()
     }
 
     /// Tries again to bind the services that failed to, against the table
@@ -320,13 +336,28 @@ impl ProxyManager {
 
     async fn start(&mut self, route: &Route) -> Result<Running, String> {
         let addr = listen_addr(route);
-        let listener = bind(addr, self.settings.loopback_congestion.as_deref())
+        let count = self.workers.count();
+        // One listener per worker, each registered with that worker's loop;
+        // a failure drops (closes) the ones already bound.
+        let listeners = (0..count)
+            .map(|index| {
+                let _on_worker = self.workers.enter(index);
+                bind(addr, self.settings.loopback_congestion.as_deref(), count > 1)
+            })
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|err| format!("cannot listen on {addr}: {err}"))?;
         let shared = Arc::new(ServiceShared::default());
         let state = build_state(route, &self.settings, &mut self.stats, shared.clone());
         let (state_tx, state_rx) = watch::channel(Arc::new(state));
         let (kill_tx, kill_rx) = watch::channel(false);
-        let accept = tokio::spawn(accept_loop(route.service.clone(), listener, state_rx, kill_rx));
+        let accept = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(index, listener)| {
+                let task = accept_loop(route.service.clone(), listener, state_rx.clone(), kill_rx.clone());
+                self.workers.spawn(index, task)
+            })
+            .collect();
         Ok(Running {
             route: route.clone(),
             state: state_tx,
@@ -339,8 +370,12 @@ impl ProxyManager {
     /// Stops accepting now (the listener is closed when this returns), then
     /// lets open connections finish, killing what remains at the deadline.
     async fn stop(&self, name: &str, running: Running) -> JoinHandle<()> {
-        running.accept.abort();
-        let _ = running.accept.await;
+        for accept in &running.accept {
+            accept.abort();
+        }
+        for accept in running.accept {
+            let _ = accept.await;
+        }
         tokio::spawn(drain(name.to_string(), running.kill, self.settings.drain_timeout))
     }
 
@@ -381,10 +416,15 @@ pub fn listen_addr(route: &Route) -> SocketAddr {
 /// Binds with SO_REUSEADDR so a restart does not wait out TIME_WAIT, and
 /// TCP_NODELAY and the loopback congestion control, which accepted sockets
 /// inherit on Linux (setsockopts per connection saved): every client is on
-/// this host.
-fn bind(addr: SocketAddr, congestion: Option<&CString>) -> std::io::Result<TcpListener> {
+/// this host. `shared` sets SO_REUSEPORT, for one listener per worker; the
+/// kernel lets only sockets of the same user that all set it share a port,
+/// so a port held by anything else still fails the bind.
+fn bind(addr: SocketAddr, congestion: Option<&CString>, shared: bool) -> std::io::Result<TcpListener> {
     let socket = TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
+    if shared {
+        socket.set_reuseport(true)?;
+    }
     socket.set_nodelay(true)?;
     if let Some(name) = congestion {
         congestion::apply(socket.as_raw_fd(), name);
