@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 ROUNDS = int(os.environ.get("LOOPMESH_BENCH_ROUNDS", "3"))
 SECONDS = int(os.environ.get("LOOPMESH_BENCH_SECONDS", "8"))
@@ -42,6 +43,15 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 # Each target listens on its own loopback address; backends on 127.0.0.1.
 ADDRS = {"loopmesh": "127.100.250.10", "haproxy": "127.100.250.11", "nginx": "127.100.250.12"}
+# Services each proxy holds besides the two measured, so that RSS is that of
+# a 100-service table; they point at the HTTP backend and stay idle.
+IDLE_SERVICES = 98
+
+
+def idle_addrs(target):
+    """The loopback addresses of `target`'s idle services (port 8080)."""
+    net = 101 + list(ADDRS).index(target)
+    return [f"127.{net}.{i // 250}.{i % 250 + 1}" for i in range(IDLE_SERVICES)]
 
 
 def free_port(host="127.0.0.1"):
@@ -135,6 +145,14 @@ http {{ access_log off; keepalive_requests 1000000;
             }
             with open(os.path.join(routes, f"{name}.json"), "w") as f:
                 json.dump(route, f)
+        for i, addr in enumerate(idle_addrs("loopmesh")):
+            route = {
+                "service": f"idle-{i}", "address": addr, "port": 8080,
+                "connect_timeout": "1s", "idle_timeout": "600s", "retries": 1,
+                "backends": [{"id": "b1", "host": "127.0.0.1", "port": self.http_port}],
+            }
+            with open(os.path.join(routes, f"idle-{i}.json"), "w") as f:
+                json.dump(route, f)
         self.routes = routes
         env = dict(os.environ, RUST_LOG="warn")
         config = os.path.join(self.dir, "agent.yaml")
@@ -166,6 +184,8 @@ listen iperf
     bind {a}:{self.iperf_svc_port}
     server b1 127.0.0.1:{self.iperf_port}
 """)
+            for i, addr in enumerate(idle_addrs("haproxy")):
+                f.write(f"listen idle-{i}\n    bind {addr}:8080\n    server b1 127.0.0.1:{self.http_port}\n")
         os.rename(conf + ".tmp", conf)
         return conf
 
@@ -190,8 +210,10 @@ stream {{
   upstream http_backend {{ server 127.0.0.1:{self.http_port} weight={weight}; }}
   server {{ listen {a}:{self.svc_port}; proxy_pass http_backend; }}
   server {{ listen {a}:{self.iperf_svc_port}; proxy_pass 127.0.0.1:{self.iperf_port}; }}
-}}
 """)
+            for addr in idle_addrs("nginx"):
+                f.write(f"  server {{ listen {addr}:8080; proxy_pass http_backend; }}\n")
+            f.write("}\n")
         os.rename(conf + ".tmp", conf)
         return conf
 
@@ -256,6 +278,10 @@ def main():
             "haproxy": setup.start_haproxy(),
             "nginx": setup.start_nginx(),
         }
+        # Idle: 100 services, each proxy having served one request.
+        for name in ADDRS:
+            urllib.request.urlopen(f"http://{ADDRS[name]}:{setup.svc_port}/", timeout=5).read()
+        time.sleep(1)
         idle_rss = {name: rss_mib(p) for name, p in pids.items() if p}
         target = {
             "direct": ("127.0.0.1", setup.http_port, setup.iperf_port),
