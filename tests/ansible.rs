@@ -113,7 +113,7 @@ fn the_role_lints_and_applies_idempotently_into_a_temporary_root() {
         &loopmesh::config::Overrides::default(),
     )
     .unwrap();
-    assert_eq!(agent.proxy.workers, Some(3));
+    assert_eq!(agent.proxy.workers, 3);
     assert_eq!(agent.proxy.loopback_congestion, "cubic");
     let registrar = root.path().join("etc/loopmesh/registrar.yaml");
     let check = Command::new(env!("CARGO_BIN_EXE_loopmesh"))

@@ -99,7 +99,7 @@ fn manager(drain: Duration) -> ProxyManager {
         node_zone: None,
         loopback_congestion: None,
         // Two loops whatever the machine, so that listeners share their port.
-        workers: Some(2),
+        workers: 2,
     })
     .unwrap()
 }
@@ -444,7 +444,7 @@ async fn loopback_legs_get_the_configured_congestion_control() {
         drain_timeout: Duration::from_secs(5),
         node_zone: None,
         loopback_congestion: Some(std::sync::Arc::new(std::ffi::CString::new(wanted).unwrap())),
-        workers: Some(2),
+        workers: 2,
     })
     .unwrap();
     proxy

@@ -41,8 +41,8 @@ pub struct ProxySettings {
     /// Congestion control for legs to this host ([`congestion`]); `None`
     /// leaves sockets at the system default.
     pub loopback_congestion: Option<Arc<CString>>,
-    /// Event loops to run connections on; `None`: one per CPU.
-    pub workers: Option<usize>,
+    /// Event loops to run connections on.
+    pub workers: usize,
 }
 
 /// Counters of one service that outlive reloads.
@@ -198,7 +198,7 @@ pub struct ProxyManager {
 impl ProxyManager {
     /// Starts the proxy's event loops; no service listens yet.
     pub fn new(settings: ProxySettings) -> Result<Self, WorkerError> {
-        let workers = Workers::start(settings.workers.unwrap_or_else(workers::default_count))?;
+        let workers = Workers::start(settings.workers)?;
         Ok(ProxyManager {
             settings,
             workers,

@@ -13,7 +13,6 @@
 
 use std::future::Future;
 use std::io;
-use std::num::NonZeroUsize;
 use tokio::runtime::{EnterGuard, Handle};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -32,13 +31,6 @@ pub struct Workers {
     handles: Vec<Handle>,
     /// Dropped with `Workers`, which tells every thread to end.
     _stop: watch::Sender<()>,
-}
-
-/// The worker count when the config names none: one per CPU this process
-/// may run on (its affinity mask, so `taskset` and systemd's CPUAffinity
-/// count), at least one.
-pub fn default_count() -> usize {
-    std::thread::available_parallelism().map_or(1, NonZeroUsize::get)
 }
 
 impl Workers {
@@ -122,6 +114,5 @@ mod tests {
     #[test]
     fn zero_workers_means_one() {
         assert_eq!(Workers::start(0).unwrap().count(), 1);
-        assert!(default_count() >= 1);
     }
 }
