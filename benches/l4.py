@@ -328,19 +328,28 @@ def main():
 
     med = lambda name, key: statistics.median(results[name][key]) if results[name].get(key) else float("nan")
     rng = lambda name, key: (min(results[name][key]), max(results[name][key])) if results[name].get(key) else (0, 0)
+
+    def ratio(name, key, to):
+        """Median over rounds of name/to within each round (the protocol's ratio)."""
+        pairs = list(zip(results[name].get(key, []), results[to].get(key, [])))
+        return statistics.median(a / b for a, b in pairs) if pairs else float("nan")
+
     layout = ("load generator + backends on cpu0, proxy on cpu1" if PIN else "unpinned") + f", {WORKERS} worker(s) per proxy"
     print(f"\nL4 benchmark, {ROUNDS} interleaved rounds of {SECONDS}s, layout: {layout}\n")
-    print("| target | req/s c=50 (range) | ×direct | ×HAProxy | p99 c=50 ms | c=1 p50 / p99 ms | added c=1 p50 µs | conn/s (close) | bulk 1 / 4 streams Gb/s | req per CPU-s | RSS idle / loaded MiB | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("Ratios are medians of the per-round ratios.\n")
+    print("| target | req/s c=50 (range) | ×direct | ×HAProxy | p99 c=50 ms | c=1 p50 / p99 ms | added c=1 p50 µs | conn/s (close) | ×HAProxy | bulk 1 / 4 streams Gb/s | bulk 1 ×direct | req per CPU-s | ×HAProxy | RSS idle / loaded MiB | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in target:
         lo, hi = rng(name, "rps50")
         added = (med(name, "p50_1") - med("direct", "p50_1")) * 1000
         rpc = med(name, "req_per_cpu_s")
         print(
-            f"| {name} | {med(name, 'rps50'):.0f} ({lo:.0f}-{hi:.0f}) | {med(name, 'rps50') / med('direct', 'rps50'):.2f} "
-            f"| {med(name, 'rps50') / med('haproxy', 'rps50'):.2f} | {med(name, 'p99_50'):.2f} "
+            f"| {name} | {med(name, 'rps50'):.0f} ({lo:.0f}-{hi:.0f}) | {ratio(name, 'rps50', 'direct'):.2f} "
+            f"| {ratio(name, 'rps50', 'haproxy'):.2f} | {med(name, 'p99_50'):.2f} "
             f"| {med(name, 'p50_1'):.3f} / {med(name, 'p99_1'):.3f} | {added:+.0f} | {med(name, 'churn'):.0f} "
-            f"| {med(name, 'bulk1'):.1f} / {med(name, 'bulk4'):.1f} | {'—' if rpc != rpc else f'{rpc:.0f}'} "
+            f"| {ratio(name, 'churn', 'haproxy'):.2f} | {med(name, 'bulk1'):.1f} / {med(name, 'bulk4'):.1f} "
+            f"| {ratio(name, 'bulk1', 'direct'):.2f} | {'—' if rpc != rpc else f'{rpc:.0f}'} "
+            f"| {ratio(name, 'req_per_cpu_s', 'haproxy'):.2f} "
             f"| {idle_rss.get(name, 0):.1f} / {med(name, 'rss_loaded') if name != 'direct' else 0:.1f} | {sum(results[name].get('errors', []))} |"
         )
     print("\nReload under load: wrk for 10 s while the table changes 100 times (10/s)\n")

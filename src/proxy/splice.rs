@@ -79,6 +79,40 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 /// User-space buffer of the copy phase.
 const COPY_BUFFER: usize = 16 * 1024;
 
+/// Copy buffers kept for reuse per thread (at most 512 KiB).
+const SPARE_BUFFERS: usize = 32;
+
+thread_local! {
+    static SPARES: std::cell::RefCell<Vec<Box<[u8]>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A copy buffer from this thread's spares, going back to them when
+/// dropped. Why: a short connection would otherwise allocate and zero two
+/// 16 KiB buffers and free them, and the freed top of the heap is handed
+/// back to the kernel (madvise) and faulted in again by the next ones. A
+/// proxy thread's connections never leave it, so the spares need no lock.
+struct CopyBuffer(Box<[u8]>);
+
+impl CopyBuffer {
+    fn take() -> CopyBuffer {
+        let spare = SPARES.try_with(|spares| spares.borrow_mut().pop()).ok().flatten();
+        CopyBuffer(spare.unwrap_or_else(|| vec![0u8; COPY_BUFFER].into_boxed_slice()))
+    }
+}
+
+impl Drop for CopyBuffer {
+    fn drop(&mut self) {
+        let buffer = std::mem::take(&mut self.0);
+        // The thread may be exiting (its spares gone); then it is freed.
+        let _ = SPARES.try_with(|spares| {
+            let mut spares = spares.borrow_mut();
+            if spares.len() < SPARE_BUFFERS {
+                spares.push(buffer);
+            }
+        });
+    }
+}
+
 /// Full buffers in a row that make a stream bulk (then it is spliced).
 const BULK_AFTER: u32 = 4;
 
@@ -93,21 +127,21 @@ pub async fn relay(
     ended: &AtomicU8,
     mut on_data: impl FnMut(),
 ) -> io::Result<u64> {
-    let mut buf = vec![0u8; COPY_BUFFER];
+    let mut buf = CopyBuffer::take();
     let mut total = 0u64;
     let mut full_in_a_row = 0;
     // With no pipe to be had (out of file descriptors), keep copying.
     let mut pipe = None;
     while pipe.is_none() {
-        let n = read_some(from, &mut buf).await?;
+        let n = read_some(from, &mut buf.0).await?;
         if n == 0 {
             pass_on_eof(to, ended);
             return Ok(total);
         }
         on_data();
-        write_all(to, &buf[..n]).await?;
+        write_all(to, &buf.0[..n]).await?;
         total += n as u64;
-        full_in_a_row = if n == buf.len() { full_in_a_row + 1 } else { 0 };
+        full_in_a_row = if n == buf.0.len() { full_in_a_row + 1 } else { 0 };
         if full_in_a_row >= BULK_AFTER {
             pipe = Pipe::take().ok();
         }
@@ -245,6 +279,19 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
         (client.unwrap(), server.unwrap().0)
+    }
+
+    #[test]
+    fn copy_buffers_are_reused_on_their_thread() {
+        let first = CopyBuffer::take();
+        let address = first.0.as_ptr();
+        assert_eq!(first.0.len(), COPY_BUFFER);
+        drop(first);
+        assert_eq!(CopyBuffer::take().0.as_ptr(), address, "the spare was not reused");
+        // Past the limit, buffers are freed rather than kept.
+        let many: Vec<CopyBuffer> = (0..SPARE_BUFFERS + 8).map(|_| CopyBuffer::take()).collect();
+        drop(many);
+        assert_eq!(SPARES.with(|spares| spares.borrow().len()), SPARE_BUFFERS);
     }
 
     #[tokio::test]

@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""A/B of loopmesh builds or settings beside HAProxy and a direct connection.
+
+The full `l4.py` run takes minutes per layout; a change to the data path is
+judged faster and on more rounds here: every variant serves the same nginx
+backend on its own loopback address, and each round runs wrk against direct,
+HAProxy (nbthread 1) and every variant in turn (interleaved). Reports medians
+of requests/s, requests per CPU-second of the proxy, and the share of that CPU
+spent in user space, with ratios to HAProxy from the same rounds.
+
+    python3 benches/l4_ab.py new=target/release/loopmesh old=/tmp/loopmesh-old
+    python3 benches/l4_ab.py one=target/release/loopmesh:workers=1 two=target/release/loopmesh:workers=2
+
+A variant is `name=binary[:workers=N][,ENV=value...]`. Environment:
+LOOPMESH_BENCH_PIN=1 (wrk + backend on cpu0, proxies on cpu1),
+LOOPMESH_AB_ROUNDS (7), LOOPMESH_AB_SECONDS (4), LOOPMESH_AB_CONNS (50),
+LOOPMESH_AB_CLOSE=1 (Connection: close, i.e. connection churn).
+"""
+
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import l4  # noqa: E402  (the setup, wrk and /proc helpers)
+
+ROUNDS = int(os.environ.get("LOOPMESH_AB_ROUNDS", "7"))
+SECONDS = int(os.environ.get("LOOPMESH_AB_SECONDS", "4"))
+CONNS = int(os.environ.get("LOOPMESH_AB_CONNS", "50"))
+EXTRA = ("-H", "Connection: close") if os.environ.get("LOOPMESH_AB_CLOSE") else ()
+
+
+def cpu_ticks(pids):
+    """(user, system) clock ticks of `pids`."""
+    user = system = 0
+    for pid in pids:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        user += int(fields[11])
+        system += int(fields[12])
+    return user, system
+
+
+def start_variant(setup, index, spec):
+    name, _, rest = spec.partition("=")
+    binary, _, options = rest.partition(":")
+    if not name or not os.path.exists(binary):
+        sys.exit(f"bad variant {spec!r}: give name=binary[:workers=N][,ENV=value...]")
+    home = os.path.join(setup.dir, f"variant-{index}")
+    routes = os.path.join(home, "state", "routes")
+    os.makedirs(routes)
+    env = dict(os.environ, RUST_LOG="warn")
+    workers = 1
+    for option in filter(None, options.split(",")):
+        key, _, value = option.partition("=")
+        if key == "workers":
+            workers = int(value)
+        else:
+            env[key] = value
+    config = os.path.join(home, "agent.yaml")
+    with open(config, "w") as f:
+        f.write(f"proxy: {{workers: {workers}}}\n")
+    addr = f"127.100.252.{10 + index}"
+    route = {
+        "service": "bench-http", "address": addr, "port": 8080,
+        "connect_timeout": "1s", "idle_timeout": "600s", "retries": 1,
+        "backends": [{"id": "b1", "host": "127.0.0.1", "port": setup.http_port}],
+    }
+    with open(os.path.join(routes, "bench-http.json"), "w") as f:
+        json.dump(route, f)
+    cmd = [binary, "agent", "--config", config, "--static", "--state-dir", os.path.join(home, "state"),
+           "--admin-listen", f"{addr}:9901", "--dns-listen", f"{addr}:5353"]
+    proc = setup.spawn(cmd, 1, env=env)
+    l4.wait_port(addr, 8080)
+    return name, (f"{addr}:8080", [proc.pid])
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    setup = l4.Setup()
+    try:
+        setup.start_backends()
+        targets = {
+            "direct": (f"127.0.0.1:{setup.http_port}", []),
+            "haproxy": (f"{l4.ADDRS['haproxy']}:{setup.svc_port}", setup.start_haproxy()),
+        }
+        for index, spec in enumerate(sys.argv[1:]):
+            name, target = start_variant(setup, index, spec)
+            targets[name] = target
+        results = {name: {"rps": [], "per_cpu": [], "user": [], "p50": []} for name in targets}
+        for rnd in range(ROUNDS):
+            for name, (addr, pids) in targets.items():
+                before = cpu_ticks(pids)
+                run = l4.wrk(f"http://{addr}/", CONNS, SECONDS, EXTRA)
+                user, system = (a - b for a, b in zip(cpu_ticks(pids), before))
+                result = results[name]
+                result["rps"].append(run["rps"])
+                result["p50"].append(run["p50"])
+                if pids:
+                    result["per_cpu"].append(run["requests"] / max((user + system) / l4.TICKS, 1e-9))
+                    result["user"].append(user / max(user + system, 1))
+            print(f"round {rnd + 1}/{ROUNDS} done", file=sys.stderr)
+        layout = "wrk + backend on cpu0, proxies on cpu1" if l4.PIN else "unpinned"
+        print(f"\n{ROUNDS} interleaved rounds of {SECONDS}s, c={CONNS}{' (close)' if EXTRA else ''}, {layout}\n")
+        print("| target | req/s | ×HAProxy | req per CPU-s | ×HAProxy | user share | p50 ms |")
+        print("|---|---|---|---|---|---|---|")
+        ha = results["haproxy"]
+        for name, r in results.items():
+            rps_ratio = statistics.median(a / b for a, b in zip(r["rps"], ha["rps"]))
+            cpu = f"{statistics.median(r['per_cpu']):.0f}" if r["per_cpu"] else "—"
+            cpu_ratio = (
+                f"{statistics.median(a / b for a, b in zip(r['per_cpu'], ha['per_cpu'])):.3f}" if r["per_cpu"] else "—"
+            )
+            user = f"{statistics.median(r['user']):.3f}" if r["user"] else "—"
+            print(f"| {name} | {statistics.median(r['rps']):.0f} | {rps_ratio:.3f} | {cpu} | {cpu_ratio} | {user} | "
+                  f"{statistics.median(r['p50']):.3f} |")
+    finally:
+        setup.stop()
+
+
+if __name__ == "__main__":
+    main()
