@@ -1,6 +1,7 @@
-//! The proxy's event loops: a few threads, each running its own
-//! single-threaded tokio runtime, and each service listening once per thread
-//! (SO_REUSEPORT), so the kernel spreads new connections across them.
+//! The proxy's event loops: threads of their own (one by default,
+//! `proxy.workers`), each running a single-threaded tokio runtime; with
+//! several, each service listens once per thread (SO_REUSEPORT) and the
+//! kernel spreads new connections across them.
 //!
 //! Why not the agent's multi-thread runtime: there a task woken on one
 //! worker makes it wake an idle sibling to steal work, and at 60k requests/s
