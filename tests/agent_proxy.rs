@@ -136,12 +136,23 @@ async fn static_mode_follows_hand_edits_and_refuses_a_bad_table_whole() {
     let (one, two) = (backend("one").await, backend("two").await);
     let (svc, other) = (service_addr(), service_addr());
     write_route(&routes, "static-svc", svc, &[("one", one)]);
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(&config, "proxy: {workers: 2}\n").unwrap();
     let agent = Loopmesh::spawn(
-        &["agent", "--static", "--state-dir", state.to_str().unwrap()],
+        &[
+            "agent",
+            "--config",
+            config.to_str().unwrap(),
+            "--static",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
         dir.path(),
     );
     let (_, id) = eventually_async("the static route to answer", || who_answers(svc)).await;
     assert_eq!(id, "one");
+    // The configured event loops are the proxy's own threads.
+    assert_eq!(proxy_threads(agent.pid()), ["proxy-0", "proxy-1"]);
 
     write_route(&routes, "static-svc", svc, &[("two", two)]);
     write_route(&routes, "other", other, &[("one", one)]);
@@ -226,4 +237,17 @@ async fn a_service_whose_port_was_taken_comes_up_once_it_is_free() {
     let (_, id) = eventually_async("the taken service to come up", || who_answers(taken)).await;
     assert_eq!(id, "one");
     agent.wait_log("service taken is listening now that its address is free");
+}
+
+/// Names of the proxy event-loop threads of process `pid`, sorted.
+fn proxy_threads(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| name.starts_with("proxy-"))
+        .collect();
+    names.sort();
+    names
 }

@@ -43,9 +43,10 @@ impl Workers {
             let mut stopped = stop.subscribe();
             let (started, handle) = std::sync::mpsc::sync_channel(1);
             // The runtime is built, run and dropped on its own thread (a
-            // runtime may not be dropped from async code).
+            // runtime may not be dropped from async code). Named within
+            // Linux's 15 characters, as `top -H` and /proc show it.
             std::thread::Builder::new()
-                .name(format!("loopmesh-proxy-{index}"))
+                .name(format!("proxy-{index}"))
                 .spawn(move || {
                     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                         Ok(runtime) => runtime,
@@ -99,7 +100,7 @@ mod tests {
                 .spawn(index, async { std::thread::current().name().map(str::to_string) })
                 .await
                 .unwrap();
-            assert_eq!(name.as_deref(), Some(format!("loopmesh-proxy-{index}").as_str()));
+            assert_eq!(name.as_deref(), Some(format!("proxy-{index}").as_str()));
         }
     }
 
