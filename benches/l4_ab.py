@@ -6,7 +6,8 @@ judged faster and on more rounds here: every variant serves the same nginx
 backend on its own loopback address, and each round runs wrk against direct,
 HAProxy (nbthread 1) and every variant in turn (interleaved). Reports medians
 of requests/s, requests per CPU-second of the proxy, and the share of that CPU
-spent in user space, with ratios to HAProxy from the same rounds.
+spent in user space, with ratios to HAProxy from the same rounds, and the
+latency each adds to direct (p50, per round).
 
     python3 benches/l4_ab.py new=target/release/loopmesh old=/tmp/loopmesh-old
     python3 benches/l4_ab.py one=target/release/loopmesh:workers=1 two=target/release/loopmesh:workers=2
@@ -103,8 +104,8 @@ def main():
             print(f"round {rnd + 1}/{ROUNDS} done", file=sys.stderr)
         layout = "wrk + backend on cpu0, proxies on cpu1" if l4.PIN else "unpinned"
         print(f"\n{ROUNDS} interleaved rounds of {SECONDS}s, c={CONNS}{' (close)' if EXTRA else ''}, {layout}\n")
-        print("| target | req/s | ×HAProxy | req per CPU-s | ×HAProxy | user share | p50 ms |")
-        print("|---|---|---|---|---|---|---|")
+        print("| target | req/s | ×HAProxy | req per CPU-s | ×HAProxy | user share | p50 ms | added p50 µs |")
+        print("|---|---|---|---|---|---|---|---|")
         ha = results["haproxy"]
         for name, r in results.items():
             rps_ratio = statistics.median(a / b for a, b in zip(r["rps"], ha["rps"]))
@@ -113,8 +114,10 @@ def main():
                 f"{statistics.median(a / b for a, b in zip(r['per_cpu'], ha['per_cpu'])):.3f}" if r["per_cpu"] else "—"
             )
             user = f"{statistics.median(r['user']):.3f}" if r["user"] else "—"
+            # Per round, against direct in the same round.
+            added = statistics.median((a - b) * 1000 for a, b in zip(r["p50"], results["direct"]["p50"]))
             print(f"| {name} | {statistics.median(r['rps']):.0f} | {rps_ratio:.3f} | {cpu} | {cpu_ratio} | {user} | "
-                  f"{statistics.median(r['p50']):.3f} |")
+                  f"{statistics.median(r['p50']):.3f} | {added:+.0f} |")
     finally:
         setup.stop()
 
