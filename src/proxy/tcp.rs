@@ -158,7 +158,10 @@ pub async fn serve(
             tokio::time::sleep(idle_limit - quiet).await;
         }
     };
+    // The copy first, and no random branch order to draw at every wake-up:
+    // idle and kill are polled whenever the copy is pending.
     tokio::select! {
+        biased;
         result = copy => {
             if let Ok((to_backend, to_client)) = result {
                 metrics.bytes_to_backend.increment(to_backend);

@@ -48,7 +48,14 @@ impl Workers {
             std::thread::Builder::new()
                 .name(format!("proxy-{index}"))
                 .spawn(move || {
-                    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    // Sockets and timers only: no signal or child-process
+                    // driver to run at every park (perf showed its orphan
+                    // reaping on the proxy's loop).
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_io()
+                        .enable_time()
+                        .build()
+                    {
                         Ok(runtime) => runtime,
                         Err(err) => return drop(started.send(Err(err))),
                     };
