@@ -75,15 +75,37 @@ def wait_port(host, port, timeout=20.0):
     raise RuntimeError(f"{host}:{port} never accepted")
 
 
-def cpu_seconds(pids):
-    total = 0
+def cpu_ticks(pids):
+    """(user, system) clock ticks of `pids` (a gone process counts nothing)."""
+    user = system = 0
     for pid in pids:
         try:
             fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            user += int(fields[11])
+            system += int(fields[12])
         except OSError:
             pass
-    return total / TICKS
+    return user, system
+
+
+def cpu_seconds(pids):
+    return sum(cpu_ticks(pids)) / TICKS
+
+
+def write_route(routes, name, addr, port, backend_port):
+    """A loopmesh route file: `name` on addr:port to one backend on 127.0.0.1."""
+    route = {
+        "service": name, "address": addr, "port": port,
+        "connect_timeout": "1s", "idle_timeout": "600s", "retries": 1,
+        "backends": [{"id": "b1", "host": "127.0.0.1", "port": backend_port}],
+    }
+    with open(os.path.join(routes, f"{name}.json"), "w") as f:
+        json.dump(route, f)
+
+
+def write_agent_config(path, workers):
+    with open(path, "w") as f:
+        f.write(f"proxy: {{workers: {workers}}}\n")
 
 
 def rss_mib(pids):
@@ -138,26 +160,13 @@ http {{ access_log off; keepalive_requests 1000000;
         routes = os.path.join(self.dir, "state", "routes")
         os.makedirs(routes)
         for name, port, backend in (("bench-http", self.svc_port, self.http_port), ("bench-iperf", self.iperf_svc_port, self.iperf_port)):
-            route = {
-                "service": name, "address": ADDRS["loopmesh"], "port": port,
-                "connect_timeout": "1s", "idle_timeout": "600s", "retries": 1,
-                "backends": [{"id": "b1", "host": "127.0.0.1", "port": backend}],
-            }
-            with open(os.path.join(routes, f"{name}.json"), "w") as f:
-                json.dump(route, f)
+            write_route(routes, name, ADDRS["loopmesh"], port, backend)
         for i, addr in enumerate(idle_addrs("loopmesh")):
-            route = {
-                "service": f"idle-{i}", "address": addr, "port": 8080,
-                "connect_timeout": "1s", "idle_timeout": "600s", "retries": 1,
-                "backends": [{"id": "b1", "host": "127.0.0.1", "port": self.http_port}],
-            }
-            with open(os.path.join(routes, f"idle-{i}.json"), "w") as f:
-                json.dump(route, f)
+            write_route(routes, f"idle-{i}", addr, 8080, self.http_port)
         self.routes = routes
         env = dict(os.environ, RUST_LOG="warn")
         config = os.path.join(self.dir, "agent.yaml")
-        with open(config, "w") as f:
-            f.write(f"proxy: {{workers: {WORKERS}}}\n")
+        write_agent_config(config, WORKERS)
         cmd = [BIN, "agent", "--config", config, "--static", "--state-dir", os.path.join(self.dir, "state")]
         proc = self.spawn(cmd, 1, env=env)
         wait_port(ADDRS["loopmesh"], self.svc_port)

@@ -18,7 +18,6 @@ LOOPMESH_AB_ROUNDS (7), LOOPMESH_AB_SECONDS (4), LOOPMESH_AB_CONNS (50),
 LOOPMESH_AB_CLOSE=1 (Connection: close, i.e. connection churn).
 """
 
-import json
 import os
 import statistics
 import sys
@@ -30,16 +29,6 @@ ROUNDS = int(os.environ.get("LOOPMESH_AB_ROUNDS", "7"))
 SECONDS = int(os.environ.get("LOOPMESH_AB_SECONDS", "4"))
 CONNS = int(os.environ.get("LOOPMESH_AB_CONNS", "50"))
 EXTRA = ("-H", "Connection: close") if os.environ.get("LOOPMESH_AB_CLOSE") else ()
-
-
-def cpu_ticks(pids):
-    """(user, system) clock ticks of `pids`."""
-    user = system = 0
-    for pid in pids:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        user += int(fields[11])
-        system += int(fields[12])
-    return user, system
 
 
 def start_variant(setup, index, spec):
@@ -59,16 +48,9 @@ def start_variant(setup, index, spec):
         else:
             env[key] = value
     config = os.path.join(home, "agent.yaml")
-    with open(config, "w") as f:
-        f.write(f"proxy: {{workers: {workers}}}\n")
+    l4.write_agent_config(config, workers)
     addr = f"127.100.252.{10 + index}"
-    route = {
-        "service": "bench-http", "address": addr, "port": 8080,
-        "connect_timeout": "1s", "idle_timeout": "600s", "retries": 1,
-        "backends": [{"id": "b1", "host": "127.0.0.1", "port": setup.http_port}],
-    }
-    with open(os.path.join(routes, "bench-http.json"), "w") as f:
-        json.dump(route, f)
+    l4.write_route(routes, "bench-http", addr, 8080, setup.http_port)
     cmd = [binary, "agent", "--config", config, "--static", "--state-dir", os.path.join(home, "state"),
            "--admin-listen", f"{addr}:9901", "--dns-listen", f"{addr}:5353"]
     proc = setup.spawn(cmd, 1, env=env)
@@ -92,9 +74,9 @@ def main():
         results = {name: {"rps": [], "per_cpu": [], "user": [], "p50": []} for name in targets}
         for rnd in range(ROUNDS):
             for name, (addr, pids) in targets.items():
-                before = cpu_ticks(pids)
+                before = l4.cpu_ticks(pids)
                 run = l4.wrk(f"http://{addr}/", CONNS, SECONDS, EXTRA)
-                user, system = (a - b for a, b in zip(cpu_ticks(pids), before))
+                user, system = (a - b for a, b in zip(l4.cpu_ticks(pids), before))
                 result = results[name]
                 result["rps"].append(run["rps"])
                 result["p50"].append(run["p50"])

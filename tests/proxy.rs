@@ -407,13 +407,18 @@ fn socket_addr(
     Some(SocketAddr::from((ip, u16::from_be(addr.sin_port))))
 }
 
-/// This process's IPv4 TCP sockets as (fd, local, peer): the proxy runs
-/// in-process, so its sockets are among them.
-fn connected_sockets() -> Vec<(i32, SocketAddr, SocketAddr)> {
+/// This process's open file descriptors: the proxy runs in-process, so its
+/// sockets are among them.
+fn own_fds() -> impl Iterator<Item = i32> {
     std::fs::read_dir("/proc/self/fd")
         .unwrap()
         .flatten()
         .filter_map(|entry| entry.file_name().to_string_lossy().parse::<i32>().ok())
+}
+
+/// This process's connected IPv4 TCP sockets as (fd, local, peer).
+fn connected_sockets() -> Vec<(i32, SocketAddr, SocketAddr)> {
+    own_fds()
         .filter_map(|fd| {
             Some((
                 fd,
@@ -482,10 +487,7 @@ async fn loopback_legs_get_the_configured_congestion_control() {
 
 /// This process's TCP listeners on `addr`.
 fn listeners_on(addr: SocketAddr) -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_string_lossy().parse::<i32>().ok())
+    own_fds()
         .filter(|&fd| socket_addr(fd, libc::getsockname) == Some(addr))
         .filter(|&fd| {
             let mut listening: libc::c_int = 0;

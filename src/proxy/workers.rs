@@ -37,9 +37,10 @@ pub struct Workers {
 impl Workers {
     /// Starts `count` threads (at least one), each with its own runtime.
     pub fn start(count: usize) -> Result<Workers, WorkerError> {
+        let count = count.max(1);
         let (stop, _) = watch::channel(());
-        let mut handles = Vec::with_capacity(count.max(1));
-        for index in 0..count.max(1) {
+        let mut handles = Vec::with_capacity(count);
+        for index in 0..count {
             let mut stopped = stop.subscribe();
             let (started, handle) = std::sync::mpsc::sync_channel(1);
             // The runtime is built, run and dropped on its own thread (a
