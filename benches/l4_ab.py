@@ -15,11 +15,14 @@ latency each adds to direct (p50, per round).
 A variant is `name=binary[:workers=N][,ENV=value...]`. Environment:
 LOOPMESH_BENCH_PIN=1 (wrk + backend on cpu0, proxies on cpu1),
 LOOPMESH_AB_ROUNDS (7), LOOPMESH_AB_SECONDS (4), LOOPMESH_AB_CONNS (50),
-LOOPMESH_AB_CLOSE=1 (Connection: close, i.e. connection churn).
+LOOPMESH_AB_CLOSE=1 (Connection: close, i.e. connection churn),
+LOOPMESH_AB_FLOOR=1 (also the floor: benches/floor_relay.c, a blocking
+thread-per-direction relay in C, the least a user-space hop can cost).
 """
 
 import os
 import statistics
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -29,6 +32,7 @@ ROUNDS = int(os.environ.get("LOOPMESH_AB_ROUNDS", "7"))
 SECONDS = int(os.environ.get("LOOPMESH_AB_SECONDS", "4"))
 CONNS = int(os.environ.get("LOOPMESH_AB_CONNS", "50"))
 EXTRA = ("-H", "Connection: close") if os.environ.get("LOOPMESH_AB_CLOSE") else ()
+FLOOR = bool(os.environ.get("LOOPMESH_AB_FLOOR"))
 
 
 def start_variant(setup, index, spec):
@@ -58,6 +62,17 @@ def start_variant(setup, index, spec):
     return name, (f"{addr}:8080", [proc.pid])
 
 
+def start_floor(setup):
+    """Builds and starts benches/floor_relay.c on the proxies' cpu."""
+    binary = os.path.join(setup.dir, "floor_relay")
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor_relay.c")
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", binary, source], check=True)
+    addr = "127.100.252.99"
+    proc = setup.spawn([binary, addr, "8080", "127.0.0.1", str(setup.http_port)], 1)
+    l4.wait_port(addr, 8080)
+    return f"{addr}:8080", [proc.pid]
+
+
 def main():
     if len(sys.argv) < 2:
         sys.exit(__doc__)
@@ -68,6 +83,8 @@ def main():
             "direct": (f"127.0.0.1:{setup.http_port}", []),
             "haproxy": (f"{l4.ADDRS['haproxy']}:{setup.svc_port}", setup.start_haproxy()),
         }
+        if FLOOR:
+            targets["floor-relay"] = start_floor(setup)
         for index, spec in enumerate(sys.argv[1:]):
             name, target = start_variant(setup, index, spec)
             targets[name] = target
