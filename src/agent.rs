@@ -491,6 +491,7 @@ fn new_proxy(config: &AgentConfig) -> Result<ProxyManager, crate::proxy::workers
         loopback_congestion: crate::proxy::congestion::resolve(&config.proxy.loopback_congestion)
             .map(Arc::new),
         workers: config.proxy.workers,
+        kernel_forwarding: config.proxy.kernel_forwarding,
     })?;
     tracing::debug!("proxy: {} event loop(s)", proxy.worker_count());
     Ok(proxy)

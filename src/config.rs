@@ -321,6 +321,10 @@ pub struct ProxyConfig {
     /// Event loops the proxy runs connections on (threads); one serves
     /// ~60k requests/s here at the least CPU per request. See `proxy::workers`.
     pub workers: usize,
+    /// Forward connections inside the kernel (sockmap): lower latency per
+    /// request, needs CAP_BPF and CAP_NET_ADMIN; without them the proxy
+    /// says why once and copies in user space. See `proxy::sockmap`.
+    pub kernel_forwarding: bool,
 }
 
 impl Default for ProxyConfig {
@@ -330,6 +334,7 @@ impl Default for ProxyConfig {
             drain_timeout: Duration::from_secs(30),
             loopback_congestion: "cubic".into(),
             workers: 1,
+            kernel_forwarding: false,
         }
     }
 }

@@ -100,8 +100,27 @@ fn manager(drain: Duration) -> ProxyManager {
         loopback_congestion: None,
         // Two loops whatever the machine, so that listeners share their port.
         workers: 2,
+        kernel_forwarding: false,
     })
     .unwrap()
+}
+
+/// A manager forwarding in the kernel; these tests need root (CAP_BPF,
+/// CAP_NET_ADMIN), as the agent does for `proxy.kernel_forwarding`.
+fn kernel_manager(drain: Duration) -> ProxyManager {
+    let proxy = ProxyManager::new(ProxySettings {
+        drain_timeout: drain,
+        node_zone: None,
+        loopback_congestion: None,
+        workers: 2,
+        kernel_forwarding: true,
+    })
+    .unwrap();
+    assert!(
+        proxy.kernel_forwarding(),
+        "kernel forwarding unavailable (see the warning above): run as root on Linux 5.13 or later"
+    );
+    proxy
 }
 
 /// Three echo backends a, b, c behind one service with `balance`, applied.
@@ -450,6 +469,7 @@ async fn loopback_legs_get_the_configured_congestion_control() {
         node_zone: None,
         loopback_congestion: Some(std::sync::Arc::new(std::ffi::CString::new(wanted).unwrap())),
         workers: 2,
+        kernel_forwarding: false,
     })
     .unwrap();
     proxy
@@ -536,4 +556,143 @@ async fn every_worker_listens_on_the_service_port_and_removal_closes_them_all() 
     for stream in &mut open {
         echo(stream, b"still here\n").await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kernel_forwarded_connections_echo_through_reloads_and_pass_half_close() {
+    let (a, b) = (EchoBackend::start("a").await, EchoBackend::start("b").await);
+    let addr = service_addr();
+    let mut proxy = kernel_manager(Duration::from_secs(5));
+    let base = route(
+        "inkernel",
+        addr,
+        Balance::RoundRobin,
+        vec![a.backend("a", 1), b.backend("b", 1)],
+    );
+    proxy.apply(&table(&[&base])).await;
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let (stream, id) = connect(addr).await;
+        assert!(id == "a" || id == "b", "{id}");
+        open.push(stream);
+    }
+    assert_eq!(
+        proxy.kernel_joined(),
+        4,
+        "every connection is forwarded in the kernel"
+    );
+    for round in 0..50u32 {
+        let mut next = base.clone();
+        next.backends[0].weight = 1 + round % 3;
+        proxy.apply(&table(&[&next])).await;
+        for (n, stream) in open.iter_mut().enumerate() {
+            let chunk = format!(
+                "round {round} stream {n} {}\n",
+                "y".repeat((round as usize * 13 + n) % 900)
+            );
+            echo(stream, chunk.as_bytes()).await;
+        }
+    }
+    // Half-close: the client's FIN reaches the backend after its last
+    // bytes, and the echo of them still comes back.
+    for stream in &mut open {
+        stream.get_mut().write_all(b"last words").await.unwrap();
+        stream.get_mut().shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"last words");
+    }
+    eventually_async("closed connections leave the kernel maps", || async {
+        (proxy.kernel_joined() == 0).then_some(())
+    })
+    .await;
+}
+
+/// A backend that reads until EOF, reports what it got, then answers with
+/// `reply` bytes and closes.
+async fn sink_then_reply(reply: Vec<u8>) -> (SocketAddr, tokio::sync::oneshot::Receiver<Vec<u8>>) {
+    let listener = TcpListener::bind((unique_ip(), 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (report, received) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.unwrap();
+        let _ = report.send(got);
+        stream.write_all(&reply).await.unwrap();
+        stream.shutdown().await.unwrap();
+    });
+    (addr, received)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kernel_forwarding_carries_bulk_both_ways_including_data_sent_before_the_join() {
+    let request: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
+    let reply: Vec<u8> = (0..3_000_000u32).map(|i| (i % 241) as u8).collect();
+    let (backend, received) = sink_then_reply(reply.clone()).await;
+    let addr = service_addr();
+    let mut proxy = kernel_manager(Duration::from_secs(5));
+    let backend = Backend {
+        id: "sink".into(),
+        host: backend.ip().to_string(),
+        port: backend.port(),
+        weight: 1,
+        zone: None,
+        state: InstanceState::Up,
+    };
+    proxy
+        .apply(&table(&[&route(
+            "bulk",
+            addr,
+            Balance::RoundRobin,
+            vec![backend],
+        )]))
+        .await;
+    // Written the moment the connection is up, while the proxy is still
+    // connecting upstream and joining: it waits in the receive queue.
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let (mut read, mut write) = stream.split();
+    let sent = request.clone();
+    let writing = async move {
+        write.write_all(&sent).await.unwrap();
+        write.shutdown().await.unwrap();
+    };
+    let mut back = Vec::new();
+    let reading = read.read_to_end(&mut back);
+    let ((), read_result) = tokio::join!(writing, reading);
+    read_result.unwrap();
+    let got = received.await.unwrap();
+    assert_eq!(got.len(), request.len(), "the backend got every byte");
+    assert!(got == request, "bytes changed on the way to the backend");
+    assert_eq!(back.len(), reply.len(), "the client got every byte");
+    assert!(back == reply, "bytes changed on the way to the client");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kernel_forwarded_connections_idle_out_and_are_killed_at_the_drain_deadline() {
+    let a = EchoBackend::start("a").await;
+    let (idle_addr, drain_addr) = (service_addr(), service_addr());
+    let mut quiet = route("quiet", idle_addr, Balance::RoundRobin, vec![a.backend("a", 1)]);
+    quiet.idle_timeout = Duration::from_millis(300);
+    let draining = route(
+        "draining",
+        drain_addr,
+        Balance::RoundRobin,
+        vec![a.backend("a", 1)],
+    );
+    let mut proxy = kernel_manager(Duration::from_millis(300));
+    proxy.apply(&table(&[&quiet, &draining])).await;
+
+    let (mut idle, _) = connect(idle_addr).await;
+    echo(&mut idle, b"once").await;
+    assert!(closed(&mut idle).await, "an idle connection is closed");
+
+    let (mut straggler, _) = connect(drain_addr).await;
+    echo(&mut straggler, b"before the removal").await;
+    proxy.apply(&table(&[&quiet])).await;
+    echo(&mut straggler, b"while draining").await;
+    assert!(
+        closed(&mut straggler).await,
+        "the straggler is closed at the deadline"
+    );
 }

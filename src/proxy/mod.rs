@@ -13,6 +13,7 @@
 
 pub mod balancer;
 pub mod congestion;
+pub mod sockmap;
 pub mod splice;
 pub mod tcp;
 pub mod workers;
@@ -43,6 +44,8 @@ pub struct ProxySettings {
     pub loopback_congestion: Option<Arc<CString>>,
     /// Event loops to run connections on.
     pub workers: usize,
+    /// Forward joined connections inside the kernel ([`sockmap`]).
+    pub kernel_forwarding: bool,
 }
 
 /// Counters of one service that outlive reloads.
@@ -99,6 +102,8 @@ pub struct ServiceState {
     pub retries: u32,
     pub max_connections: Option<u32>,
     pub shared: Arc<ServiceShared>,
+    /// Set when connections are forwarded in the kernel.
+    pub kernel: Option<Arc<sockmap::KernelForwarding>>,
 }
 
 /// A listening service.
@@ -187,6 +192,7 @@ impl ProxyView {
 pub struct ProxyManager {
     settings: ProxySettings,
     workers: Workers,
+    kernel: Option<Arc<sockmap::KernelForwarding>>,
     running: HashMap<String, Running>,
     /// Backend counters by (service, backend id), kept across reloads.
     stats: HashMap<(String, String), Arc<BackendStats>>,
@@ -199,14 +205,27 @@ impl ProxyManager {
     /// Starts the proxy's event loops; no service listens yet.
     pub fn new(settings: ProxySettings) -> Result<Self, WorkerError> {
         let workers = Workers::start(settings.workers)?;
+        let kernel = settings.kernel_forwarding.then(kernel_forwarding).flatten();
         Ok(ProxyManager {
             settings,
             workers,
+            kernel,
             running: HashMap::new(),
             stats: HashMap::new(),
             failed: BTreeMap::new(),
             table: BTreeMap::new(),
         })
+    }
+
+    /// Whether connections are forwarded in the kernel (asked for and
+    /// available).
+    pub fn kernel_forwarding(&self) -> bool {
+        self.kernel.is_some()
+    }
+
+    /// Connections forwarded in the kernel now.
+    pub fn kernel_joined(&self) -> u32 {
+        self.kernel.as_ref().map_or(0, |kernel| kernel.joined())
     }
 
     /// How many event loops serve connections.
@@ -301,7 +320,13 @@ impl ProxyManager {
             match self.running.get_mut(name) {
                 Some(running) if running.route == *route => {}
                 Some(running) => {
-                    let state = build_state(route, &self.settings, &mut self.stats, running.shared.clone());
+                    let state = build_state(
+                        route,
+                        &self.settings,
+                        &self.kernel,
+                        &mut self.stats,
+                        running.shared.clone(),
+                    );
                     running.state.send_replace(Arc::new(state));
                     running.route = route.clone();
                     report.updated.push(name.clone());
@@ -347,7 +372,13 @@ impl ProxyManager {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|err| format!("cannot listen on {addr}: {err}"))?;
         let shared = Arc::new(ServiceShared::default());
-        let state = build_state(route, &self.settings, &mut self.stats, shared.clone());
+        let state = build_state(
+            route,
+            &self.settings,
+            &self.kernel,
+            &mut self.stats,
+            shared.clone(),
+        );
         let (state_tx, state_rx) = watch::channel(Arc::new(state));
         let (kill_tx, kill_rx) = watch::channel(false);
         let accept = listeners
@@ -436,6 +467,7 @@ fn bind(addr: SocketAddr, congestion: Option<&CString>, shared: bool) -> std::io
 fn build_state(
     route: &Route,
     settings: &ProxySettings,
+    kernel: &Option<Arc<sockmap::KernelForwarding>>,
     stats: &mut HashMap<(String, String), Arc<BackendStats>>,
     shared: Arc<ServiceShared>,
 ) -> ServiceState {
@@ -476,6 +508,27 @@ fn build_state(
         retries: route.retries,
         max_connections: route.max_connections,
         shared,
+        kernel: kernel.clone(),
+    }
+}
+
+/// Connections forwarded in the kernel at once; more are copied in user space.
+const KERNEL_FORWARDING_CAPACITY: u32 = 32 * 1024;
+
+/// Sets up forwarding in the kernel, or says in one line why the proxy
+/// copies in user space instead.
+fn kernel_forwarding() -> Option<Arc<sockmap::KernelForwarding>> {
+    let kernel = sockmap::KernelForwarding::new(KERNEL_FORWARDING_CAPACITY);
+    metrics::gauge!("loopmesh_proxy_kernel_forwarding").set(if kernel.is_ok() { 1.0 } else { 0.0 });
+    match kernel {
+        Ok(kernel) => {
+            tracing::info!("proxy.kernel_forwarding: connections are forwarded in the kernel (sockmap)");
+            Some(kernel)
+        }
+        Err(err) => {
+            tracing::warn!("proxy.kernel_forwarding: {err}; connections are copied in user space");
+            None
+        }
     }
 }
 

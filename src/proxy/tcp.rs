@@ -3,6 +3,7 @@
 //! connection idles out, or a drain deadline kills it.
 
 use super::balancer::{Backend, NoBackend};
+use super::sockmap::{self, Joined, KernelForwarding};
 use super::ServiceState;
 use super::{congestion, splice};
 use std::io;
@@ -137,7 +138,26 @@ pub async fn serve(
     let _backend_held = Held(&backend.stats.active);
     // The client socket inherited TCP_NODELAY from the listener; the
     // upstream got it in connect_to.
+    match &state.kernel {
+        Some(kernel) => match in_kernel(kernel, client, upstream) {
+            Ok((sockets, joined)) => forward_in_kernel(sockets, joined, &state, &mut kill).await,
+            Err(Some((client, upstream))) => copy(client, upstream, &state, &mut kill).await,
+            Err(None) => {}
+        },
+        None => copy(client, upstream, &state, &mut kill).await,
+    }
+    gauge.decrement(1.0);
+}
 
+/// Copies both ways in user space until both sides are done, the
+/// connection idles out, or it is killed.
+async fn copy(
+    client: TcpStream,
+    upstream: TcpStream,
+    state: &ServiceState,
+    kill: &mut watch::Receiver<bool>,
+) {
+    let metrics = &state.metrics;
     let last = AtomicU64::new(now_millis());
     let touch = || last.store(now_millis(), Ordering::Relaxed);
     let idle_limit = state.idle_timeout;
@@ -171,5 +191,180 @@ pub async fn serve(
         () = idle => metrics.idle_timeouts.increment(1),
         _ = kill.wait_for(|killed| *killed) => metrics.drain_kills.increment(1),
     }
-    gauge.decrement(1.0);
+}
+
+type Sockets = [std::net::TcpStream; 2];
+
+/// Takes a connection out of the event loop and joins it for forwarding in
+/// the kernel. When that is not to be, the sockets come back registered
+/// again for the user-space copy (`None`: they could not be, and the
+/// connection is closed).
+#[allow(clippy::result_large_err)]
+fn in_kernel(
+    kernel: &Arc<KernelForwarding>,
+    client: TcpStream,
+    upstream: TcpStream,
+) -> Result<(Sockets, Joined), Option<(TcpStream, TcpStream)>> {
+    let (Ok(client), Ok(upstream)) = (client.into_std(), upstream.into_std()) else {
+        return Err(None);
+    };
+    match kernel.join(&client, &upstream) {
+        Ok(joined) => Ok(([client, upstream], joined)),
+        Err(err) => {
+            tracing::debug!("{err}; copying this connection in user space");
+            match (TcpStream::from_std(client), TcpStream::from_std(upstream)) {
+                (Ok(client), Ok(upstream)) => Err(Some((client, upstream))),
+                _ => Err(None),
+            }
+        }
+    }
+}
+
+/// Watches a connection the kernel forwards: passes each side's end on once
+/// its bytes are through, and ends it on error, idleness or the drain kill.
+async fn forward_in_kernel(
+    sockets: Sockets,
+    mut joined: Joined,
+    state: &ServiceState,
+    kill: &mut watch::Receiver<bool>,
+) {
+    let metrics = &state.metrics;
+    let idle_limit = state.idle_timeout;
+    let traffic = |joined: &Joined| {
+        joined.forwarded(sockmap::CLIENT).unwrap_or(0) + joined.forwarded(sockmap::UPSTREAM).unwrap_or(0)
+    };
+    let mut seen = traffic(&joined);
+    let mut quiet_since = Instant::now();
+    // Bytes written to each socket from user space (data the kernel left
+    // for a reader: none, normally).
+    let mut written = [0u64; 2];
+    let mut ended = [false; 2];
+    loop {
+        tokio::select! {
+            biased;
+            hangup = joined.hangups.recv() => {
+                let Some((which, bits)) = hangup else { break };
+                if bits & libc::EPOLLERR as u32 != 0 {
+                    break;
+                }
+                if ended[which] {
+                    continue;
+                }
+                let other = 1 - which;
+                if let Err(err) = pass_on_end(&sockets, &joined, which, &mut written, idle_limit).await {
+                    tracing::debug!("service {}: ending a kernel-forwarded connection: {err}", state.name);
+                    break;
+                }
+                ended[which] = true;
+                if ended[other] {
+                    // close(2) sends the other FIN.
+                    break;
+                }
+                // SAFETY: shutdown(2) of the write side of a socket we hold.
+                unsafe { libc::shutdown(sockets[other].as_raw_fd(), libc::SHUT_WR) };
+            }
+            () = tokio::time::sleep(idle_limit / 4) => {
+                let now = traffic(&joined);
+                if now != seen {
+                    (seen, quiet_since) = (now, Instant::now());
+                } else if quiet_since.elapsed() >= idle_limit {
+                    metrics.idle_timeouts.increment(1);
+                    break;
+                }
+            }
+            () = killed(kill) => {
+                metrics.drain_kills.increment(1);
+                break;
+            }
+        }
+    }
+    let to_backend = joined.forwarded(sockmap::CLIENT).unwrap_or(0) + written[sockmap::UPSTREAM];
+    let to_client = joined.forwarded(sockmap::UPSTREAM).unwrap_or(0) + written[sockmap::CLIENT];
+    metrics.bytes_to_backend.increment(to_backend);
+    metrics.bytes_to_client.increment(to_client);
+    // Out of the maps first, then closed.
+    drop(joined);
+    drop(sockets);
+}
+
+/// Resolves once the drain deadline kills the connection.
+async fn killed(kill: &mut watch::Receiver<bool>) {
+    // The guard wait_for returns is not Send; it is dropped here.
+    let _ = kill.wait_for(|killed| *killed).await;
+}
+
+/// Socket `which` has ended (FIN): forwards anything the kernel left for a
+/// reader, then waits until the other socket's send queue has taken every
+/// byte redirected to it, so a half-close never overtakes data. Fails if
+/// the other socket errs or nothing moves for `patience`.
+async fn pass_on_end(
+    sockets: &Sockets,
+    joined: &Joined,
+    which: usize,
+    written: &mut [u64; 2],
+    patience: Duration,
+) -> io::Result<()> {
+    let other = 1 - which;
+    let mut buf = [0u8; 4096];
+    loop {
+        // SAFETY: read(2) into a buffer we own, on a socket we hold.
+        let n = unsafe { libc::read(sockets[which].as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::WouldBlock {
+                break;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            break;
+        }
+        send_all(&sockets[other], &buf[..n as usize], patience).await?;
+        written[other] += n as u64;
+    }
+    let mut last_progress = Instant::now();
+    let mut last_sent = 0;
+    loop {
+        let sent = joined.sent(other)?;
+        if sent >= joined.forwarded(which)? + written[other] {
+            return Ok(());
+        }
+        if let Some(err) = sockets[other].take_error()? {
+            return Err(err);
+        }
+        if sent != last_sent {
+            (last_sent, last_progress) = (sent, Instant::now());
+        } else if last_progress.elapsed() >= patience {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Writes all of `data` to a non-blocking socket outside the event loop,
+/// retrying every millisecond while it is full (a rare path: see
+/// [`pass_on_end`]).
+async fn send_all(socket: &std::net::TcpStream, mut data: &[u8], patience: Duration) -> io::Result<()> {
+    let started = Instant::now();
+    while !data.is_empty() {
+        // SAFETY: send(2) from a buffer we own, on a socket we hold.
+        let n = unsafe {
+            libc::send(
+                socket.as_raw_fd(),
+                data.as_ptr().cast(),
+                data.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            data = &data[n as usize..];
+            continue;
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::WouldBlock || started.elapsed() >= patience {
+            return Err(err);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
 }
