@@ -14,7 +14,8 @@ and `cargo build --release`. Run from the repository root:
 Every proxy runs the same number of workers, one unless
 LOOPMESH_BENCH_WORKERS says otherwise: HAProxy nbthread, nginx
 worker_processes, loopmesh proxy.workers (event loops). Pinned, they all
-share cpu1.
+share cpu1. LOOPMESH_BENCH_KERNEL=1 runs loopmesh with
+proxy.kernel_forwarding (needs root).
 """
 
 import json
@@ -34,6 +35,7 @@ ROUNDS = int(os.environ.get("LOOPMESH_BENCH_ROUNDS", "3"))
 SECONDS = int(os.environ.get("LOOPMESH_BENCH_SECONDS", "8"))
 PIN = bool(os.environ.get("LOOPMESH_BENCH_PIN"))
 WORKERS = int(os.environ.get("LOOPMESH_BENCH_WORKERS", "1"))
+KERNEL = bool(os.environ.get("LOOPMESH_BENCH_KERNEL"))
 # A subset for quick iterations: any of rps,c1,churn,bulk,reload (default all).
 ONLY = set(filter(None, os.environ.get("LOOPMESH_BENCH_ONLY", "rps,c1,churn,bulk,reload").split(",")))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,6 +90,15 @@ def cpu_ticks(pids):
     return user, system
 
 
+def machine_busy_ticks():
+    """Clock ticks all CPUs spent busy (not idle or waiting on I/O): the
+    whole cost of a request, the load generator, backend, proxy and the
+    kernel's own threads (where forwarding in the kernel runs) together."""
+    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    idle, iowait = fields[3], fields[4]
+    return sum(fields[:8]) - idle - iowait
+
+
 def cpu_seconds(pids):
     return sum(cpu_ticks(pids)) / TICKS
 
@@ -103,9 +114,9 @@ def write_route(routes, name, addr, port, backend_port):
         json.dump(route, f)
 
 
-def write_agent_config(path, workers):
+def write_agent_config(path, workers, kernel=False):
     with open(path, "w") as f:
-        f.write(f"proxy: {{workers: {workers}}}\n")
+        f.write(f"proxy: {{workers: {workers}, kernel_forwarding: {'true' if kernel else 'false'}}}\n")
 
 
 def rss_mib(pids):
@@ -166,7 +177,7 @@ http {{ access_log off; keepalive_requests 1000000;
         self.routes = routes
         env = dict(os.environ, RUST_LOG="warn")
         config = os.path.join(self.dir, "agent.yaml")
-        write_agent_config(config, WORKERS)
+        write_agent_config(config, WORKERS, KERNEL)
         cmd = [BIN, "agent", "--config", config, "--static", "--state-dir", os.path.join(self.dir, "state")]
         proc = self.spawn(cmd, 1, env=env)
         wait_port(ADDRS["loopmesh"], self.svc_port)
@@ -343,7 +354,7 @@ def main():
         pairs = list(zip(results[name].get(key, []), results[to].get(key, [])))
         return statistics.median(a / b for a, b in pairs) if pairs else float("nan")
 
-    layout = ("load generator + backends on cpu0, proxy on cpu1" if PIN else "unpinned") + f", {WORKERS} worker(s) per proxy"
+    layout = ("load generator + backends on cpu0, proxy on cpu1" if PIN else "unpinned") + f", {WORKERS} worker(s) per proxy" + (", loopmesh forwarding in the kernel" if KERNEL else "")
     print(f"\nL4 benchmark, {ROUNDS} interleaved rounds of {SECONDS}s, layout: {layout}\n")
     print("Ratios are medians of the per-round ratios.\n")
     print("| target | req/s c=50 (range) | ×direct | ×HAProxy | p99 c=50 ms | c=1 p50 / p99 ms | added c=1 p50 µs | conn/s (close) | ×HAProxy | bulk 1 / 4 streams Gb/s | bulk 1 ×direct | req per CPU-s | ×HAProxy | RSS idle / loaded MiB | errors |")

@@ -12,7 +12,8 @@ latency each adds to direct (p50, per round).
     python3 benches/l4_ab.py new=target/release/loopmesh old=/tmp/loopmesh-old
     python3 benches/l4_ab.py one=target/release/loopmesh:workers=1 two=target/release/loopmesh:workers=2
 
-A variant is `name=binary[:workers=N][,ENV=value...]`. Environment:
+A variant is `name=binary[:workers=N][,kernel=1][,ENV=value...]` (kernel=1:
+proxy.kernel_forwarding, needs root). Environment:
 LOOPMESH_BENCH_PIN=1 (wrk + backend on cpu0, proxies on cpu1),
 LOOPMESH_AB_ROUNDS (7), LOOPMESH_AB_SECONDS (4), LOOPMESH_AB_CONNS (50),
 LOOPMESH_AB_CLOSE=1 (Connection: close, i.e. connection churn),
@@ -39,20 +40,22 @@ def start_variant(setup, index, spec):
     name, _, rest = spec.partition("=")
     binary, _, options = rest.partition(":")
     if not name or not os.path.exists(binary):
-        sys.exit(f"bad variant {spec!r}: give name=binary[:workers=N][,ENV=value...]")
+        sys.exit(f"bad variant {spec!r}: give name=binary[:workers=N][,kernel=1][,ENV=value...]")
     home = os.path.join(setup.dir, f"variant-{index}")
     routes = os.path.join(home, "state", "routes")
     os.makedirs(routes)
     env = dict(os.environ, RUST_LOG="warn")
-    workers = 1
+    workers, kernel = 1, False
     for option in filter(None, options.split(",")):
         key, _, value = option.partition("=")
         if key == "workers":
             workers = int(value)
+        elif key == "kernel":
+            kernel = value == "1"
         else:
             env[key] = value
     config = os.path.join(home, "agent.yaml")
-    l4.write_agent_config(config, workers)
+    l4.write_agent_config(config, workers, kernel)
     addr = f"127.100.252.{10 + index}"
     l4.write_route(routes, "bench-http", addr, 8080, setup.http_port)
     cmd = [binary, "agent", "--config", config, "--static", "--state-dir", os.path.join(home, "state"),
@@ -88,23 +91,26 @@ def main():
         for index, spec in enumerate(sys.argv[1:]):
             name, target = start_variant(setup, index, spec)
             targets[name] = target
-        results = {name: {"rps": [], "per_cpu": [], "user": [], "p50": []} for name in targets}
+        results = {name: {"rps": [], "per_cpu": [], "user": [], "p50": [], "machine": []} for name in targets}
         for rnd in range(ROUNDS):
             for name, (addr, pids) in targets.items():
-                before = l4.cpu_ticks(pids)
+                before, busy = l4.cpu_ticks(pids), l4.machine_busy_ticks()
                 run = l4.wrk(f"http://{addr}/", CONNS, SECONDS, EXTRA)
+                busy = l4.machine_busy_ticks() - busy
                 user, system = (a - b for a, b in zip(l4.cpu_ticks(pids), before))
                 result = results[name]
                 result["rps"].append(run["rps"])
                 result["p50"].append(run["p50"])
-                if pids:
+                result["machine"].append(busy / l4.TICKS / max(run["requests"], 1) * 1e6)
+                # A proxy forwarding in the kernel spends next to nothing itself.
+                if pids and user + system >= 10:
                     result["per_cpu"].append(run["requests"] / max((user + system) / l4.TICKS, 1e-9))
                     result["user"].append(user / max(user + system, 1))
             print(f"round {rnd + 1}/{ROUNDS} done", file=sys.stderr)
         layout = "wrk + backend on cpu0, proxies on cpu1" if l4.PIN else "unpinned"
         print(f"\n{ROUNDS} interleaved rounds of {SECONDS}s, c={CONNS}{' (close)' if EXTRA else ''}, {layout}\n")
-        print("| target | req/s | ×HAProxy | req per CPU-s | ×HAProxy | user share | p50 ms | added p50 µs |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| target | req/s | ×HAProxy | req per CPU-s | ×HAProxy | user share | machine CPU µs/req | p50 ms | added p50 µs |")
+        print("|---|---|---|---|---|---|---|---|---|")
         ha = results["haproxy"]
         for name, r in results.items():
             rps_ratio = statistics.median(a / b for a, b in zip(r["rps"], ha["rps"]))
@@ -115,7 +121,8 @@ def main():
             user = f"{statistics.median(r['user']):.3f}" if r["user"] else "—"
             # Per round, against direct in the same round.
             added = statistics.median((a - b) * 1000 for a, b in zip(r["p50"], results["direct"]["p50"]))
-            print(f"| {name} | {statistics.median(r['rps']):.0f} | {rps_ratio:.3f} | {cpu} | {cpu_ratio} | {user} | "
+            machine = statistics.median(r["machine"])
+            print(f"| {name} | {statistics.median(r['rps']):.0f} | {rps_ratio:.3f} | {cpu} | {cpu_ratio} | {user} | {machine:.1f} | "
                   f"{statistics.median(r['p50']):.3f} | {added:+.0f} |")
     finally:
         setup.stop()

@@ -576,11 +576,19 @@ async fn kernel_forwarded_connections_echo_through_reloads_and_pass_half_close()
         assert!(id == "a" || id == "b", "{id}");
         open.push(stream);
     }
-    assert_eq!(
-        proxy.kernel_joined(),
-        4,
-        "every connection is forwarded in the kernel"
-    );
+    // A connection is handed to the kernel after two exchanges each way
+    // (the id line was the first from the backend).
+    for stream in &mut open {
+        echo(stream, b"one").await;
+        assert_eq!(proxy.kernel_joined(), 0, "joined before its second exchange");
+    }
+    for stream in &mut open {
+        echo(stream, b"two").await;
+    }
+    eventually_async("every connection is forwarded in the kernel", || async {
+        (proxy.kernel_joined() == 4).then_some(())
+    })
+    .await;
     for round in 0..50u32 {
         let mut next = base.clone();
         next.backends[0].weight = 1 + round % 3;
@@ -608,14 +616,20 @@ async fn kernel_forwarded_connections_echo_through_reloads_and_pass_half_close()
     .await;
 }
 
-/// A backend that reads until EOF, reports what it got, then answers with
-/// `reply` bytes and closes.
+/// A backend that answers three pings, then reads until EOF, reports what
+/// it got, answers with `reply` bytes and closes.
 async fn sink_then_reply(reply: Vec<u8>) -> (SocketAddr, tokio::sync::oneshot::Receiver<Vec<u8>>) {
     let listener = TcpListener::bind((unique_ip(), 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (report, received) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let (mut stream, _) = listener.accept().await.unwrap();
+        for _ in 0..3 {
+            let mut ping = [0u8; 5];
+            stream.read_exact(&mut ping).await.unwrap();
+            assert_eq!(&ping, b"ping\n");
+            stream.write_all(b"pong\n").await.unwrap();
+        }
         let mut got = Vec::new();
         stream.read_to_end(&mut got).await.unwrap();
         let _ = report.send(got);
@@ -626,7 +640,7 @@ async fn sink_then_reply(reply: Vec<u8>) -> (SocketAddr, tokio::sync::oneshot::R
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn kernel_forwarding_carries_bulk_both_ways_including_data_sent_before_the_join() {
+async fn kernel_forwarding_carries_bulk_both_ways_after_the_handover() {
     let request: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
     let reply: Vec<u8> = (0..3_000_000u32).map(|i| (i % 241) as u8).collect();
     let (backend, received) = sink_then_reply(reply.clone()).await;
@@ -648,9 +662,18 @@ async fn kernel_forwarding_carries_bulk_both_ways_including_data_sent_before_the
             vec![backend],
         )]))
         .await;
-    // Written the moment the connection is up, while the proxy is still
-    // connecting upstream and joining: it waits in the receive queue.
     let mut stream = TcpStream::connect(addr).await.unwrap();
+    for _ in 0..3 {
+        stream.write_all(b"ping\n").await.unwrap();
+        let mut pong = [0u8; 5];
+        stream.read_exact(&mut pong).await.unwrap();
+        assert_eq!(&pong, b"pong\n");
+    }
+    eventually_async("the connection is forwarded in the kernel", || async {
+        (proxy.kernel_joined() == 1).then_some(())
+    })
+    .await;
+    // The bulk goes through the kernel both ways, with the half-close.
     let (mut read, mut write) = stream.split();
     let sent = request.clone();
     let writing = async move {
@@ -685,10 +708,16 @@ async fn kernel_forwarded_connections_idle_out_and_are_killed_at_the_drain_deadl
 
     let (mut idle, _) = connect(idle_addr).await;
     echo(&mut idle, b"once").await;
+    echo(&mut idle, b"twice").await;
+    let (mut straggler, _) = connect(drain_addr).await;
+    echo(&mut straggler, b"before").await;
+    echo(&mut straggler, b"the removal").await;
+    eventually_async("both connections are forwarded in the kernel", || async {
+        (proxy.kernel_joined() == 2).then_some(())
+    })
+    .await;
     assert!(closed(&mut idle).await, "an idle connection is closed");
 
-    let (mut straggler, _) = connect(drain_addr).await;
-    echo(&mut straggler, b"before the removal").await;
     proxy.apply(&table(&[&quiet])).await;
     echo(&mut straggler, b"while draining").await;
     assert!(

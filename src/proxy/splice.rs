@@ -11,7 +11,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -113,6 +113,21 @@ impl Drop for CopyBuffer {
     }
 }
 
+/// What one direction's relay shows of itself while it runs, so that the
+/// connection can be handed to the kernel ([`super::sockmap`]) at a moment
+/// when no byte is held in user space.
+#[derive(Debug, Default)]
+pub struct RelayWatch {
+    /// Reads forwarded in the copy phase.
+    pub chunks: AtomicU32,
+    /// Bytes forwarded.
+    pub bytes: AtomicU64,
+    /// Waiting for data with an empty buffer.
+    pub waiting: AtomicBool,
+    /// Moved to splice (a bulk stream stays in user space).
+    pub spliced: AtomicBool,
+}
+
 /// Full buffers in a row that make a stream bulk (then it is spliced).
 const BULK_AFTER: u32 = 4;
 
@@ -126,6 +141,7 @@ pub async fn relay(
     to: &TcpStream,
     ended: &AtomicU8,
     mut on_data: impl FnMut(),
+    watch: &RelayWatch,
 ) -> io::Result<u64> {
     let mut buf = CopyBuffer::take();
     let mut total = 0u64;
@@ -133,7 +149,10 @@ pub async fn relay(
     // With no pipe to be had (out of file descriptors), keep copying.
     let mut pipe = None;
     while pipe.is_none() {
-        let n = read_some(from, &mut buf.0).await?;
+        watch.waiting.store(true, Ordering::Relaxed);
+        let read = read_some(from, &mut buf.0).await;
+        watch.waiting.store(false, Ordering::Relaxed);
+        let n = read?;
         if n == 0 {
             pass_on_eof(to, ended);
             return Ok(total);
@@ -141,12 +160,15 @@ pub async fn relay(
         on_data();
         write_all(to, &buf.0[..n]).await?;
         total += n as u64;
+        watch.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        watch.chunks.fetch_add(1, Ordering::Relaxed);
         full_in_a_row = if n == buf.0.len() { full_in_a_row + 1 } else { 0 };
         if full_in_a_row >= BULK_AFTER {
             pipe = Pipe::take().ok();
         }
     }
     drop(buf);
+    watch.spliced.store(true, Ordering::Relaxed);
     let pipe = pipe.expect("the loop ends with a pipe");
     let spliced = forward(from, to, &pipe, ended, on_data).await;
     if spliced.is_ok() {
@@ -309,7 +331,15 @@ mod tests {
         });
         let mut received = Vec::new();
         let ended = AtomicU8::new(0);
-        let (relayed, read) = tokio::join!(relay(&from, &to, &ended, || {}), sink.read_to_end(&mut received));
+        let watch = RelayWatch::default();
+        let (relayed, read) = tokio::join!(
+            relay(&from, &to, &ended, || {}, &watch),
+            sink.read_to_end(&mut received)
+        );
+        assert!(
+            watch.spliced.load(Ordering::Relaxed),
+            "the bulk tail was not spliced"
+        );
         assert_eq!(relayed.unwrap(), data.len() as u64);
         read.unwrap();
         assert_eq!(received, data, "bytes changed in flight");

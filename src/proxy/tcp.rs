@@ -138,58 +138,102 @@ pub async fn serve(
     let _backend_held = Held(&backend.stats.active);
     // The client socket inherited TCP_NODELAY from the listener; the
     // upstream got it in connect_to.
-    match &state.kernel {
-        Some(kernel) => match in_kernel(kernel, client, upstream) {
-            Ok((sockets, joined)) => forward_in_kernel(sockets, joined, &state, &mut kill).await,
-            Err(Some((client, upstream))) => copy(client, upstream, &state, &mut kill).await,
-            Err(None) => {}
-        },
-        None => copy(client, upstream, &state, &mut kill).await,
-    }
+    copy(client, upstream, &state, &mut kill).await;
     gauge.decrement(1.0);
 }
 
+/// Exchanges each way after which a connection is handed to the kernel,
+/// when it forwards: a short connection (one request, one response) never
+/// pays for the join, a long-lived one stops waking the proxy.
+const HANDOVER_AFTER: u32 = 2;
+
 /// Copies both ways in user space until both sides are done, the
-/// connection idles out, or it is killed.
+/// connection idles out, or it is killed; or, with forwarding in the
+/// kernel, until the connection has shown it lives long, then hands it over.
 async fn copy(
-    client: TcpStream,
-    upstream: TcpStream,
+    mut client: TcpStream,
+    mut upstream: TcpStream,
     state: &ServiceState,
     kill: &mut watch::Receiver<bool>,
 ) {
     let metrics = &state.metrics;
-    let last = AtomicU64::new(now_millis());
-    let touch = || last.store(now_millis(), Ordering::Relaxed);
-    let idle_limit = state.idle_timeout;
-    // Both directions at once; the first error ends both.
-    let ended = AtomicU8::new(0);
-    let copy = async {
-        tokio::try_join!(
-            splice::relay(&client, &upstream, &ended, touch),
-            splice::relay(&upstream, &client, &ended, touch)
-        )
-    };
-    let idle = async {
-        loop {
-            let quiet = Duration::from_millis(now_millis().saturating_sub(last.load(Ordering::Relaxed)));
-            if quiet >= idle_limit {
-                return;
+    let mut kernel = state.kernel.clone();
+    loop {
+        let last = AtomicU64::new(now_millis());
+        let touch = || last.store(now_millis(), Ordering::Relaxed);
+        let idle_limit = state.idle_timeout;
+        // Both directions at once; the first error ends both.
+        let ended = AtomicU8::new(0);
+        let watches = [splice::RelayWatch::default(), splice::RelayWatch::default()];
+        let copy = async {
+            tokio::try_join!(
+                splice::relay(&client, &upstream, &ended, touch, &watches[0]),
+                splice::relay(&upstream, &client, &ended, touch, &watches[1])
+            )
+        };
+        let idle = async {
+            loop {
+                let quiet = Duration::from_millis(now_millis().saturating_sub(last.load(Ordering::Relaxed)));
+                if quiet >= idle_limit {
+                    return;
+                }
+                tokio::time::sleep(idle_limit - quiet).await;
             }
-            tokio::time::sleep(idle_limit - quiet).await;
-        }
-    };
-    // The copy first, and no random branch order to draw at every wake-up:
-    // idle and kill are polled whenever the copy is pending.
-    tokio::select! {
-        biased;
-        result = copy => {
-            if let Ok((to_backend, to_client)) = result {
-                metrics.bytes_to_backend.increment(to_backend);
-                metrics.bytes_to_client.increment(to_client);
+        };
+        // Ready when both directions wait for data with nothing held and
+        // have carried enough; the relays change that only when this task
+        // polls them, so it needs no waker of its own.
+        let ready_to_hand_over = std::future::poll_fn(|_| {
+            let ready = kernel.is_some()
+                && watches.iter().all(|w| {
+                    w.waiting.load(Ordering::Relaxed)
+                        && !w.spliced.load(Ordering::Relaxed)
+                        && w.chunks.load(Ordering::Relaxed) >= HANDOVER_AFTER
+                });
+            if ready {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
             }
+        });
+        // The copy first, and no random branch order to draw at every
+        // wake-up: the others are polled whenever the copy is pending.
+        let hand_over = tokio::select! {
+            biased;
+            result = copy => {
+                if let Ok((to_backend, to_client)) = result {
+                    metrics.bytes_to_backend.increment(to_backend);
+                    metrics.bytes_to_client.increment(to_client);
+                }
+                false
+            }
+            () = idle => {
+                metrics.idle_timeouts.increment(1);
+                false
+            }
+            () = killed(kill) => {
+                metrics.drain_kills.increment(1);
+                false
+            }
+            () = ready_to_hand_over => true,
+        };
+        let Some(forwarding) = kernel.take().filter(|_| hand_over) else {
+            return;
+        };
+        // Dropping the copy mid-wait left every byte not yet read in the
+        // sockets, where the join picks it up.
+        metrics
+            .bytes_to_backend
+            .increment(watches[0].bytes.load(Ordering::Relaxed));
+        metrics
+            .bytes_to_client
+            .increment(watches[1].bytes.load(Ordering::Relaxed));
+        match in_kernel(&forwarding, client, upstream) {
+            Ok((sockets, joined)) => return forward_in_kernel(sockets, joined, state, kill).await,
+            // Copied in user space to the end (no second try).
+            Err(Some((again_client, again_upstream))) => (client, upstream) = (again_client, again_upstream),
+            Err(None) => return,
         }
-        () = idle => metrics.idle_timeouts.increment(1),
-        _ = kill.wait_for(|killed| *killed) => metrics.drain_kills.increment(1),
     }
 }
 
