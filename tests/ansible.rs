@@ -64,6 +64,7 @@ fn the_role_lints_and_applies_idempotently_into_a_temporary_root() {
         "loopmesh_binary_src": env!("CARGO_BIN_EXE_loopmesh"),
         "loopmesh_registrar_enabled": true,
         "loopmesh_proxy_workers": 3,
+        "loopmesh_proxy_kernel_forwarding": true,
         "loopmesh_registrar_services": [{"service": "web", "port": 8080, "check": {"http": {"path": "/health"}}}],
     })
     .to_string();
@@ -98,6 +99,7 @@ fn the_role_lints_and_applies_idempotently_into_a_temporary_root() {
         "etc/systemd/system/loopmesh-agent.service",
         "etc/systemd/system/loopmesh-registrar.service",
         "etc/systemd/resolved.conf.d/loopmesh.conf",
+        "etc/systemd/system/loopmesh-agent.service.d/kernel-forwarding.conf",
     ] {
         assert!(root.path().join(file).is_file(), "{file} not installed");
     }
@@ -114,6 +116,7 @@ fn the_role_lints_and_applies_idempotently_into_a_temporary_root() {
     )
     .unwrap();
     assert_eq!(agent.proxy.workers, 3);
+    assert!(agent.proxy.kernel_forwarding);
     assert_eq!(agent.proxy.loopback_congestion, "cubic");
     let registrar = root.path().join("etc/loopmesh/registrar.yaml");
     let check = Command::new(env!("CARGO_BIN_EXE_loopmesh"))

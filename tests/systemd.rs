@@ -35,6 +35,17 @@ fn copy_units(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The kernel forwarding drop-in, beside its unit in `dir` as systemd reads it.
+fn copy_dropin(dir: &Path) {
+    let dropins = dir.join("loopmesh-agent.service.d");
+    std::fs::create_dir_all(&dropins).unwrap();
+    std::fs::copy(
+        repo().join("systemd/loopmesh-agent.service.d/kernel-forwarding.conf"),
+        dropins.join("kernel-forwarding.conf"),
+    )
+    .unwrap();
+}
+
 fn verify(units: &[PathBuf]) -> (bool, String) {
     let output = Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
@@ -49,6 +60,7 @@ fn verify(units: &[PathBuf]) -> (bool, String) {
 fn systemd_analyze_verify_accepts_the_units_and_rejects_a_broken_one() {
     let dir = tempfile::tempdir().unwrap();
     let units = copy_units(dir.path());
+    copy_dropin(dir.path());
     let (ok, complaints) = verify(&units);
     assert!(ok, "systemd-analyze verify: {complaints}");
 
@@ -85,6 +97,19 @@ fn the_units_carry_the_promised_hardening() {
         agent.contains("\nCapabilityBoundingSet=CAP_NET_BIND_SERVICE\n"),
         "DNS on port 53 and nothing else"
     );
+    let dropin =
+        std::fs::read_to_string(repo().join("systemd/loopmesh-agent.service.d/kernel-forwarding.conf"))
+            .unwrap();
+    for line in [
+        "AmbientCapabilities=CAP_BPF CAP_NET_ADMIN",
+        "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN",
+        "SystemCallFilter=bpf",
+    ] {
+        assert!(
+            dropin.lines().any(|l| l == line),
+            "the kernel forwarding drop-in lacks {line}"
+        );
+    }
     let registrar = std::fs::read_to_string(repo().join("systemd/loopmesh-registrar.service")).unwrap();
     assert!(
         registrar.contains("\nCapabilityBoundingSet=\n"),
