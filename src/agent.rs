@@ -492,6 +492,7 @@ fn new_proxy(config: &AgentConfig) -> Result<ProxyManager, crate::proxy::workers
             .map(Arc::new),
         workers: config.proxy.workers,
         kernel_forwarding: config.proxy.kernel_forwarding,
+        kernel_connections: crate::proxy::DEFAULT_KERNEL_CONNECTIONS,
     })?;
     tracing::debug!("proxy: {} event loop(s)", proxy.worker_count());
     Ok(proxy)

@@ -101,6 +101,7 @@ fn manager(drain: Duration) -> ProxyManager {
         // Two loops whatever the machine, so that listeners share their port.
         workers: 2,
         kernel_forwarding: false,
+        kernel_connections: loopmesh::proxy::DEFAULT_KERNEL_CONNECTIONS,
     })
     .unwrap()
 }
@@ -108,12 +109,17 @@ fn manager(drain: Duration) -> ProxyManager {
 /// A manager forwarding in the kernel; these tests need root (CAP_BPF,
 /// CAP_NET_ADMIN), as the agent does for `proxy.kernel_forwarding`.
 fn kernel_manager(drain: Duration) -> ProxyManager {
+    kernel_manager_for(drain, loopmesh::proxy::DEFAULT_KERNEL_CONNECTIONS)
+}
+
+fn kernel_manager_for(drain: Duration, kernel_connections: u32) -> ProxyManager {
     let proxy = ProxyManager::new(ProxySettings {
         drain_timeout: drain,
         node_zone: None,
         loopback_congestion: None,
         workers: 2,
         kernel_forwarding: true,
+        kernel_connections,
     })
     .unwrap();
     assert!(
@@ -470,6 +476,7 @@ async fn loopback_legs_get_the_configured_congestion_control() {
         loopback_congestion: Some(std::sync::Arc::new(std::ffi::CString::new(wanted).unwrap())),
         workers: 2,
         kernel_forwarding: false,
+        kernel_connections: loopmesh::proxy::DEFAULT_KERNEL_CONNECTIONS,
     })
     .unwrap();
     proxy
@@ -724,4 +731,36 @@ async fn kernel_forwarded_connections_idle_out_and_are_killed_at_the_drain_deadl
         closed(&mut straggler).await,
         "the straggler is closed at the deadline"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_the_kernel_capacity_connections_stay_in_user_space_intact() {
+    let a = EchoBackend::start("a").await;
+    let addr = service_addr();
+    let mut proxy = kernel_manager_for(Duration::from_secs(5), 1);
+    proxy
+        .apply(&table(&[&route(
+            "cap",
+            addr,
+            Balance::RoundRobin,
+            vec![a.backend("a", 1)],
+        )]))
+        .await;
+    let (mut first, _) = connect(addr).await;
+    echo(&mut first, b"one").await;
+    echo(&mut first, b"two").await;
+    eventually_async("the first connection is forwarded in the kernel", || async {
+        (proxy.kernel_joined() == 1).then_some(())
+    })
+    .await;
+    // The second finds the maps full: its hand-over fails, undone, and it
+    // goes on in user space with every byte.
+    let (mut second, _) = connect(addr).await;
+    for round in 0..20u32 {
+        echo(&mut second, format!("second {round}\n").as_bytes()).await;
+        echo(&mut first, format!("first {round}\n").as_bytes()).await;
+    }
+    assert_eq!(proxy.kernel_joined(), 1);
+    second.get_mut().shutdown().await.unwrap();
+    assert!(closed(&mut second).await);
 }

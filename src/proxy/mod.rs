@@ -44,9 +44,16 @@ pub struct ProxySettings {
     pub loopback_congestion: Option<Arc<CString>>,
     /// Event loops to run connections on.
     pub workers: usize,
-    /// Forward joined connections inside the kernel ([`sockmap`]).
+    /// Forward long-lived connections inside the kernel ([`sockmap`]).
     pub kernel_forwarding: bool,
+    /// Connections forwarded in the kernel at once; more are copied in user
+    /// space ([`DEFAULT_KERNEL_CONNECTIONS`] unless a test needs fewer).
+    pub kernel_connections: u32,
 }
+
+/// Connections forwarded in the kernel at once by default (two socket map
+/// entries each; the maps allocate per entry in use).
+pub const DEFAULT_KERNEL_CONNECTIONS: u32 = 32 * 1024;
 
 /// Counters of one service that outlive reloads.
 #[derive(Debug, Default)]
@@ -205,7 +212,10 @@ impl ProxyManager {
     /// Starts the proxy's event loops; no service listens yet.
     pub fn new(settings: ProxySettings) -> Result<Self, WorkerError> {
         let workers = Workers::start(settings.workers)?;
-        let kernel = settings.kernel_forwarding.then(kernel_forwarding).flatten();
+        let kernel = settings
+            .kernel_forwarding
+            .then(|| kernel_forwarding(settings.kernel_connections))
+            .flatten();
         Ok(ProxyManager {
             settings,
             workers,
@@ -512,13 +522,10 @@ fn build_state(
     }
 }
 
-/// Connections forwarded in the kernel at once; more are copied in user space.
-const KERNEL_FORWARDING_CAPACITY: u32 = 32 * 1024;
-
 /// Sets up forwarding in the kernel, or says in one line why the proxy
 /// copies in user space instead.
-fn kernel_forwarding() -> Option<Arc<sockmap::KernelForwarding>> {
-    let kernel = sockmap::KernelForwarding::new(KERNEL_FORWARDING_CAPACITY);
+fn kernel_forwarding(capacity: u32) -> Option<Arc<sockmap::KernelForwarding>> {
+    let kernel = sockmap::KernelForwarding::new(capacity);
     metrics::gauge!("loopmesh_proxy_kernel_forwarding").set(if kernel.is_ok() { 1.0 } else { 0.0 });
     match kernel {
         Ok(kernel) => {

@@ -6,10 +6,13 @@
 //! Why: a user-space hop costs two wake-ups of the proxy per request, and on
 //! a VM whose idle vCPUs halt that is most of the added latency at c=1
 //! (BENCHMARKS.md, "the floor of a user-space hop": +22 µs for a bare C
-//! relay, +100-130 µs across CPUs); redirected in the kernel the hop costs
-//! +16-19 µs in every layout. Opt-in (`proxy.kernel_forwarding`): it needs
-//! `CAP_BPF` and `CAP_NET_ADMIN`, and a connection forwarded here reports its
-//! bytes when it ends rather than as they flow.
+//! relay, +100-180 µs across CPUs); redirected in the kernel the hop costs
+//! +18 µs on one CPU or across two, and ties the copy unpinned. Opt-in
+//! (`proxy.kernel_forwarding`): it needs `CAP_BPF` and `CAP_NET_ADMIN`, its
+//! kernel workers spend ~10% more CPU per request under load, and a
+//! connection forwarded here reports its bytes when it ends. Connections
+//! come here after two exchanges each way (`tcp::copy`), so short ones never
+//! pay for the join.
 //!
 //! How a connection stays whole:
 //! - Joining: both sockets first get a receive low-water mark too high to
