@@ -137,7 +137,7 @@ async fn static_mode_follows_hand_edits_and_refuses_a_bad_table_whole() {
     let (svc, other) = (service_addr(), service_addr());
     write_route(&routes, "static-svc", svc, &[("one", one)]);
     let config = dir.path().join("agent.yaml");
-    std::fs::write(&config, "proxy: {workers: 2}\n").unwrap();
+    std::fs::write(&config, "proxy: {workers: 2, kernel_forwarding: true}\n").unwrap();
     let agent = Loopmesh::spawn(
         &[
             "agent",
@@ -153,6 +153,9 @@ async fn static_mode_follows_hand_edits_and_refuses_a_bad_table_whole() {
     assert_eq!(id, "one");
     // The configured event loops are the proxy's own threads.
     assert_eq!(proxy_threads(agent.pid()), ["proxy-0", "proxy-1"]);
+    // Kernel forwarding is on (the tests run as root), with its thread.
+    agent.wait_log("connections are forwarded in the kernel");
+    assert_eq!(threads_named(agent.pid(), "sockmap-"), ["sockmap-hangups"]);
 
     write_route(&routes, "static-svc", svc, &[("two", two)]);
     write_route(&routes, "other", other, &[("one", one)]);
@@ -241,12 +244,17 @@ async fn a_service_whose_port_was_taken_comes_up_once_it_is_free() {
 
 /// Names of the proxy event-loop threads of process `pid`, sorted.
 fn proxy_threads(pid: u32) -> Vec<String> {
+    threads_named(pid, "proxy-")
+}
+
+/// The sorted names of a process's threads that start with `prefix`.
+fn threads_named(pid: u32, prefix: &str) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
         .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
         .map(|name| name.trim().to_string())
-        .filter(|name| name.starts_with("proxy-"))
+        .filter(|name| name.starts_with(prefix))
         .collect();
     names.sort();
     names

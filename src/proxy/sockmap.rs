@@ -370,7 +370,7 @@ impl Watcher {
         let thread = {
             let (epoll, listeners) = (epoll.clone(), listeners.clone());
             std::thread::Builder::new()
-                .name("proxy-hangups".into())
+                .name("sockmap-hangups".into())
                 .spawn(move || watch(&epoll, &listeners))?
         };
         Ok(Watcher {
