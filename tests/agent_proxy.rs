@@ -187,6 +187,58 @@ async fn static_mode_follows_hand_edits_and_refuses_a_bad_table_whole() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn kernel_forwarding_needs_cap_bpf_and_cap_net_admin_and_without_them_the_proxy_still_serves() {
+    use std::os::unix::fs::PermissionsExt;
+    let one = backend("one").await;
+    // As an unprivileged user (nobody) with exactly the capabilities the
+    // unit drop-in grants, then with none.
+    for (caps, said) in [
+        ("+bpf,+net_admin", "connections are forwarded in the kernel"),
+        (
+            "-all",
+            "kernel forwarding unavailable: creating the socket map failed",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let routes = state.join("routes");
+        std::fs::create_dir_all(&routes).unwrap();
+        let svc = service_addr();
+        write_route(&routes, "caps", svc, &[("one", one)]);
+        let config = dir.path().join("agent.yaml");
+        std::fs::write(&config, "proxy: {kernel_forwarding: true}\n").unwrap();
+        for path in [dir.path(), &state, &routes] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        let (inheritable, ambient) = (format!("--inh-caps={caps}"), format!("--ambient-caps={caps}"));
+        let agent = Loopmesh::spawn_wrapped(
+            &[
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                &inheritable,
+                &ambient,
+            ],
+            &[
+                "agent",
+                "--config",
+                config.to_str().unwrap(),
+                "--static",
+                "--state-dir",
+                state.to_str().unwrap(),
+            ],
+            dir.path(),
+            &[],
+        );
+        agent.wait_log(said);
+        let (_, id) = eventually_async("the route to answer", || who_answers(svc)).await;
+        assert_eq!(id, "one");
+        agent.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_agent_started_with_etcd_down_serves_its_last_routing_table() {
     let mut etcd = Etcd::start();
     let mut client = etcd.client().await;

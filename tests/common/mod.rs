@@ -345,6 +345,12 @@ impl Loopmesh {
 
     /// [`Loopmesh::spawn`] with extra environment variables.
     pub fn spawn_with_env(args: &[&str], log_dir: &Path, env: &[(&str, &str)]) -> Loopmesh {
+        Loopmesh::spawn_wrapped(&[], args, log_dir, env)
+    }
+
+    /// Runs the binary through `wrapper` (a command that execs it, such as
+    /// setpriv with its options), so the process is still the binary.
+    pub fn spawn_wrapped(wrapper: &[&str], args: &[&str], log_dir: &Path, env: &[(&str, &str)]) -> Loopmesh {
         let log = log_dir.join(format!("loopmesh-{}.log", NEXT.fetch_add(1, Ordering::Relaxed)));
         let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let mut dns = None;
@@ -372,7 +378,16 @@ impl Loopmesh {
                 }
             }
         }
-        let child = Command::new(env!("CARGO_BIN_EXE_loopmesh"))
+        let binary = env!("CARGO_BIN_EXE_loopmesh");
+        let mut command = match wrapper.split_first() {
+            Some((program, options)) => {
+                let mut command = Command::new(program);
+                command.args(options).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .args(&args)
             .env("RUST_LOG", "info,hickory_server=warn")
             .envs(env.iter().copied())
