@@ -764,3 +764,59 @@ async fn past_the_kernel_capacity_connections_stay_in_user_space_intact() {
     second.get_mut().shutdown().await.unwrap();
     assert!(closed(&mut second).await);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reset_on_a_kernel_forwarded_connection_closes_the_other_side() {
+    // A backend that answers two pings, then resets the connection.
+    let listener = TcpListener::bind((unique_ip(), 0)).await.unwrap();
+    let backend_addr = listener.local_addr().unwrap();
+    let (reset_now, reset) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        for _ in 0..2 {
+            let mut ping = [0u8; 5];
+            stream.read_exact(&mut ping).await.unwrap();
+            stream.write_all(b"pong\n").await.unwrap();
+        }
+        let _ = reset.await;
+        stream.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(stream);
+    });
+    let addr = service_addr();
+    let mut proxy = kernel_manager(Duration::from_secs(5));
+    let backend = Backend {
+        id: "resets".into(),
+        host: backend_addr.ip().to_string(),
+        port: backend_addr.port(),
+        weight: 1,
+        zone: None,
+        state: InstanceState::Up,
+    };
+    proxy
+        .apply(&table(&[&route(
+            "reset",
+            addr,
+            Balance::RoundRobin,
+            vec![backend],
+        )]))
+        .await;
+    let mut client = BufReader::new(TcpStream::connect(addr).await.unwrap());
+    for _ in 0..2 {
+        client.get_mut().write_all(b"ping\n").await.unwrap();
+        let mut pong = [0u8; 5];
+        client.read_exact(&mut pong).await.unwrap();
+    }
+    eventually_async("the connection is forwarded in the kernel", || async {
+        (proxy.kernel_joined() == 1).then_some(())
+    })
+    .await;
+    reset_now.send(()).unwrap();
+    assert!(
+        closed(&mut client).await,
+        "the client's side is closed after the reset"
+    );
+    eventually_async("the reset connection leaves the kernel maps", || async {
+        (proxy.kernel_joined() == 0).then_some(())
+    })
+    .await;
+}
