@@ -779,7 +779,7 @@ async fn a_reset_on_a_kernel_forwarded_connection_closes_the_other_side() {
             stream.write_all(b"pong\n").await.unwrap();
         }
         let _ = reset.await;
-        stream.set_linger(Some(Duration::ZERO)).unwrap();
+        stream.set_zero_linger().unwrap();
         drop(stream);
     });
     let addr = service_addr();
