@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{eventually_async, read, unique_ip, Etcd, Loopmesh};
+use common::{eventually_async, http_get, read, unique_ip, Etcd, Loopmesh};
 use std::net::SocketAddr;
 use std::path::Path;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -153,9 +153,27 @@ async fn static_mode_follows_hand_edits_and_refuses_a_bad_table_whole() {
     assert_eq!(id, "one");
     // The configured event loops are the proxy's own threads.
     assert_eq!(proxy_threads(agent.pid()), ["proxy-0", "proxy-1"]);
-    // Kernel forwarding is on (the tests run as root), with its thread.
+    // Kernel forwarding is on (the tests run as root), with its thread, and
+    // a long-lived connection is handed over after two exchanges each way.
     agent.wait_log("connections are forwarded in the kernel");
     assert_eq!(threads_named(agent.pid(), "sockmap-"), ["sockmap-hangups"]);
+    let (mut long, _) = who_answers(svc).await.unwrap();
+    for round in 0..3 {
+        let message = format!("round {round}\n");
+        long.get_mut().write_all(message.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; message.len()];
+        long.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, message.as_bytes());
+    }
+    let admin = agent.admin.unwrap();
+    eventually_async("the metrics to show it forwarded in the kernel", || async {
+        let (_, text) = http_get(admin, "/metrics").await?;
+        (text.contains("loopmesh_proxy_kernel_forwarding 1")
+            && text.contains("loopmesh_proxy_kernel_connections 1"))
+        .then_some(())
+    })
+    .await;
+    drop(long);
 
     write_route(&routes, "static-svc", svc, &[("two", two)]);
     write_route(&routes, "other", other, &[("one", one)]);

@@ -460,6 +460,8 @@ pub struct KernelForwarding {
     watcher: Watcher,
     capacity: u32,
     joined: AtomicU32,
+    /// `loopmesh_proxy_kernel_connections`: connections forwarded here now.
+    gauge: metrics::Gauge,
 }
 
 impl std::fmt::Debug for KernelForwarding {
@@ -495,6 +497,7 @@ impl KernelForwarding {
             watcher,
             capacity,
             joined: AtomicU32::new(0),
+            gauge: metrics::gauge!("loopmesh_proxy_kernel_connections"),
         }))
     }
 
@@ -567,6 +570,7 @@ impl KernelForwarding {
         // From here on the kernel forwards; releasing the hold runs the
         // verdict over what queued while joining. It cannot be undone.
         joined.steps = FORWARDING;
+        self.gauge.increment(1.0);
         for fd in fds {
             if let Err(err) = set_rcvlowat(fd, 1) {
                 tracing::warn!(
@@ -640,6 +644,9 @@ impl Drop for Joined {
             if (HELD..FORWARDING).contains(&self.steps) {
                 let _ = set_rcvlowat(self.fds[which], 1);
             }
+        }
+        if self.steps == FORWARDING {
+            forwarding.gauge.decrement(1.0);
         }
         forwarding.joined.fetch_sub(1, Ordering::Relaxed);
     }
