@@ -198,7 +198,7 @@ async fn copy(
         });
         // The copy first, and no random branch order to draw at every
         // wake-up: the others are polled whenever the copy is pending.
-        let hand_over = tokio::select! {
+        let long_lived = tokio::select! {
             biased;
             result = copy => {
                 if let Ok((to_backend, to_client)) = result {
@@ -217,7 +217,7 @@ async fn copy(
             }
             () = ready_to_hand_over => true,
         };
-        let Some(forwarding) = kernel.take().filter(|_| hand_over) else {
+        let Some(forwarding) = kernel.take().filter(|_| long_lived) else {
             return;
         };
         // Dropping the copy mid-wait left every byte not yet read in the
@@ -228,37 +228,46 @@ async fn copy(
         metrics
             .bytes_to_client
             .increment(watches[1].bytes.load(Ordering::Relaxed));
-        match in_kernel(&forwarding, client, upstream) {
-            Ok((sockets, joined)) => return forward_in_kernel(sockets, joined, state, kill).await,
+        match hand_over(&forwarding, client, upstream) {
+            Handover::Joined(sockets, joined) => {
+                return forward_in_kernel(sockets, joined, state, kill).await
+            }
             // Copied in user space to the end (no second try).
-            Err(Some((again_client, again_upstream))) => (client, upstream) = (again_client, again_upstream),
-            Err(None) => return,
+            Handover::Declined(again_client, again_upstream) => {
+                (client, upstream) = (again_client, again_upstream)
+            }
+            Handover::Lost => return,
         }
     }
 }
 
 type Sockets = [std::net::TcpStream; 2];
 
+/// How a hand-over to the kernel went.
+enum Handover {
+    /// Forwarded in the kernel from now on.
+    Joined(Sockets, Joined),
+    /// Not joined (full, or a step failed and was undone): the sockets are
+    /// back in the event loop for the user-space copy.
+    Declined(TcpStream, TcpStream),
+    /// The sockets could not be moved between the event loop and the
+    /// kernel; the connection is closed.
+    Lost,
+}
+
 /// Takes a connection out of the event loop and joins it for forwarding in
-/// the kernel. When that is not to be, the sockets come back registered
-/// again for the user-space copy (`None`: they could not be, and the
-/// connection is closed).
-#[allow(clippy::result_large_err)]
-fn in_kernel(
-    kernel: &Arc<KernelForwarding>,
-    client: TcpStream,
-    upstream: TcpStream,
-) -> Result<(Sockets, Joined), Option<(TcpStream, TcpStream)>> {
+/// the kernel.
+fn hand_over(kernel: &Arc<KernelForwarding>, client: TcpStream, upstream: TcpStream) -> Handover {
     let (Ok(client), Ok(upstream)) = (client.into_std(), upstream.into_std()) else {
-        return Err(None);
+        return Handover::Lost;
     };
     match kernel.join(&client, &upstream) {
-        Ok(joined) => Ok(([client, upstream], joined)),
+        Ok(joined) => Handover::Joined([client, upstream], joined),
         Err(err) => {
             tracing::debug!("{err}; copying this connection in user space");
             match (TcpStream::from_std(client), TcpStream::from_std(upstream)) {
-                (Ok(client), Ok(upstream)) => Err(Some((client, upstream))),
-                _ => Err(None),
+                (Ok(client), Ok(upstream)) => Handover::Declined(client, upstream),
+                _ => Handover::Lost,
             }
         }
     }
