@@ -114,9 +114,13 @@ def write_route(routes, name, addr, port, backend_port):
         json.dump(route, f)
 
 
-def write_agent_config(path, workers, kernel=False):
+def write_agent_config(path, workers, kernel=False, max_open=None):
+    """An agent config; `max_open`: proxy.kernel_forwarding_max_open (None: the default)."""
+    settings = f"workers: {workers}, kernel_forwarding: {'true' if kernel else 'false'}"
+    if max_open is not None:
+        settings += f", kernel_forwarding_max_open: {max_open}"
     with open(path, "w") as f:
-        f.write(f"proxy: {{workers: {workers}, kernel_forwarding: {'true' if kernel else 'false'}}}\n")
+        f.write(f"proxy: {{{settings}}}\n")
 
 
 def rss_mib(pids):

@@ -12,8 +12,9 @@ latency each adds to direct (p50, per round).
     python3 benches/l4_ab.py new=target/release/loopmesh old=/tmp/loopmesh-old
     python3 benches/l4_ab.py one=target/release/loopmesh:workers=1 two=target/release/loopmesh:workers=2
 
-A variant is `name=binary[:workers=N][,kernel=1][,ENV=value...]` (kernel=1:
-proxy.kernel_forwarding, needs root). Environment:
+A variant is `name=binary[:workers=N][,kernel=1][,max_open=N][,ENV=value...]`
+(kernel=1: proxy.kernel_forwarding, needs root; max_open:
+proxy.kernel_forwarding_max_open). Environment:
 LOOPMESH_BENCH_PIN=1 (wrk + backend on cpu0, proxies on cpu1),
 LOOPMESH_AB_ROUNDS (7), LOOPMESH_AB_SECONDS (4), LOOPMESH_AB_CONNS (50),
 LOOPMESH_AB_CLOSE=1 (Connection: close, i.e. connection churn),
@@ -40,22 +41,24 @@ def start_variant(setup, index, spec):
     name, _, rest = spec.partition("=")
     binary, _, options = rest.partition(":")
     if not name or not os.path.exists(binary):
-        sys.exit(f"bad variant {spec!r}: give name=binary[:workers=N][,kernel=1][,ENV=value...]")
+        sys.exit(f"bad variant {spec!r}: give name=binary[:workers=N][,kernel=1][,max_open=N][,ENV=value...]")
     home = os.path.join(setup.dir, f"variant-{index}")
     routes = os.path.join(home, "state", "routes")
     os.makedirs(routes)
     env = dict(os.environ, RUST_LOG="warn")
-    workers, kernel = 1, False
+    workers, kernel, max_open = 1, False, None
     for option in filter(None, options.split(",")):
         key, _, value = option.partition("=")
         if key == "workers":
             workers = int(value)
         elif key == "kernel":
             kernel = value == "1"
+        elif key == "max_open":
+            max_open = int(value)
         else:
             env[key] = value
     config = os.path.join(home, "agent.yaml")
-    l4.write_agent_config(config, workers, kernel)
+    l4.write_agent_config(config, workers, kernel, max_open)
     addr = f"127.100.252.{10 + index}"
     l4.write_route(routes, "bench-http", addr, 8080, setup.http_port)
     cmd = [binary, "agent", "--config", config, "--static", "--state-dir", os.path.join(home, "state"),

@@ -493,6 +493,7 @@ fn new_proxy(config: &AgentConfig) -> Result<ProxyManager, crate::proxy::workers
         workers: config.proxy.workers,
         kernel_forwarding: config.proxy.kernel_forwarding,
         kernel_connections: crate::proxy::DEFAULT_KERNEL_CONNECTIONS,
+        kernel_forwarding_max_open: config.proxy.kernel_forwarding_max_open,
     })?;
     tracing::debug!("proxy: {} event loop(s)", proxy.worker_count());
     Ok(proxy)

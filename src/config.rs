@@ -325,6 +325,10 @@ pub struct ProxyConfig {
     /// request, needs CAP_BPF and CAP_NET_ADMIN; without them the proxy
     /// says why once and copies in user space. See `proxy::sockmap`.
     pub kernel_forwarding: bool,
+    /// With `kernel_forwarding`, connections are handed to the kernel only
+    /// while the proxy has at most this many open: past it the user-space
+    /// copy serves more per CPU (BENCHMARKS.md has the sweep).
+    pub kernel_forwarding_max_open: u32,
 }
 
 impl Default for ProxyConfig {
@@ -335,6 +339,7 @@ impl Default for ProxyConfig {
             loopback_congestion: "cubic".into(),
             workers: 1,
             kernel_forwarding: false,
+            kernel_forwarding_max_open: crate::proxy::DEFAULT_KERNEL_FORWARDING_MAX_OPEN,
         }
     }
 }
@@ -508,6 +513,16 @@ impl AgentConfig {
             return Err(invalid(
                 "proxy.workers",
                 format!("{} workers; give 1 to {max_workers}", self.proxy.workers),
+            ));
+        }
+        let max_open = self.proxy.kernel_forwarding_max_open;
+        let capacity = crate::proxy::DEFAULT_KERNEL_CONNECTIONS;
+        if !(1..=capacity).contains(&max_open) {
+            return Err(invalid(
+                "proxy.kernel_forwarding_max_open",
+                format!(
+                    "{max_open} connections; give 1 to {capacity} (kernel_forwarding: false turns it off)"
+                ),
             ));
         }
         if self.static_mode && !self.proxy.enabled {
@@ -716,6 +731,14 @@ mod tests {
             ("proxy: {loopback_congestion: BBR}", "proxy.loopback_congestion"),
             ("proxy: {workers: 0}", "proxy.workers"),
             ("proxy: {workers: 100000}", "proxy.workers"),
+            (
+                "proxy: {kernel_forwarding_max_open: 0}",
+                "proxy.kernel_forwarding_max_open",
+            ),
+            (
+                "proxy: {kernel_forwarding_max_open: 40000}",
+                "proxy.kernel_forwarding_max_open",
+            ),
         ];
         for (text, field) in cases {
             let err = parse(text).unwrap_err();

@@ -65,6 +65,7 @@ fn the_role_lints_and_applies_idempotently_into_a_temporary_root() {
         "loopmesh_registrar_enabled": true,
         "loopmesh_proxy_workers": 3,
         "loopmesh_proxy_kernel_forwarding": true,
+        "loopmesh_proxy_kernel_forwarding_max_open": 12,
         "loopmesh_registrar_services": [{"service": "web", "port": 8080, "check": {"http": {"path": "/health"}}}],
     })
     .to_string();
@@ -117,6 +118,7 @@ fn the_role_lints_and_applies_idempotently_into_a_temporary_root() {
     .unwrap();
     assert_eq!(agent.proxy.workers, 3);
     assert!(agent.proxy.kernel_forwarding);
+    assert_eq!(agent.proxy.kernel_forwarding_max_open, 12);
     assert_eq!(agent.proxy.loopback_congestion, "cubic");
     let registrar = root.path().join("etc/loopmesh/registrar.yaml");
     let check = Command::new(env!("CARGO_BIN_EXE_loopmesh"))

@@ -102,6 +102,7 @@ fn manager(drain: Duration) -> ProxyManager {
         workers: 2,
         kernel_forwarding: false,
         kernel_connections: loopmesh::proxy::DEFAULT_KERNEL_CONNECTIONS,
+        kernel_forwarding_max_open: loopmesh::proxy::DEFAULT_KERNEL_FORWARDING_MAX_OPEN,
     })
     .unwrap()
 }
@@ -109,10 +110,12 @@ fn manager(drain: Duration) -> ProxyManager {
 /// A manager forwarding in the kernel; these tests need root (CAP_BPF,
 /// CAP_NET_ADMIN), as the agent does for `proxy.kernel_forwarding`.
 fn kernel_manager(drain: Duration) -> ProxyManager {
-    kernel_manager_for(drain, loopmesh::proxy::DEFAULT_KERNEL_CONNECTIONS)
+    kernel_manager_for(drain, loopmesh::proxy::DEFAULT_KERNEL_CONNECTIONS, u32::MAX)
 }
 
-fn kernel_manager_for(drain: Duration, kernel_connections: u32) -> ProxyManager {
+/// A manager forwarding at most `kernel_connections` in the kernel, handed
+/// over while at most `max_open` are open.
+fn kernel_manager_for(drain: Duration, kernel_connections: u32, max_open: u32) -> ProxyManager {
     let proxy = ProxyManager::new(ProxySettings {
         drain_timeout: drain,
         node_zone: None,
@@ -120,6 +123,7 @@ fn kernel_manager_for(drain: Duration, kernel_connections: u32) -> ProxyManager 
         workers: 2,
         kernel_forwarding: true,
         kernel_connections,
+        kernel_forwarding_max_open: max_open,
     })
     .unwrap();
     assert!(
@@ -477,6 +481,7 @@ async fn loopback_legs_get_the_configured_congestion_control() {
         workers: 2,
         kernel_forwarding: false,
         kernel_connections: loopmesh::proxy::DEFAULT_KERNEL_CONNECTIONS,
+        kernel_forwarding_max_open: loopmesh::proxy::DEFAULT_KERNEL_FORWARDING_MAX_OPEN,
     })
     .unwrap();
     proxy
@@ -737,7 +742,7 @@ async fn kernel_forwarded_connections_idle_out_and_are_killed_at_the_drain_deadl
 async fn past_the_kernel_capacity_connections_stay_in_user_space_intact() {
     let a = EchoBackend::start("a").await;
     let addr = service_addr();
-    let mut proxy = kernel_manager_for(Duration::from_secs(5), 1);
+    let mut proxy = kernel_manager_for(Duration::from_secs(5), 1, u32::MAX);
     proxy
         .apply(&table(&[&route(
             "cap",
@@ -763,6 +768,67 @@ async fn past_the_kernel_capacity_connections_stay_in_user_space_intact() {
     assert_eq!(proxy.kernel_joined(), 1);
     second.get_mut().shutdown().await.unwrap();
     assert!(closed(&mut second).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_proxy_keeps_connections_in_user_space_until_the_load_falls() {
+    let a = EchoBackend::start("a").await;
+    let addr = service_addr();
+    let mut proxy = kernel_manager_for(
+        Duration::from_secs(5),
+        loopmesh::proxy::DEFAULT_KERNEL_CONNECTIONS,
+        2,
+    );
+    proxy
+        .apply(&table(&[&route(
+            "busy",
+            addr,
+            Balance::RoundRobin,
+            vec![a.backend("a", 1)],
+        )]))
+        .await;
+    // Three open, two allowed: each is ready after its second exchange and
+    // is held back.
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(connect(addr).await.0);
+    }
+    for stream in &mut open {
+        echo(stream, b"one").await;
+        echo(stream, b"two").await;
+    }
+    eventually_async("every connection is deferred once", || async {
+        (proxy.kernel_deferred() == 3).then_some(())
+    })
+    .await;
+    for round in 0..20u32 {
+        for stream in &mut open {
+            echo(stream, format!("busy {round}\n").as_bytes()).await;
+        }
+    }
+    assert_eq!(proxy.kernel_joined(), 0, "handed over while busy");
+    assert_eq!(proxy.kernel_deferred(), 3, "deferred more than once each");
+    // One closes: two left, each goes to the kernel at its next exchange.
+    let mut gone = open.pop().unwrap();
+    gone.get_mut().shutdown().await.unwrap();
+    assert!(closed(&mut gone).await);
+    drop(gone);
+    // (The closed one counts until its task ends, just after its FIN.)
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    while proxy.kernel_joined() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the two left were never forwarded in the kernel"
+        );
+        for stream in &mut open {
+            echo(stream, b"calm\n").await;
+        }
+    }
+    for round in 0..20u32 {
+        for stream in &mut open {
+            echo(stream, format!("in kernel {round}\n").as_bytes()).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

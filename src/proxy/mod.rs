@@ -49,7 +49,15 @@ pub struct ProxySettings {
     /// Connections forwarded in the kernel at once; more are copied in user
     /// space ([`DEFAULT_KERNEL_CONNECTIONS`] unless a test needs fewer).
     pub kernel_connections: u32,
+    /// Connections are handed to the kernel only while the proxy has at most
+    /// this many open ([`sockmap::KernelForwarding::busy`]).
+    pub kernel_forwarding_max_open: u32,
 }
+
+/// Connections open in the proxy up to which new ones are handed to the
+/// kernel by default: the concurrency sweep in BENCHMARKS.md, where the
+/// kernel stops beating the user-space copy.
+pub const DEFAULT_KERNEL_FORWARDING_MAX_OPEN: u32 = 8;
 
 /// Connections forwarded in the kernel at once by default (two socket map
 /// entries each; the maps allocate per entry in use).
@@ -214,7 +222,7 @@ impl ProxyManager {
         let workers = Workers::start(settings.workers)?;
         let kernel = settings
             .kernel_forwarding
-            .then(|| kernel_forwarding(settings.kernel_connections))
+            .then(|| kernel_forwarding(settings.kernel_connections, settings.kernel_forwarding_max_open))
             .flatten();
         Ok(ProxyManager {
             settings,
@@ -236,6 +244,11 @@ impl ProxyManager {
     /// Connections forwarded in the kernel now.
     pub fn kernel_joined(&self) -> u32 {
         self.kernel.as_ref().map_or(0, |kernel| kernel.joined())
+    }
+
+    /// Connections that were ready for the kernel but found the proxy busy.
+    pub fn kernel_deferred(&self) -> u64 {
+        self.kernel.as_ref().map_or(0, |kernel| kernel.deferred())
     }
 
     /// How many event loops serve connections.
@@ -524,8 +537,8 @@ fn build_state(
 
 /// Sets up forwarding in the kernel, or says in one line why the proxy
 /// copies in user space instead.
-fn kernel_forwarding(capacity: u32) -> Option<Arc<sockmap::KernelForwarding>> {
-    let kernel = sockmap::KernelForwarding::new(capacity);
+fn kernel_forwarding(capacity: u32, max_open: u32) -> Option<Arc<sockmap::KernelForwarding>> {
+    let kernel = sockmap::KernelForwarding::new(capacity, max_open);
     metrics::gauge!("loopmesh_proxy_kernel_forwarding").set(if kernel.is_ok() { 1.0 } else { 0.0 });
     match kernel {
         Ok(kernel) => {

@@ -12,7 +12,9 @@
 //! kernel workers spend ~10% more CPU per request under load, and a
 //! connection forwarded here reports its bytes when it ends. Connections
 //! come here after two exchanges each way (`tcp::copy`), so short ones never
-//! pay for the join.
+//! pay for the join, and only while the proxy has few connections open
+//! (`proxy.kernel_forwarding_max_open`): under load the user-space copy on
+//! the proxy's own CPU serves more for less.
 //!
 //! How a connection stays whole:
 //! - Joining: both sockets first get a receive low-water mark too high to
@@ -37,7 +39,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
@@ -460,8 +462,25 @@ pub struct KernelForwarding {
     watcher: Watcher,
     capacity: u32,
     joined: AtomicU32,
+    /// The proxy's open connections, in user space or here: connections
+    /// are handed over only while there are at most `max_open`.
+    open: AtomicU32,
+    max_open: u32,
+    /// Connections that were ready for the kernel while the proxy was busy.
+    deferred: AtomicU64,
     /// `loopmesh_proxy_kernel_connections`: connections forwarded here now.
     gauge: metrics::Gauge,
+    /// `loopmesh_proxy_kernel_deferred_total`: `deferred`, exported.
+    deferred_total: metrics::Counter,
+}
+
+/// Counts one of the proxy's connections open until dropped.
+pub struct Open<'a>(&'a AtomicU32);
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for KernelForwarding {
@@ -469,14 +488,17 @@ impl std::fmt::Debug for KernelForwarding {
         f.debug_struct("KernelForwarding")
             .field("capacity", &self.capacity)
             .field("joined", &self.joined.load(Ordering::Relaxed))
+            .field("open", &self.open.load(Ordering::Relaxed))
+            .field("max_open", &self.max_open)
             .finish()
     }
 }
 
 impl KernelForwarding {
     /// Sets up forwarding for up to `capacity` connections at once (more are
-    /// copied in user space).
-    pub fn new(capacity: u32) -> Result<Arc<KernelForwarding>, SockmapError> {
+    /// copied in user space), handed over while the proxy has at most
+    /// `max_open` connections open (see [`KernelForwarding::busy`]).
+    pub fn new(capacity: u32, max_open: u32) -> Result<Arc<KernelForwarding>, SockmapError> {
         let unavailable = |step| move |source| SockmapError::Unavailable { step, source };
         let entries = capacity.saturating_mul(2);
         let sockets = create_map(BPF_MAP_TYPE_SOCKHASH, 8, 8, entries, 0)
@@ -497,8 +519,40 @@ impl KernelForwarding {
             watcher,
             capacity,
             joined: AtomicU32::new(0),
+            open: AtomicU32::new(0),
+            max_open,
+            deferred: AtomicU64::new(0),
             gauge: metrics::gauge!("loopmesh_proxy_kernel_connections"),
+            deferred_total: metrics::counter!("loopmesh_proxy_kernel_deferred_total"),
         }))
+    }
+
+    /// Counts a connection of the proxy's as open while the guard lives.
+    pub fn open(&self) -> Open<'_> {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Open(&self.open)
+    }
+
+    /// Whether the proxy has too many connections open to hand another
+    /// over. Under load the kernel's workers cost more CPU per request than
+    /// the user-space copy and run on the CPUs the segments arrive on (the
+    /// apps'), so a busy proxy's own CPU would idle while theirs saturate
+    /// (BENCHMARKS.md); at low concurrency the kernel saves the proxy's
+    /// wake-ups, most of a hop's latency.
+    pub fn busy(&self) -> bool {
+        self.open.load(Ordering::Relaxed) > self.max_open
+    }
+
+    /// Records a connection that was ready to be handed over but found the
+    /// proxy [busy](KernelForwarding::busy) (once per connection).
+    pub fn defer(&self) {
+        self.deferred.fetch_add(1, Ordering::Relaxed);
+        self.deferred_total.increment(1);
+    }
+
+    /// Connections deferred so far.
+    pub fn deferred(&self) -> u64 {
+        self.deferred.load(Ordering::Relaxed)
     }
 
     /// Connections joined now.
@@ -670,7 +724,7 @@ mod tests {
     #[test]
     fn joined_sockets_forward_in_the_kernel_and_capacity_is_kept() {
         // Needs root (CAP_BPF, CAP_NET_ADMIN), as proxy.kernel_forwarding does.
-        let kernel = KernelForwarding::new(1).expect("kernel forwarding: run the tests as root");
+        let kernel = KernelForwarding::new(1, u32::MAX).expect("kernel forwarding: run the tests as root");
         let (mut client, client_side) = pair();
         let (upstream_side, mut backend) = pair();
         // Sent before the join: held, then forwarded in order.

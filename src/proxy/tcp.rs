@@ -127,6 +127,7 @@ pub async fn serve(
         return;
     }
     metrics.connections.increment(1);
+    let _open = state.kernel.as_deref().map(KernelForwarding::open);
     let gauge = &metrics.active;
     gauge.increment(1.0);
     let Some((index, upstream)) = connect(&state, peer).await else {
@@ -149,7 +150,9 @@ const HANDOVER_AFTER: u32 = 2;
 
 /// Copies both ways in user space until both sides are done, the
 /// connection idles out, or it is killed; or, with forwarding in the
-/// kernel, until the connection has shown it lives long, then hands it over.
+/// kernel, until the connection has shown it lives long and the proxy is not
+/// busy, then hands it over. A connection held back by a busy proxy goes at
+/// its next exchange after the load has fallen.
 async fn copy(
     mut client: TcpStream,
     mut upstream: TcpStream,
@@ -158,6 +161,7 @@ async fn copy(
 ) {
     let metrics = &state.metrics;
     let mut kernel = state.kernel.clone();
+    let mut deferred = false;
     loop {
         let last = AtomicU64::new(now_millis());
         let touch = || last.store(now_millis(), Ordering::Relaxed);
@@ -181,20 +185,29 @@ async fn copy(
             }
         };
         // Ready when both directions wait for data with nothing held and
-        // have carried enough; the relays change that only when this task
-        // polls them, so it needs no waker of its own.
+        // have carried enough, and the proxy is not busy; the relays change
+        // that only when this task polls them, so it needs no waker of its
+        // own (nor does the load: it is looked at again at the next poll).
         let ready_to_hand_over = std::future::poll_fn(|_| {
-            let ready = kernel.is_some()
-                && watches.iter().all(|w| {
-                    w.waiting.load(Ordering::Relaxed)
-                        && !w.spliced.load(Ordering::Relaxed)
-                        && w.chunks.load(Ordering::Relaxed) >= HANDOVER_AFTER
-                });
-            if ready {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
+            let Some(forwarding) = &kernel else {
+                return std::task::Poll::Pending;
+            };
+            let quiet = watches.iter().all(|w| {
+                w.waiting.load(Ordering::Relaxed)
+                    && !w.spliced.load(Ordering::Relaxed)
+                    && w.chunks.load(Ordering::Relaxed) >= HANDOVER_AFTER
+            });
+            if !quiet {
+                return std::task::Poll::Pending;
             }
+            if forwarding.busy() {
+                if !deferred {
+                    deferred = true;
+                    forwarding.defer();
+                }
+                return std::task::Poll::Pending;
+            }
+            std::task::Poll::Ready(())
         });
         // The copy first, and no random branch order to draw at every
         // wake-up: the others are polled whenever the copy is pending.
