@@ -63,6 +63,24 @@ pub const DEFAULT_KERNEL_FORWARDING_MAX_OPEN: u32 = 8;
 /// entries each; the maps allocate per entry in use).
 pub const DEFAULT_KERNEL_CONNECTIONS: u32 = 32 * 1024;
 
+/// One connection counted in a counter while it lives: added when made,
+/// taken off when dropped.
+pub struct Held<'a>(&'a AtomicU64);
+
+impl<'a> Held<'a> {
+    /// Counts one more in `counter`; gives the guard and the new count.
+    pub fn count(counter: &'a AtomicU64) -> (Held<'a>, u64) {
+        let now = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        (Held(counter), now)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Counters of one service that outlive reloads.
 #[derive(Debug, Default)]
 pub struct ServiceShared {

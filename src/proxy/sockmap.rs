@@ -43,6 +43,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
+use super::Held;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SockmapError {
     #[error("kernel forwarding unavailable: {step} failed: {source} (it needs CAP_BPF and CAP_NET_ADMIN and a kernel with sockmap, 5.13 or later)")]
@@ -464,23 +466,14 @@ pub struct KernelForwarding {
     joined: AtomicU32,
     /// The proxy's open connections, in user space or here: connections
     /// are handed over only while there are at most `max_open`.
-    open: AtomicU32,
-    max_open: u32,
+    open: AtomicU64,
+    max_open: u64,
     /// Connections that were ready for the kernel while the proxy was busy.
     deferred: AtomicU64,
     /// `loopmesh_proxy_kernel_connections`: connections forwarded here now.
     gauge: metrics::Gauge,
     /// `loopmesh_proxy_kernel_deferred_total`: `deferred`, exported.
     deferred_total: metrics::Counter,
-}
-
-/// Counts one of the proxy's connections open until dropped.
-pub struct Open<'a>(&'a AtomicU32);
-
-impl Drop for Open<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 impl std::fmt::Debug for KernelForwarding {
@@ -519,8 +512,8 @@ impl KernelForwarding {
             watcher,
             capacity,
             joined: AtomicU32::new(0),
-            open: AtomicU32::new(0),
-            max_open,
+            open: AtomicU64::new(0),
+            max_open: u64::from(max_open),
             deferred: AtomicU64::new(0),
             gauge: metrics::gauge!("loopmesh_proxy_kernel_connections"),
             deferred_total: metrics::counter!("loopmesh_proxy_kernel_deferred_total"),
@@ -528,9 +521,8 @@ impl KernelForwarding {
     }
 
     /// Counts a connection of the proxy's as open while the guard lives.
-    pub fn open(&self) -> Open<'_> {
-        self.open.fetch_add(1, Ordering::Relaxed);
-        Open(&self.open)
+    pub fn open(&self) -> Held<'_> {
+        Held::count(&self.open).0
     }
 
     /// Whether the proxy has too many connections open to hand another

@@ -4,8 +4,8 @@
 
 use super::balancer::{Backend, NoBackend};
 use super::sockmap::{self, Joined, KernelForwarding};
-use super::ServiceState;
 use super::{congestion, splice};
+use super::{Held, ServiceState};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -28,15 +28,6 @@ fn now_millis() -> u64 {
     // SAFETY: clock_gettime writes the timespec it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
     now.tv_sec as u64 * 1000 + now.tv_nsec as u64 / 1_000_000
-}
-
-/// Decrements a counter when dropped.
-struct Held<'a>(&'a AtomicU64);
-
-impl Drop for Held<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// Opens a connection to one backend, with TCP_NODELAY and, for a backend
@@ -120,8 +111,7 @@ pub async fn serve(
     mut kill: watch::Receiver<bool>,
 ) {
     let metrics = &state.metrics;
-    let active = state.shared.active.fetch_add(1, Ordering::Relaxed) + 1;
-    let _held = Held(&state.shared.active);
+    let (_held, active) = Held::count(&state.shared.active);
     if state.max_connections.is_some_and(|max| active > u64::from(max)) {
         metrics.refused_max_connections.increment(1);
         return;
@@ -135,8 +125,7 @@ pub async fn serve(
         return;
     };
     let backend = &state.backends.backends()[index];
-    backend.stats.active.fetch_add(1, Ordering::Relaxed);
-    let _backend_held = Held(&backend.stats.active);
+    let (_backend_held, _) = Held::count(&backend.stats.active);
     // The client socket inherited TCP_NODELAY from the listener; the
     // upstream got it in connect_to.
     copy(client, upstream, &state, &mut kill).await;
