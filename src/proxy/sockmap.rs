@@ -7,7 +7,8 @@
 //! a VM whose idle vCPUs halt that is most of the added latency at c=1
 //! (BENCHMARKS.md, "the floor of a user-space hop": +22 µs for a bare C
 //! relay, +100-180 µs across CPUs); redirected in the kernel the hop costs
-//! +18 µs on one CPU or across two, and ties the copy unpinned. Opt-in
+//! +7-18 µs with the proxy on a CPU of its own, +14-18 µs on one CPU and
+//! +16-24 µs unpinned (user space: +34-176, +16-22, +23-33). Opt-in
 //! (`proxy.kernel_forwarding`): it needs `CAP_BPF` and `CAP_NET_ADMIN`, its
 //! kernel workers spend ~10% more CPU per request under load, and a
 //! connection forwarded here reports its bytes when it ends. Connections
