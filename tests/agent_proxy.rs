@@ -127,6 +127,17 @@ fn write_route(dir: &Path, service: &str, addr: SocketAddr, backends: &[(&str, S
     std::fs::rename(staged, dir.join(format!("{service}.json"))).unwrap();
 }
 
+/// `rounds` echoes of a line each on a connection to a [`backend`].
+async fn exchange(stream: &mut BufReader<TcpStream>, rounds: u32) {
+    for round in 0..rounds {
+        let message = format!("round {round}\n");
+        stream.get_mut().write_all(message.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; message.len()];
+        stream.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, message.as_bytes());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn static_mode_follows_hand_edits_and_refuses_a_bad_table_whole() {
     let dir = tempfile::tempdir().unwrap();
@@ -137,7 +148,11 @@ async fn static_mode_follows_hand_edits_and_refuses_a_bad_table_whole() {
     let (svc, other) = (service_addr(), service_addr());
     write_route(&routes, "static-svc", svc, &[("one", one)]);
     let config = dir.path().join("agent.yaml");
-    std::fs::write(&config, "proxy: {workers: 2, kernel_forwarding: true}\n").unwrap();
+    std::fs::write(
+        &config,
+        "proxy: {workers: 2, kernel_forwarding: true, kernel_forwarding_max_open: 2}\n",
+    )
+    .unwrap();
     let agent = Loopmesh::spawn(
         &[
             "agent",
@@ -158,13 +173,7 @@ async fn static_mode_follows_hand_edits_and_refuses_a_bad_table_whole() {
     agent.wait_log("connections are forwarded in the kernel");
     assert_eq!(threads_named(agent.pid(), "sockmap-"), ["sockmap-hangups"]);
     let (mut long, _) = who_answers(svc).await.unwrap();
-    for round in 0..3 {
-        let message = format!("round {round}\n");
-        long.get_mut().write_all(message.as_bytes()).await.unwrap();
-        let mut back = vec![0u8; message.len()];
-        long.read_exact(&mut back).await.unwrap();
-        assert_eq!(back, message.as_bytes());
-    }
+    exchange(&mut long, 3).await;
     let admin = agent.admin.unwrap();
     eventually_async("the metrics to show it forwarded in the kernel", || async {
         let (_, text) = http_get(admin, "/metrics").await?;
@@ -173,7 +182,20 @@ async fn static_mode_follows_hand_edits_and_refuses_a_bad_table_whole() {
         .then_some(())
     })
     .await;
-    drop(long);
+    // Three open, kernel_forwarding_max_open 2: the two new ones stay in
+    // user space once they are ready, and say so.
+    let (mut a, _) = who_answers(svc).await.unwrap();
+    let (mut b, _) = who_answers(svc).await.unwrap();
+    exchange(&mut a, 3).await;
+    exchange(&mut b, 3).await;
+    eventually_async("the metrics to show two connections deferred", || async {
+        let (_, text) = http_get(admin, "/metrics").await?;
+        (text.contains("loopmesh_proxy_kernel_deferred_total 2")
+            && text.contains("loopmesh_proxy_kernel_connections 1"))
+        .then_some(())
+    })
+    .await;
+    drop((long, a, b));
 
     write_route(&routes, "static-svc", svc, &[("two", two)]);
     write_route(&routes, "other", other, &[("one", one)]);
