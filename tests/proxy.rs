@@ -151,6 +151,13 @@ async fn three_backend_service(name: &str, balance: Balance) -> ([EchoBackend; 3
     (backends, addr, proxy)
 }
 
+/// Applies a table of one round-robin service `name` on `addr` with one backend.
+async fn serve_one(proxy: &mut ProxyManager, name: &str, addr: SocketAddr, backend: Backend) {
+    proxy
+        .apply(&table(&[&route(name, addr, Balance::RoundRobin, vec![backend])]))
+        .await;
+}
+
 /// Connects through the proxy and returns the stream and the backend's id.
 async fn connect(addr: SocketAddr) -> (BufReader<TcpStream>, String) {
     let stream = TcpStream::connect(addr).await.expect("the proxy accepts");
@@ -484,14 +491,7 @@ async fn loopback_legs_get_the_configured_congestion_control() {
         kernel_forwarding_max_open: loopmesh::proxy::DEFAULT_KERNEL_FORWARDING_MAX_OPEN,
     })
     .unwrap();
-    proxy
-        .apply(&table(&[&route(
-            "cc",
-            addr,
-            Balance::RoundRobin,
-            vec![backend.backend("a", 1)],
-        )]))
-        .await;
+    serve_one(&mut proxy, "cc", addr, backend.backend("a", 1)).await;
     let (mut client, id) = connect(addr).await;
     assert_eq!(id, "a");
     echo(&mut client, b"ping").await;
@@ -666,14 +666,7 @@ async fn kernel_forwarding_carries_bulk_both_ways_after_the_handover() {
         zone: None,
         state: InstanceState::Up,
     };
-    proxy
-        .apply(&table(&[&route(
-            "bulk",
-            addr,
-            Balance::RoundRobin,
-            vec![backend],
-        )]))
-        .await;
+    serve_one(&mut proxy, "bulk", addr, backend).await;
     let mut stream = TcpStream::connect(addr).await.unwrap();
     for _ in 0..3 {
         stream.write_all(b"ping\n").await.unwrap();
@@ -743,14 +736,7 @@ async fn past_the_kernel_capacity_connections_stay_in_user_space_intact() {
     let a = EchoBackend::start("a").await;
     let addr = service_addr();
     let mut proxy = kernel_manager_for(Duration::from_secs(5), 1, u32::MAX);
-    proxy
-        .apply(&table(&[&route(
-            "cap",
-            addr,
-            Balance::RoundRobin,
-            vec![a.backend("a", 1)],
-        )]))
-        .await;
+    serve_one(&mut proxy, "cap", addr, a.backend("a", 1)).await;
     let (mut first, _) = connect(addr).await;
     echo(&mut first, b"one").await;
     echo(&mut first, b"two").await;
@@ -779,14 +765,7 @@ async fn a_busy_proxy_keeps_connections_in_user_space_until_the_load_falls() {
         loopmesh::proxy::DEFAULT_KERNEL_CONNECTIONS,
         2,
     );
-    proxy
-        .apply(&table(&[&route(
-            "busy",
-            addr,
-            Balance::RoundRobin,
-            vec![a.backend("a", 1)],
-        )]))
-        .await;
+    serve_one(&mut proxy, "busy", addr, a.backend("a", 1)).await;
     // Three open, two allowed: each is ready after its second exchange and
     // is held back.
     let mut open = Vec::new();
@@ -858,14 +837,7 @@ async fn a_reset_on_a_kernel_forwarded_connection_closes_the_other_side() {
         zone: None,
         state: InstanceState::Up,
     };
-    proxy
-        .apply(&table(&[&route(
-            "reset",
-            addr,
-            Balance::RoundRobin,
-            vec![backend],
-        )]))
-        .await;
+    serve_one(&mut proxy, "reset", addr, backend).await;
     let mut client = BufReader::new(TcpStream::connect(addr).await.unwrap());
     for _ in 0..2 {
         client.get_mut().write_all(b"ping\n").await.unwrap();
