@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{eventually_async, http_get, unique_ip, Etcd, Loopmesh};
+use common::{eventually_async, eventually_metrics, http_get, unique_ip, Etcd, Loopmesh};
 use std::net::SocketAddr;
 use tokio::io::AsyncWriteExt;
 
@@ -94,11 +94,11 @@ async fn the_agent_reports_readiness_routes_catalog_files_and_metrics() {
         .await
         .unwrap();
     drop(stream);
-    let metrics = eventually_async("the connection counted", || async {
-        let (_, text) = http_get(admin, "/metrics").await?;
-        text.contains("loopmesh_proxy_connections_total{service=\"api\"} 1")
-            .then_some(text)
-    })
+    let metrics = eventually_metrics(
+        admin,
+        "the connection counted",
+        &["loopmesh_proxy_connections_total{service=\"api\"} 1"],
+    )
     .await;
     for name in [
         "loopmesh_render_passes_total",

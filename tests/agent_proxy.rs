@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{eventually_async, http_get, read, unique_ip, Etcd, Loopmesh};
+use common::{eventually_async, eventually_metrics, read, unique_ip, Etcd, Loopmesh};
 use std::net::SocketAddr;
 use std::path::Path;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -175,12 +175,14 @@ async fn static_mode_follows_hand_edits_and_refuses_a_bad_table_whole() {
     let (mut long, _) = who_answers(svc).await.unwrap();
     exchange(&mut long, 3).await;
     let admin = agent.admin.unwrap();
-    eventually_async("the metrics to show it forwarded in the kernel", || async {
-        let (_, text) = http_get(admin, "/metrics").await?;
-        (text.contains("loopmesh_proxy_kernel_forwarding 1")
-            && text.contains("loopmesh_proxy_kernel_connections 1"))
-        .then_some(())
-    })
+    eventually_metrics(
+        admin,
+        "the metrics to show it forwarded in the kernel",
+        &[
+            "loopmesh_proxy_kernel_forwarding 1",
+            "loopmesh_proxy_kernel_connections 1",
+        ],
+    )
     .await;
     // Three open, kernel_forwarding_max_open 2: the two new ones stay in
     // user space once they are ready, and say so.
@@ -188,12 +190,14 @@ async fn static_mode_follows_hand_edits_and_refuses_a_bad_table_whole() {
     let (mut b, _) = who_answers(svc).await.unwrap();
     exchange(&mut a, 3).await;
     exchange(&mut b, 3).await;
-    eventually_async("the metrics to show two connections deferred", || async {
-        let (_, text) = http_get(admin, "/metrics").await?;
-        (text.contains("loopmesh_proxy_kernel_deferred_total 2")
-            && text.contains("loopmesh_proxy_kernel_connections 1"))
-        .then_some(())
-    })
+    eventually_metrics(
+        admin,
+        "the metrics to show two connections deferred",
+        &[
+            "loopmesh_proxy_kernel_deferred_total 2",
+            "loopmesh_proxy_kernel_connections 1",
+        ],
+    )
     .await;
     drop((long, a, b));
 

@@ -317,6 +317,16 @@ pub struct Loopmesh {
     pub admin: Option<SocketAddr>,
 }
 
+/// Waits until an admin API's `/metrics` holds every one of `lines`, and
+/// gives the text it read last.
+pub async fn eventually_metrics(admin: SocketAddr, what: &str, lines: &[&str]) -> String {
+    eventually_async(what, || async {
+        let (_, text) = http_get(admin, "/metrics").await?;
+        lines.iter().all(|line| text.contains(line)).then_some(text)
+    })
+    .await
+}
+
 /// A plain HTTP/1.1 GET: the status code and body, if the server answered.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
