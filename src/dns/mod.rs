@@ -438,8 +438,10 @@ fn serve_udp(socket: &std::net::UdpSocket, stop: &AtomicBool, cell: &ZoneCell, m
     let mut served = cell.current();
     let mut queries: u32 = 0;
     while !stop.load(Ordering::Acquire) {
-        let (len, peer) = match socket.recv_from(&mut query) {
-            Ok(received) => received,
+        let (len, peer) = match receive(socket, &mut query) {
+            Ok(Some(received)) => received,
+            // Woken by shutdown(2) (no datagram, no peer): look at `stop`.
+            Ok(None) => continue,
             Err(err) => {
                 if !stop.load(Ordering::Acquire) {
                     // A lasting error must not spin the thread.
@@ -466,5 +468,55 @@ fn serve_udp(socket: &std::net::UdpSocket, stop: &AtomicBool, cell: &ZoneCell, m
             continue;
         }
         metrics.record(answered, "udp", started.map(|s| s.elapsed()));
+    }
+}
+
+/// One datagram and its sender; `None` when recvfrom returned without one
+/// (as it does once [`UdpThread::stop`] shut the socket down).
+///
+/// Not `std::net::UdpSocket::recv_from`: std decodes the sender address
+/// with an assertion on its length, and the address left behind by a
+/// shutdown wake-up (length 0, family of the previous datagram) made it
+/// panic on every stop after a query. socket2 hands back the address as
+/// the kernel filled it in, and an empty one decodes to nothing.
+fn receive(socket: &std::net::UdpSocket, buffer: &mut [u8]) -> std::io::Result<Option<(usize, SocketAddr)>> {
+    // SAFETY: `buffer` is initialised; recvfrom only writes bytes into it,
+    // never uninitialised ones, which is what MaybeUninit<u8> permits.
+    let uninit = unsafe { &mut *(buffer as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+    let (len, from) = socket2::SockRef::from(socket).recv_from(uninit)?;
+    Ok(from.as_socket().map(|peer| (len, peer)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn a_shutdown_after_a_query_wakes_the_receiver_with_nothing_and_no_panic() {
+        let socket = Arc::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+        let addr = socket.local_addr().unwrap();
+        let (first_tx, first_rx) = std::sync::mpsc::channel();
+        let receiver = std::thread::spawn({
+            let socket = socket.clone();
+            move || {
+                let mut buffer = [0u8; 512];
+                first_tx.send(receive(&socket, &mut buffer).unwrap()).unwrap();
+                receive(&socket, &mut buffer).unwrap()
+            }
+        });
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"query", addr).unwrap();
+        let first = first_rx.recv().unwrap();
+        assert_eq!(first, Some((5, client.local_addr().unwrap())));
+        // The receiver blocks again (or is about to): shut down until it
+        // has returned, as UdpThread::stop does once.
+        while !receiver.is_finished() {
+            // SAFETY: shutdown(2) on a socket this test keeps open.
+            unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
+            std::thread::yield_now();
+        }
+        let woken = receiver.join().expect("the receiver does not panic");
+        assert_eq!(woken, None);
     }
 }

@@ -429,16 +429,16 @@ impl Loopmesh {
         );
     }
 
-    /// Sends SIGTERM and waits for a clean exit.
+    /// Sends SIGTERM and waits for a clean exit: status 0 and no thread
+    /// panicked on the way (a panic off the main thread leaves the exit
+    /// status alone, so the log is the only witness).
     pub fn stop(mut self) {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = self.child.wait().unwrap();
-        assert!(
-            status.success(),
-            "loopmesh exited with {status}: {}",
-            self.log_text()
-        );
+        let log = self.log_text();
+        assert!(status.success(), "loopmesh exited with {status}: {log}");
+        assert!(!log.contains("panicked"), "a loopmesh thread panicked: {log}");
     }
 }
 
