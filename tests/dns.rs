@@ -211,6 +211,20 @@ async fn every_record_type_over_udp_and_tcp_and_answers_follow_etcd() {
         "0 0 8080 web.mesh.internal."
     );
     assert!(dig(dns, &["example.com", "A"]).contains("status: REFUSED"));
+    // QCLASS ANY (RFC 1035 "any class") is answered from the only class
+    // served, IN, as BIND does; any other class is refused (README).
+    let any_class = dig(dns, &["-c", "ANY", "web.mesh.internal", "A"]);
+    assert!(any_class.contains("status: NOERROR"), "{any_class}");
+    assert!(
+        any_class.contains("web.mesh.internal.\t300\tIN\tA\t127.100.42.1"),
+        "{any_class}"
+    );
+    for class in ["CH", "HS"] {
+        let other = dig(dns, &["-c", class, "web.mesh.internal", "A"]);
+        assert!(other.contains("status: REFUSED"), "class {class}: {other}");
+        let tcp = dig(dns, &["+tcp", "-c", class, "web.mesh.internal", "A"]);
+        assert!(tcp.contains("status: REFUSED"), "class {class} over tcp: {tcp}");
+    }
 
     // A service written to etcd resolves; a deleted one stops resolving.
     etcd_client
