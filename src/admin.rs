@@ -5,6 +5,7 @@
 //! Plain hyper HTTP/1.1; everything it shows is read when asked, from state
 //! the daemon publishes (`Status`), so a scrape never waits on the daemon.
 
+use crate::limits::{ConnectionBudget, ADMIN_CONNECTIONS};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
@@ -64,9 +65,17 @@ pub fn install_recorder() -> Result<PrometheusHandle, AdminError> {
 /// How often a taken admin address is tried again.
 const BIND_RETRY: Duration = Duration::from_secs(2);
 
+/// How long a client may take to send a request's headers (and, between
+/// requests on a kept-alive connection, to start the next): a client that
+/// sends half a request is closed then instead of holding its descriptor.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves the admin API on `addr` forever. A taken address is logged once
-/// and retried: the daemon keeps doing its job without its admin API.
+/// and retried: the daemon keeps doing its job without its admin API. At
+/// most [`ADMIN_CONNECTIONS`] are served at once (the admin's share of the
+/// descriptors, [`crate::limits`]), each bound by [`HEADER_READ_TIMEOUT`].
 pub async fn serve(addr: SocketAddr, metrics: PrometheusHandle, status: Arc<dyn Status>) {
+    let budget = ConnectionBudget::new("admin", ADMIN_CONNECTIONS);
     let mut logged = false;
     let listener = loop {
         match TcpListener::bind(addr).await {
@@ -97,6 +106,9 @@ pub async fn serve(addr: SocketAddr, metrics: PrometheusHandle, status: Arc<dyn 
                 continue;
             }
         };
+        // With every slot taken this waits, and the listener accepts no
+        // more until a connection ends.
+        let slot = budget.admit().await;
         let (metrics, status) = (metrics.clone(), status.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
@@ -104,8 +116,11 @@ pub async fn serve(addr: SocketAddr, metrics: PrometheusHandle, status: Arc<dyn 
                 async move { Ok::<_, Infallible>(response) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
+            drop(slot);
         });
     }
 }

@@ -485,6 +485,11 @@ async fn retry_dns_bind(dns: &mut DnsServer) {
 }
 
 fn new_proxy(config: &AgentConfig) -> Result<ProxyManager, crate::proxy::workers::WorkerError> {
+    let open_files = crate::limits::raise_open_files();
+    let max_open_connections = config
+        .proxy
+        .max_open_connections
+        .unwrap_or_else(|| crate::limits::default_proxy_connections(open_files));
     let proxy = ProxyManager::new(ProxySettings {
         drain_timeout: config.proxy.drain_timeout,
         node_zone: config.node_zone.clone(),
@@ -494,8 +499,12 @@ fn new_proxy(config: &AgentConfig) -> Result<ProxyManager, crate::proxy::workers
         kernel_forwarding: config.proxy.kernel_forwarding,
         kernel_connections: crate::proxy::DEFAULT_KERNEL_CONNECTIONS,
         kernel_forwarding_max_open: config.proxy.kernel_forwarding_max_open,
+        max_open_connections,
     })?;
-    tracing::debug!("proxy: {} event loop(s)", proxy.worker_count());
+    tracing::info!(
+        "proxy: {} event loop(s), up to {max_open_connections} connections open at once (open-file limit {open_files})",
+        proxy.worker_count()
+    );
     Ok(proxy)
 }
 

@@ -329,6 +329,12 @@ pub struct ProxyConfig {
     /// while the proxy has at most this many open: past it the user-space
     /// copy serves more per CPU (BENCHMARKS.md has the sweep).
     pub kernel_forwarding_max_open: u32,
+    /// Connections open at once across every service; past it listeners
+    /// stop accepting until one ends (new ones wait in the backlog). Unset:
+    /// three quarters of the open-file limit, two descriptors a connection
+    /// (see `limits`), so that the admin API, DNS and the store always have
+    /// descriptors left.
+    pub max_open_connections: Option<u32>,
 }
 
 impl Default for ProxyConfig {
@@ -340,6 +346,7 @@ impl Default for ProxyConfig {
             workers: 1,
             kernel_forwarding: false,
             kernel_forwarding_max_open: crate::proxy::DEFAULT_KERNEL_FORWARDING_MAX_OPEN,
+            max_open_connections: None,
         }
     }
 }
@@ -523,6 +530,12 @@ impl AgentConfig {
                 format!(
                     "{max_open} connections; give 1 to {capacity} (kernel_forwarding: false turns it off)"
                 ),
+            ));
+        }
+        if self.proxy.max_open_connections == Some(0) {
+            return Err(invalid(
+                "proxy.max_open_connections",
+                "0 connections would serve nothing; give at least 1, or leave it out for the default".into(),
             ));
         }
         if self.static_mode && !self.proxy.enabled {

@@ -17,6 +17,7 @@
 //! - [`routing`]: the rendered routing table's format and validation.
 //! - [`proxy`]: the L4 proxy: a listener per service, hot-swapped backends,
 //!   balancing, outlier ejection, drain.
+//! - [`limits`]: the file-descriptor budget per purpose (admin, proxy).
 //! - [`state`]: the last-known-good record.
 //! - [`agent`]: the control loop tying store, catalog and render together.
 //! - [`cli`]: the `loopmesh` command line.
@@ -31,6 +32,7 @@ pub mod config;
 pub mod dns;
 pub mod duration;
 pub mod http;
+pub mod limits;
 pub mod memory;
 pub mod ops;
 pub mod proxy;

@@ -100,9 +100,7 @@ fn manager(drain: Duration) -> ProxyManager {
         loopback_congestion: None,
         // Two loops whatever the machine, so that listeners share their port.
         workers: 2,
-        kernel_forwarding: false,
-        kernel_connections: loopmesh::proxy::DEFAULT_KERNEL_CONNECTIONS,
-        kernel_forwarding_max_open: loopmesh::proxy::DEFAULT_KERNEL_FORWARDING_MAX_OPEN,
+        ..ProxySettings::default()
     })
     .unwrap()
 }
@@ -124,6 +122,7 @@ fn kernel_manager_for(drain: Duration, kernel_connections: u32, max_open: u32) -
         kernel_forwarding: true,
         kernel_connections,
         kernel_forwarding_max_open: max_open,
+        ..ProxySettings::default()
     })
     .unwrap();
     assert!(
@@ -486,9 +485,7 @@ async fn loopback_legs_get_the_configured_congestion_control() {
         node_zone: None,
         loopback_congestion: Some(std::sync::Arc::new(std::ffi::CString::new(wanted).unwrap())),
         workers: 2,
-        kernel_forwarding: false,
-        kernel_connections: loopmesh::proxy::DEFAULT_KERNEL_CONNECTIONS,
-        kernel_forwarding_max_open: loopmesh::proxy::DEFAULT_KERNEL_FORWARDING_MAX_OPEN,
+        ..ProxySettings::default()
     })
     .unwrap();
     serve_one(&mut proxy, "cc", addr, backend.backend("a", 1)).await;

@@ -18,6 +18,7 @@ pub mod splice;
 pub mod tcp;
 pub mod workers;
 
+use crate::limits::ConnectionBudget;
 use crate::routing::Route;
 use balancer::{Backend, BackendSet, BackendStats};
 use std::collections::{BTreeMap, HashMap};
@@ -52,6 +53,27 @@ pub struct ProxySettings {
     /// Connections are handed to the kernel only while the proxy has at most
     /// this many open ([`sockmap::KernelForwarding::busy`]).
     pub kernel_forwarding_max_open: u32,
+    /// Connections open at once across every service (the proxy's share of
+    /// the descriptors, [`crate::limits`]); past it listeners stop
+    /// accepting until one ends.
+    pub max_open_connections: u32,
+}
+
+impl Default for ProxySettings {
+    /// The agent's defaults: one event loop, user-space copy, a 30 s drain,
+    /// the connection budget of the process's open-file limit.
+    fn default() -> Self {
+        ProxySettings {
+            drain_timeout: Duration::from_secs(30),
+            node_zone: None,
+            loopback_congestion: None,
+            workers: 1,
+            kernel_forwarding: false,
+            kernel_connections: DEFAULT_KERNEL_CONNECTIONS,
+            kernel_forwarding_max_open: DEFAULT_KERNEL_FORWARDING_MAX_OPEN,
+            max_open_connections: crate::limits::default_proxy_connections(crate::limits::raise_open_files()),
+        }
+    }
 }
 
 /// Connections open in the proxy up to which new ones are handed to the
@@ -225,6 +247,8 @@ impl ProxyView {
 pub struct ProxyManager {
     settings: ProxySettings,
     workers: Workers,
+    /// Slots for open connections, shared by every listener.
+    budget: ConnectionBudget,
     kernel: Option<Arc<sockmap::KernelForwarding>>,
     running: HashMap<String, Running>,
     /// Backend counters by (service, backend id), kept across reloads.
@@ -242,9 +266,11 @@ impl ProxyManager {
             .kernel_forwarding
             .then(|| kernel_forwarding(settings.kernel_connections, settings.kernel_forwarding_max_open))
             .flatten();
+        let budget = ConnectionBudget::new("proxy", settings.max_open_connections as usize);
         Ok(ProxyManager {
             settings,
             workers,
+            budget,
             kernel,
             running: HashMap::new(),
             stats: HashMap::new(),
@@ -426,7 +452,13 @@ impl ProxyManager {
             .into_iter()
             .enumerate()
             .map(|(index, listener)| {
-                let task = accept_loop(route.service.clone(), listener, state_rx.clone(), kill_rx.clone());
+                let task = accept_loop(
+                    route.service.clone(),
+                    listener,
+                    state_rx.clone(),
+                    kill_rx.clone(),
+                    self.budget.clone(),
+                );
                 self.workers.spawn(index, task)
             })
             .collect();
@@ -570,17 +602,27 @@ fn kernel_forwarding(capacity: u32, max_open: u32) -> Option<Arc<sockmap::Kernel
     }
 }
 
+/// Accepts a service's connections, each served with a slot of the proxy's
+/// connection budget. With none free, the loop holds the connection it has
+/// just accepted until a slot frees and accepts no more meanwhile: at most
+/// one descriptor over budget per listener, the rest waits in the backlog.
 async fn accept_loop(
     service: String,
     listener: TcpListener,
     state: watch::Receiver<Arc<ServiceState>>,
     kill: watch::Receiver<bool>,
+    budget: ConnectionBudget,
 ) {
     loop {
         match listener.accept().await {
             Ok((client, peer)) => {
+                let slot = budget.admit().await;
                 let current = state.borrow().clone();
-                tokio::spawn(tcp::serve(client, peer, current, kill.clone()));
+                let kill = kill.clone();
+                tokio::spawn(async move {
+                    tcp::serve(client, peer, current, kill).await;
+                    drop(slot);
+                });
             }
             Err(err) => {
                 // Out of file descriptors and the like: say so, back off briefly.
