@@ -71,6 +71,19 @@ pub struct Pipeline {
     /// Tells systemd READY=1 once.
     ready: crate::systemd::ReadyOnce,
     render_failures: Vec<String>,
+    /// When the files were last rendered (unix seconds; 0: never here).
+    rendered_at: u64,
+    /// The revision of the last known good files on disk, served until the
+    /// first snapshot.
+    disk_revision: i64,
+    /// What `state.json` says now (revision, stale, refused keys), so it
+    /// is rewritten exactly when one of them changes.
+    recorded: Option<(i64, bool, Vec<String>)>,
+    /// An address allocation failed and was logged; cleared on success.
+    allocation_failing: bool,
+    /// "Serving last known good (stale)" was logged; cleared, with a line,
+    /// when the store answers again.
+    stale_logged: bool,
 }
 
 impl Pipeline {
@@ -102,6 +115,11 @@ impl Pipeline {
             applied: false,
             ready: Default::default(),
             render_failures: Vec::new(),
+            rendered_at: 0,
+            disk_revision: 0,
+            recorded: None,
+            allocation_failing: false,
+            stale_logged: false,
         })
     }
 
@@ -114,6 +132,7 @@ impl Pipeline {
     pub fn apply(&mut self, event: StoreEvent) {
         match event {
             StoreEvent::Snapshot { revision, entries } => {
+                let before = self.catalog.entries().len();
                 self.catalog.replace(
                     entries
                         .iter()
@@ -131,8 +150,10 @@ impl Pipeline {
                     self.catalog.entries().len(),
                     self.catalog.invalid().len()
                 );
+                self.warn_if_emptied(before);
             }
             StoreEvent::Changes { revision, changes } => {
+                let before = self.catalog.entries().len();
                 for change in changes {
                     let touched = match &change {
                         Change::Put(entry) => {
@@ -143,12 +164,17 @@ impl Pipeline {
                     self.dirty.touch(touched);
                 }
                 self.catalog.set_revision(revision);
+                self.warn_if_emptied(before);
             }
             StoreEvent::Reachable => self.set_reachable(true),
             StoreEvent::Unreachable { reason } => {
-                if self.reachable || !self.synced {
+                // Once when it starts; each of the store's retries comes
+                // back here and is counted, not logged.
+                if !self.stale_logged {
                     tracing::warn!("serving last known good files (stale): {reason}");
+                    self.stale_logged = true;
                 }
+                metrics::counter!("loopmesh_store_unreachable_total").increment(1);
                 self.set_reachable(false);
             }
         }
@@ -157,11 +183,40 @@ impl Pipeline {
     }
 
     fn set_reachable(&mut self, reachable: bool) {
-        if self.reachable != reachable && self.synced {
-            self.record_state();
-        }
         self.reachable = reachable;
+        if reachable && self.synced && self.stale_logged {
+            tracing::info!(
+                "catalog reachable again ({}); serving revision {}",
+                self.store.describe(),
+                self.catalog.revision()
+            );
+            self.stale_logged = false;
+        }
         metrics::gauge!("loopmesh_catalog_stale").set(if self.is_stale() { 1.0 } else { 0.0 });
+        self.record_state_if_changed();
+    }
+
+    /// Says loudly when a catalog that held services suddenly holds none:
+    /// the usual cause is a wrong `catalog_dir` or prefix, not an operator
+    /// removing the fleet.
+    fn warn_if_emptied(&self, before: usize) {
+        if before > 0 && self.catalog.entries().is_empty() {
+            tracing::warn!(
+                "the catalog went from {before} services to none ({}); every route and listener is removed. If that was not meant, check store.prefix and store.catalog_dir",
+                self.store.describe()
+            );
+            metrics::counter!("loopmesh_catalog_emptied_total").increment(1);
+        }
+    }
+
+    /// The revision the node serves: the catalog's once it has synced, the
+    /// files on disk before.
+    pub fn revision(&self) -> i64 {
+        if self.synced {
+            self.catalog.revision()
+        } else {
+            self.disk_revision
+        }
     }
 
     /// True until the first snapshot, and while the store is unreachable.
@@ -189,10 +244,19 @@ impl Pipeline {
         match self.store.allocate_addresses(&wanted, &self.pool).await {
             Ok(allocated) => {
                 self.requested.extend(allocated.into_keys());
+                if std::mem::take(&mut self.allocation_failing) {
+                    tracing::info!("address allocation works again");
+                }
                 false
             }
             Err(err) => {
-                tracing::warn!("cannot allocate addresses yet: {err}");
+                // Once when it starts failing; each retry is counted.
+                if !std::mem::replace(&mut self.allocation_failing, true) {
+                    tracing::warn!(
+                        "cannot allocate addresses yet: {err}; retrying every {}s",
+                        RETRY_AFTER.as_secs()
+                    );
+                }
                 metrics::counter!("loopmesh_address_allocation_failures_total").increment(1);
                 true
             }
@@ -225,7 +289,9 @@ impl Pipeline {
             );
         }
         self.dirty.merge(report.retry.clone());
-        self.record_state();
+        self.rendered_at = state::now_unix();
+        self.recorded = None;
+        self.record_state_if_changed();
         report
     }
 
@@ -251,24 +317,42 @@ impl Pipeline {
         report
     }
 
-    fn record_state(&self) {
+    /// Writes `state.json` if what it says (revision, staleness, refused
+    /// keys) differs from what the agent knows; the one record that
+    /// `/ready`, the metrics and the file all agree with. Nothing is written
+    /// before the files on disk were rendered once or announced.
+    fn record_state_if_changed(&mut self) {
+        if !self.synced && self.rendered_at == 0 {
+            return;
+        }
+        let now = (
+            self.revision(),
+            self.is_stale(),
+            self.catalog.invalid().keys().cloned().collect::<Vec<_>>(),
+        );
+        if self.recorded.as_ref() == Some(&now) {
+            return;
+        }
         let record = LastKnownGood {
-            revision: self.catalog.revision(),
-            rendered_at: state::now_unix(),
+            revision: now.0,
+            rendered_at: self.rendered_at,
             store: self.store.describe(),
-            stale: self.is_stale(),
-            invalid_keys: self.catalog.invalid().keys().cloned().collect(),
+            stale: now.1,
+            invalid_keys: now.2.clone(),
         };
-        if let Err(err) = state::save(&self.config.state_dir, &record) {
-            tracing::error!("{err}");
+        match state::save(&self.config.state_dir, &record) {
+            Ok(()) => self.recorded = Some(now),
+            Err(err) => tracing::error!("{err}"),
         }
     }
 
     /// Reports what the last run left on disk, before the store answers.
     /// The record is marked stale until the store answers.
-    fn announce_last_known_good(&self) {
+    fn announce_last_known_good(&mut self) {
         match state::load(&self.config.state_dir) {
             Ok(Some(mut record)) => {
+                self.disk_revision = record.revision;
+                self.rendered_at = record.rendered_at;
                 tracing::info!(
                     "last known good: revision {} from {} rendered at {} (unix); serving it (stale) until the catalog answers",
                     record.revision,
@@ -276,8 +360,9 @@ impl Pipeline {
                     record.rendered_at
                 );
                 record.stale = true;
-                if let Err(err) = state::save(&self.config.state_dir, &record) {
-                    tracing::error!("{err}");
+                match state::save(&self.config.state_dir, &record) {
+                    Ok(()) => self.recorded = Some((record.revision, true, record.invalid_keys)),
+                    Err(err) => tracing::error!("{err}"),
                 }
             }
             Ok(None) => tracing::info!("no previous state in {}", self.config.state_dir.display()),
@@ -394,12 +479,13 @@ impl Pipeline {
     /// Publishes the state for the admin API, and tells systemd the agent
     /// is ready the first time it is.
     fn publish_status(&mut self) {
+        self.record_state_if_changed();
         let published = Published {
             node: self.config.node_name(),
             store: self.store.describe(),
             applied: self.applied,
             stale: self.is_stale(),
-            revision: self.catalog.revision(),
+            revision: self.revision(),
             services: self.catalog.entries().len(),
             invalid_keys: self.catalog.invalid().keys().cloned().collect(),
             render_failures: self.render_failures.clone(),

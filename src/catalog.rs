@@ -453,10 +453,16 @@ impl Catalog {
     }
 
     /// Defined services that have no address key yet.
+    ///
+    /// A service whose address key holds a value that was refused is not
+    /// among them: allocating cannot overwrite an operator's key (the
+    /// transaction requires it absent), so asking again would only repeat
+    /// the refusal; the key is logged once, when it is written.
     pub fn services_without_address(&self) -> Vec<String> {
         self.services
             .iter()
             .filter(|(_, entry)| entry.spec.is_some() && entry.address.is_none())
+            .filter(|(name, _)| !self.invalid.contains_key(&format!("addresses/{name}")))
             .map(|(name, _)| name.clone())
             .collect()
     }

@@ -393,3 +393,116 @@ fn snapshot_dir(dir: &Path) -> Vec<(String, String)> {
     files.sort();
     files
 }
+
+/// `/ready`'s JSON body from the agent's admin API.
+async fn ready_body(agent: &Loopmesh) -> serde_json::Value {
+    let (_, body) = eventually_async("an answer from the admin API", || {
+        common::http_get(agent.admin.unwrap(), "/ready")
+    })
+    .await;
+    serde_json::from_str(&body).unwrap()
+}
+
+/// How many log lines of `agent` contain `needle`.
+fn log_lines(agent: &Loopmesh, needle: &str) -> usize {
+    agent
+        .log_text()
+        .lines()
+        .filter(|line| line.contains(needle))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_json_follows_outages_and_refused_keys_and_each_condition_is_logged_once() {
+    let mut etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    let node = Node::new(&etcd.endpoint(), "a", "");
+    let agent = node.spawn();
+    put(&mut client, "services/a", "port: 1").await;
+    // An address key an operator got wrong, for a defined service.
+    put(&mut client, "addresses/b", "not-an-address").await;
+    put(&mut client, "services/b", "port: 2").await;
+    node.until("a rendered", |n| n.route("a").is_some()).await;
+    // Many changes later, the bad key was still logged once (when written).
+    for n in 0..20 {
+        put(
+            &mut client,
+            &format!("instances/a/i{n}"),
+            "{host: 10.0.0.1, port: 1}",
+        )
+        .await;
+    }
+    node.until("the last instance rendered", |n| {
+        n.route("a").is_some_and(|r| has(&r, "i19"))
+    })
+    .await;
+    assert_eq!(log_lines(&agent, "addresses/b"), 1, "{}", agent.log_text());
+
+    // An invalid-only change is recorded, with its revision.
+    let revision = client
+        .put(format!("{PREFIX}/services/c"), "{port: nope}", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    node.until("state.json lists the refused key at its revision", |n| {
+        let state = state_json(n);
+        state["revision"] == revision
+            && state["invalid_keys"]
+                .as_array()
+                .is_some_and(|keys| keys.iter().any(|k| k == "services/c"))
+    })
+    .await;
+
+    // An outage: state.json, /ready and the metric say stale together, and
+    // the condition is logged once however often the store is retried.
+    etcd.stop();
+    node.until("state.json says stale during the outage", |n| {
+        state_json(n)["stale"] == true
+    })
+    .await;
+    assert_eq!(ready_body(&agent).await["stale"], true);
+    common::eventually_metrics(
+        agent.admin.unwrap(),
+        "stale in the metrics",
+        &["loopmesh_catalog_stale 1"],
+    )
+    .await;
+    eventually_async("several reconnection attempts", || async {
+        let (_, metrics) = common::http_get(agent.admin.unwrap(), "/metrics").await?;
+        let attempts: f64 = metrics
+            .lines()
+            .find(|l| l.starts_with("loopmesh_store_unreachable_total"))?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()?;
+        (attempts >= 5.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        log_lines(&agent, "serving last known good files (stale)"),
+        1,
+        "{}",
+        agent.log_text()
+    );
+    etcd.restart();
+    node.until("state.json no longer stale", |n| state_json(n)["stale"] == false)
+        .await;
+    agent.wait_log("catalog reachable again");
+    let served = state_json(&node)["revision"].clone();
+    agent.stop();
+
+    // Restarted with etcd down: /ready serves the revision on disk, stale.
+    etcd.stop();
+    let agent = node.spawn();
+    agent.wait_log("serving it (stale)");
+    eventually_async("/ready to report the revision on disk", || async {
+        let body = ready_body(&agent).await;
+        (body["revision"] == served && body["stale"] == true).then_some(())
+    })
+    .await;
+    assert_eq!(state_json(&node)["revision"], served);
+    assert_eq!(state_json(&node)["stale"], true);
+}

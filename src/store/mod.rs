@@ -37,7 +37,7 @@ pub enum StoreError {
     Address { service: String, source: AddressError },
     #[error("address for {service}: {key} holds a value that is not a usable address; fix or delete it")]
     BadAddressValue { service: String, key: String },
-    #[error("address for {service}: lost {attempts} allocation races in a row; will retry")]
+    #[error("address for {service}: other writers changed the address keys during {attempts} allocation attempts in a row; will retry")]
     Contended { service: String, attempts: u32 },
     #[error("cannot read etcd credentials {path}: {source}")]
     Credentials { path: PathBuf, source: std::io::Error },
