@@ -44,6 +44,8 @@ pub enum AgentError {
     Admin(#[from] AdminError),
     #[error(transparent)]
     Proxy(#[from] crate::proxy::workers::WorkerError),
+    #[error("store.catalog_dir: {} does not exist; nothing was changed. Fix the path, create the directory, or set store.create_catalog_dir: true to start with an empty catalog", dir.display())]
+    MissingCatalogDir { dir: PathBuf },
     #[error("{count} file(s) failed to render; see the errors above")]
     RenderFailures { count: usize },
 }
@@ -90,6 +92,12 @@ impl Pipeline {
     /// Prepares everything that can fail before touching the store.
     pub fn new(config: AgentConfig) -> Result<Self, AgentError> {
         let store = Arc::new(AnyStore::open(&config.store)?);
+        if let AnyStore::File(files) = store.as_ref() {
+            // Number revisions (and zone serials) above the last served.
+            if let Ok(Some(record)) = state::load(&config.state_dir) {
+                files.continue_after(record.revision);
+            }
+        }
         let pool = config.pool().map_err(|err| ConfigError::Invalid {
             origin: "config".into(),
             field: "address_pool".into(),
@@ -99,6 +107,7 @@ impl Pipeline {
         let proxy = config.proxy.enabled.then(|| new_proxy(&config)).transpose()?;
         let dns = new_dns(&config)?;
         let status = Arc::new(AgentStatus::new(rendered_files(&config)));
+        ensure_catalog_dir(&config)?;
         Ok(Pipeline {
             config,
             store,
@@ -372,6 +381,7 @@ impl Pipeline {
 
     /// Runs until `shutdown` completes.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+        let _lock = state::lock(&self.config.state_dir)?;
         tracing::info!(
             "agent {} starting: {}, state in {}",
             self.config.node_name(),
@@ -468,6 +478,29 @@ impl Pipeline {
         }
         Ok(())
     }
+}
+
+/// On the file catalog, the directory must exist (or be asked for with
+/// `store.create_catalog_dir`): a mistyped path would otherwise read as an
+/// empty catalog and remove every route on the node.
+fn ensure_catalog_dir(config: &AgentConfig) -> Result<(), AgentError> {
+    let store = &config.store;
+    if store.etcd.is_some() || config.static_mode || store.catalog_dir.is_dir() {
+        return Ok(());
+    }
+    let dir = &store.catalog_dir;
+    if store.create_catalog_dir {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Write {
+            path: dir.clone(),
+            source,
+        })?;
+        tracing::info!(
+            "created the empty file catalog {} (store.create_catalog_dir)",
+            dir.display()
+        );
+        return Ok(());
+    }
+    Err(AgentError::MissingCatalogDir { dir: dir.clone() })
 }
 
 /// The routing table directory of a config.
@@ -622,6 +655,7 @@ pub async fn reload_data_plane(proxy: &mut ProxyManager, routes: &Path) {
 /// Static mode: serve the hand-written routing table, reloading it whenever
 /// a file in it changes. No catalog, no rendering.
 pub async fn run_static(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let _lock = state::lock(&config.state_dir)?;
     let routes = routes_dir(&config);
     std::fs::create_dir_all(&routes).map_err(|source| StoreError::Write {
         path: routes.clone(),
@@ -748,7 +782,11 @@ fn blocking<T>(work: impl FnOnce() -> T) -> T {
 }
 
 /// confd's -onetime: snapshot, allocate missing addresses, render, exit.
+///
+/// Refused while an agent runs on the same state directory: the files it
+/// serves are its own.
 pub async fn render_once(config: AgentConfig) -> Result<Report, AgentError> {
+    let _lock = state::lock(&config.state_dir)?;
     let mut pipeline = Pipeline::new(config)?;
     let (revision, entries) = pipeline.store.snapshot().await?;
     pipeline.apply(StoreEvent::Snapshot { revision, entries });

@@ -243,6 +243,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         match cli.command {
             Command::Agent(args) => {
                 let config = args.load()?;
+                if args.config.is_none() {
+                    tracing::info!(
+                        "no --config: built-in defaults and flags; {}, state in {}",
+                        match &config.store.etcd {
+                            Some(etcd) => format!("etcd {}", etcd.endpoints.join(",")),
+                            None if config.static_mode => "static mode".to_string(),
+                            None => format!("file catalog in {}", config.store.catalog_dir.display()),
+                        },
+                        config.state_dir.display()
+                    );
+                }
                 if config.admin.enabled {
                     // Before anything registers a metric, so none is lost.
                     crate::admin::install_recorder()?;

@@ -34,8 +34,12 @@ pub struct StoreConfig {
     pub prefix: String,
     /// etcd connection; absent means the file catalog.
     pub etcd: Option<EtcdConfig>,
-    /// File catalog directory, used when `etcd` is absent.
+    /// File catalog directory, used when `etcd` is absent. It must exist:
+    /// a missing directory is far more often a typo than an empty fleet.
     pub catalog_dir: PathBuf,
+    /// Create `catalog_dir` if it is missing and start with an empty
+    /// catalog (off: a missing directory is an error at start).
+    pub create_catalog_dir: bool,
 }
 
 impl Default for StoreConfig {
@@ -44,6 +48,7 @@ impl Default for StoreConfig {
             prefix: "/loopmesh".into(),
             etcd: None,
             catalog_dir: PathBuf::from("/var/lib/loopmesh/catalog"),
+            create_catalog_dir: false,
         }
     }
 }

@@ -22,6 +22,62 @@ pub enum StateError {
     },
     #[error("cannot write state record: {0}")]
     Write(#[from] crate::render::RenderError),
+    #[error("cannot lock {path}: {source}")]
+    Lock { path: PathBuf, source: std::io::Error },
+    #[error("state directory {dir} is in use by a running agent ({holder}); nothing was rendered. Stop it, or render elsewhere with --state-dir DIR")]
+    Held { dir: PathBuf, holder: String },
+}
+
+/// File name of the lock a running agent holds in its state directory.
+pub const LOCK_FILE: &str = ".agent.lock";
+
+/// An exclusive hold on a state directory: one agent (or one `render
+/// --once`) writes a state directory at a time. Released when dropped, or
+/// by the kernel when the process ends however it ends (flock(2)).
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
+/// Takes the state directory's lock, or says who holds it (the pid the
+/// holder wrote into the lock file).
+pub fn lock(state_dir: &Path) -> Result<StateLock, StateError> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    let path = state_dir.join(LOCK_FILE);
+    let locking = |source| StateError::Lock {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(state_dir).map_err(locking)?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(locking)?;
+    // SAFETY: flock(2) on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(locking(err));
+        }
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let holder = match holder.trim() {
+            "" => "pid unknown".to_string(),
+            pid => format!("pid {pid}"),
+        };
+        return Err(StateError::Held {
+            dir: state_dir.to_path_buf(),
+            holder,
+        });
+    }
+    file.set_len(0).map_err(locking)?;
+    file.rewind().map_err(locking)?;
+    writeln!(file, "{}", std::process::id()).map_err(locking)?;
+    Ok(StateLock { _file: file })
 }
 
 /// What the agent last applied.
@@ -72,6 +128,17 @@ pub fn save(state_dir: &Path, record: &LastKnownGood) -> Result<(), StateError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_state_directory_names_its_holder_and_frees_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock(dir.path()).unwrap();
+        let err = lock(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+        assert!(err.contains("in use by a running agent"), "{err}");
+        drop(held);
+        lock(dir.path()).unwrap();
+    }
 
     #[test]
     fn round_trips_and_reports_corruption() {

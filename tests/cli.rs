@@ -91,12 +91,17 @@ fn render_once_on_the_file_catalog_allocates_and_renders() {
         route.contains(&format!(r#""address": "{}""#, address.trim())),
         "{route}"
     );
-    // Again: nothing changes, the address stays.
+    // Again: the route stays as it was, the address too; only the zone's
+    // serial moves on (file catalog revisions start at the clock, above
+    // the last one served: they never go backwards).
+    let zone = read(&state.join("mesh.zone")).unwrap();
     let (ok, stdout, _) = run(&args);
     assert!(
-        ok && stdout.contains("0 written, 0 removed, 2 unchanged"),
+        ok && stdout.contains("1 written, 0 removed, 1 unchanged"),
         "{stdout}"
     );
+    assert_eq!(read(&state.join("routes/pg.json")).unwrap(), route);
+    assert_ne!(read(&state.join("mesh.zone")).unwrap(), zone);
     assert_eq!(read(&catalog.join("addresses/pg.yaml")).unwrap(), address);
 }
 
@@ -231,4 +236,167 @@ async fn the_config_sets_the_log_level_unless_rust_log_does() {
         overridden.contains(" INFO "),
         "RUST_LOG wins over log_level: {overridden}"
     );
+}
+
+/// The SOA serial of a rendered zone.
+fn zone_serial(state: &Path) -> u64 {
+    let zone = read(&state.join("mesh.zone")).unwrap();
+    let soa = zone.lines().find(|l| l.contains(" SOA ")).unwrap();
+    soa.split('(')
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The revision in a state directory's state.json.
+fn state_revision(state: &Path) -> i64 {
+    let record: serde_json::Value = serde_json::from_str(&read(&state.join("state.json")).unwrap()).unwrap();
+    record["revision"].as_i64().unwrap()
+}
+
+#[test]
+fn a_missing_catalog_dir_is_an_error_unless_an_empty_one_is_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("catlog");
+    let state = dir.path().join("state");
+    for verb in [&["agent"][..], &["check"], &["render", "--once"]] {
+        let mut args = verb.to_vec();
+        args.extend([
+            "--catalog-dir",
+            missing.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ]);
+        let (ok, _, stderr) = run(&args);
+        assert!(!ok, "{verb:?} must refuse a missing catalog: {stderr}");
+        assert_eq!(
+            stderr.lines().filter(|l| l.starts_with("loopmesh:")).count(),
+            1,
+            "one error line: {stderr}"
+        );
+        assert!(
+            stderr.contains("store.catalog_dir") && stderr.contains(missing.to_str().unwrap()),
+            "{verb:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains("create_catalog_dir"),
+            "the way out is named: {stderr}"
+        );
+        assert!(!missing.exists(), "{verb:?} created the directory");
+        assert!(!state.join("routes").exists(), "{verb:?} rendered something");
+    }
+    let config = dir.path().join("agent.yaml");
+    write(
+        &config,
+        &format!(
+            "store: {{catalog_dir: {}, create_catalog_dir: true}}\n",
+            missing.display()
+        ),
+    );
+    let (ok, stdout, stderr) = run(&[
+        "render",
+        "--once",
+        "--config",
+        config.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("rendered:"), "{stdout}");
+    assert!(missing.is_dir());
+}
+
+#[test]
+fn a_catalog_dir_that_vanishes_keeps_the_routes_and_is_followed_when_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("catalog");
+    let state = dir.path().join("state");
+    write(&catalog.join("services/web.yaml"), "port: 8080\n");
+    let agent = Loopmesh::spawn(
+        &[
+            "agent",
+            "--catalog-dir",
+            catalog.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    let route = state.join("routes/web.json");
+    eventually("web route", || read(&route));
+    let away = dir.path().join("catalog.away");
+    std::fs::rename(&catalog, &away).unwrap();
+    agent.wait_log("file catalog scan failed");
+    eventually("state.json to say stale", || {
+        read(&state.join("state.json")).filter(|s| s.contains("\"stale\": true"))
+    });
+    assert!(
+        read(&route).is_some(),
+        "the route stays while the catalog is unreadable"
+    );
+    std::fs::rename(&away, &catalog).unwrap();
+    agent.wait_log("readable again");
+    // Followed again: an edit after the return reaches the routes.
+    write_atomic(&catalog.join("services/api.yaml"), "port: 9090\n");
+    eventually("api route after the catalog returned", || {
+        read(&state.join("routes/api.json"))
+    });
+    assert_eq!(agent.log_text().matches("file catalog scan failed").count(), 1);
+    agent.stop();
+}
+
+#[test]
+fn file_catalog_revisions_and_zone_serials_never_go_backwards_and_render_once_leaves_a_running_agent_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("catalog");
+    let state = dir.path().join("state");
+    write(&catalog.join("services/web.yaml"), "port: 8080\n");
+    let flags = [
+        "--catalog-dir",
+        catalog.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    let render_once = || run(&[&["render", "--once"][..], &flags].concat());
+    let (ok, _, stderr) = render_once();
+    assert!(ok, "{stderr}");
+    let (first_revision, first_serial) = (state_revision(&state), zone_serial(&state));
+    assert_eq!(first_serial, first_revision as u64 % (1 << 32));
+
+    let agent = Loopmesh::spawn(&[&["agent"][..], &flags].concat(), dir.path());
+    let after_start = eventually("the agent's first render", || {
+        read(&state.join("state.json"))?;
+        let revision = state_revision(&state);
+        (revision > first_revision).then_some(revision)
+    });
+    assert!(
+        zone_serial(&state) > first_serial,
+        "the serial went on from the last one"
+    );
+    write_atomic(&catalog.join("services/api.yaml"), "port: 9090\n");
+    eventually("api rendered", || read(&state.join("routes/api.json")));
+    let after_edit = state_revision(&state);
+    assert!(after_edit > after_start);
+    let zone = read(&state.join("mesh.zone")).unwrap();
+
+    // Beside the running agent, render --once refuses and touches nothing.
+    let (ok, _, stderr) = render_once();
+    assert!(!ok, "render --once ran beside the agent");
+    assert!(
+        stderr.contains("in use by a running agent") && stderr.contains(&format!("pid {}", agent.pid())),
+        "{stderr}"
+    );
+    assert_eq!(read(&state.join("mesh.zone")).unwrap(), zone);
+    assert_eq!(state_revision(&state), after_edit);
+    agent.stop();
+
+    // After it stopped, on from the last revision again.
+    let (ok, _, stderr) = render_once();
+    assert!(ok, "{stderr}");
+    assert!(state_revision(&state) > after_edit);
+    assert!(zone_serial(&state) > after_edit as u64 % (1 << 32));
 }

@@ -25,6 +25,9 @@ const TREE: [(&str, usize); 3] = [("services", 0), ("instances", 1), ("addresses
 /// A catalog kept as files under a directory.
 pub struct FileStore {
     dir: PathBuf,
+    /// The last revision a previous run served (0: none known); this run
+    /// numbers its revisions above it.
+    floor: std::sync::atomic::AtomicI64,
 }
 
 /// Content and creation order of each key, as last scanned.
@@ -34,7 +37,26 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl FileStore {
     pub fn new(dir: PathBuf) -> Self {
-        FileStore { dir }
+        FileStore {
+            dir,
+            floor: std::sync::atomic::AtomicI64::new(0),
+        }
+    }
+
+    /// Numbers this run's revisions above `revision`, the last one served
+    /// from this catalog (the agent reads it from its state record).
+    pub fn continue_after(&self, revision: i64) {
+        self.floor.fetch_max(revision, Ordering::Relaxed);
+    }
+
+    /// The revision of this run's first snapshot. Files carry no revision,
+    /// so the catalog's count starts at the clock (seconds since the
+    /// epoch, BIND's customary zone serial, fits the SOA's 32 bits until
+    /// 2106) and above the last one served: revisions and zone serials
+    /// never go backwards across restarts or `render --once`.
+    fn first_revision(&self) -> i64 {
+        let now = crate::state::now_unix() as i64;
+        now.max(self.floor.load(Ordering::Relaxed) + 1)
     }
 
     /// The catalog directory.
@@ -93,6 +115,14 @@ impl FileStore {
 
     /// Reads every catalog file into a key -> value map.
     fn scan(&self) -> Result<Scan, StoreError> {
+        // A catalog directory that is gone (unmounted, renamed, deleted) is
+        // an unreadable catalog, never an empty one.
+        if !self.dir.is_dir() {
+            return Err(StoreError::Read {
+                path: self.dir.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "the catalog directory is missing"),
+            });
+        }
         let mut scan = Scan::new();
         for (top, depth) in TREE {
             self.scan_dir(&self.dir.join(top), top, depth, &mut scan)?;
@@ -244,30 +274,30 @@ impl FileStore {
 
 impl Store for FileStore {
     async fn sync(&self, events: mpsc::Sender<StoreEvent>) {
-        if let Err(source) = std::fs::create_dir_all(&self.dir) {
-            let reason = StoreError::Write {
-                path: self.dir.clone(),
-                source,
-            }
-            .to_string();
-            tracing::error!("file catalog unusable: {reason}");
-            let _ = events.send(StoreEvent::Unreachable { reason }).await;
-        }
         let (wake_tx, mut wake) = mpsc::unbounded_channel();
         // Keep the watcher alive for the whole sync; without it, rescans on a timer.
-        let _watcher = match watch_changes(&self.dir, RecursiveMode::Recursive, wake_tx) {
+        let watch = || match watch_changes(&self.dir, RecursiveMode::Recursive, wake_tx.clone()) {
             Ok(watcher) => Some(watcher),
             Err(err) => {
                 tracing::error!("{err}; rescanning the file catalog every second instead");
                 None
             }
         };
-        let mut revision = 0i64;
+        let mut _watcher = if self.dir.is_dir() { watch() } else { None };
+        let mut revision = self.first_revision() - 1;
         let mut current: Option<Scan> = None;
         let mut created = BTreeMap::new();
+        // The last scan failed: rescan every second (a directory that comes
+        // back is not watched by the watcher set up on the one that went).
+        let mut failing = false;
         loop {
             match self.scan() {
                 Ok(scan) => {
+                    if std::mem::take(&mut failing) {
+                        tracing::info!("file catalog {} readable again", self.dir.display());
+                        // The directory may be a new one: watch it afresh.
+                        _watcher = watch();
+                    }
                     let event = match &current {
                         None => {
                             revision += 1;
@@ -298,7 +328,9 @@ impl Store for FileStore {
                     }
                 }
                 Err(err) => {
-                    tracing::warn!("file catalog scan failed: {err}; keeping the previous catalog");
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::warn!("file catalog scan failed: {err}; keeping the previous catalog, rescanning every second");
+                    }
                     let reason = err.to_string();
                     if events.send(StoreEvent::Unreachable { reason }).await.is_err() {
                         return;
@@ -308,7 +340,7 @@ impl Store for FileStore {
             // Wait for a file event (or a timer if notify is unavailable), then settle.
             let woke = tokio::select! {
                 woke = wake.recv() => woke.is_some(),
-                () = tokio::time::sleep(Duration::from_secs(1)), if _watcher.is_none() => true,
+                () = tokio::time::sleep(Duration::from_secs(1)), if _watcher.is_none() || failing => true,
                 () = events.closed() => return,
             };
             if !woke {
@@ -329,7 +361,7 @@ impl Store for FileStore {
                 create_revision: 1,
             })
             .collect();
-        Ok((1, entries))
+        Ok((self.first_revision(), entries))
     }
 
     async fn allocate_addresses(
