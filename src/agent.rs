@@ -107,12 +107,18 @@ impl Pipeline {
         let proxy = config.proxy.enabled.then(|| new_proxy(&config)).transpose()?;
         let dns = new_dns(&config)?;
         let status = Arc::new(AgentStatus::new(rendered_files(&config)));
-        ensure_catalog_dir(&config)?;
+        let mut catalog = Catalog::default();
+        if config.admin.enabled {
+            catalog.reserve(config.admin.listen, "admin API");
+        }
+        if config.dns.enabled {
+            catalog.reserve(std::net::SocketAddr::V4(config.dns.listen), "DNS server");
+        }
         Ok(Pipeline {
             config,
             store,
             pool,
-            catalog: Catalog::default(),
+            catalog,
             renderer,
             dirty: Dirty::default(),
             requested: HashSet::new(),
@@ -381,6 +387,7 @@ impl Pipeline {
 
     /// Runs until `shutdown` completes.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+        ensure_catalog_dir(&self.config)?;
         let _lock = state::lock(&self.config.state_dir)?;
         tracing::info!(
             "agent {} starting: {}, state in {}",
@@ -480,16 +487,33 @@ impl Pipeline {
     }
 }
 
+/// A note for `loopmesh check`: a config whose file catalog directory does
+/// not exist (yet) is valid, but the agent will refuse to start on it.
+pub fn catalog_dir_note(config: &AgentConfig) -> Option<String> {
+    match ensure_catalog_dir_exists(config) {
+        Err(err) => Some(err.to_string()),
+        Ok(()) => None,
+    }
+}
+
+fn ensure_catalog_dir_exists(config: &AgentConfig) -> Result<(), AgentError> {
+    let store = &config.store;
+    if store.etcd.is_some() || config.static_mode || store.create_catalog_dir || store.catalog_dir.is_dir() {
+        return Ok(());
+    }
+    Err(AgentError::MissingCatalogDir {
+        dir: store.catalog_dir.clone(),
+    })
+}
+
 /// On the file catalog, the directory must exist (or be asked for with
 /// `store.create_catalog_dir`): a mistyped path would otherwise read as an
 /// empty catalog and remove every route on the node.
 fn ensure_catalog_dir(config: &AgentConfig) -> Result<(), AgentError> {
+    ensure_catalog_dir_exists(config)?;
     let store = &config.store;
-    if store.etcd.is_some() || config.static_mode || store.catalog_dir.is_dir() {
-        return Ok(());
-    }
     let dir = &store.catalog_dir;
-    if store.create_catalog_dir {
+    if store.etcd.is_none() && !config.static_mode && !dir.is_dir() {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Write {
             path: dir.clone(),
             source,
@@ -498,9 +522,8 @@ fn ensure_catalog_dir(config: &AgentConfig) -> Result<(), AgentError> {
             "created the empty file catalog {} (store.create_catalog_dir)",
             dir.display()
         );
-        return Ok(());
     }
-    Err(AgentError::MissingCatalogDir { dir: dir.clone() })
+    Ok(())
 }
 
 /// The routing table directory of a config.
@@ -786,6 +809,7 @@ fn blocking<T>(work: impl FnOnce() -> T) -> T {
 /// Refused while an agent runs on the same state directory: the files it
 /// serves are its own.
 pub async fn render_once(config: AgentConfig) -> Result<Report, AgentError> {
+    ensure_catalog_dir(&config)?;
     let _lock = state::lock(&config.state_dir)?;
     let mut pipeline = Pipeline::new(config)?;
     let (revision, entries) = pipeline.store.snapshot().await?;

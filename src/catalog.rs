@@ -29,6 +29,8 @@ pub enum CatalogError {
     NotUtf8,
     #[error("{0}")]
     Value(String),
+    #[error("{addr}:{port} is this agent's own {what}; give the service another port or address")]
+    Reserved { addr: Ipv4Addr, port: u16, what: String },
 }
 
 /// Transport protocol of a service.
@@ -418,6 +420,9 @@ pub struct Catalog {
     claims: HashMap<Ipv4Addr, BTreeSet<(i64, String)>>,
     /// Keys whose current value is bad, with the reason.
     invalid: BTreeMap<String, String>,
+    /// The agent's own listeners (admin API, DNS): a service on one of them
+    /// could never bind and would keep the node not ready.
+    reserved: Vec<(std::net::SocketAddr, String)>,
     revision: i64,
 }
 
@@ -488,9 +493,37 @@ impl Catalog {
 
     /// Drops everything and loads `entries` (a full snapshot).
     pub fn replace<'a>(&mut self, entries: impl IntoIterator<Item = (&'a str, &'a [u8], i64)>) {
-        *self = Catalog::default();
+        *self = Catalog {
+            reserved: std::mem::take(&mut self.reserved),
+            ..Catalog::default()
+        };
         for (key, value, create_revision) in entries {
             self.put(key, value, create_revision);
+        }
+    }
+
+    /// Marks `addr` as one of the agent's own listeners (`what`: "admin
+    /// API"): a service value or address that would put a service there is
+    /// refused like a bad value, naming its key.
+    pub fn reserve(&mut self, addr: std::net::SocketAddr, what: &str) {
+        self.reserved.push((addr, what.to_string()));
+    }
+
+    /// Refuses `addr:port` if one of the agent's listeners is there (an
+    /// unspecified listen address holds the port on every address).
+    fn check_reserved(&self, addr: Option<Ipv4Addr>, port: Option<u16>) -> Result<(), CatalogError> {
+        let (Some(addr), Some(port)) = (addr, port) else {
+            return Ok(());
+        };
+        match self.reserved.iter().find(|(listen, _)| {
+            listen.port() == port && (listen.ip() == addr || listen.ip().is_unspecified())
+        }) {
+            Some((_, what)) => Err(CatalogError::Reserved {
+                addr,
+                port,
+                what: what.clone(),
+            }),
+            None => Ok(()),
         }
     }
 
@@ -508,10 +541,15 @@ impl Catalog {
             Some(Ok(parsed)) => parsed,
         };
         let result = match &parsed {
-            Key::Service(service) => parse_service(value).map(|spec| {
-                self.entry_mut(service).spec = Some(Arc::new(spec));
-                Vec::new()
-            }),
+            Key::Service(service) => parse_service(value)
+                .and_then(|spec| {
+                    let addr = self.entry(service).and_then(|e| e.address).map(|c| c.addr);
+                    self.check_reserved(addr, Some(spec.port)).map(|()| spec)
+                })
+                .map(|spec| {
+                    self.entry_mut(service).spec = Some(Arc::new(spec));
+                    Vec::new()
+                }),
             Key::Instance(service, id) => parse_instance(value).map(|instance| {
                 self.entry_mut(service).instances.insert(id.clone(), instance);
                 Vec::new()
@@ -519,6 +557,13 @@ impl Catalog {
             Key::Address(service) => std::str::from_utf8(value)
                 .map_err(|_| CatalogError::NotUtf8)
                 .and_then(|text| parse_service_address(text).map_err(|e| CatalogError::Value(e.to_string())))
+                .and_then(|addr| {
+                    let port = self
+                        .entry(service)
+                        .and_then(|e| e.spec.as_ref())
+                        .map(|spec| spec.port);
+                    self.check_reserved(Some(addr), port).map(|()| addr)
+                })
                 .map(|addr| {
                     self.set_address(
                         service,

@@ -267,6 +267,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Check(args) => {
                 let config = args.load()?;
                 Pipeline::new(config.clone())?;
+                if let Some(note) = agent::catalog_dir_note(&config) {
+                    eprintln!("note: {note}");
+                }
                 println!(
                     "ok: config, {} template resource(s) and templates are valid",
                     config.templates.len() + crate::render::core_resources().len()

@@ -355,3 +355,86 @@ fn threads_named(pid: u32, prefix: &str) -> Vec<String> {
     names.sort();
     names
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_on_the_agents_own_admin_or_dns_address_is_refused_and_the_node_stays_ready() {
+    let etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_config(dir.path(), &etcd, "");
+    let agent = Loopmesh::spawn(&["agent", "--config", config.to_str().unwrap()], dir.path());
+    let (admin, dns) = (agent.admin.unwrap(), agent.dns.unwrap());
+    let svc = service_addr();
+    client
+        .put("/loopmesh/addresses/ok", svc.ip().to_string(), None)
+        .await
+        .unwrap();
+    client
+        .put("/loopmesh/services/ok", format!("port: {}", svc.port()), None)
+        .await
+        .unwrap();
+    // One service pinned onto the admin API, one onto the DNS server.
+    client
+        .put("/loopmesh/addresses/on-admin", admin.ip().to_string(), None)
+        .await
+        .unwrap();
+    client
+        .put(
+            "/loopmesh/services/on-admin",
+            format!("port: {}", admin.port()),
+            None,
+        )
+        .await
+        .unwrap();
+    client
+        .put("/loopmesh/services/on-dns", format!("port: {}", dns.port()), None)
+        .await
+        .unwrap();
+    client
+        .put("/loopmesh/addresses/on-dns", dns.ip().to_string(), None)
+        .await
+        .unwrap();
+    let state = dir.path().join("state");
+    eventually_async("ok rendered", || async { read(&state.join("routes/ok.json")) }).await;
+    // Whichever of the two keys arrives second is refused, naming itself
+    // (a snapshot brings addresses/ before services/).
+    let refused = |service: &str| {
+        let log = agent.log_text();
+        ["services", "addresses"]
+            .iter()
+            .map(|kind| format!("{kind}/{service}"))
+            .find(|key| log.contains(&format!("invalid catalog value at {key}: ")))
+    };
+    let on_admin = eventually_async("the service on the admin API refused", || async {
+        refused("on-admin")
+    })
+    .await;
+    let on_dns = eventually_async("the service on the DNS server refused", || async {
+        refused("on-dns")
+    })
+    .await;
+    let log = agent.log_text();
+    assert!(
+        log.contains(&format!("{admin} is this agent's own admin API")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("{dns} is this agent's own DNS server")),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("is this agent's own").count(),
+        2,
+        "one line each: {log}"
+    );
+    assert!(read(&state.join("routes/on-admin.json")).is_none());
+    assert!(read(&state.join("routes/on-dns.json")).is_none());
+    let (status, body) = common::http_get(admin, "/ready").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let catalog = common::http_get(admin, "/catalog").await.unwrap().1;
+    assert!(
+        catalog.contains(&on_admin) && catalog.contains(&on_dns),
+        "{catalog}"
+    );
+    agent.stop();
+}

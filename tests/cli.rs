@@ -263,7 +263,21 @@ fn a_missing_catalog_dir_is_an_error_unless_an_empty_one_is_asked_for() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("catlog");
     let state = dir.path().join("state");
-    for verb in [&["agent"][..], &["check"], &["render", "--once"]] {
+    // check validates the config (the directory may come later, as with
+    // a role that creates it) and says the agent would refuse it.
+    let (ok, _, stderr) = run(&[
+        "check",
+        "--catalog-dir",
+        missing.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("note: store.catalog_dir") && stderr.contains(missing.to_str().unwrap()),
+        "{stderr}"
+    );
+    for verb in [&["agent"][..], &["render", "--once"]] {
         let mut args = verb.to_vec();
         args.extend([
             "--catalog-dir",
