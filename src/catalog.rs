@@ -127,13 +127,19 @@ impl Outlier {
     }
 }
 
-fn default_connect_timeout() -> Duration {
+// The defaults of a service's settings, shared with the routing table so
+// that a hand-written route means what the same catalog value means.
+
+/// `connect_timeout` when unset.
+pub fn default_connect_timeout() -> Duration {
     Duration::from_secs(1)
 }
-fn default_idle_timeout() -> Duration {
+/// `idle_timeout` when unset.
+pub fn default_idle_timeout() -> Duration {
     Duration::from_secs(600)
 }
-fn default_retries() -> u32 {
+/// `retries` when unset.
+pub fn default_retries() -> u32 {
     2
 }
 
@@ -219,7 +225,8 @@ pub struct Instance {
     pub state: InstanceState,
 }
 
-fn default_weight() -> u32 {
+/// An instance's `weight` when unset.
+pub fn default_weight() -> u32 {
     1
 }
 

@@ -10,8 +10,8 @@
 
 use crate::addresses::check_service_address;
 use crate::catalog::{
-    check_instance_id, check_service_name, check_service_settings, Balance, InstanceState, Outlier, Protocol,
-    MAX_WEIGHT,
+    self, check_instance_id, check_service_name, check_service_settings, Balance, InstanceState, Outlier,
+    Protocol, MAX_WEIGHT,
 };
 use crate::yaml;
 use serde::Deserialize;
@@ -54,10 +54,11 @@ pub struct Route {
     pub protocol: Protocol,
     #[serde(default)]
     pub balance: Balance,
-    #[serde(with = "crate::duration")]
+    #[serde(default = "catalog::default_connect_timeout", with = "crate::duration")]
     pub connect_timeout: Duration,
-    #[serde(with = "crate::duration")]
+    #[serde(default = "catalog::default_idle_timeout", with = "crate::duration")]
     pub idle_timeout: Duration,
+    #[serde(default = "catalog::default_retries")]
     pub retries: u32,
     #[serde(default)]
     pub max_connections: Option<u32>,
@@ -74,16 +75,12 @@ pub struct Backend {
     pub id: String,
     pub host: String,
     pub port: u16,
-    #[serde(default = "one")]
+    #[serde(default = "catalog::default_weight")]
     pub weight: u32,
     #[serde(default)]
     pub zone: Option<String>,
     #[serde(default)]
     pub state: InstanceState,
-}
-
-fn one() -> u32 {
-    1
 }
 
 impl Route {
@@ -195,6 +192,20 @@ pub fn load_table(dir: &Path) -> Result<BTreeMap<String, Route>, RoutingError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_minimal_hand_written_route_takes_the_catalogs_defaults() {
+        let route = super::Route::parse(
+            "service: web\naddress: 127.100.0.8\nport: 8080\nbackends:\n  - {id: a, host: 10.0.0.1, port: 8080}\n",
+        )
+        .unwrap();
+        let spec = crate::catalog::parse_service(b"port: 8080").unwrap();
+        assert_eq!(route.connect_timeout, spec.connect_timeout);
+        assert_eq!(route.idle_timeout, spec.idle_timeout);
+        assert_eq!(route.retries, spec.retries);
+        assert_eq!((route.balance, route.protocol), (spec.balance, spec.protocol));
+        assert_eq!(route.backends[0].weight, 1);
+    }
+
     use super::*;
 
     const ROUTE: &str = "service: pg\naddress: 127.100.0.7\nport: 5432\nconnect_timeout: 1s\nidle_timeout: 600s\nretries: 2\nbackends:\n  - {id: a, host: 10.0.0.1, port: 5432}\n";

@@ -45,10 +45,12 @@ async fn static_agent(dir: &Path, config: &str, wrapper: &[&str]) -> (Loopmesh, 
         .local_addr()
         .unwrap();
     let one = backend("one").await;
+    // The smallest hand-written route (README, static mode): every setting
+    // left out takes the catalog's default.
     std::fs::write(
-        routes.join("svc.json"),
+        routes.join("svc.yaml"),
         format!(
-            r#"{{"service": "svc", "address": "{}", "port": {}, "connect_timeout": "1s", "idle_timeout": "60s", "retries": 1, "backends": [{{"id": "one", "host": "{}", "port": {}}}]}}"#,
+            "service: svc\naddress: {}\nport: {}\nbackends:\n  - {{id: one, host: {}, port: {}}}\n",
             svc.ip(),
             svc.port(),
             one.ip(),
