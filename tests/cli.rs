@@ -23,6 +23,21 @@ fn check_accepts_the_quickstart_example() {
     let (ok, stdout, stderr) = run(&["check", "--config", config.to_str().unwrap()]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("ok: config, 5 template resource(s)"), "{stdout}");
+    // Copied out of the repository alone, it renders with the built-in
+    // templates (no path back into the source tree).
+    let copy = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(config.parent().unwrap())
+        .arg(copy.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let copied = copy.path().join("quickstart/agent.yaml");
+    let (ok, stdout, stderr) = run(&["render", "--once", "--config", copied.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("rendered:"), "{stdout}");
+    assert!(read(&copy.path().join("quickstart/state/haproxy.cfg")).is_some());
 }
 
 #[test]
@@ -413,4 +428,31 @@ fn file_catalog_revisions_and_zone_serials_never_go_backwards_and_render_once_le
     assert!(ok, "{stderr}");
     assert!(state_revision(&state) > after_edit);
     assert!(zone_serial(&state) > after_edit as u64 % (1 << 32));
+}
+
+#[test]
+fn yml_catalog_files_are_read_and_other_files_are_named_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("catalog");
+    let state = dir.path().join("state");
+    write(&catalog.join("services/web.yml"), "port: 8080\n");
+    write(&catalog.join("services/api.json"), "{\"port\": 9090}\n");
+    let agent = Loopmesh::spawn(
+        &[
+            "agent",
+            "--catalog-dir",
+            catalog.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    eventually("web route from web.yml", || read(&state.join("routes/web.json")));
+    agent.wait_log("api.json is not read");
+    // Later rescans do not repeat it.
+    write_atomic(&catalog.join("services/db.yaml"), "port: 5432\n");
+    eventually("db route", || read(&state.join("routes/db.json")));
+    assert_eq!(agent.log_text().matches("api.json is not read").count(), 1);
+    assert!(read(&state.join("routes/api.json")).is_none());
+    agent.stop();
 }

@@ -28,6 +28,8 @@ pub struct FileStore {
     /// The last revision a previous run served (0: none known); this run
     /// numbers its revisions above it.
     floor: std::sync::atomic::AtomicI64,
+    /// Files in the tree that are not catalog values, each logged once.
+    skipped: std::sync::Mutex<HashSet<PathBuf>>,
 }
 
 /// Content and creation order of each key, as last scanned.
@@ -40,6 +42,20 @@ impl FileStore {
         FileStore {
             dir,
             floor: std::sync::atomic::AtomicI64::new(0),
+            skipped: Default::default(),
+        }
+    }
+
+    /// Says once per file that a file in the catalog tree is not read:
+    /// only `.yaml` and `.yml` files are values (a `web.json` or `web.txt`
+    /// would otherwise be ignored without a word).
+    fn warn_skipped(&self, path: &Path) {
+        let mut skipped = self.skipped.lock().unwrap_or_else(|e| e.into_inner());
+        if skipped.insert(path.to_path_buf()) {
+            tracing::warn!(
+                "file catalog: {} is not read (catalog values are .yaml or .yml files); rename it to take effect",
+                path.display()
+            );
         }
     }
 
@@ -152,6 +168,7 @@ impl FileStore {
                 self.scan_dir(&path, &format!("{key}/{name}"), depth - 1, scan)?;
             } else if depth == 0 && !is_dir {
                 let Some(stem) = name.strip_suffix(".yaml").or_else(|| name.strip_suffix(".yml")) else {
+                    self.warn_skipped(&path);
                     continue;
                 };
                 match std::fs::read(&path) {
