@@ -456,3 +456,21 @@ fn yml_catalog_files_are_read_and_other_files_are_named_once() {
     assert!(read(&state.join("routes/api.json")).is_none());
     agent.stop();
 }
+
+#[test]
+fn a_value_out_of_range_is_refused_naming_field_value_and_rule() {
+    // Refused before any store is asked (none listens at this endpoint).
+    let (ok, _, stderr) = run(&[
+        "service",
+        "put",
+        "x",
+        "{port: 70000}",
+        "--etcd",
+        "http://127.0.0.1:9",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("port: 70000 is not valid: a whole number from 0 to 65535"),
+        "{stderr}"
+    );
+}

@@ -169,8 +169,14 @@ pub fn run_command(cmd: &str, timeout: Duration) -> Result<(), String> {
     if output.status.success() {
         return Ok(());
     }
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let tail: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    // What the command said: its stderr, else its stdout (many checkers,
+    // `nginx -t` and shell scripts among them, report on either).
+    let said = if output.stderr.iter().any(|b| !b.is_ascii_whitespace()) {
+        String::from_utf8_lossy(&output.stderr)
+    } else {
+        String::from_utf8_lossy(&output.stdout)
+    };
+    let tail: Vec<&str> = said.lines().filter(|l| !l.trim().is_empty()).collect();
     let tail = tail[tail.len().saturating_sub(3)..].join(" | ");
     Err(format!(
         "{}{}",
@@ -203,6 +209,15 @@ mod tests {
         assert_eq!(std::fs::read(&dest).unwrap(), b"a");
         let mode = std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o644);
+    }
+
+    #[test]
+    fn a_failing_command_that_reports_on_stdout_is_heard() {
+        let err = run_command("echo 'line 3: unknown keyword'; exit 1", Duration::from_secs(5)).unwrap_err();
+        assert!(
+            err.contains("line 3: unknown keyword") && err.contains("exit status: 1"),
+            "{err}"
+        );
     }
 
     #[test]
