@@ -78,6 +78,8 @@ pub struct Pipeline {
     /// The revision of the last known good files on disk, served until the
     /// first snapshot.
     disk_revision: i64,
+    /// The catalog revision the last render pass rendered.
+    rendered_revision: i64,
     /// What `state.json` says now (revision, stale, refused keys), so it
     /// is rewritten exactly when one of them changes.
     recorded: Option<(i64, bool, Vec<String>)>,
@@ -132,6 +134,7 @@ impl Pipeline {
             render_failures: Vec::new(),
             rendered_at: 0,
             disk_revision: 0,
+            rendered_revision: 0,
             recorded: None,
             allocation_failing: false,
             stale_logged: false,
@@ -224,13 +227,17 @@ impl Pipeline {
         }
     }
 
-    /// The revision the node serves: the catalog's once it has synced, the
-    /// files on disk before.
+    /// The revision the node's files reflect: the files on disk before the
+    /// first snapshot; after it, the catalog's once nothing is left to
+    /// render (a change that renders nothing, such as a refused value, is
+    /// reflected at once), else the one the last render pass saw.
     pub fn revision(&self) -> i64 {
-        if self.synced {
+        if !self.synced {
+            self.disk_revision
+        } else if self.dirty.is_empty() {
             self.catalog.revision()
         } else {
-            self.disk_revision
+            self.rendered_revision
         }
     }
 
@@ -282,6 +289,7 @@ impl Pipeline {
     pub fn render(&mut self) -> Report {
         let dirty = std::mem::take(&mut self.dirty);
         let full = dirty.is_full();
+        self.rendered_revision = self.catalog.revision();
         let report = blocking(|| self.renderer.render(&self.catalog, &dirty));
         if full {
             crate::memory::release_freed();
@@ -367,6 +375,7 @@ impl Pipeline {
         match state::load(&self.config.state_dir) {
             Ok(Some(mut record)) => {
                 self.disk_revision = record.revision;
+                self.rendered_revision = record.revision;
                 self.rendered_at = record.rendered_at;
                 tracing::info!(
                     "last known good: revision {} from {} rendered at {} (unix); serving it (stale) until the catalog answers",
