@@ -474,3 +474,24 @@ fn a_value_out_of_range_is_refused_naming_field_value_and_rule() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_duplicate_instance_id_names_both_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("registrar.yaml");
+    write(
+        &config,
+        "node: n1\nstore: {catalog_dir: catalog}\nservices_dir: registrar.d\n",
+    );
+    let backend = "service: web\nhost: 127.0.0.1\nport: 8081\ncheck: {tcp: {}}\n";
+    write(&dir.path().join("registrar.d/a.yaml"), backend);
+    write(&dir.path().join("registrar.d/b.yaml"), backend);
+    let (ok, _, stderr) = run(&["registrar", "--check", "--config", config.to_str().unwrap()]);
+    assert!(!ok, "a duplicate was accepted");
+    assert!(
+        stderr.contains("registrar.d/a.yaml")
+            && stderr.contains("registrar.d/b.yaml")
+            && stderr.contains("n1-8081"),
+        "{stderr}"
+    );
+}

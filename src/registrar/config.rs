@@ -6,7 +6,7 @@ use crate::config::{
     read_yaml, resolve, resolve_store_paths, validate_store, AdminConfig, ConfigError, Overrides, StoreConfig,
 };
 use serde::Deserialize;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -294,7 +294,10 @@ impl RegistrarConfig {
     /// its file, so a bad edit never removes the good ones.
     pub fn backends(&self) -> Result<Vec<Backend>, ConfigError> {
         let mut backends = Vec::new();
-        for service in &self.services {
+        // Where each backend is defined, to name both places of a duplicate.
+        let mut origins = Vec::new();
+        for (index, service) in self.services.iter().enumerate() {
+            origins.push(format!("the registrar config's services[{index}]"));
             backends.push(self.backend(service).map_err(|reason| ConfigError::Invalid {
                 origin: "registrar config".into(),
                 field: format!("services ({})", service.service),
@@ -330,6 +333,7 @@ impl RegistrarConfig {
             files.sort();
             for file in files {
                 let service: ServiceCheck = read_yaml(&file)?;
+                origins.push(file.display().to_string());
                 backends.push(self.backend(&service).map_err(|reason| ConfigError::Invalid {
                     origin: file.display().to_string(),
                     field: "service".into(),
@@ -337,13 +341,15 @@ impl RegistrarConfig {
                 })?);
             }
         }
-        let mut seen = HashSet::new();
-        for backend in &backends {
-            if !seen.insert(backend.key()) {
+        let mut seen = HashMap::new();
+        for (backend, origin) in backends.iter().zip(&origins) {
+            if let Some(first) = seen.insert(backend.key(), origin) {
                 return Err(ConfigError::Invalid {
                     origin: "registrar services".into(),
                     field: backend.key(),
-                    reason: "the same instance is listed twice; give one an id".into(),
+                    reason: format!(
+                        "defined in both {first} and {origin}: the same instance id twice; give one of them an `id`"
+                    ),
                 });
             }
         }
