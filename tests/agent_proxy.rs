@@ -429,8 +429,13 @@ async fn a_service_on_the_agents_own_admin_or_dns_address_is_refused_and_the_nod
     );
     assert!(read(&state.join("routes/on-admin.json")).is_none());
     assert!(read(&state.join("routes/on-dns.json")).is_none());
-    let (status, body) = common::http_get(admin, "/ready").await.unwrap();
-    assert_eq!(status, 200, "{body}");
+    // Ready once the table is applied, the refused services notwithstanding.
+    eventually_async("the agent to be ready", || async {
+        common::http_get(admin, "/ready")
+            .await
+            .filter(|(status, _)| *status == 200)
+    })
+    .await;
     let catalog = common::http_get(admin, "/catalog").await.unwrap().1;
     assert!(
         catalog.contains(&on_admin) && catalog.contains(&on_dns),

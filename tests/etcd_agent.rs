@@ -115,11 +115,11 @@ async fn puts_and_deletes_reach_the_rendered_files() {
         "{route:?}"
     );
     let address = route_address(&route);
-    assert!(
-        node.zone().contains(&format!("pg IN A {address}")),
-        "{}",
-        node.zone()
-    );
+    // The zone is written in the same pass, after the route files.
+    node.until("pg in the zone", |n| {
+        n.zone().contains(&format!("pg IN A {address}"))
+    })
+    .await;
     assert!(node.zone().contains("_pg._tcp IN SRV 0 0 5432 pg.mesh.internal."));
     // The address is in etcd for every other node to see.
     let stored = client.get(format!("{PREFIX}/addresses/pg"), None).await.unwrap();
