@@ -3,29 +3,13 @@
 
 mod common;
 
-use common::{eventually_async, eventually_metrics, read, unique_ip, Etcd, Loopmesh};
+use common::{
+    eventually_async, eventually_metrics, id_echo_backend as backend, read, unique_ip, Etcd, Loopmesh,
+};
 use std::net::SocketAddr;
 use std::path::Path;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
-
-/// A backend that writes its id and a newline, then echoes.
-async fn backend(id: &str) -> SocketAddr {
-    let listener = TcpListener::bind((unique_ip(), 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let id = id.to_string();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let id = id.clone();
-            tokio::spawn(async move {
-                let (mut read, mut write) = stream.split();
-                let _ = write.write_all(format!("{id}\n").as_bytes()).await;
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
-    addr
-}
+use tokio::net::TcpStream;
 
 /// Connects and returns the backend id that answered, if any.
 async fn who_answers(addr: SocketAddr) -> Option<(BufReader<TcpStream>, String)> {

@@ -165,16 +165,7 @@ fn agent_follows_file_catalog_edits() {
     let catalog = dir.path().join("catalog");
     let state = dir.path().join("state");
     write(&catalog.join("services/web.yaml"), "port: 8080\n");
-    let agent = Loopmesh::spawn(
-        &[
-            "agent",
-            "--catalog-dir",
-            catalog.to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-        ],
-        dir.path(),
-    );
+    let agent = agent_on_file_catalog(dir.path());
     let route = state.join("routes/web.json");
     eventually("web route", || read(&route));
 
@@ -251,6 +242,21 @@ async fn the_config_sets_the_log_level_unless_rust_log_does() {
         overridden.contains(" INFO "),
         "RUST_LOG wins over log_level: {overridden}"
     );
+}
+
+/// An agent on the file catalog `dir/catalog`, rendering into `dir/state`.
+fn agent_on_file_catalog(dir: &Path) -> Loopmesh {
+    let (catalog, state) = (dir.join("catalog"), dir.join("state"));
+    Loopmesh::spawn(
+        &[
+            "agent",
+            "--catalog-dir",
+            catalog.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+        dir,
+    )
 }
 
 /// The SOA serial of a rendered zone.
@@ -345,16 +351,7 @@ fn a_catalog_dir_that_vanishes_keeps_the_routes_and_is_followed_when_it_returns(
     let catalog = dir.path().join("catalog");
     let state = dir.path().join("state");
     write(&catalog.join("services/web.yaml"), "port: 8080\n");
-    let agent = Loopmesh::spawn(
-        &[
-            "agent",
-            "--catalog-dir",
-            catalog.to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-        ],
-        dir.path(),
-    );
+    let agent = agent_on_file_catalog(dir.path());
     let route = state.join("routes/web.json");
     eventually("web route", || read(&route));
     let away = dir.path().join("catalog.away");
@@ -407,7 +404,12 @@ fn file_catalog_revisions_and_zone_serials_never_go_backwards_and_render_once_le
         "the serial went on from the last one"
     );
     write_atomic(&catalog.join("services/api.yaml"), "port: 9090\n");
-    eventually("api rendered", || read(&state.join("routes/api.json")));
+    // Settled: api is in the zone, and state.json records the zone's pass.
+    eventually("api rendered and recorded", || {
+        let zone = read(&state.join("mesh.zone"))?;
+        (zone.contains("api IN A") && zone_serial(&state) == state_revision(&state) as u64 % (1 << 32))
+            .then_some(())
+    });
     let after_edit = state_revision(&state);
     assert!(after_edit > after_start);
     let zone = read(&state.join("mesh.zone")).unwrap();
@@ -437,16 +439,7 @@ fn yml_catalog_files_are_read_and_other_files_are_named_once() {
     let state = dir.path().join("state");
     write(&catalog.join("services/web.yml"), "port: 8080\n");
     write(&catalog.join("services/api.json"), "{\"port\": 9090}\n");
-    let agent = Loopmesh::spawn(
-        &[
-            "agent",
-            "--catalog-dir",
-            catalog.to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-        ],
-        dir.path(),
-    );
+    let agent = agent_on_file_catalog(dir.path());
     eventually("web route from web.yml", || read(&state.join("routes/web.json")));
     agent.wait_log("api.json is not read");
     // Later rescans do not repeat it.

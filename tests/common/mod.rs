@@ -525,3 +525,23 @@ pub fn run(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// A TCP backend on a fresh loopback address that writes `id` and a
+/// newline to each connection, then echoes what it receives.
+pub async fn id_echo_backend(id: &str) -> SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind((unique_ip(), 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let id = id.to_string();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let id = id.clone();
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.split();
+                let _ = write.write_all(format!("{id}\n").as_bytes()).await;
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    addr
+}
