@@ -106,9 +106,9 @@ def cpu_seconds(pids):
 def write_route(routes, name, addr, port, backend_port):
     """A loopmesh route file: `name` on addr:port to one backend on 127.0.0.1."""
     route = {
-        "service": name, "address": addr, "port": port,
-        "connect_timeout": "1s", "idle_timeout": "600s", "retries": 1,
-        "backends": [{"id": "b1", "host": "127.0.0.1", "port": backend_port}],
+        "service": name, "address": addr,
+        "spec": {"port": port, "connect_timeout": "1s", "idle_timeout": "600s", "retries": 1},
+        "backends": {"b1": {"host": "127.0.0.1", "port": backend_port}},
     }
     with open(os.path.join(routes, f"{name}.json"), "w") as f:
         json.dump(route, f)
@@ -397,10 +397,10 @@ def reload_under_load(setup, name, target, extra):
         if name == "loopmesh":
             path = os.path.join(setup.routes, "bench-http.json")
             route = json.load(open(path))
-            route["backends"] = [
-                {"id": "b1", "host": "127.0.0.1", "port": setup.http_port, "weight": 1 + n % 7},
-                *([{"id": "b2", "host": "127.0.0.1", "port": setup.http_port}] if n % 2 else []),
-            ]
+            route["backends"] = {
+                "b1": {"host": "127.0.0.1", "port": setup.http_port, "weight": 1 + n % 7},
+                **({"b2": {"host": "127.0.0.1", "port": setup.http_port}} if n % 2 else {}),
+            }
             staged = os.path.join(setup.routes, ".bench-http.json.tmp")
             with open(staged, "w") as f:
                 json.dump(route, f)

@@ -43,7 +43,7 @@ pub enum AgentError {
     #[error(transparent)]
     Admin(#[from] AdminError),
     #[error(transparent)]
-    Proxy(#[from] crate::proxy::workers::WorkerError),
+    Proxy(#[from] crate::proxy::Error),
     #[error("store.catalog_dir: {} does not exist; nothing was changed. Fix the path, create the directory, or set store.create_catalog_dir: true to start with an empty catalog", dir.display())]
     MissingCatalogDir { dir: PathBuf },
     #[error("{count} file(s) failed to render; see the errors above")]
@@ -635,7 +635,7 @@ async fn retry_dns_bind(dns: &mut DnsServer) {
     }
 }
 
-fn new_proxy(config: &AgentConfig) -> Result<ProxyManager, crate::proxy::workers::WorkerError> {
+fn new_proxy(config: &AgentConfig) -> Result<ProxyManager, crate::proxy::Error> {
     let open_files = crate::limits::raise_open_files();
     let max_open_connections = config
         .proxy

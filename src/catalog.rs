@@ -6,7 +6,6 @@
 //! change touched so rendering can redo only those.
 
 use crate::addresses::parse_service_address;
-use crate::config::KeyKind;
 use crate::yaml;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -33,6 +32,16 @@ pub enum CatalogError {
     Reserved { addr: Ipv4Addr, port: u16, what: String },
 }
 
+/// Which part of the catalog a change touched, or a template reads
+/// (confd's `keys`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyKind {
+    Services,
+    Instances,
+    Addresses,
+}
+
 /// Transport protocol of a service.
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -53,7 +62,13 @@ pub enum Balance {
     ConsistentHash,
 }
 
-/// A service definition, as operators write it under `services/<name>`.
+/// A service definition, as operators write it under `services/<name>`:
+/// its port and its whole traffic policy.
+///
+/// The one schema of a service: the catalog value parses into it, the
+/// rendered route file carries it as `spec` (rendered with `json_encode`),
+/// and the proxy compiles it. A new setting is a new field here, nowhere
+/// else; unknown fields are refused here, for every path in.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
@@ -73,7 +88,7 @@ pub struct ServiceSpec {
     #[serde(default = "default_retries")]
     pub retries: u32,
     /// Concurrent connections allowed; the excess is refused at once.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
     /// Passive outlier detection.
     #[serde(default)]
@@ -143,45 +158,31 @@ pub fn default_retries() -> u32 {
     2
 }
 
-impl ServiceSpec {
-    fn validate(&self) -> Result<(), String> {
-        check_service_settings(
-            self.port,
-            self.connect_timeout,
-            self.idle_timeout,
-            self.retries,
-            self.max_connections,
-            &self.outlier,
-        )
-    }
-}
-
 /// Most other backends a connection may try after a failed connect.
 pub const MAX_RETRIES: u32 = 16;
 
-/// Checks the settings a service definition and its rendered route share,
-/// so a hand-written route (static mode) is held to the catalog's rules.
-pub fn check_service_settings(
-    port: u16,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
-    retries: u32,
-    max_connections: Option<u32>,
-    outlier: &Outlier,
-) -> Result<(), String> {
-    if port == 0 {
-        return Err("port must be 1-65535".into());
+impl ServiceSpec {
+    /// Checks what serde cannot: ranges and relations between fields.
+    /// Shared by the catalog and the route file, so a hand-written route
+    /// (static mode) is held to the catalog's rules.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.port == 0 {
+            return Err("port must be 1-65535".into());
+        }
+        if self.connect_timeout.is_zero() || self.idle_timeout.is_zero() {
+            return Err("timeouts must be greater than zero".into());
+        }
+        if self.retries > MAX_RETRIES {
+            return Err(format!(
+                "retries {} exceeds the limit of {MAX_RETRIES}",
+                self.retries
+            ));
+        }
+        if self.max_connections == Some(0) {
+            return Err("max_connections must be at least 1 (omit it for no limit)".into());
+        }
+        self.outlier.validate()
     }
-    if connect_timeout.is_zero() || idle_timeout.is_zero() {
-        return Err("timeouts must be greater than zero".into());
-    }
-    if retries > MAX_RETRIES {
-        return Err(format!("retries {retries} exceeds the limit of {MAX_RETRIES}"));
-    }
-    if max_connections == Some(0) {
-        return Err("max_connections must be at least 1 (omit it for no limit)".into());
-    }
-    outlier.validate()
 }
 
 /// Whether an instance takes new connections.
@@ -213,11 +214,11 @@ impl InstanceState {
 pub struct Instance {
     pub host: String,
     pub port: u16,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
     #[serde(default = "default_weight")]
     pub weight: u32,
@@ -250,7 +251,9 @@ fn check_label(field: &str, value: &str) -> Result<(), String> {
 pub const MAX_WEIGHT: u32 = 10_000;
 
 impl Instance {
-    fn validate(&self) -> Result<(), String> {
+    /// Checks host, port, labels and weight; shared by the catalog and the
+    /// route file.
+    pub fn validate(&self) -> Result<(), String> {
         let host_ok = !self.host.is_empty()
             && self.host.len() <= 253
             && self

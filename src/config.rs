@@ -6,6 +6,7 @@
 //! the file, as in confd.
 
 use crate::addresses::{AddressError, AddressPool};
+pub use crate::catalog::KeyKind;
 use crate::yaml::{self, YamlError};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -119,15 +120,6 @@ pub struct EtcdTlsConfig {
     /// Name expected in the server certificate, if not the endpoint's host.
     #[serde(default)]
     pub server_name: Option<String>,
-}
-
-/// Which part of the catalog a template reads (confd's `keys`).
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
-pub enum KeyKind {
-    Services,
-    Instances,
-    Addresses,
 }
 
 /// Whether a template renders one file, or one file per service.
@@ -342,6 +334,40 @@ pub struct ProxyConfig {
     pub max_open_connections: Option<u32>,
 }
 
+/// Most proxy event loops a config may ask for: more threads than that
+/// buys nothing.
+pub const MAX_PROXY_WORKERS: usize = 256;
+
+/// Connections forwarded in the kernel at once (two socket map entries
+/// each; the maps allocate per entry in use); `kernel_forwarding_max_open`
+/// cannot exceed it.
+pub const KERNEL_CONNECTIONS: u32 = 32 * 1024;
+
+/// Connections open in the proxy up to which new ones are handed to the
+/// kernel by default: the concurrency sweep in BENCHMARKS.md, where the
+/// kernel stops beating the user-space copy.
+pub const DEFAULT_KERNEL_FORWARDING_MAX_OPEN: u32 = 8;
+
+/// The value of `proxy.loopback_congestion` that keeps the system default.
+pub const LOOPBACK_CONGESTION_SYSTEM: &str = "system";
+
+/// Checks a configured congestion control name (the kernel allows 15
+/// bytes).
+pub fn validate_congestion_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() < 16
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a congestion control name (like cubic or reno, or {LOOPBACK_CONGESTION_SYSTEM:?} for the kernel's default)"
+        ))
+    }
+}
+
 impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
@@ -350,7 +376,7 @@ impl Default for ProxyConfig {
             loopback_congestion: "cubic".into(),
             workers: 1,
             kernel_forwarding: false,
-            kernel_forwarding_max_open: crate::proxy::DEFAULT_KERNEL_FORWARDING_MAX_OPEN,
+            kernel_forwarding_max_open: DEFAULT_KERNEL_FORWARDING_MAX_OPEN,
             max_open_connections: None,
         }
     }
@@ -518,9 +544,9 @@ impl AgentConfig {
             .map_err(|err| invalid("address_pool", err.to_string()))?;
         validate_zone_name(&self.dns.zone).map_err(|reason| invalid("dns.zone", reason))?;
         validate_log_level(self.log_level.as_deref()).map_err(|reason| invalid("log_level", reason))?;
-        crate::proxy::congestion::validate(&self.proxy.loopback_congestion)
+        validate_congestion_name(&self.proxy.loopback_congestion)
             .map_err(|reason| invalid("proxy.loopback_congestion", reason))?;
-        let max_workers = crate::proxy::workers::MAX_WORKERS;
+        let max_workers = MAX_PROXY_WORKERS;
         if !(1..=max_workers).contains(&self.proxy.workers) {
             return Err(invalid(
                 "proxy.workers",
@@ -528,7 +554,7 @@ impl AgentConfig {
             ));
         }
         let max_open = self.proxy.kernel_forwarding_max_open;
-        let capacity = crate::proxy::DEFAULT_KERNEL_CONNECTIONS;
+        let capacity = KERNEL_CONNECTIONS;
         if !(1..=capacity).contains(&max_open) {
             return Err(invalid(
                 "proxy.kernel_forwarding_max_open",
@@ -762,6 +788,16 @@ mod tests {
             let err = parse(text).unwrap_err();
             assert!(err.contains(field), "{text} -> {err}");
         }
+    }
+
+    #[test]
+    fn congestion_names_are_checked() {
+        assert!(validate_congestion_name("cubic").is_ok());
+        assert!(validate_congestion_name("bbr").is_ok());
+        assert!(validate_congestion_name("").is_err());
+        assert!(validate_congestion_name("Cubic").is_err());
+        assert!(validate_congestion_name("a_name_that_is_too_long").is_err());
+        assert!(validate_congestion_name("cu bic").is_err());
     }
 
     #[test]

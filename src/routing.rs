@@ -9,16 +9,12 @@
 //! rather than the YAML parser (30-100 µs), which matters at 10k services.
 
 use crate::addresses::check_service_address;
-use crate::catalog::{
-    self, check_instance_id, check_service_name, check_service_settings, Balance, InstanceState, Outlier,
-    Protocol, MAX_WEIGHT,
-};
+use crate::catalog::{check_instance_id, check_service_name, Instance, ServiceSpec};
 use crate::yaml;
-use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// Directory of the routing table inside the state directory.
 pub const ROUTES_DIR: &str = "routes";
@@ -40,47 +36,25 @@ pub enum RoutingError {
     },
 }
 
-/// One service's route: where it listens and where it forwards.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// One service's route: where it listens, its definition as the catalog
+/// holds it, and its backends.
+///
+/// Nothing here is a second copy of the schema: `spec` is the catalog's
+/// [`ServiceSpec`] and each backend the catalog's [`Instance`], keyed by
+/// instance id; both are strict where they are defined.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     /// Who wrote the file (informational; the agent fills it in).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rendered_by: Option<String>,
     pub service: String,
     pub address: Ipv4Addr,
-    pub port: u16,
+    /// The service definition: port and traffic policy.
+    pub spec: ServiceSpec,
+    /// Instances by id.
     #[serde(default)]
-    pub protocol: Protocol,
-    #[serde(default)]
-    pub balance: Balance,
-    #[serde(default = "catalog::default_connect_timeout", with = "crate::duration")]
-    pub connect_timeout: Duration,
-    #[serde(default = "catalog::default_idle_timeout", with = "crate::duration")]
-    pub idle_timeout: Duration,
-    #[serde(default = "catalog::default_retries")]
-    pub retries: u32,
-    #[serde(default)]
-    pub max_connections: Option<u32>,
-    #[serde(default)]
-    pub outlier: Outlier,
-    #[serde(default)]
-    pub backends: Vec<Backend>,
-}
-
-/// One backend of a route.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Backend {
-    pub id: String,
-    pub host: String,
-    pub port: u16,
-    #[serde(default = "catalog::default_weight")]
-    pub weight: u32,
-    #[serde(default)]
-    pub zone: Option<String>,
-    #[serde(default)]
-    pub state: InstanceState,
+    pub backends: BTreeMap<String, Instance>,
 }
 
 impl Route {
@@ -98,31 +72,19 @@ impl Route {
     fn validate(&self) -> Result<(), String> {
         check_service_name(&self.service).map_err(|e| e.to_string())?;
         check_service_address(self.address).map_err(|e| e.to_string())?;
-        check_service_settings(
-            self.port,
-            self.connect_timeout,
-            self.idle_timeout,
-            self.retries,
-            self.max_connections,
-            &self.outlier,
-        )?;
-        let mut ids = HashSet::new();
-        for backend in &self.backends {
-            check_instance_id(&backend.id).map_err(|e| e.to_string())?;
-            if !ids.insert(backend.id.as_str()) {
-                return Err(format!("backend id {} appears twice", backend.id));
-            }
-            if backend.host.is_empty() || backend.port == 0 {
-                return Err(format!("backend {} needs a host and a port 1-65535", backend.id));
-            }
-            if backend.weight > MAX_WEIGHT {
-                return Err(format!(
-                    "backend {} weight {} exceeds {MAX_WEIGHT}",
-                    backend.id, backend.weight
-                ));
-            }
+        self.spec.validate().map_err(|reason| format!("spec: {reason}"))?;
+        for (id, instance) in &self.backends {
+            check_instance_id(id).map_err(|e| e.to_string())?;
+            instance
+                .validate()
+                .map_err(|reason| format!("backend {id}: {reason}"))?;
         }
         Ok(())
+    }
+
+    /// The port the service listens on.
+    pub fn port(&self) -> u16 {
+        self.spec.port
     }
 }
 
@@ -177,13 +139,13 @@ pub fn load_table(dir: &Path) -> Result<BTreeMap<String, Route>, RoutingError> {
     }
     let mut listeners: HashMap<(Ipv4Addr, u16), &str> = HashMap::new();
     for route in table.values() {
-        if let Some(first) = listeners.insert((route.address, route.port), &route.service) {
+        if let Some(first) = listeners.insert((route.address, route.port()), &route.service) {
             return Err(RoutingError::Clash {
                 dir: dir.to_path_buf(),
                 first: first.to_string(),
                 second: route.service.clone(),
                 address: route.address,
-                port: route.port,
+                port: route.port(),
             });
         }
     }
@@ -192,45 +154,55 @@ pub fn load_table(dir: &Path) -> Result<BTreeMap<String, Route>, RoutingError> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::catalog::InstanceState;
+
+    const ROUTE: &str = "service: pg\naddress: 127.100.0.7\nspec: {port: 5432, connect_timeout: 1s, retries: 2}\nbackends:\n  a: {host: 10.0.0.1, port: 5432}\n";
+
     #[test]
     fn a_minimal_hand_written_route_takes_the_catalogs_defaults() {
-        let route = super::Route::parse(
-            "service: web\naddress: 127.100.0.8\nport: 8080\nbackends:\n  - {id: a, host: 10.0.0.1, port: 8080}\n",
+        let route = Route::parse(
+            "service: web\naddress: 127.100.0.8\nspec: {port: 8080}\nbackends:\n  a: {host: 10.0.0.1, port: 8080}\n",
         )
         .unwrap();
         let spec = crate::catalog::parse_service(b"port: 8080").unwrap();
-        assert_eq!(route.connect_timeout, spec.connect_timeout);
-        assert_eq!(route.idle_timeout, spec.idle_timeout);
-        assert_eq!(route.retries, spec.retries);
-        assert_eq!((route.balance, route.protocol), (spec.balance, spec.protocol));
-        assert_eq!(route.backends[0].weight, 1);
+        assert_eq!(route.spec, spec);
+        assert_eq!(route.backends["a"].weight, 1);
     }
-
-    use super::*;
-
-    const ROUTE: &str = "service: pg\naddress: 127.100.0.7\nport: 5432\nconnect_timeout: 1s\nidle_timeout: 600s\nretries: 2\nbackends:\n  - {id: a, host: 10.0.0.1, port: 5432}\n";
 
     #[test]
     fn parses_a_route() {
         let route = Route::parse(ROUTE).unwrap();
-        assert_eq!(route.backends[0].weight, 1);
-        assert_eq!(route.backends[0].state, InstanceState::Up);
+        assert_eq!(route.backends["a"].weight, 1);
+        assert_eq!(route.backends["a"].state, InstanceState::Up);
+        assert_eq!(route.port(), 5432);
     }
 
     #[test]
     fn refuses_bad_routes() {
-        assert!(Route::parse(&ROUTE.replace("127.100.0.7", "127.0.0.1")).is_err());
-        assert!(Route::parse(&ROUTE.replace("port: 5432\nconnect", "port: 0\nconnect")).is_err());
-        assert!(Route::parse(&format!("{ROUTE}  - {{id: a, host: h, port: 1}}\n")).is_err());
-        assert!(Route::parse(&format!("{ROUTE}extra: 1\n")).is_err());
-        assert!(Route::parse(&ROUTE.replace("retries: 2", "retries: 17")).is_err());
+        for (bad, reason) in [
+            (ROUTE.replace("127.100.0.7", "127.0.0.1"), "127.0.0.1"),
+            (ROUTE.replace("port: 5432,", "port: 0,"), "port must be 1-65535"),
+            (
+                format!("{ROUTE}  b: {{host: 'h h', port: 1}}\n"),
+                "backend b: host",
+            ),
+            (format!("{ROUTE}extra: 1\n"), "extra"),
+            (ROUTE.replace("retries: 2", "retries: 17"), "retries 17"),
+            (ROUTE.replace("retries: 2", "retires: 2"), "retires"),
+            (ROUTE.replace("port: 5432}", "port: 5432, wieght: 1}"), "wieght"),
+            (ROUTE.replace("  a:", "  'a/b':"), "a/b"),
+        ] {
+            let err = Route::parse(&bad).expect_err(&bad);
+            assert!(err.contains(reason), "{bad}: {err}");
+        }
     }
 
     #[test]
-    fn json_and_yaml_parse_alike() {
-        let json = r#"{"service": "pg", "address": "127.100.0.7", "port": 5432, "connect_timeout": "1s",
-            "idle_timeout": "600s", "retries": 2, "backends": [{"id": "a", "host": "10.0.0.1", "port": 5432}]}"#;
-        assert_eq!(Route::parse(json).unwrap(), Route::parse(ROUTE).unwrap());
+    fn the_rendered_form_round_trips_and_json_and_yaml_parse_alike() {
+        let route = Route::parse(ROUTE).unwrap();
+        let json = serde_json::to_string_pretty(&route).unwrap();
+        assert_eq!(Route::parse(&json).unwrap(), route);
         let err = Route::parse(&json.replace("\"retries\"", "\"retires\"")).unwrap_err();
         assert!(err.contains("retires"), "{err}");
     }

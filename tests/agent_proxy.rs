@@ -98,10 +98,10 @@ async fn a_service_written_to_etcd_is_reachable_and_a_removed_one_drains() {
 fn write_route(dir: &Path, service: &str, addr: SocketAddr, backends: &[(&str, SocketAddr)]) {
     let list: Vec<String> = backends
         .iter()
-        .map(|(id, b)| format!(r#"{{"id": "{id}", "host": "{}", "port": {}}}"#, b.ip(), b.port()))
+        .map(|(id, b)| format!(r#""{id}": {{"host": "{}", "port": {}}}"#, b.ip(), b.port()))
         .collect();
     let text = format!(
-        r#"{{"service": "{service}", "address": "{}", "port": {}, "connect_timeout": "1s", "idle_timeout": "60s", "retries": 1, "backends": [{}]}}"#,
+        r#"{{"service": "{service}", "address": "{}", "spec": {{"port": {}, "connect_timeout": "1s", "idle_timeout": "60s", "retries": 1}}, "backends": {{{}}}}}"#,
         addr.ip(),
         addr.port(),
         list.join(", ")

@@ -3,6 +3,8 @@
 mod common;
 
 use common::{eventually, read, run, Etcd, Loopmesh};
+use loopmesh::catalog::InstanceState;
+use loopmesh::routing::Route;
 use std::path::Path;
 
 fn write(path: &Path, text: &str) {
@@ -173,20 +175,21 @@ fn agent_follows_file_catalog_edits() {
         &catalog.join("instances/web/w1.yaml"),
         "{host: 10.0.0.1, port: 8080}\n",
     );
+    let parsed = |path: &Path| read(path).and_then(|text| Route::parse(&text).ok());
     eventually("w1 in the route", || {
-        read(&route).filter(|r| r.contains(r#""id": "w1""#))
+        parsed(&route).filter(|r| r.backends.contains_key("w1"))
     });
     write_atomic(
         &catalog.join("instances/web/w1.yaml"),
         "{host: 10.0.0.1, port: 8080, state: maintenance}\n",
     );
     eventually("w1 in maintenance", || {
-        read(&route).filter(|r| r.contains(r#""state": "maintenance""#))
+        parsed(&route).filter(|r| r.backends["w1"].state == InstanceState::Maintenance)
     });
     write_atomic(&catalog.join("services/web.yaml"), "port: [broken\n");
     agent.wait_log("invalid catalog value at services/web");
     assert!(
-        read(&route).unwrap().contains(r#""port": 8080,"#),
+        parsed(&route).unwrap().port() == 8080,
         "the last good definition stays"
     );
 

@@ -66,7 +66,7 @@ async fn delete(client: &mut Client, key: &str) {
 
 /// Whether a route has a backend with this id.
 fn has(route: &Route, id: &str) -> bool {
-    route.backends.iter().any(|b| b.id == id)
+    route.backends.contains_key(id)
 }
 
 /// The address a route says its service listens on.
@@ -106,12 +106,12 @@ async fn puts_and_deletes_reach_the_rendered_files() {
     assert!(
         route
             .backends
-            .iter()
-            .any(|b| b.id == "db-2" && b.state == InstanceState::Draining)
+            .get("db-2")
+            .is_some_and(|b| b.state == InstanceState::Draining)
             && route
                 .backends
-                .iter()
-                .any(|b| b.id == "db-1" && b.zone.as_deref() == Some("z1")),
+                .get("db-1")
+                .is_some_and(|b| b.zone.as_deref() == Some("z1")),
         "{route:?}"
     );
     let address = route_address(&route);
@@ -172,7 +172,7 @@ async fn a_malformed_value_is_skipped_and_the_rest_renders() {
     put(&mut client, "instances/good/z", "{host: 10.0.0.3, port: 80}").await;
     node.until("z added", |n| n.route("good").is_some_and(|r| has(&r, "z")))
         .await;
-    assert_eq!(node.route("good").unwrap().port, 80);
+    assert_eq!(node.route("good").unwrap().port(), 80);
     agent.wait_log("invalid catalog value at services/good");
     agent.wait_log("keeping its previous value");
 }
@@ -241,7 +241,7 @@ async fn etcd_restart_mid_watch_loses_no_update() {
     put(&mut client, "instances/a/i4", "{host: 10.0.2.4, port: 1}").await;
     node.until("all 20 writes, the delete and the update", |n| {
         n.route("a").is_some_and(|r| {
-            r.backends.len() == 19 && !has(&r, "i3") && r.backends.iter().any(|b| b.host == "10.0.2.4")
+            r.backends.len() == 19 && !has(&r, "i3") && r.backends.values().any(|b| b.host == "10.0.2.4")
         })
     })
     .await;

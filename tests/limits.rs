@@ -34,7 +34,7 @@ async fn static_agent(dir: &Path, config: &str, wrapper: &[&str]) -> (Loopmesh, 
     std::fs::write(
         routes.join("svc.yaml"),
         format!(
-            "service: svc\naddress: {}\nport: {}\nbackends:\n  - {{id: one, host: {}, port: {}}}\n",
+            "service: svc\naddress: {}\nspec: {{port: {}}}\nbackends:\n  one: {{host: {}, port: {}}}\n",
             svc.ip(),
             svc.port(),
             one.ip(),

@@ -4,9 +4,12 @@
 mod common;
 
 use common::{eventually_async, unique_ip};
-use loopmesh::catalog::{Balance, InstanceState, Outlier, Protocol};
+use loopmesh::catalog::{parse_service, Balance, Instance, InstanceState};
 use loopmesh::proxy::{congestion, ProxyManager, ProxySettings};
-use loopmesh::routing::{Backend, Route};
+use loopmesh::routing::Route;
+
+/// A backend of a route: its id and instance.
+type Backend = (String, Instance);
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -44,20 +47,27 @@ impl EchoBackend {
     }
 
     fn backend(&self, id: &str, weight: u32) -> Backend {
-        Backend {
-            id: id.into(),
-            host: self.addr.ip().to_string(),
-            port: self.addr.port(),
-            weight,
-            zone: None,
-            state: InstanceState::Up,
-        }
+        backend_at(id, self.addr, weight)
     }
 
     /// Stops accepting: new connects are refused.
     fn kill(&self) {
         self.task.abort();
     }
+}
+
+/// A backend `id` at `addr`, up.
+fn backend_at(id: &str, addr: SocketAddr, weight: u32) -> Backend {
+    let instance = Instance {
+        host: addr.ip().to_string(),
+        port: addr.port(),
+        node: None,
+        zone: None,
+        tags: Vec::new(),
+        weight,
+        state: InstanceState::Up,
+    };
+    (id.to_string(), instance)
 }
 
 /// A service address of this test's own, with a port free on it.
@@ -77,15 +87,13 @@ fn route(name: &str, addr: SocketAddr, balance: Balance, backends: Vec<Backend>)
             std::net::IpAddr::V4(v4) => v4,
             std::net::IpAddr::V6(_) => unreachable!("test addresses are IPv4"),
         },
-        port: addr.port(),
-        protocol: Protocol::Tcp,
-        balance,
-        connect_timeout: Duration::from_secs(1),
-        idle_timeout: Duration::from_secs(60),
-        retries: 2,
-        max_connections: None,
-        outlier: Outlier::default(),
-        backends,
+        spec: {
+            let mut spec =
+                parse_service(format!("{{port: {}, idle_timeout: 60s}}", addr.port()).as_bytes()).unwrap();
+            spec.balance = balance;
+            spec
+        },
+        backends: backends.into_iter().collect(),
     }
 }
 
@@ -260,12 +268,12 @@ async fn long_lived_connections_survive_hundreds_of_reloads_with_bytes_intact() 
         // Real changes every time: weights, backends in and out, policies,
         // and another service coming and going beside it.
         let mut next = base.clone();
-        next.backends[0].weight = 1 + round % 5;
+        next.backends.get_mut("a").unwrap().weight = 1 + round % 5;
         if round % 2 == 0 {
-            next.backends.push(c.backend("c", 2));
+            next.backends.extend([c.backend("c", 2)]);
         }
         if round % 3 == 0 {
-            next.balance = Balance::LeastConnections;
+            next.spec.balance = Balance::LeastConnections;
         }
         let other = route("other", other_addr, Balance::RoundRobin, vec![c.backend("c", 1)]);
         let tables = if round % 4 == 0 {
@@ -347,7 +355,7 @@ async fn the_circuit_breaker_refuses_the_excess_at_once() {
     let a = EchoBackend::start("a").await;
     let addr = service_addr();
     let mut svc = route("limited", addr, Balance::RoundRobin, vec![a.backend("a", 1)]);
-    svc.max_connections = Some(2);
+    svc.spec.max_connections = Some(2);
     let mut proxy = manager(Duration::from_secs(5));
     proxy.apply(&table(&[&svc])).await;
     let (_held1, _) = connect(addr).await;
@@ -377,7 +385,7 @@ async fn half_close_passes_through_and_idle_connections_time_out() {
     let a = EchoBackend::start("a").await;
     let addr = service_addr();
     let mut svc = route("half", addr, Balance::RoundRobin, vec![a.backend("a", 1)]);
-    svc.idle_timeout = Duration::from_millis(300);
+    svc.spec.idle_timeout = Duration::from_millis(300);
     let mut proxy = manager(Duration::from_secs(5));
     proxy.apply(&table(&[&svc])).await;
 
@@ -415,7 +423,7 @@ async fn draining_backends_get_no_new_connections_but_keep_theirs() {
     }
     let mut on_b = on_b.expect("round robin reached b");
     let mut draining = svc.clone();
-    draining.backends[1].state = InstanceState::Draining;
+    draining.backends.get_mut("b").unwrap().state = InstanceState::Draining;
     assert_eq!(
         proxy.apply(&table(&[&draining])).await.updated,
         vec!["drain".to_string()]
@@ -600,7 +608,7 @@ async fn kernel_forwarded_connections_echo_through_reloads_and_pass_half_close()
     .await;
     for round in 0..50u32 {
         let mut next = base.clone();
-        next.backends[0].weight = 1 + round % 3;
+        next.backends.values_mut().next().unwrap().weight = 1 + round % 3;
         proxy.apply(&table(&[&next])).await;
         for (n, stream) in open.iter_mut().enumerate() {
             let chunk = format!(
@@ -655,14 +663,7 @@ async fn kernel_forwarding_carries_bulk_both_ways_after_the_handover() {
     let (backend, received) = sink_then_reply(reply.clone()).await;
     let addr = service_addr();
     let mut proxy = kernel_manager(Duration::from_secs(5));
-    let backend = Backend {
-        id: "sink".into(),
-        host: backend.ip().to_string(),
-        port: backend.port(),
-        weight: 1,
-        zone: None,
-        state: InstanceState::Up,
-    };
+    let backend = backend_at("sink", backend, 1);
     serve_one(&mut proxy, "bulk", addr, backend).await;
     let mut stream = TcpStream::connect(addr).await.unwrap();
     for _ in 0..3 {
@@ -698,7 +699,7 @@ async fn kernel_forwarded_connections_idle_out_and_are_killed_at_the_drain_deadl
     let a = EchoBackend::start("a").await;
     let (idle_addr, drain_addr) = (service_addr(), service_addr());
     let mut quiet = route("quiet", idle_addr, Balance::RoundRobin, vec![a.backend("a", 1)]);
-    quiet.idle_timeout = Duration::from_millis(300);
+    quiet.spec.idle_timeout = Duration::from_millis(300);
     let draining = route(
         "draining",
         drain_addr,
@@ -826,14 +827,7 @@ async fn a_reset_on_a_kernel_forwarded_connection_closes_the_other_side() {
     });
     let addr = service_addr();
     let mut proxy = kernel_manager(Duration::from_secs(5));
-    let backend = Backend {
-        id: "resets".into(),
-        host: backend_addr.ip().to_string(),
-        port: backend_addr.port(),
-        weight: 1,
-        zone: None,
-        state: InstanceState::Up,
-    };
+    let backend = backend_at("resets", backend_addr, 1);
     serve_one(&mut proxy, "reset", addr, backend).await;
     let mut client = BufReader::new(TcpStream::connect(addr).await.unwrap());
     for _ in 0..2 {

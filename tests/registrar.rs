@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{eventually_async, read, unique_ip, Etcd, Loopmesh};
+use common::{eventually_async, read, read_route, unique_ip, Etcd, Loopmesh};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -165,9 +165,9 @@ async fn a_backend_is_registered_while_healthy_and_the_agent_follows() {
         agent_dir.path(),
     );
     let route = agent_dir.path().join("state/routes/web.json");
-    let id = format!("\"id\": \"n1-{}\"", addr.port());
+    let id = format!("n1-{}", addr.port());
     common::eventually("the agent to render the backend", || {
-        read(&route).filter(|text| text.contains(&id))
+        read_route(&route).filter(|r| r.backends.contains_key(&id))
     });
 
     // Killed: gone within fall × interval plus the check timeout and slack.
@@ -180,14 +180,14 @@ async fn a_backend_is_registered_while_healthy_and_the_agent_follows() {
         "deregistered after {took:?}, budget 200 ms of checks + 500 ms timeout + 2 s slack"
     );
     common::eventually("the agent to drop the backend", || {
-        read(&route).filter(|text| !text.contains(&id))
+        read_route(&route).filter(|r| !r.backends.contains_key(&id))
     });
 
     // Revived: back after rise passes.
     let _revived = Backend::start(addr, "200 OK", "ok").await;
     wait_present(&etcd, &key).await;
     common::eventually("the agent to render it again", || {
-        read(&route).filter(|text| text.contains(&id))
+        read_route(&route).filter(|r| r.backends.contains_key(&id))
     });
 }
 
@@ -434,39 +434,38 @@ async fn on_the_file_catalog_an_agent_renders_registrations_flags_and_draining()
         agent_dir.path(),
     );
     let route = agent_dir.path().join("state/routes/web.json");
-    let backend_line = |state: &str| {
-        format!(
-            "\"id\": \"{id}\", \"host\": \"{}\", \"port\": {}, \"weight\": 5, \"state\": \"{state}\"",
-            backend.addr.ip(),
-            backend.addr.port()
-        )
+    // The backend as registered (weight 5) in `state`, in the route.
+    let rendered_in = |state: &str| {
+        read_route(&route).filter(|r| {
+            r.backends.get(&id).is_some_and(|b| {
+                (b.host.as_str(), b.port, b.weight, b.state.as_str())
+                    == (
+                        backend.addr.ip().to_string().as_str(),
+                        backend.addr.port(),
+                        5,
+                        state,
+                    )
+            })
+        })
     };
 
     // Registered as a file the agent reads back.
     common::eventually("the instance file", || read(&file));
-    common::eventually("the agent to render it up", || {
-        read(&route).filter(|t| t.contains(&backend_line("up")))
-    });
+    common::eventually("the agent to render it up", || rendered_in("up"));
 
     // A flag written by hand puts it in maintenance.
     std::fs::write(dir.path().join(format!("state/flags/{id}")), "maintenance\n").unwrap();
-    common::eventually("maintenance rendered", || {
-        read(&route).filter(|t| t.contains(&backend_line("maintenance")))
-    });
+    common::eventually("maintenance rendered", || rendered_in("maintenance"));
     std::fs::remove_file(dir.path().join(format!("state/flags/{id}"))).unwrap();
-    common::eventually("up again", || {
-        read(&route).filter(|t| t.contains(&backend_line("up")))
-    });
+    common::eventually("up again", || rendered_in("up"));
 
     // SIGTERM: draining for drain_period, then the file is removed.
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(registrar.pid() as i32, libc::SIGTERM) };
-    common::eventually("draining rendered", || {
-        read(&route).filter(|t| t.contains(&backend_line("draining")))
-    });
+    common::eventually("draining rendered", || rendered_in("draining"));
     common::eventually("the instance file removed", || (!file.exists()).then_some(()));
     common::eventually("the agent to drop it", || {
-        read(&route).filter(|t| !t.contains(&id))
+        read_route(&route).filter(|r| !r.backends.contains_key(&id))
     });
     registrar.stop();
 }

@@ -17,27 +17,10 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// The value of `proxy.loopback_congestion` that keeps the system default.
-pub const SYSTEM: &str = "system";
+use crate::config::LOOPBACK_CONGESTION_SYSTEM as SYSTEM;
 
 /// Where Linux says which algorithm new sockets get.
 const SYSTEM_DEFAULT_FILE: &str = "/proc/sys/net/ipv4/tcp_congestion_control";
-
-/// Checks a configured algorithm name (the kernel allows 15 bytes).
-pub fn validate(name: &str) -> Result<(), String> {
-    let valid = !name.is_empty()
-        && name.len() < 16
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if valid {
-        Ok(())
-    } else {
-        Err(format!(
-            "{name:?} is not a congestion control name (like cubic or reno, or {SYSTEM:?} for the kernel's default)"
-        ))
-    }
-}
 
 /// The algorithm to set on loopback legs, or `None` when there is nothing to
 /// do: the operator asked for the system default, or the default already is
@@ -117,16 +100,6 @@ pub fn apply(fd: RawFd, name: &CString) {
 mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
-
-    #[test]
-    fn names_are_checked() {
-        assert!(validate("cubic").is_ok());
-        assert!(validate("bbr").is_ok());
-        assert!(validate("").is_err());
-        assert!(validate("Cubic").is_err());
-        assert!(validate("a_name_that_is_too_long").is_err());
-        assert!(validate("cu bic").is_err());
-    }
 
     #[test]
     fn system_means_leave_sockets_alone() {

@@ -12,20 +12,12 @@
 //! per-thread loops and Envoy's workers). The rest of the agent (store
 //! watch, rendering, DNS, admin) keeps the main runtime.
 
+use super::Error;
 use std::future::Future;
 use std::io;
 use tokio::runtime::{EnterGuard, Handle};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-
-/// Most workers a config may ask for: more threads than that buys nothing.
-pub const MAX_WORKERS: usize = 256;
-
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    #[error("cannot start proxy worker {index}: {source}")]
-    Start { index: usize, source: io::Error },
-}
 
 /// Running event loops; dropping this stops them (their tasks are dropped).
 pub struct Workers {
@@ -36,7 +28,7 @@ pub struct Workers {
 
 impl Workers {
     /// Starts `count` threads (at least one), each with its own runtime.
-    pub fn start(count: usize) -> Result<Workers, WorkerError> {
+    pub fn start(count: usize) -> Result<Workers, Error> {
         let count = count.max(1);
         let (stop, _) = watch::channel(());
         let mut handles = Vec::with_capacity(count);
@@ -65,11 +57,11 @@ impl Workers {
                     // sender goes away; dropping the runtime then drops them.
                     runtime.block_on(async move { while stopped.changed().await.is_ok() {} });
                 })
-                .map_err(|source| WorkerError::Start { index, source })?;
+                .map_err(|source| Error::Worker { index, source })?;
             let handle = handle
                 .recv()
                 .unwrap_or_else(|_| Err(io::Error::other("the thread ended before its runtime started")))
-                .map_err(|source| WorkerError::Start { index, source })?;
+                .map_err(|source| Error::Worker { index, source })?;
             handles.push(handle);
         }
         Ok(Workers { handles, _stop: stop })

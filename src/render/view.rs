@@ -5,8 +5,9 @@
 //! losing an address clash); instances are included only for templates that
 //! declared the `instances` key, which keeps zone-style renders cheap.
 
-use crate::catalog::{Balance, Catalog, Instance, Outlier, Protocol};
+use crate::catalog::{Catalog, Instance, ServiceSpec};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 /// Values every template sees.
@@ -27,49 +28,20 @@ pub struct Globals {
 }
 
 /// One served service.
+///
+/// `spec` is the catalog's service definition as is (the one schema, with
+/// every default filled in) and `instances` the catalog's instances by id:
+/// templates print them, or pass them whole to `json_encode`, and a new
+/// field reaches every template without a change here.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceView<'a> {
     pub name: &'a str,
     /// The name as an environment variable prefix (`my-db` -> `MY_DB`).
     pub env_name: String,
     pub address: Ipv4Addr,
-    pub port: u16,
-    pub protocol: Protocol,
-    pub balance: Balance,
-    pub connect_timeout: String,
-    pub idle_timeout: String,
-    pub retries: u32,
-    pub max_connections: Option<u32>,
-    pub outlier: Outlier,
+    pub spec: &'a ServiceSpec,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub instances: Option<Vec<InstanceView<'a>>>,
-}
-
-/// One instance of a service, with its id.
-///
-/// Serialized by hand: `#[serde(flatten)]` buffers every field through an
-/// intermediate map, which dominated per-service render time at scale.
-#[derive(Debug, Clone)]
-pub struct InstanceView<'a> {
-    pub id: &'a str,
-    pub instance: &'a Instance,
-}
-
-impl Serialize for InstanceView<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        let i = self.instance;
-        let mut out = serializer.serialize_struct("Instance", 8)?;
-        out.serialize_field("id", self.id)?;
-        out.serialize_field("host", &i.host)?;
-        out.serialize_field("port", &i.port)?;
-        out.serialize_field("node", &i.node)?;
-        out.serialize_field("zone", &i.zone)?;
-        out.serialize_field("tags", &i.tags)?;
-        out.serialize_field("weight", &i.weight)?;
-        out.serialize_field("state", &i.state)?;
-        out.end()
-    }
+    pub instances: Option<&'a BTreeMap<String, Instance>>,
 }
 
 /// A template context: the globals plus one more entry (`services` for a
@@ -113,28 +85,14 @@ pub fn service_view<'a>(
     service: &'a str,
     with_instances: bool,
 ) -> Option<ServiceView<'a>> {
-    let (spec, address) = catalog.serving_state(service).ok()?;
+    let (_, address) = catalog.serving_state(service).ok()?;
     let entry = catalog.entry(service)?;
-    let instances = with_instances.then(|| {
-        entry
-            .instances
-            .iter()
-            .map(|(id, instance)| InstanceView { id, instance })
-            .collect()
-    });
     Some(ServiceView {
         name: service,
         env_name: env_name(service),
         address,
-        port: spec.port,
-        protocol: spec.protocol,
-        balance: spec.balance,
-        connect_timeout: crate::duration::format(spec.connect_timeout),
-        idle_timeout: crate::duration::format(spec.idle_timeout),
-        retries: spec.retries,
-        max_connections: spec.max_connections,
-        outlier: spec.outlier,
-        instances,
+        spec: entry.spec.as_deref()?,
+        instances: with_instances.then_some(&entry.instances),
     })
 }
 

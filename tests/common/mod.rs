@@ -513,6 +513,12 @@ pub fn read(path: &Path) -> Option<String> {
     std::fs::read_to_string(path).ok()
 }
 
+/// A route file parsed as the agent parses it, if it is there and whole.
+#[allow(dead_code)]
+pub fn read_route(path: &Path) -> Option<loopmesh::routing::Route> {
+    loopmesh::routing::Route::parse(&read(path)?).ok()
+}
+
 /// Runs a one-shot loopmesh command and returns (success, stdout, stderr).
 pub fn run(args: &[&str]) -> (bool, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_loopmesh"))

@@ -1,19 +1,22 @@
-//! One proxied TCP connection: choose a backend, connect (retrying others),
+//! L4: one proxied TCP connection: choose a backend, connect (retrying others),
 //! then copy both ways with half-close until both sides are done, the
 //! connection idles out, or a drain deadline kills it.
 
-use super::balancer::{Backend, NoBackend};
-use super::sockmap::{self, Joined, KernelForwarding};
-use super::{congestion, splice};
-use super::{Held, ServiceState};
+pub mod sockmap;
+pub mod splice;
+
+use super::connect::connect;
+use super::drain;
+use super::service::ServiceState;
+use super::Held;
+use sockmap::{Joined, KernelForwarding};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::watch;
+use tokio::net::TcpStream;
 
 /// Milliseconds on the coarse monotonic clock: the idle clock. It is read
 /// after every read of every connection, and idle timeouts are seconds, so a
@@ -30,89 +33,18 @@ fn now_millis() -> u64 {
     now.tv_sec as u64 * 1000 + now.tv_nsec as u64 / 1_000_000
 }
 
-/// Opens a connection to one backend, with TCP_NODELAY and, for a backend
-/// on this host, the loopback congestion control set before the handshake.
-async fn connect_to(backend: &Backend) -> io::Result<TcpStream> {
-    let Some(addr) = backend.addr else {
-        let stream = TcpStream::connect((backend.host.as_str(), backend.port)).await?;
-        stream.set_nodelay(true)?;
-        return Ok(stream);
-    };
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_nodelay(true)?;
-    if let Some(name) = &backend.congestion {
-        congestion::apply(socket.as_raw_fd(), name);
-    }
-    socket.connect(addr).await
-}
-
-/// Connects to a backend, trying others on failure; `None` if none answered.
-async fn connect(state: &ServiceState, client: SocketAddr) -> Option<(usize, TcpStream)> {
-    let service = state.name.as_str();
-    let mut tried = Vec::new();
-    for _ in 0..=state.retries {
-        let index = match state.backends.pick(client.ip(), &tried) {
-            Ok(index) => index,
-            Err(NoBackend::NoneUp) => {
-                state.metrics.refused_no_backend.increment(1);
-                return None;
-            }
-            Err(NoBackend::Exhausted) => break,
-        };
-        let backend = &state.backends.backends()[index];
-        let started = Instant::now();
-        let attempt = tokio::time::timeout(state.connect_timeout, connect_to(backend));
-        let kind = match attempt.await {
-            Ok(Ok(stream)) => {
-                let latency = started.elapsed();
-                backend.stats.record_success(latency);
-                state.metrics.connect_duration.record(latency.as_secs_f64());
-                return Some((index, stream));
-            }
-            Ok(Err(err)) => match err.kind() {
-                io::ErrorKind::ConnectionRefused => "refused",
-                io::ErrorKind::ConnectionReset => "reset",
-                _ if err.raw_os_error() == Some(113) || err.raw_os_error() == Some(101) => "unreachable",
-                _ => "other",
-            },
-            Err(_) => "timeout",
-        };
-        metrics::counter!(
-            "loopmesh_proxy_connect_errors_total",
-            "service" => service.to_string(),
-            "backend" => backend.id.clone(),
-            "kind" => kind
-        )
-        .increment(1);
-        if state.backends.record_failure(index) {
-            tracing::warn!(
-                "service {service}: backend {} ejected after repeated connect failures ({kind})",
-                backend.id
-            );
-            metrics::counter!("loopmesh_proxy_ejections_total", "service" => service.to_string(), "backend" => backend.id.clone())
-                .increment(1);
-        }
-        tried.push(index);
-    }
-    tracing::debug!("service {service}: no backend answered for {client}");
-    state.metrics.refused_connect_failed.increment(1);
-    None
-}
-
-/// Serves one accepted connection to the end.
-pub async fn serve(
-    client: TcpStream,
-    peer: SocketAddr,
-    state: Arc<ServiceState>,
-    mut kill: watch::Receiver<bool>,
-) {
-    let metrics = &state.metrics;
+/// Serves one accepted connection to the end. L4 has nothing to say when a
+/// drain is signaled: the connection runs on until it ends by itself or the
+/// drain's deadline forces it closed.
+pub async fn serve(client: TcpStream, peer: SocketAddr, state: Arc<ServiceState>, mut drain: drain::Watch) {
+    let metrics = state.shared.metrics();
     let (_held, active) = Held::count(&state.shared.active);
-    if state.max_connections.is_some_and(|max| active > u64::from(max)) {
+    if state
+        .route
+        .spec
+        .max_connections
+        .is_some_and(|max| active > u64::from(max))
+    {
         metrics.refused_max_connections.increment(1);
         return;
     }
@@ -127,8 +59,8 @@ pub async fn serve(
     let backend = &state.backends.backends()[index];
     let (_backend_held, _) = Held::count(&backend.stats.active);
     // The client socket inherited TCP_NODELAY from the listener; the
-    // upstream got it in connect_to.
-    copy(client, upstream, &state, &mut kill).await;
+    // upstream got it when it was dialed.
+    copy(client, upstream, &state, &mut drain).await;
     gauge.decrement(1.0);
 }
 
@@ -146,15 +78,15 @@ async fn copy(
     mut client: TcpStream,
     mut upstream: TcpStream,
     state: &ServiceState,
-    kill: &mut watch::Receiver<bool>,
+    drain: &mut drain::Watch,
 ) {
-    let metrics = &state.metrics;
+    let metrics = state.shared.metrics();
     let mut kernel = state.kernel.clone();
     let mut deferred = false;
     loop {
         let last = AtomicU64::new(now_millis());
         let touch = || last.store(now_millis(), Ordering::Relaxed);
-        let idle_limit = state.idle_timeout;
+        let idle_limit = state.route.spec.idle_timeout;
         // Both directions at once; the first error ends both.
         let ended = AtomicU8::new(0);
         let watches = [splice::RelayWatch::default(), splice::RelayWatch::default()];
@@ -213,7 +145,7 @@ async fn copy(
                 metrics.idle_timeouts.increment(1);
                 false
             }
-            () = killed(kill) => {
+            () = drain.forced() => {
                 metrics.drain_kills.increment(1);
                 false
             }
@@ -232,7 +164,7 @@ async fn copy(
             .increment(watches[1].bytes.load(Ordering::Relaxed));
         match hand_over(&forwarding, client, upstream) {
             Handover::Joined(sockets, joined) => {
-                return forward_in_kernel(sockets, joined, state, kill).await
+                return forward_in_kernel(sockets, joined, state, drain).await
             }
             // Copied in user space to the end (no second try).
             Handover::Declined(again_client, again_upstream) => {
@@ -281,10 +213,10 @@ async fn forward_in_kernel(
     sockets: Sockets,
     mut joined: Joined,
     state: &ServiceState,
-    kill: &mut watch::Receiver<bool>,
+    drain: &mut drain::Watch,
 ) {
-    let metrics = &state.metrics;
-    let idle_limit = state.idle_timeout;
+    let metrics = state.shared.metrics();
+    let idle_limit = state.route.spec.idle_timeout;
     let traffic = |joined: &Joined| {
         joined.forwarded(sockmap::CLIENT).unwrap_or(0) + joined.forwarded(sockmap::UPSTREAM).unwrap_or(0)
     };
@@ -307,7 +239,7 @@ async fn forward_in_kernel(
                 }
                 let other = 1 - which;
                 if let Err(err) = pass_on_end(&sockets, &joined, which, &mut written, idle_limit).await {
-                    tracing::debug!("service {}: ending a kernel-forwarded connection: {err}", state.name);
+                    tracing::debug!("service {}: ending a kernel-forwarded connection: {err}", state.name());
                     break;
                 }
                 ended[which] = true;
@@ -327,7 +259,7 @@ async fn forward_in_kernel(
                     break;
                 }
             }
-            () = killed(kill) => {
+            () = drain.forced() => {
                 metrics.drain_kills.increment(1);
                 break;
             }
@@ -340,12 +272,6 @@ async fn forward_in_kernel(
     // Out of the maps first, then closed.
     drop(joined);
     drop(sockets);
-}
-
-/// Resolves once the drain deadline kills the connection.
-async fn killed(kill: &mut watch::Receiver<bool>) {
-    // The guard wait_for returns is not Send; it is dropped here.
-    let _ = kill.wait_for(|killed| *killed).await;
 }
 
 /// Socket `which` has ended (FIN): forwards anything the kernel left for a

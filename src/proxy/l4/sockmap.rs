@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
-use super::Held;
+use crate::proxy::Held;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SockmapError {

@@ -1,0 +1,145 @@
+//! Two-phase drain, in the manner of ztunnel's `drain.rs`: first a signal
+//! (stop taking new work, finish what is open), then, at a deadline, force
+//! (close whatever is still open).
+//!
+//! Listeners stop accepting at the signal; an L4 connection has nothing to
+//! say at the signal and runs on until it ends or is forced; an HTTP server
+//! answers the signal with GOAWAY or `Connection: close`, and upstream pools
+//! stop handing out connections. Each of them holds a [`Watch`]; the drain is
+//! over when every watch has been dropped.
+
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Where a drain stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Running,
+    /// Stop taking new work; finish what is open.
+    Draining,
+    /// The deadline passed: close now.
+    Forced,
+}
+
+/// Starts a drain; held by whoever owns the work (a service, the proxy).
+#[derive(Debug)]
+pub struct Trigger {
+    phase: watch::Sender<Phase>,
+}
+
+/// Held by each piece of work for as long as it runs.
+#[derive(Debug, Clone)]
+pub struct Watch {
+    phase: watch::Receiver<Phase>,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Everything finished before the deadline.
+    Finished,
+    /// This many were still open at the deadline and were forced to close.
+    Forced(usize),
+}
+
+/// A trigger and the first watch of a new drain.
+pub fn channel() -> (Trigger, Watch) {
+    let (phase, receiver) = watch::channel(Phase::Running);
+    (Trigger { phase }, Watch { phase: receiver })
+}
+
+impl Trigger {
+    /// Phase one: every watch's [`Watch::signaled`] resolves. Idempotent.
+    pub fn signal(&self) {
+        self.phase.send_if_modified(|phase| {
+            let moved = *phase == Phase::Running;
+            if moved {
+                *phase = Phase::Draining;
+            }
+            moved
+        });
+    }
+
+    /// Watches still held (work still open).
+    pub fn open(&self) -> usize {
+        self.phase.receiver_count()
+    }
+
+    /// Signals, waits up to `deadline` for every watch to be dropped, then
+    /// forces the rest and waits for them to go.
+    pub async fn drain(self, deadline: Duration) -> Outcome {
+        self.signal();
+        if tokio::time::timeout(deadline, self.phase.closed()).await.is_ok() {
+            return Outcome::Finished;
+        }
+        let open = self.open();
+        self.phase.send_replace(Phase::Forced);
+        self.phase.closed().await;
+        Outcome::Forced(open)
+    }
+}
+
+impl Watch {
+    /// Resolves once the drain has started (at once if it already has).
+    pub async fn signaled(&mut self) {
+        let _ = self.phase.wait_for(|phase| *phase >= Phase::Draining).await;
+    }
+
+    /// Resolves once the deadline has forced the drain.
+    pub async fn forced(&mut self) {
+        let _ = self.phase.wait_for(|phase| *phase == Phase::Forced).await;
+    }
+
+    /// Whether the drain has started.
+    pub fn is_signaled(&self) -> bool {
+        *self.phase.borrow() >= Phase::Draining
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_drain_with_nothing_open_finishes_at_once() {
+        let (trigger, watch) = channel();
+        drop(watch);
+        assert_eq!(trigger.drain(Duration::from_secs(3600)).await, Outcome::Finished);
+    }
+
+    #[tokio::test]
+    async fn work_sees_the_signal_and_the_drain_waits_for_it() {
+        let (trigger, mut watch) = channel();
+        let work = tokio::spawn(async move {
+            watch.signaled().await;
+            // Finishing up after the signal; the drain waits for this.
+            tokio::task::yield_now().await;
+            assert!(watch.is_signaled());
+        });
+        assert_eq!(trigger.drain(Duration::from_secs(3600)).await, Outcome::Finished);
+        work.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn work_still_open_at_the_deadline_is_forced() {
+        let (trigger, watch) = channel();
+        let mut stubborn = watch.clone();
+        let mut polite = watch;
+        let closes_on_signal = tokio::spawn(async move { polite.signaled().await });
+        let waits_for_force = tokio::spawn(async move { stubborn.forced().await });
+        assert_eq!(trigger.open(), 2);
+        assert_eq!(trigger.drain(Duration::from_secs(30)).await, Outcome::Forced(1));
+        closes_on_signal.await.unwrap();
+        waits_for_force.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_signal_is_seen_by_watches_cloned_after_it() {
+        let (trigger, watch) = channel();
+        trigger.signal();
+        trigger.signal();
+        let mut late = watch.clone();
+        late.signaled().await;
+        assert!(late.is_signaled());
+    }
+}
