@@ -469,3 +469,163 @@ async fn on_the_file_catalog_an_agent_renders_registrations_flags_and_draining()
     });
     registrar.stop();
 }
+
+/// One change under `/loopmesh/instances/` as a watch reports it.
+#[derive(Debug)]
+enum Change {
+    Put {
+        key: String,
+        value: serde_json::Value,
+        lease: i64,
+        create_revision: i64,
+    },
+    Delete {
+        key: String,
+    },
+}
+
+/// Every change under `/loopmesh/instances/` after a revision, in order:
+/// what the registrar wrote, not a sample of it.
+struct Changes {
+    stream: etcd_client::WatchStream,
+    pending: std::collections::VecDeque<Change>,
+    /// Kept so the watch lives as long as this.
+    _client: etcd_client::Client,
+}
+
+impl Changes {
+    async fn after(etcd: &Etcd, revision: i64) -> Changes {
+        let mut client = etcd.client().await;
+        let options = etcd_client::WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        let stream = client.watch("/loopmesh/instances/", Some(options)).await.unwrap();
+        Changes {
+            stream,
+            pending: Default::default(),
+            _client: client,
+        }
+    }
+
+    /// The next change, failing the test after PATIENCE.
+    async fn next(&mut self) -> Change {
+        loop {
+            if let Some(change) = self.pending.pop_front() {
+                return change;
+            }
+            let response = tokio::time::timeout(common::PATIENCE, self.stream.message())
+                .await
+                .expect("a change within PATIENCE")
+                .unwrap()
+                .expect("the watch stays open");
+            for event in response.events() {
+                let kv = event.kv().unwrap();
+                let key = kv.key_str().unwrap().to_string();
+                self.pending.push_back(match event.event_type() {
+                    etcd_client::EventType::Put => Change::Put {
+                        key,
+                        value: serde_json::from_slice(kv.value()).unwrap(),
+                        lease: kv.lease(),
+                        create_revision: kv.create_revision(),
+                    },
+                    etcd_client::EventType::Delete => Change::Delete { key },
+                });
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_edited_service_file_updates_the_instance_in_place() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let services = dir.path().join("registrar.d");
+    std::fs::create_dir_all(&services).unwrap();
+    let web = Backend::start(fresh_addr(), "200 OK", "ok").await;
+    // Nothing listens here: configured, checked, never registered.
+    let down = fresh_addr();
+    let file = |name: &str, id: &str, addr: SocketAddr, weight: u32, interval: &str| {
+        format!(
+            "service: {name}\nid: {id}\nhost: {}\nport: {}\nweight: {weight}\ncheck: {{interval: {interval}, timeout: 500ms, rise: 2, fall: 2}}\n",
+            addr.ip(),
+            addr.port()
+        )
+    };
+    let web_file = services.join("web.yaml");
+    let down_file = services.join("down.yaml");
+    std::fs::write(&web_file, file("web", "web-1", web.addr, 1, "100ms")).unwrap();
+    std::fs::write(&down_file, file("down", "down-1", down, 1, "100ms")).unwrap();
+    let config = registrar_config(dir.path(), &etcd, "services_dir: registrar.d\n");
+    let registrar = registrar(&config, "n1", dir.path());
+    let key = "/loopmesh/instances/web/web-1";
+    wait_present(&etcd, key).await;
+    let response = etcd.client().await.get(key, None).await.unwrap();
+    let registered = response.kvs().first().unwrap();
+    let (lease, created) = (registered.lease(), registered.create_revision());
+    let mut changes = Changes::after(&etcd, registered.mod_revision()).await;
+
+    // The canary recipe: only the weight changes. The next change in etcd
+    // is the new value, put under the same lease on the key never deleted
+    // (a delete would come first, and a re-put would have a new
+    // create_revision).
+    std::fs::write(&web_file, file("web", "web-1", web.addr, 5, "100ms")).unwrap();
+    match changes.next().await {
+        Change::Put {
+            key: put,
+            value,
+            lease: put_lease,
+            create_revision,
+        } => {
+            assert_eq!(put, key);
+            assert_eq!(value["weight"], 5, "{value}");
+            assert_eq!(value["state"], "up", "{value}");
+            assert_eq!(put_lease, lease, "the same lease");
+            assert_eq!(create_revision, created, "the key was never deleted");
+        }
+        other => panic!("expected the weight put on {key}, got {other:?}"),
+    }
+    registrar.wait_log("registrar: web/web-1 updated in place: weight 1 -> 5");
+
+    // A check setting changes on the healthy one, the weight on the one
+    // that is down: neither value in etcd changes, so nothing is written.
+    std::fs::write(&web_file, file("web", "web-1", web.addr, 5, "150ms")).unwrap();
+    std::fs::write(&down_file, file("down", "down-1", down, 3, "100ms")).unwrap();
+    registrar.wait_log("registrar: web/web-1 updated in place: check.interval 100ms -> 150ms");
+    registrar.wait_log("registrar: down/down-1 updated in place: weight 1 -> 3");
+    // A marker written by the registrar after it applied those edits: the
+    // next change must be this one, so the edits wrote nothing (no delete,
+    // no second put of the weight) and the key is still the same one.
+    std::fs::write(dir.path().join("state/flags/web-1"), "draining\n").unwrap();
+    match changes.next().await {
+        Change::Put {
+            key: put,
+            value,
+            lease: put_lease,
+            create_revision,
+        } => {
+            assert_eq!(put, key);
+            assert_eq!(value["state"], "draining", "the flag is the next write: {value}");
+            assert_eq!(value["weight"], 5, "{value}");
+            assert_eq!(put_lease, lease, "the same lease");
+            assert_eq!(create_revision, created, "the key was never deleted");
+        }
+        other => panic!("expected the flag's put on {key}, got {other:?}"),
+    }
+
+    // A new id is a new instance: the old key goes, the new one comes once
+    // its checks pass.
+    std::fs::write(&web_file, file("web", "web-2", web.addr, 5, "150ms")).unwrap();
+    match changes.next().await {
+        Change::Delete { key: deleted } => assert_eq!(deleted, key),
+        other => panic!("expected {key} deleted, got {other:?}"),
+    }
+    match changes.next().await {
+        Change::Put { key: put, value, .. } => {
+            assert_eq!(put, "/loopmesh/instances/web/web-2");
+            assert_eq!(value["state"], "up", "web-2 has no flag: {value}");
+        }
+        other => panic!("expected web/web-2 registered, got {other:?}"),
+    }
+    registrar.wait_log("registrar: web/web-1 is no longer configured");
+    registrar.stop();
+}

@@ -4,14 +4,19 @@
 use super::config::{Backend, CheckKind, HttpCheck};
 use http_body_util::{BodyExt, Limited};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 /// A backend turned healthy or unhealthy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Flip {
     pub key: String,
+    /// Which checker of `key` sent it: a flip still queued from a checker
+    /// that was stopped (its backend removed, maybe added again since)
+    /// must not decide for the one running now.
+    pub generation: u64,
     pub healthy: bool,
     /// The last check's result, for the log.
     pub detail: String,
@@ -87,8 +92,8 @@ async fn exec_check(command: &str, backend: &Backend) -> Result<(), String> {
     }
 }
 
-/// Rise/fall bookkeeping: a backend starts down and changes state only
-/// after `rise` passes or `fall` failures in a row.
+/// Rise/fall bookkeeping: a backend changes state only after `rise` passes
+/// or `fall` failures in a row.
 #[derive(Debug)]
 pub struct Health {
     rise: u32,
@@ -98,13 +103,25 @@ pub struct Health {
 }
 
 impl Health {
+    /// A backend never checked: down until `rise` passes.
     pub fn new(rise: u32, fall: u32) -> Self {
+        Health::starting_at(rise, fall, false)
+    }
+
+    /// A backend whose state is already known, when its check settings
+    /// change: a healthy one stays registered until `fall` failures, an
+    /// unhealthy one stays out until `rise` passes.
+    pub fn starting_at(rise: u32, fall: u32, healthy: bool) -> Self {
         Health {
             rise,
             fall,
-            healthy: false,
+            healthy,
             streak: 0,
         }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy
     }
 
     /// Records a result; `Some(healthy)` when the state flips.
@@ -149,19 +166,51 @@ impl Jitter {
     }
 }
 
-/// Checks `backend` forever, sending a [`Flip`] whenever its health
-/// changes. The first check runs after a random part of one interval; the
-/// rest every interval ±10%.
-pub async fn run(backend: Backend, flips: mpsc::UnboundedSender<Flip>) {
+/// Whether `new` is checked differently from `old`: another address or
+/// other check settings. Instance fields the checks do not use (weight,
+/// tags, zone, node) leave the checks as they are.
+fn checked_differently(old: &Backend, new: &Backend) -> bool {
+    old.check != new.check || old.instance.host != new.instance.host || old.instance.port != new.instance.port
+}
+
+/// Checks the backend in `backends` until its sender is dropped, sending a
+/// [`Flip`] whenever its health changes. The first check runs after a
+/// random part of one interval; the rest every interval ±10%.
+///
+/// An edit of the backend arrives through `backends` rather than as a new
+/// checker, so its health is never lost: one the checks do not use is
+/// simply seen by the next check; new check settings or a new address
+/// restart the schedule (and the rise/fall streak) with the new settings,
+/// starting from the health known so far.
+pub async fn run(
+    mut backends: watch::Receiver<Backend>,
+    generation: u64,
+    flips: mpsc::UnboundedSender<Flip>,
+) {
+    let mut backend = backends.borrow_and_update().clone();
     let key = backend.key();
-    let interval = backend.check.interval;
     let mut jitter = Jitter::new(&key);
     let mut health = Health::new(backend.check.rise, backend.check.fall);
     let result_counter = |result: &'static str| metrics::counter!("loopmesh_registrar_checks_total", "service" => backend.service.clone(), "instance" => backend.id.clone(), "result" => result);
     let (passed_total, failed_total) = (result_counter("pass"), result_counter("fail"));
     let duration = metrics::histogram!("loopmesh_registrar_check_duration_seconds", "service" => backend.service.clone(), "instance" => backend.id.clone());
-    tokio::time::sleep(interval.mul_f64(jitter.next())).await;
+    let mut next_check = Instant::now() + backend.check.interval.mul_f64(jitter.next());
     loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(next_check) => {}
+            changed = backends.changed() => {
+                if changed.is_err() {
+                    return; // no longer configured
+                }
+                let edited = backends.borrow_and_update().clone();
+                if checked_differently(&backend, &edited) {
+                    health = Health::starting_at(edited.check.rise, edited.check.fall, health.is_healthy());
+                    next_check = Instant::now() + edited.check.interval.mul_f64(jitter.next());
+                }
+                backend = edited;
+                continue;
+            }
+        }
         let started = Instant::now();
         let result = check_once(&backend).await;
         duration.record(started.elapsed().as_secs_f64());
@@ -177,6 +226,7 @@ pub async fn run(backend: Backend, flips: mpsc::UnboundedSender<Flip>) {
             if flips
                 .send(Flip {
                     key: key.clone(),
+                    generation,
                     healthy,
                     detail,
                 })
@@ -185,18 +235,16 @@ pub async fn run(backend: Backend, flips: mpsc::UnboundedSender<Flip>) {
                 return;
             }
         }
-        let next = interval.mul_f64(0.9 + 0.2 * jitter.next());
-        tokio::time::sleep(
-            next.saturating_sub(started.elapsed())
-                .max(Duration::from_millis(1)),
-        )
-        .await;
+        let next = backend.check.interval.mul_f64(0.9 + 0.2 * jitter.next());
+        next_check = (started + next).max(Instant::now() + Duration::from_millis(1));
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::config::{CheckConfig, ExecCheck};
     use super::*;
+    use crate::catalog::{Instance, InstanceState};
 
     #[test]
     fn rise_and_fall_need_results_in_a_row() {
@@ -212,6 +260,88 @@ mod tests {
         assert_eq!(health.record(false), None);
         assert_eq!(health.record(false), Some(false));
         assert_eq!(health.record(false), None);
+    }
+
+    #[test]
+    fn a_known_state_holds_until_fall_or_rise() {
+        let mut health = Health::starting_at(2, 3, true);
+        assert!(health.is_healthy());
+        assert_eq!(health.record(true), None, "already healthy: no flip");
+        assert_eq!(health.record(false), None);
+        assert_eq!(health.record(false), None);
+        assert_eq!(health.record(false), Some(false), "down after fall failures");
+        let mut health = Health::starting_at(2, 3, false);
+        assert!(!health.is_healthy());
+        assert_eq!(health.record(false), None, "already down: no flip");
+        assert_eq!(health.record(true), None);
+        assert_eq!(health.record(true), Some(true), "up after rise passes");
+        assert!(!Health::new(2, 3).is_healthy(), "a new backend starts down");
+    }
+
+    fn exec_backend(command: &str, rise: u32, fall: u32) -> Backend {
+        Backend {
+            service: "web".into(),
+            id: "web-1".into(),
+            instance: Instance {
+                host: "127.0.0.1".into(),
+                port: 8080,
+                node: None,
+                zone: None,
+                tags: Vec::new(),
+                weight: 1,
+                state: InstanceState::Up,
+            },
+            check: CheckConfig {
+                exec: Some(ExecCheck {
+                    command: command.into(),
+                }),
+                interval: Duration::from_millis(10),
+                rise,
+                fall,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn new_check_settings_keep_the_health_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let (edits, backends) = watch::channel(exec_backend("true", 1, 1));
+        let (flips_tx, mut flips) = mpsc::unbounded_channel();
+        let checker = tokio::spawn(run(backends, 7, flips_tx));
+        let patience = Duration::from_secs(30);
+        let mut next_flip = async move || {
+            tokio::time::timeout(patience, flips.recv())
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        let flip = next_flip().await;
+        assert!(flip.healthy);
+        assert_eq!((flip.key.as_str(), flip.generation), ("web/web-1", 7));
+
+        // Another command that passes, and leaves a mark once it ran: a
+        // checker that forgot the health would flip to healthy again at
+        // that first pass (rise 1), before it sees the next edit.
+        let marker = dir.path().join("ran");
+        let mut edited = exec_backend(&format!("touch {}", marker.display()), 1, 1);
+        edited.instance.weight = 5;
+        edits.send_replace(edited);
+        let ran = async {
+            while !marker.exists() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(patience, ran).await.unwrap();
+        edits.send_replace(exec_backend("false", 1, 1));
+        let flip = next_flip().await;
+        assert!(
+            !flip.healthy,
+            "the next flip is the failure, not a second rise: {flip:?}"
+        );
+
+        drop(edits);
+        checker.await.unwrap();
     }
 
     #[test]

@@ -194,6 +194,76 @@ impl Backend {
             ..self.instance.clone()
         }
     }
+
+    /// What an edit changed from `old` to this, one `field old -> new` each,
+    /// for the log line that says a backend was updated in place.
+    pub fn changes_from(&self, old: &Backend) -> Vec<String> {
+        fn optional(value: &Option<String>) -> String {
+            value.clone().unwrap_or_else(|| "none".into())
+        }
+        let (was, now) = (&old.instance, &self.instance);
+        let (was_check, now_check) = (&old.check, &self.check);
+        let fields = [
+            ("host", was.host.clone(), now.host.clone()),
+            ("port", was.port.to_string(), now.port.to_string()),
+            ("node", optional(&was.node), optional(&now.node)),
+            ("zone", optional(&was.zone), optional(&now.zone)),
+            (
+                "tags",
+                format!("[{}]", was.tags.join(", ")),
+                format!("[{}]", now.tags.join(", ")),
+            ),
+            ("weight", was.weight.to_string(), now.weight.to_string()),
+            (
+                "check",
+                was_check.kind().to_string(),
+                now_check.kind().to_string(),
+            ),
+            (
+                "check.interval",
+                crate::duration::format(was_check.interval),
+                crate::duration::format(now_check.interval),
+            ),
+            (
+                "check.timeout",
+                crate::duration::format(was_check.timeout),
+                crate::duration::format(now_check.timeout),
+            ),
+            (
+                "check.rise",
+                was_check.rise.to_string(),
+                now_check.rise.to_string(),
+            ),
+            (
+                "check.fall",
+                was_check.fall.to_string(),
+                now_check.fall.to_string(),
+            ),
+        ];
+        fields
+            .into_iter()
+            .filter(|(_, before, after)| before != after)
+            .map(|(field, before, after)| format!("{field} {before} -> {after}"))
+            .collect()
+    }
+}
+
+/// How a check reads in a log line: `tcp`, `http /health 200 body "ok"`,
+/// `exec "pg_isready -q"`.
+impl std::fmt::Display for CheckKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckKind::Tcp => write!(f, "tcp"),
+            CheckKind::Http(http) => {
+                write!(f, "http {} {}", http.path, http.status)?;
+                match &http.body {
+                    Some(body) => write!(f, " body {body:?}"),
+                    None => Ok(()),
+                }
+            }
+            CheckKind::Exec(exec) => write!(f, "exec {:?}", exec.command),
+        }
+    }
 }
 
 impl RegistrarConfig {
@@ -397,4 +467,39 @@ pub fn write_flag(flags_dir: &Path, id: &str, state: InstanceState) -> std::io::
     let staged = flags_dir.join(format!(".{id}.tmp"));
     std::fs::write(&staged, format!("{word}\n"))?;
     std::fs::rename(&staged, &path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(config: &RegistrarConfig, yaml: &str) -> Backend {
+        let service: ServiceCheck = crate::yaml::from_str(yaml).unwrap();
+        config.backend(&service).unwrap()
+    }
+
+    #[test]
+    fn changes_name_each_edited_field() {
+        let config = RegistrarConfig {
+            node: Some("n1".into()),
+            ..RegistrarConfig::default()
+        };
+        let old = backend(&config, "service: web\nport: 8080\ntags: [blue]\n");
+        assert_eq!(old.changes_from(&old), Vec::<String>::new());
+        let new = backend(
+            &config,
+            "service: web\nport: 8080\ntags: [blue, canary]\nweight: 5\nzone: z1\ncheck: {http: {path: /health}, interval: 500ms, fall: 1}\n",
+        );
+        assert_eq!(
+            new.changes_from(&old),
+            [
+                "zone none -> z1",
+                "tags [blue] -> [blue, canary]",
+                "weight 1 -> 5",
+                "check tcp -> http /health 200",
+                "check.interval 2s -> 500ms",
+                "check.fall 3 -> 1",
+            ]
+        );
+    }
 }

@@ -5,6 +5,10 @@
 //! reached). The main loop owns the registry and decides what each key
 //! should hold: a healthy backend is registered with the state an operator
 //! set by flag (`up`, `draining`, `maintenance`), an unhealthy one is not.
+//! A backend is its key, `<service>/<id>`: an edit of anything else
+//! (weight, tags, check settings, even host and port) goes to the running
+//! checker and keeps the backend's health, so a registered backend stays
+//! registered and its value is rewritten in place.
 //! A store outage never flaps anything: checks go on, the lease outlives
 //! short blips, and whatever could not be written is retried.
 
@@ -21,7 +25,7 @@ use registry::Registry;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +41,12 @@ pub enum RegistrarError {
 /// A backend being checked, and what the registrar knows of it.
 struct Running {
     backend: Backend,
+    /// The checker's copy of the backend: edits are sent here rather than
+    /// to a new checker, which would start down and deregister it.
+    edits: watch::Sender<Backend>,
     checker: JoinHandle<()>,
+    /// Tells this checker's flips from those of an earlier one of the key.
+    generation: u64,
     healthy: bool,
 }
 
@@ -49,6 +58,8 @@ pub struct Registrar {
     config: RegistrarConfig,
     registry: Registry,
     running: BTreeMap<String, Running>,
+    /// The generation of the last checker started.
+    generation: u64,
     /// Operators' flags by instance id.
     flags: HashMap<String, InstanceState>,
     flips_tx: mpsc::UnboundedSender<check::Flip>,
@@ -67,6 +78,7 @@ impl Registrar {
             config,
             registry,
             running: BTreeMap::new(),
+            generation: 0,
             flags: HashMap::new(),
             flips_tx,
             flips,
@@ -170,8 +182,12 @@ impl Registrar {
 
     /// A backend crossed rise or fall.
     async fn on_flip(&mut self, flip: check::Flip) {
-        let Some(running) = self.running.get_mut(&flip.key) else {
-            return;
+        let Some(running) = self
+            .running
+            .get_mut(&flip.key)
+            .filter(|running| running.generation == flip.generation)
+        else {
+            return; // from a checker stopped since
         };
         running.healthy = flip.healthy;
         let (checks, word) = if flip.healthy {
@@ -259,27 +275,39 @@ impl Registrar {
         self.flags = flags;
     }
 
-    /// Starts checking new backends, stops (and deregisters) removed ones,
-    /// restarts changed ones.
+    /// Makes the running backends the configured ones, by key
+    /// (`<service>/<id>`): a key no longer configured is deregistered and
+    /// its checker stopped; a new one gets a checker and is down until
+    /// `rise` passes; a key still configured but edited is updated in
+    /// place, keeping its checker and its health, so a registered backend
+    /// is rewritten once under the same lease (or not at all if its value
+    /// did not change) and an unregistered one stays out.
     async fn apply_backends(&mut self, backends: Vec<Backend>) {
         let wanted: BTreeMap<String, Backend> = backends.into_iter().map(|b| (b.key(), b)).collect();
         let gone: Vec<String> = self
             .running
-            .iter()
-            .filter(|(key, running)| wanted.get(*key) != Some(&running.backend))
-            .map(|(key, _)| key.clone())
+            .keys()
+            .filter(|key| !wanted.contains_key(*key))
+            .cloned()
             .collect();
         for key in gone {
             if let Some(running) = self.running.remove(&key) {
                 running.checker.abort();
-                if !wanted.contains_key(&key) {
-                    tracing::info!("registrar: {key} is no longer configured; deregistering it");
-                }
+                tracing::info!("registrar: {key} is no longer configured; deregistering it");
                 self.registry.set(&key, None).await;
             }
         }
         for (key, backend) in wanted {
-            if self.running.contains_key(&key) {
+            if let Some(running) = self.running.get_mut(&key) {
+                if running.backend != backend {
+                    tracing::info!(
+                        "registrar: {key} updated in place: {}",
+                        backend.changes_from(&running.backend).join(", ")
+                    );
+                    running.edits.send_replace(backend.clone());
+                    running.backend = backend;
+                    self.publish(&key).await;
+                }
                 continue;
             }
             tracing::info!(
@@ -288,12 +316,16 @@ impl Registrar {
                 backend.instance.port,
                 backend.check.interval
             );
-            let checker = tokio::spawn(check::run(backend.clone(), self.flips_tx.clone()));
+            let (edits, checked) = watch::channel(backend.clone());
+            self.generation += 1;
+            let checker = tokio::spawn(check::run(checked, self.generation, self.flips_tx.clone()));
             self.running.insert(
                 key,
                 Running {
                     backend,
+                    edits,
                     checker,
+                    generation: self.generation,
                     healthy: false,
                 },
             );

@@ -52,17 +52,21 @@ impl Registry {
     }
 
     /// Wants `key` (`<service>/<id>`) to hold `value`, or to be gone.
-    /// Applied at once if the store answers, else on a later tick.
+    /// Applied at once if the store answers, else on a later tick. Wanting
+    /// what is already wanted writes nothing: an edit that leaves the value
+    /// alone (a check setting, an unregistered backend) is no store event.
     pub async fn set(&mut self, key: &str, value: Option<Vec<u8>>) {
         let (desired, dirty) = match self {
             Registry::Etcd(etcd) => (&mut etcd.desired, &mut etcd.dirty),
             Registry::File(file) => (&mut file.desired, &mut file.dirty),
         };
-        match value {
-            Some(value) => desired.insert(key.to_string(), value),
-            None => desired.remove(key),
-        };
-        dirty.insert(key.to_string());
+        if desired.get(key) != value.as_ref() {
+            match value {
+                Some(value) => desired.insert(key.to_string(), value),
+                None => desired.remove(key),
+            };
+            dirty.insert(key.to_string());
+        }
         self.flush().await;
     }
 
