@@ -389,6 +389,14 @@ pub fn parse_instance(value: &[u8]) -> Result<Instance, CatalogError> {
     Ok(instance)
 }
 
+/// Parses an address value (`addresses/<service>`), before the agent's own
+/// checks against its listeners; shared with the ops verbs so they judge
+/// the value as agents do.
+pub fn parse_address(value: &[u8]) -> Result<Ipv4Addr, CatalogError> {
+    let text = std::str::from_utf8(value).map_err(|_| CatalogError::NotUtf8)?;
+    parse_service_address(text).map_err(|e| CatalogError::Value(e.to_string()))
+}
+
 /// A service's address and when its key was created (earlier wins a clash).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AddressClaim {
@@ -564,9 +572,7 @@ impl Catalog {
                 self.entry_mut(service).instances.insert(id.clone(), instance);
                 Vec::new()
             }),
-            Key::Address(service) => std::str::from_utf8(value)
-                .map_err(|_| CatalogError::NotUtf8)
-                .and_then(|text| parse_service_address(text).map_err(|e| CatalogError::Value(e.to_string())))
+            Key::Address(service) => parse_address(value)
                 .and_then(|addr| {
                     let port = self
                         .entry(service)

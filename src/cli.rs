@@ -6,7 +6,7 @@
 use crate::agent::{self, Pipeline};
 use crate::config::{AgentConfig, Overrides};
 use crate::ops::Ops;
-use crate::registrar::config::{parse_state, write_flag, RegistrarConfig};
+use crate::registrar::config::{parse_state, RegistrarConfig};
 use crate::registrar::Registrar;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -62,6 +62,10 @@ pub enum Command {
         /// Registrar config file (names the flags directory).
         #[arg(long, value_name = "FILE", default_value = "/etc/loopmesh/registrar.yaml")]
         config: PathBuf,
+        /// Node name, as given to the registrar with --node (default: the
+        /// config's `node`, else the hostname); default ids are `<node>-<port>`.
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
         /// Instance id (as registered: `<node>-<port>` unless configured).
         instance: String,
         /// up, draining or maintenance.
@@ -104,11 +108,15 @@ pub enum ServiceVerb {
 pub enum InstanceVerb {
     /// List instances (of one service, or all) with their state.
     List { service: Option<String> },
-    /// Set an instance's state: up, draining or maintenance.
+    /// Set an instance's state: up, draining or maintenance. A registrar's
+    /// instance (under a lease) is refused: use `loopmesh set-state` on its node.
     SetState {
         service: String,
         id: String,
         state: String,
+        /// Write a registrar's instance anyway; its flag wins at its next write.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -297,8 +305,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 let ops = Ops::new(etcd.etcd, &etcd.prefix)?;
                 let out = match verb {
                     InstanceVerb::List { service } => ops.list_instances(service.as_deref()).await?,
-                    InstanceVerb::SetState { service, id, state } => {
-                        ops.set_instance_state(&service, &id, &state).await?
+                    InstanceVerb::SetState {
+                        service,
+                        id,
+                        state,
+                        force,
+                    } => {
+                        let set = ops.set_instance_state(&service, &id, &state, force).await?;
+                        if let Some(warning) = &set.warning {
+                            eprintln!("{warning}");
+                        }
+                        format!("{}: {}", set.key, set.state.as_str())
                     }
                 };
                 print!("{}", ensure_newline(out));
@@ -317,16 +334,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Command::SetState {
                 config,
+                node,
                 instance,
                 state,
             } => {
                 let state = parse_state(&state).map_err(|reason| anyhow::anyhow!("{reason}"))?;
                 crate::catalog::check_instance_id(&instance)?;
-                let config = RegistrarConfig::load(&config, &Overrides::default())?;
-                let flags = config.flags_dir();
-                write_flag(&flags, &instance, state).with_context(|| {
-                    format!("cannot write the flag for {instance} in {}", flags.display())
-                })?;
+                let overrides = Overrides {
+                    node,
+                    ..Overrides::default()
+                };
+                let loaded = RegistrarConfig::load(&config, &overrides)?;
+                let flags = loaded.set_flag(&config, &instance, state)?;
                 println!("{instance}: {} (flag in {})", state.as_str(), flags.display());
             }
             Command::Render { args, .. } => {

@@ -384,7 +384,15 @@ async fn service_files_reload_without_restart_and_flags_set_state() {
     let id = format!("n1-{}", api.addr.port());
     let set_state = |state: &str| {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_loopmesh"))
-            .args(["set-state", "--config", config.to_str().unwrap(), &id, state])
+            .args([
+                "set-state",
+                "--config",
+                config.to_str().unwrap(),
+                "--node",
+                "n1",
+                &id,
+                state,
+            ])
             .output()
             .unwrap();
         (
@@ -628,4 +636,86 @@ async fn an_edited_service_file_updates_the_instance_in_place() {
     }
     registrar.wait_log("registrar: web/web-1 is no longer configured");
     registrar.stop();
+}
+
+#[test]
+fn set_state_refuses_an_id_the_registrar_does_not_know() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("registrar.d")).unwrap();
+    std::fs::write(
+        dir.path().join("registrar.d/api.yaml"),
+        "service: api\nport: 9001\n",
+    )
+    .unwrap();
+    let config = dir.path().join("registrar.yaml");
+    std::fs::write(
+        &config,
+        "node: n1\nstore: {catalog_dir: catalog}\nstate_dir: state\nservices_dir: registrar.d\nservices:\n  - {service: web, port: 8080}\n  - {service: web, port: 8081, id: web-blue}\n",
+    )
+    .unwrap();
+    let empty = dir.path().join("empty.yaml");
+    std::fs::write(
+        &empty,
+        "node: n1\nstore: {catalog_dir: catalog}\nstate_dir: state\n",
+    )
+    .unwrap();
+    let set_state = |config: &Path, id: &str, state: &str| {
+        common::run(&["set-state", "--config", config.to_str().unwrap(), id, state])
+    };
+    let flags = dir.path().join("state/flags");
+
+    for state in ["maintenance", "up"] {
+        let (ok, out, err) = set_state(&config, "n1-9999", state);
+        assert!(!ok, "an unknown id was accepted: {out}");
+        assert!(
+            err.contains(&format!(
+                "instance id \"n1-9999\" is not one of the backends of {} on node n1 (known ids: n1-8080, web-blue, n1-9001); no flag written",
+                config.display()
+            )),
+            "{err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(!flags.join("n1-9999").exists(), "no flag file written");
+    }
+    let (ok, _, err) = set_state(&empty, "n1-8080", "draining");
+    assert!(!ok);
+    assert!(
+        err.contains("is not one of the backends of") && err.contains("(it has no backends)"),
+        "{err}"
+    );
+    assert!(!flags.join("n1-8080").exists(), "no flag file written");
+
+    // Default ids follow the node name, which --node sets as for the registrar.
+    let (ok, _, err) = common::run(&[
+        "set-state",
+        "--config",
+        config.to_str().unwrap(),
+        "--node",
+        "n2",
+        "n1-8080",
+        "draining",
+    ]);
+    assert!(
+        !ok && err.contains("on node n2 (known ids: n2-8080, web-blue, n2-9001)"),
+        "{err}"
+    );
+    let (ok, _, err) = common::run(&[
+        "set-state",
+        "--config",
+        config.to_str().unwrap(),
+        "--node",
+        "n2",
+        "n2-8080",
+        "draining",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(read(&flags.join("n2-8080")).as_deref(), Some("draining\n"));
+
+    // A known id, from the config or from services_dir, is flagged.
+    for id in ["web-blue", "n1-9001"] {
+        let (ok, out, err) = set_state(&config, id, "maintenance");
+        assert!(ok, "{err}");
+        assert_eq!(out, format!("{id}: maintenance (flag in {})\n", flags.display()));
+        assert_eq!(read(&flags.join(id)).as_deref(), Some("maintenance\n"));
+    }
 }

@@ -10,6 +10,32 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Why an operator's state flag was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum FlagError {
+    #[error("cannot check {id} against the backends of {config}: {source}; no flag written")]
+    Backends {
+        id: String,
+        config: String,
+        source: ConfigError,
+    },
+    #[error(
+        "instance id {id:?} is not one of the backends of {config} on node {node} ({known}); no flag written"
+    )]
+    UnknownId {
+        id: String,
+        config: String,
+        node: String,
+        known: String,
+    },
+    #[error("cannot write the flag for {id} in {dir}: {source}")]
+    Write {
+        id: String,
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// `registrar.yaml`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -424,6 +450,49 @@ impl RegistrarConfig {
             }
         }
         Ok(backends)
+    }
+}
+
+impl RegistrarConfig {
+    /// Writes an operator's state flag for one of this registrar's backends
+    /// (`origin`: the config file, to name it); returns the flags directory.
+    ///
+    /// An id that is none of them is refused: the registrar reads flags only
+    /// for its backends, so such a flag would change nothing, silently.
+    pub fn set_flag(&self, origin: &Path, id: &str, state: InstanceState) -> Result<PathBuf, FlagError> {
+        let config = origin.display().to_string();
+        let backends = self.backends().map_err(|source| FlagError::Backends {
+            id: id.to_string(),
+            config: config.clone(),
+            source,
+        })?;
+        if !backends.iter().any(|backend| backend.id == id) {
+            let known = if backends.is_empty() {
+                "it has no backends".to_string()
+            } else {
+                // An id may serve two services (one flag for both): name it once.
+                let mut ids: Vec<&str> = Vec::new();
+                for backend in &backends {
+                    if !ids.contains(&backend.id.as_str()) {
+                        ids.push(&backend.id);
+                    }
+                }
+                format!("known ids: {}", ids.join(", "))
+            };
+            return Err(FlagError::UnknownId {
+                id: id.to_string(),
+                config,
+                node: self.node_name(),
+                known,
+            });
+        }
+        let dir = self.flags_dir();
+        write_flag(&dir, id, state).map_err(|source| FlagError::Write {
+            id: id.to_string(),
+            dir: dir.clone(),
+            source,
+        })?;
+        Ok(dir)
     }
 }
 
