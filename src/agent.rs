@@ -12,11 +12,12 @@ use crate::agent_status::{AgentStatus, DnsStatus, Published};
 use crate::catalog::Catalog;
 use crate::config::{AgentConfig, ConfigError};
 use crate::dns::{DnsError, DnsServer};
-use crate::proxy::{ProxyManager, ProxySettings};
+use crate::proxy::{ApplyReport, ProxyManager, ProxySettings};
 use crate::render::{Dirty, RenderError, Renderer, Report};
+use crate::routing::Route;
 use crate::state::{self, LastKnownGood, StateError};
 use crate::store::{AnyStore, Change, Store, StoreError, StoreEvent};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -318,21 +319,25 @@ impl Pipeline {
         report
     }
 
-    /// Renders, then reloads the data plane if the routing table changed
-    /// and the DNS server if the zone did.
+    /// Renders, then hands the data plane the routes that changed (only
+    /// those: a change to one service costs one service) and reloads the
+    /// DNS server if the zone changed.
     pub async fn render_and_apply(&mut self) -> Report {
         let report = self.render();
         self.applied = true;
-        let routes = routes_dir(&self.config);
-        let touched =
-            |wanted: &dyn Fn(&Path) -> bool| report.written.iter().chain(&report.removed).any(|p| wanted(p));
-        if touched(&|path| path.starts_with(&routes)) {
-            if let Some(proxy) = &mut self.proxy {
-                reload_data_plane(proxy, &routes).await;
+        if let Some(proxy) = &mut self.proxy {
+            let changes = changed_routes(&routes_dir(&self.config), &report);
+            if !changes.is_empty() {
+                apply_routes(proxy, changes).await;
             }
         }
         let zone = zone_path(&self.config);
-        if touched(&|path| path == zone) {
+        if report
+            .written
+            .iter()
+            .chain(&report.removed)
+            .any(|path| *path == zone)
+        {
             if let Some(dns) = &self.dns {
                 dns.reload_or_keep();
             }
@@ -659,8 +664,58 @@ fn new_proxy(config: &AgentConfig) -> Result<ProxyManager, crate::proxy::Error> 
     Ok(proxy)
 }
 
-/// Loads the routing table from disk and applies it; a table that fails
-/// validation is refused as a whole and the running one stays.
+/// The routes a render pass wrote or removed, read back from disk (what
+/// the data plane serves is what the files say), by service; `None` for a
+/// removed one. A file that does not read back (it passed the render's
+/// check, so only a hand edit in between does that) is left out with one
+/// line: its service keeps the route it has.
+fn changed_routes(routes: &Path, report: &Report) -> BTreeMap<String, Option<Route>> {
+    let in_table = |path: &&PathBuf| path.parent() == Some(routes);
+    let service_of = |path: &Path| path.file_stem().map(|stem| stem.to_string_lossy().into_owned());
+    let mut changes = BTreeMap::new();
+    for path in report.removed.iter().filter(in_table) {
+        if let Some(service) = service_of(path) {
+            changes.insert(service, None);
+        }
+    }
+    for path in report.written.iter().filter(in_table) {
+        match crate::routing::load_route(path) {
+            Ok(route) => {
+                changes.insert(route.service.clone(), Some(route));
+            }
+            Err(err) => {
+                tracing::error!("{err}; the service keeps the route it has");
+                metrics::counter!("loopmesh_proxy_table_refusals_total").increment(1);
+            }
+        }
+    }
+    changes
+}
+
+/// Hands the data plane the routes that changed; says what changed.
+async fn apply_routes(proxy: &mut ProxyManager, changes: BTreeMap<String, Option<Route>>) {
+    let report = proxy.update(changes).await;
+    log_apply(proxy, &report);
+}
+
+/// Counts an apply, and logs it if it changed anything.
+fn log_apply(proxy: &ProxyManager, report: &ApplyReport) {
+    metrics::counter!("loopmesh_proxy_reloads_total").increment(1);
+    if report.changed_anything() {
+        tracing::info!(
+            "data plane: {} listening ({} added, {} updated, {} removed), {} failed",
+            proxy.listening().len(),
+            report.added.len(),
+            report.updated.len(),
+            report.removed.len(),
+            report.failed.len()
+        );
+    }
+}
+
+/// Loads the whole routing table from disk and applies it (start, static
+/// mode); a table that fails validation is refused as a whole and the
+/// running one stays.
 pub async fn reload_data_plane(proxy: &mut ProxyManager, routes: &Path) {
     let table = match blocking(|| crate::routing::load_table(routes)) {
         Ok(table) => table,
@@ -671,17 +726,7 @@ pub async fn reload_data_plane(proxy: &mut ProxyManager, routes: &Path) {
         }
     };
     let report = proxy.apply(&table).await;
-    metrics::counter!("loopmesh_proxy_reloads_total").increment(1);
-    if !(report.added.is_empty() && report.removed.is_empty() && report.updated.is_empty()) {
-        tracing::info!(
-            "data plane: {} listening ({} added, {} updated, {} removed), {} failed",
-            proxy.listening().len(),
-            report.added.len(),
-            report.updated.len(),
-            report.removed.len(),
-            report.failed.len()
-        );
-    }
+    log_apply(proxy, &report);
 }
 
 /// Static mode: serve the hand-written routing table, reloading it whenever

@@ -19,6 +19,66 @@ async fn who_answers(addr: SocketAddr) -> Option<(BufReader<TcpStream>, String)>
     (reader.read_line(&mut id).await.ok()? > 0).then(|| (reader, id.trim().to_string()))
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_reaches_the_data_plane_as_that_services_route_alone() {
+    let etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_config(dir.path(), &etcd, "");
+    let agent = Loopmesh::spawn(&["agent", "--config", config.to_str().unwrap()], dir.path());
+    let (one, two, other) = (backend("one").await, backend("two").await, backend("other").await);
+    let (changing, quiet) = (service_addr(), service_addr());
+    for (name, svc, id, at) in [
+        ("changing", changing, "one", one),
+        ("quiet", quiet, "other", other),
+    ] {
+        client
+            .put(format!("/loopmesh/addresses/{name}"), svc.ip().to_string(), None)
+            .await
+            .unwrap();
+        client
+            .put(
+                format!("/loopmesh/services/{name}"),
+                format!("port: {}", svc.port()),
+                None,
+            )
+            .await
+            .unwrap();
+        client
+            .put(format!("/loopmesh/instances/{name}/{id}"), instance(at), None)
+            .await
+            .unwrap();
+    }
+    eventually_async("changing to answer", || who_answers(changing)).await;
+    eventually_async("quiet to answer", || who_answers(quiet)).await;
+
+    // The other service's route file, spoiled behind the agent's back: a
+    // change elsewhere must not read it (reading every route per change
+    // refused the whole table here, and cost the size of the table).
+    let spoiled = dir.path().join("state/routes/quiet.json");
+    std::fs::write(&spoiled, "{not a route").unwrap();
+    client
+        .put("/loopmesh/instances/changing/two", instance(two), None)
+        .await
+        .unwrap();
+    client
+        .delete("/loopmesh/instances/changing/one", None)
+        .await
+        .unwrap();
+    eventually_async("changing to move to two", || async {
+        let (_, id) = who_answers(changing).await?;
+        (id == "two").then_some(())
+    })
+    .await;
+    let (_, id) = who_answers(quiet).await.expect("quiet still answers");
+    assert_eq!(id, "other");
+    assert!(
+        !agent.log_text().contains("quiet.json"),
+        "a change to another service read quiet's route:\n{}",
+        agent.log_text()
+    );
+}
+
 /// A service address owned by this test: a unique IP and a free port on it.
 fn service_addr() -> SocketAddr {
     std::net::TcpListener::bind((unique_ip(), 0))
