@@ -42,4 +42,5 @@ pub mod routing;
 pub mod state;
 pub mod store;
 pub mod systemd;
+pub mod takeover;
 pub mod yaml;
