@@ -12,6 +12,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -70,15 +72,71 @@ const BIND_RETRY: Duration = Duration::from_secs(2);
 /// sends half a request is closed then instead of holding its descriptor.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves the admin API on `addr` forever. A taken address is logged once
-/// and retried: the daemon keeps doing its job without its admin API. At
-/// most [`ADMIN_CONNECTIONS`] are served at once (the admin's share of the
-/// descriptors, [`crate::limits`]), each bound by [`HEADER_READ_TIMEOUT`].
+/// Serves the admin API on `addr` until the process ends (the registrar's
+/// way; the agent keeps an [`AdminServer`] to hand its socket over).
 pub async fn serve(addr: SocketAddr, metrics: PrometheusHandle, status: Arc<dyn Status>) {
+    let (_never_stopped, watch) = crate::proxy::drain::channel();
+    run(addr, None, metrics, status, watch, Arc::new(AtomicI32::new(-1))).await;
+}
+
+/// A running admin API whose listening socket can be handed to a successor.
+pub struct AdminServer {
+    stop: crate::proxy::drain::Trigger,
+    task: tokio::task::JoinHandle<()>,
+    /// The listening descriptor once bound (-1 before).
+    fd: Arc<AtomicI32>,
+}
+
+impl AdminServer {
+    /// Starts serving on `addr`, or on `inherited` (a predecessor's socket).
+    pub fn start(
+        addr: SocketAddr,
+        inherited: Option<OwnedFd>,
+        metrics: PrometheusHandle,
+        status: Arc<dyn Status>,
+    ) -> AdminServer {
+        let (stop, watch) = crate::proxy::drain::channel();
+        let fd = Arc::new(AtomicI32::new(-1));
+        let inherited = inherited.map(std::net::TcpListener::from);
+        let task = tokio::spawn(run(addr, inherited, metrics, status, watch, fd.clone()));
+        AdminServer { stop, task, fd }
+    }
+
+    /// The listening descriptor, if bound.
+    pub fn fd(&self) -> Option<RawFd> {
+        Some(self.fd.load(Ordering::Acquire)).filter(|fd| *fd >= 0)
+    }
+
+    /// Stops accepting (the listener is closed in this process when this
+    /// returns); requests in progress finish.
+    pub async fn stop_accepting(self) {
+        self.stop.signal();
+        let _ = self.task.await;
+    }
+}
+
+/// Binds (retrying a taken address, logged once) or adopts the listener,
+/// then serves until `stop` is signaled. At most [`ADMIN_CONNECTIONS`] are
+/// served at once (the admin's share of the descriptors,
+/// [`crate::limits`]), each bound by [`HEADER_READ_TIMEOUT`]. The daemon
+/// keeps doing its job without its admin API meanwhile.
+async fn run(
+    addr: SocketAddr,
+    inherited: Option<std::net::TcpListener>,
+    metrics: PrometheusHandle,
+    status: Arc<dyn Status>,
+    mut stop: crate::proxy::drain::Watch,
+    fd: Arc<AtomicI32>,
+) {
     let budget = ConnectionBudget::new("admin", ADMIN_CONNECTIONS);
     let mut logged = false;
+    let mut inherited = inherited.filter(|listener| listener.set_nonblocking(true).is_ok());
     let listener = loop {
-        match TcpListener::bind(addr).await {
+        let bound = match inherited.take() {
+            Some(listener) => TcpListener::from_std(listener),
+            None => TcpListener::bind(addr).await,
+        };
+        match bound {
             Ok(listener) => break listener,
             Err(err) => {
                 if !logged {
@@ -88,16 +146,24 @@ pub async fn serve(addr: SocketAddr, metrics: PrometheusHandle, status: Arc<dyn 
                     );
                     logged = true;
                 }
-                tokio::time::sleep(BIND_RETRY).await;
+                tokio::select! {
+                    () = tokio::time::sleep(BIND_RETRY) => {}
+                    () = stop.signaled() => return,
+                }
             }
         }
     };
+    fd.store(listener.as_raw_fd(), Ordering::Release);
     tracing::info!(
         "admin: listening on http://{addr} (/metrics /live /ready {})",
         status.views().join(" ")
     );
     loop {
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.signaled() => break,
+        };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(err) => {
                 // Out of file descriptors and the like: back off, do not spin.
@@ -108,7 +174,10 @@ pub async fn serve(addr: SocketAddr, metrics: PrometheusHandle, status: Arc<dyn 
         };
         // With every slot taken this waits, and the listener accepts no
         // more until a connection ends.
-        let slot = budget.admit().await;
+        let slot = tokio::select! {
+            slot = budget.admit() => slot,
+            () = stop.signaled() => break,
+        };
         let (metrics, status) = (metrics.clone(), status.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
@@ -123,6 +192,7 @@ pub async fn serve(addr: SocketAddr, metrics: PrometheusHandle, status: Arc<dyn 
             drop(slot);
         });
     }
+    fd.store(-1, Ordering::Release);
 }
 
 fn respond(

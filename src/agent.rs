@@ -7,7 +7,9 @@
 //! the files it rendered last and says it is stale.
 
 use crate::addresses::AddressPool;
-use crate::admin::AdminError;
+use crate::admin::{AdminError, AdminServer};
+use crate::succession::{self, Listening, Succession};
+use crate::takeover::{Handover, Inherited, Socket, TakeoverError};
 use crate::agent_status::{AgentStatus, DnsStatus, Published};
 use crate::catalog::Catalog;
 use crate::config::{AgentConfig, ConfigError};
@@ -45,6 +47,8 @@ pub enum AgentError {
     Admin(#[from] AdminError),
     #[error(transparent)]
     Proxy(#[from] crate::proxy::Error),
+    #[error(transparent)]
+    Takeover(#[from] TakeoverError),
     #[error("store.catalog_dir: {} does not exist; nothing was changed. Fix the path, create the directory, or set store.create_catalog_dir: true to start with an empty catalog", dir.display())]
     MissingCatalogDir { dir: PathBuf },
     #[error("{count} file(s) failed to render; see the errors above")]
@@ -400,29 +404,50 @@ impl Pipeline {
     }
 
     /// Runs until `shutdown` completes.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    /// Runs until `shutdown` completes, or until a successor has taken the
+    /// sockets over. With `handover`, starts on a predecessor's sockets
+    /// (`--takeover`) and tells it once this process serves.
+    pub async fn run(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+        mut handover: Option<Handover>,
+    ) -> Result<(), AgentError> {
         ensure_catalog_dir(&self.config)?;
-        let _lock = state::lock(&self.config.state_dir)?;
+        let mut inherited = handover
+            .as_mut()
+            .map(|handover| std::mem::take(&mut handover.inherited))
+            .unwrap_or_default();
+        let lock = succession::lock(&self.config.state_dir, &mut inherited)?;
         tracing::info!(
-            "agent {} starting: {}, state in {}",
+            "agent {} starting: {}, state in {}{}",
             self.config.node_name(),
             self.store.describe(),
-            self.config.state_dir.display()
+            self.config.state_dir.display(),
+            if handover.is_some() {
+                format!(", taking over {} socket(s)", inherited.len() + 1)
+            } else {
+                String::new()
+            }
         );
         self.announce_last_known_good();
-        if self.config.admin.enabled {
-            let metrics = crate::admin::install_recorder()?;
-            let status: Arc<dyn crate::admin::Status> = self.status.clone();
-            tokio::spawn(crate::admin::serve(self.config.admin.listen, metrics, status));
-        }
+        let mut admin = self
+            .config
+            .admin
+            .enabled
+            .then(|| start_admin(&self.config, &mut inherited, self.status.clone()))
+            .transpose()?;
+        succession::adopt(&mut inherited, self.proxy.as_mut(), self.dns.as_mut());
         if let Some(proxy) = &mut self.proxy {
             reload_data_plane(proxy, &routes_dir(&self.config)).await;
+            proxy.close_unused_inherited();
             // The last known good table on disk counts as applied (stale).
             self.applied = !proxy.listening().is_empty() || !proxy.failed().is_empty();
         }
         if let Some(dns) = &mut self.dns {
             start_dns(dns).await;
         }
+        succession::serving(handover).await;
+        let mut succession = Succession::start(&self.config.state_dir)?;
         self.publish_status();
         let mut watchdog = crate::systemd::Watchdog::new();
         let (tx, mut rx) = mpsc::channel(1024);
@@ -435,6 +460,7 @@ impl Pipeline {
         let mut last_change = Instant::now();
         let mut retry_at: Option<Instant> = None;
         let mut bind_retry = tokio::time::interval(BIND_RETRY);
+        let mut handed_over = false;
         loop {
             let deadline = match (first_change, retry_at) {
                 (Some(first), _) => Some((last_change + debounce).min(first + max_delay)),
@@ -484,21 +510,61 @@ impl Pipeline {
                 }
                 // Pinged from this loop, so a stuck loop stops the pings.
                 () = watchdog.ping() => {}
+                event = succession.next() => {
+                    let listening = Listening {
+                        proxy: self.proxy.as_mut(),
+                        dns: self.dns.as_mut(),
+                        admin: &mut admin,
+                        lock: &lock,
+                    };
+                    if succession.handle(event, listening).await {
+                        handed_over = true;
+                        break;
+                    }
+                }
                 () = &mut shutdown => break,
             }
             self.publish_status();
         }
-        crate::systemd::notify("STOPPING=1");
         sync.abort();
-        tracing::info!("agent stopping; rendered files stay in place");
-        if let Some(dns) = &mut self.dns {
-            dns.shutdown().await;
+        if handed_over {
+            tracing::info!("agent handed over; draining its open connections");
+        } else {
+            stopping(&self.config);
+            succession.close();
+            tracing::info!("agent stopping; rendered files stay in place");
         }
-        if let Some(proxy) = &mut self.proxy {
-            proxy.shutdown().await;
-        }
+        let listening = Listening {
+            proxy: self.proxy.as_mut(),
+            dns: self.dns.as_mut(),
+            admin: &mut admin,
+            lock: &lock,
+        };
+        listening.finish(handed_over).await;
         Ok(())
     }
+}
+
+/// Tells systemd the agent is stopping, and that the stop may take as long
+/// as the proxy's drain (so `TimeoutStopSec` follows `proxy.drain_timeout`).
+fn stopping(config: &AgentConfig) {
+    let extend = (config.proxy.drain_timeout + STOP_SLACK).as_micros();
+    crate::systemd::notify(&format!("STOPPING=1\nEXTEND_TIMEOUT_USEC={extend}"));
+}
+
+/// Time allowed past the drain for the rest of a stop.
+const STOP_SLACK: Duration = Duration::from_secs(10);
+
+/// Starts the admin API, on the predecessor's socket when taking over.
+fn start_admin(
+    config: &AgentConfig,
+    inherited: &mut Inherited,
+    status: Arc<AgentStatus>,
+) -> Result<AdminServer, AgentError> {
+    let metrics = crate::admin::install_recorder()?;
+    let status: Arc<dyn crate::admin::Status> = status;
+    let socket = inherited.take(Socket::Admin).pop();
+    Ok(AdminServer::start(config.admin.listen, socket, metrics, status))
 }
 
 /// A note for `loopmesh check`: a config whose file catalog directory does
@@ -731,8 +797,16 @@ pub async fn reload_data_plane(proxy: &mut ProxyManager, routes: &Path) {
 
 /// Static mode: serve the hand-written routing table, reloading it whenever
 /// a file in it changes. No catalog, no rendering.
-pub async fn run_static(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
-    let _lock = state::lock(&config.state_dir)?;
+pub async fn run_static(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+    mut handover: Option<Handover>,
+) -> Result<(), AgentError> {
+    let mut inherited = handover
+        .as_mut()
+        .map(|handover| std::mem::take(&mut handover.inherited))
+        .unwrap_or_default();
+    let lock = succession::lock(&config.state_dir, &mut inherited)?;
     let routes = routes_dir(&config);
     std::fs::create_dir_all(&routes).map_err(|source| StoreError::Write {
         path: routes.clone(),
@@ -745,10 +819,18 @@ pub async fn run_static(config: AgentConfig, shutdown: impl Future<Output = ()>)
         config.node_name(),
         routes.display()
     );
+    let status = Arc::new(AgentStatus::new(vec![routes.clone(), zone_path(&config)]));
+    let mut admin = config
+        .admin
+        .enabled
+        .then(|| start_admin(&config, &mut inherited, status.clone()))
+        .transpose()?;
     let mut proxy = new_proxy(&config)?;
-    reload_data_plane(&mut proxy, &routes).await;
     // The zone next to the routes is served too, and followed the same way.
     let mut dns = new_dns(&config)?;
+    succession::adopt(&mut inherited, Some(&mut proxy), dns.as_mut());
+    reload_data_plane(&mut proxy, &routes).await;
+    proxy.close_unused_inherited();
     let (zone_tx, mut zone_wake) = mpsc::unbounded_channel();
     let _zone_watcher = match &mut dns {
         Some(dns) => {
@@ -761,12 +843,8 @@ pub async fn run_static(config: AgentConfig, shutdown: impl Future<Output = ()>)
         }
         None => None,
     };
-    let status = Arc::new(AgentStatus::new(vec![routes.clone(), zone_path(&config)]));
-    if config.admin.enabled {
-        let metrics = crate::admin::install_recorder()?;
-        let shown: Arc<dyn crate::admin::Status> = status.clone();
-        tokio::spawn(crate::admin::serve(config.admin.listen, metrics, shown));
-    }
+    succession::serving(handover).await;
+    let mut succession = Succession::start(&config.state_dir)?;
     let mut ready = crate::systemd::ReadyOnce::default();
     let mut publish = |proxy: &ProxyManager, dns: &Option<DnsServer>| {
         status.publish(Published {
@@ -784,6 +862,7 @@ pub async fn run_static(config: AgentConfig, shutdown: impl Future<Output = ()>)
     let mut watchdog = crate::systemd::Watchdog::new();
     tokio::pin!(shutdown);
     let mut bind_retry = tokio::time::interval(BIND_RETRY);
+    let mut handed_over = false;
     loop {
         tokio::select! {
             () = watchdog.ping() => {}
@@ -809,16 +888,36 @@ pub async fn run_static(config: AgentConfig, shutdown: impl Future<Output = ()>)
                 while wake.try_recv().is_ok() {}
                 reload_data_plane(&mut proxy, &routes).await;
             }
+            event = succession.next() => {
+                let listening = Listening {
+                    proxy: Some(&mut proxy),
+                    dns: dns.as_mut(),
+                    admin: &mut admin,
+                    lock: &lock,
+                };
+                if succession.handle(event, listening).await {
+                    handed_over = true;
+                    break;
+                }
+            }
             () = &mut shutdown => break,
         }
         publish(&proxy, &dns);
     }
-    crate::systemd::notify("STOPPING=1");
-    tracing::info!("agent stopping; draining connections");
-    if let Some(dns) = &mut dns {
-        dns.shutdown().await;
+    if handed_over {
+        tracing::info!("agent handed over; draining its open connections");
+    } else {
+        stopping(&config);
+        succession.close();
+        tracing::info!("agent stopping; draining connections");
     }
-    proxy.shutdown().await;
+    let listening = Listening {
+        proxy: Some(&mut proxy),
+        dns: dns.as_mut(),
+        admin: &mut admin,
+        lock: &lock,
+    };
+    listening.finish(handed_over).await;
     Ok(())
 }
 

@@ -122,6 +122,9 @@ impl Status for AgentStatus {
         let ready = reasons.is_empty();
         let body = serde_json::json!({
             "ready": ready,
+            // Which process answers: a takeover moves the admin socket to a
+            // new one (`loopmesh reload`, the ansible role wait on it).
+            "pid": std::process::id(),
             "reasons": reasons,
             "stale": now.stale,
             "revision": now.revision,

@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Watch the catalog and keep the rendered files up to date.
-    Agent(AgentArgs),
+    Agent(AgentRun),
     /// Load and validate the config, templates and template resources, then exit.
     Check(AgentArgs),
     /// Render once from the current catalog and exit (confd's -onetime).
@@ -49,6 +49,21 @@ pub enum Command {
         verb: InstanceVerb,
         #[command(flatten)]
         etcd: EtcdArgs,
+    },
+    /// Restart the agent running on this state directory without refusing a
+    /// connection: it starts the binary on disk with the config on disk
+    /// (`--takeover`), which takes its sockets over; waits until that one
+    /// serves (systemd's ExecReload).
+    Reload {
+        /// The agent's config file (names the state directory).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The agent's state directory (instead of --config).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// How long to wait for the new agent to serve.
+        #[arg(long, value_name = "DURATION", default_value = "150s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Show a node's routes (from its agent's admin API).
     Routes {
@@ -177,6 +192,22 @@ impl StoreArgs {
     }
 }
 
+/// `loopmesh agent`: the agent's flags, and whether to take over.
+#[derive(Debug, Args)]
+pub struct AgentRun {
+    #[command(flatten)]
+    pub args: AgentArgs,
+    /// Take the listening sockets over from the agent running on the same
+    /// state directory (its control socket there), which then stops
+    /// accepting, drains and exits: the zero-refusal restart and upgrade.
+    #[arg(long)]
+    pub takeover: bool,
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    crate::duration::parse(text).map_err(|err| err.to_string())
+}
+
 /// Flags shared by the agent's commands.
 #[derive(Debug, Args)]
 pub struct AgentArgs {
@@ -238,7 +269,9 @@ pub fn init_logging(level: Option<&str>) {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     // The daemons' configs may set the level; load them first (again below).
     let level = match &cli.command {
-        Command::Agent(args) => args.load()?.log_level,
+        // A config that does not load is reported below (and to a
+        // predecessor waiting on it).
+        Command::Agent(run) => run.args.load().ok().and_then(|config| config.log_level),
         Command::Registrar(args) if !args.check => args.load()?.log_level,
         _ => None,
     };
@@ -249,28 +282,27 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Agent(args) => {
-                let config = args.load()?;
-                if args.config.is_none() {
-                    tracing::info!(
-                        "no --config: built-in defaults and flags; {}, state in {}",
-                        match &config.store.etcd {
-                            Some(etcd) => format!("etcd {}", etcd.endpoints.join(",")),
-                            None if config.static_mode => "static mode".to_string(),
-                            None => format!("file catalog in {}", config.store.catalog_dir.display()),
-                        },
-                        config.state_dir.display()
-                    );
+            Command::Agent(run) => {
+                let result = run_agent(&run).await;
+                if let (Err(err), Some(socket)) = (&result, crate::takeover::predecessor_socket()) {
+                    // The agent that started this one waits to hear.
+                    crate::takeover::report_failure(&socket, &one_line(err)).await;
                 }
-                if config.admin.enabled {
-                    // Before anything registers a metric, so none is lost.
-                    crate::admin::install_recorder()?;
-                }
-                if config.static_mode {
-                    agent::run_static(config, shutdown_signal()).await?;
-                } else {
-                    Pipeline::new(config)?.run(shutdown_signal()).await?;
-                }
+                result?;
+            }
+            Command::Reload {
+                config,
+                state_dir,
+                timeout,
+            } => {
+                let state_dir = match (state_dir, config) {
+                    (Some(dir), _) => dir,
+                    (None, config) => AgentConfig::load(config.as_deref(), &Overrides::default())?.state_dir,
+                };
+                let pid = crate::takeover::request_reload(&state_dir, timeout)
+                    .await
+                    .context("reload failed; the running agent serves on")?;
+                println!("reloaded: pid {pid} serves now");
             }
             Command::Check(args) => {
                 let config = args.load()?;
@@ -360,6 +392,47 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// `loopmesh agent`, fresh or taking over.
+async fn run_agent(run: &AgentRun) -> anyhow::Result<()> {
+    let config = run.args.load()?;
+    if run.args.config.is_none() {
+        tracing::info!(
+            "no --config: built-in defaults and flags; {}, state in {}",
+            match &config.store.etcd {
+                Some(etcd) => format!("etcd {}", etcd.endpoints.join(",")),
+                None if config.static_mode => "static mode".to_string(),
+                None => format!("file catalog in {}", config.store.catalog_dir.display()),
+            },
+            config.state_dir.display()
+        );
+    }
+    if config.admin.enabled {
+        // Before anything registers a metric, so none is lost.
+        crate::admin::install_recorder()?;
+    }
+    // Signal handlers first: a SIGTERM during start-up is a clean stop,
+    // and a SIGHUP then is ignored rather than fatal (once running, it
+    // starts a successor).
+    let shutdown = shutdown_signal();
+    let _hangups_ignored_until_running =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    let pipeline = (!config.static_mode).then(|| Pipeline::new(config.clone())).transpose()?;
+    let handover = match run.takeover {
+        true => Some(crate::takeover::take_over(&config.state_dir).await?),
+        false => None,
+    };
+    match pipeline {
+        Some(pipeline) => pipeline.run(shutdown, handover).await?,
+        None => agent::run_static(config, shutdown, handover).await?,
+    }
+    Ok(())
+}
+
+/// An error and its causes on one line.
+fn one_line(err: &anyhow::Error) -> String {
+    format!("{err:#}")
 }
 
 fn ensure_newline(mut text: String) -> String {

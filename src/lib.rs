@@ -41,6 +41,7 @@ pub mod render;
 pub mod routing;
 pub mod state;
 pub mod store;
+pub mod succession;
 pub mod systemd;
 pub mod takeover;
 pub mod yaml;

@@ -1,6 +1,9 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // Before anything can replace the binary: a successor (takeover) runs
+    // the file at this path.
+    loopmesh::takeover::remember_command_line();
     let cli = loopmesh::cli::Cli::parse();
     match loopmesh::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

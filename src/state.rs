@@ -36,7 +36,7 @@ pub const LOCK_FILE: &str = ".agent.lock";
 /// by the kernel when the process ends however it ends (flock(2)).
 #[derive(Debug)]
 pub struct StateLock {
-    _file: std::fs::File,
+    file: std::fs::File,
 }
 
 /// Takes the state directory's lock, or says who holds it (the pid the
@@ -77,7 +77,32 @@ pub fn lock(state_dir: &Path) -> Result<StateLock, StateError> {
     file.set_len(0).map_err(locking)?;
     file.rewind().map_err(locking)?;
     writeln!(file, "{}", std::process::id()).map_err(locking)?;
-    Ok(StateLock { _file: file })
+    Ok(StateLock { file })
+}
+
+/// Holds the lock a predecessor handed over (`--takeover`): the flock
+/// belongs to the open file both processes share, so it stays held when
+/// the predecessor exits. The file is made to name this process.
+pub fn adopt_lock(state_dir: &Path, fd: std::os::fd::OwnedFd) -> Result<StateLock, StateError> {
+    use std::io::{Seek, Write};
+    let path = state_dir.join(LOCK_FILE);
+    let locking = |source| StateError::Lock {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::File::from(fd);
+    file.set_len(0).map_err(locking)?;
+    file.rewind().map_err(locking)?;
+    writeln!(file, "{}", std::process::id()).map_err(locking)?;
+    Ok(StateLock { file })
+}
+
+impl StateLock {
+    /// The lock file's descriptor, for a successor.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.file.as_raw_fd()
+    }
 }
 
 /// What the agent last applied.

@@ -167,6 +167,8 @@ pub enum Request {
     Takeover { pid: u32, session: Session },
     /// `loopmesh reload` asks for a successor; answer through the session.
     Reload { session: Session },
+    /// A successor could not start (its config, say), and says why.
+    SuccessorFailed { reason: String },
 }
 
 /// A control connection the running agent answers.
@@ -242,6 +244,7 @@ impl ControlListener {
         match message {
             Message::Takeover { pid } => Ok(Request::Takeover { pid, session }),
             Message::Reload => Ok(Request::Reload { session }),
+            Message::Failed { reason } => Ok(Request::SuccessorFailed { reason }),
             other => Err(TakeoverError::Unexpected {
                 got: other.name(),
                 expected: "takeover or reload",
@@ -249,9 +252,50 @@ impl ControlListener {
         }
     }
 
-    /// Removes the socket file (a clean stop with no successor).
-    pub fn remove(self) {
-        let _ = std::fs::remove_file(&self.path);
+    /// The socket file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accepts requests for as long as `requests` is open, each read whole
+    /// before it is passed on (so the receiving loop can select on the
+    /// channel without losing a half-read request). A connection that
+    /// fails is logged and dropped.
+    pub async fn serve(self, requests: tokio::sync::mpsc::Sender<Request>) {
+        loop {
+            let request = tokio::select! {
+                request = self.accept() => request,
+                () = requests.closed() => return,
+            };
+            match request {
+                Ok(request) => {
+                    if requests.send(request).await.is_err() {
+                        return;
+                    }
+                }
+                Err(err) => tracing::warn!("control socket {}: {err}", self.path.display()),
+            }
+        }
+    }
+}
+
+/// The environment variable that tells a successor where its predecessor
+/// listens, so that it can say why it failed even when its config does not
+/// load (and so names no state directory).
+pub const SOCKET_ENV: &str = "LOOPMESH_TAKEOVER_SOCKET";
+
+/// Tells the predecessor listening at `path` that this successor cannot
+/// start, and why; best effort.
+pub async fn report_failure(path: &Path, reason: &str) {
+    let Some(dir) = path.parent() else { return };
+    if path.file_name() != Some(std::ffi::OsStr::new(SOCKET_FILE)) {
+        return;
+    }
+    if let Ok(channel) = connect(dir).await {
+        let message = Message::Failed {
+            reason: reason.to_string(),
+        };
+        let _ = channel.send(&message, &[]).await;
     }
 }
 
@@ -626,6 +670,12 @@ pub fn successor_command() -> std::process::Command {
         .env_remove("WATCHDOG_PID")
         .stdin(std::process::Stdio::null());
     command
+}
+
+/// The socket a failing successor reports to ([`SOCKET_ENV`]), if this
+/// process is one.
+pub fn predecessor_socket() -> Option<PathBuf> {
+    std::env::var_os(SOCKET_ENV).map(PathBuf::from)
 }
 
 #[cfg(test)]

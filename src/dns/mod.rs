@@ -19,6 +19,7 @@ use hickory_server::proto::rr::Name;
 use hickory_server::Server;
 use metrics::{Counter, Histogram};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -204,6 +205,8 @@ pub struct DnsServer {
     running: Option<Running>,
     /// Whether a bind was tried (to log the first failure loudly, not each retry).
     tried: bool,
+    /// Sockets handed over by a predecessor, used instead of binding.
+    inherited: Option<(std::net::UdpSocket, std::net::TcpListener)>,
     /// Hash of the zone text served, so an unchanged file is not rebuilt.
     loaded: std::sync::Mutex<Option<u64>>,
 }
@@ -211,6 +214,8 @@ pub struct DnsServer {
 struct Running {
     udp: UdpThread,
     tcp: Server<handler::TcpHandler>,
+    /// The TCP listener's descriptor while the server holds it.
+    tcp_fd: RawFd,
 }
 
 /// The UDP answer loop on a thread of its own: blocking recvfrom/sendto,
@@ -240,12 +245,16 @@ impl UdpThread {
         Ok(UdpThread { socket, stop, thread })
     }
 
-    /// Stops the loop: shutdown(2) wakes a blocked recvfrom at once.
-    async fn stop(self) {
-        use std::os::fd::AsRawFd;
+    /// Stops the loop. `wake`: shutdown(2) wakes a blocked recvfrom at
+    /// once, for a stop; a socket handed to a successor must not be shut
+    /// down (it is the successor's socket too), so a handover waits out the
+    /// receive timeout instead.
+    async fn stop(self, wake: bool) {
         self.stop.store(true, Ordering::Release);
-        // SAFETY: shutdown(2) on a socket this struct keeps open.
-        unsafe { libc::shutdown(self.socket.as_raw_fd(), libc::SHUT_RDWR) };
+        if wake {
+            // SAFETY: shutdown(2) on a socket this struct keeps open.
+            unsafe { libc::shutdown(self.socket.as_raw_fd(), libc::SHUT_RDWR) };
+        }
         let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
     }
 }
@@ -270,6 +279,7 @@ impl DnsServer {
             metrics: Arc::new(QueryMetrics::new()),
             running: None,
             tried: false,
+            inherited: None,
             loaded: std::sync::Mutex::new(None),
         })
     }
@@ -376,9 +386,19 @@ impl DnsServer {
                 source,
             }
         };
-        let udp = std::net::UdpSocket::bind(addr).map_err(bind_error("udp"))?;
-        widen_receive_buffer(&udp);
-        let tcp = TcpListener::bind(addr).await.map_err(bind_error("tcp"))?;
+        let (udp, tcp) = match self.inherited.take() {
+            Some((udp, tcp)) => {
+                tcp.set_nonblocking(true).map_err(bind_error("tcp"))?;
+                (udp, TcpListener::from_std(tcp).map_err(bind_error("tcp"))?)
+            }
+            None => {
+                let udp = std::net::UdpSocket::bind(addr).map_err(bind_error("udp"))?;
+                widen_receive_buffer(&udp);
+                (udp, TcpListener::bind(addr).await.map_err(bind_error("tcp"))?)
+            }
+        };
+        udp.set_read_timeout(Some(UDP_WAKE_UP)).map_err(bind_error("udp"))?;
+        let tcp_fd = tcp.as_raw_fd();
         let mut server = Server::new(handler::TcpHandler {
             zone: self.cell.clone(),
             metrics: self.metrics.clone(),
@@ -386,19 +406,49 @@ impl DnsServer {
         server.register_listener(tcp, TCP_TIMEOUT, 64);
         let udp =
             UdpThread::spawn(udp, self.cell.clone(), self.metrics.clone()).map_err(bind_error("udp"))?;
-        self.running = Some(Running { udp, tcp: server });
+        self.running = Some(Running {
+            udp,
+            tcp: server,
+            tcp_fd,
+        });
         tracing::info!("dns: answering for {} on {addr} (udp and tcp)", self.zone);
         Ok(())
     }
 
     /// Stops answering.
     pub async fn shutdown(&mut self) {
+        self.stop(true).await;
+    }
+
+    /// Takes a predecessor's UDP socket and TCP listener for the next
+    /// [`DnsServer::start`]: queries go on being answered across a restart.
+    pub fn adopt(&mut self, udp: OwnedFd, tcp: OwnedFd) {
+        self.inherited = Some((udp.into(), tcp.into()));
+    }
+
+    /// The UDP and TCP descriptors while answering, for a successor.
+    pub fn fds(&self) -> Option<(RawFd, RawFd)> {
+        let running = self.running.as_ref()?;
+        Some((running.udp.socket.as_raw_fd(), running.tcp_fd))
+    }
+
+    /// Stops answering on sockets a successor now answers on: nothing is
+    /// shut down, this process only lets go of its copies.
+    pub async fn release(&mut self) {
+        self.stop(false).await;
+    }
+
+    async fn stop(&mut self, wake: bool) {
         if let Some(mut running) = self.running.take() {
-            running.udp.stop().await;
+            running.udp.stop(wake).await;
             let _ = running.tcp.shutdown_gracefully().await;
         }
     }
 }
+
+/// How long the UDP loop blocks in recvfrom before it looks whether it
+/// should stop (after a handover, when it cannot be woken).
+const UDP_WAKE_UP: Duration = Duration::from_millis(200);
 
 /// Receive buffer asked for the UDP socket (the kernel caps it at
 /// net.core.rmem_max). The default (about 200 KiB, some 270 queries with
@@ -442,6 +492,8 @@ fn serve_udp(socket: &std::net::UdpSocket, stop: &AtomicBool, cell: &ZoneCell, m
             Ok(Some(received)) => received,
             // Woken by shutdown(2) (no datagram, no peer): look at `stop`.
             Ok(None) => continue,
+            // The receive timeout: look at `stop`.
+            Err(err) if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
             Err(err) => {
                 if !stop.load(Ordering::Acquire) {
                     // A lasting error must not spin the thread.

@@ -19,7 +19,9 @@ use crate::limits::ConnectionBudget;
 use crate::routing::Route;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -92,6 +94,9 @@ struct Running {
     shared: Arc<ServiceShared>,
     /// Backend counters by id, kept across this service's reloads.
     stats: HashMap<String, Arc<BackendStats>>,
+    /// The listening descriptors while the accept loops hold them, for a
+    /// successor to take over.
+    fds: Vec<RawFd>,
 }
 
 /// What one apply changed.
@@ -129,6 +134,8 @@ pub struct ProxyManager {
     failed: BTreeMap<String, String>,
     /// HTTP services relayed as TCP, said once each.
     http_as_tcp: BTreeSet<String>,
+    /// Listeners handed over by a predecessor, used instead of binding.
+    inherited: HashMap<SocketAddr, Vec<std::net::TcpListener>>,
 }
 
 impl ProxyManager {
@@ -150,7 +157,61 @@ impl ProxyManager {
             addresses: HashMap::new(),
             failed: BTreeMap::new(),
             http_as_tcp: BTreeSet::new(),
+            inherited: HashMap::new(),
         })
+    }
+
+    /// Takes a predecessor's listeners: a service bound on one of their
+    /// addresses accepts on them rather than binding anew, so no connection
+    /// finds its port closed during a restart.
+    pub fn adopt(&mut self, listeners: HashMap<SocketAddr, Vec<OwnedFd>>) {
+        for (addr, fds) in listeners {
+            let listeners = fds
+                .into_iter()
+                .map(std::net::TcpListener::from)
+                .filter(|listener| listener.set_nonblocking(true).is_ok());
+            self.inherited.entry(addr).or_default().extend(listeners);
+        }
+    }
+
+    /// Closes inherited listeners no wanted service took (a service the
+    /// predecessor served and this table lacks); says how many.
+    pub fn close_unused_inherited(&mut self) {
+        let unused: Vec<SocketAddr> = self.inherited.keys().copied().collect();
+        if !unused.is_empty() {
+            tracing::info!(
+                "takeover: {} inherited listener address(es) not in the routing table closed: {}",
+                unused.len(),
+                unused.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            );
+        }
+        self.inherited.clear();
+    }
+
+    /// Every listening descriptor, by address, for a successor.
+    pub fn listener_fds(&self) -> Vec<(SocketAddr, RawFd)> {
+        self.running
+            .values()
+            .flat_map(|running| {
+                let addr = listen_addr(&running.route);
+                running.fds.iter().map(move |fd| (addr, *fd))
+            })
+            .collect()
+    }
+
+    /// Stops accepting on every listener (they are closed in this process
+    /// when this returns; a successor holding them accepts on), leaving
+    /// open connections to finish: the first half of a handover or a stop.
+    pub async fn stop_accepting(&mut self) {
+        for running in self.running.values() {
+            running.drain.signal();
+        }
+        for running in self.running.values_mut() {
+            running.fds.clear();
+            for accept in std::mem::take(&mut running.accept) {
+                let _ = accept.await;
+            }
+        }
     }
 
     /// Whether connections are forwarded in the kernel (asked for and
@@ -378,32 +439,18 @@ impl ProxyManager {
     fn start(&mut self, route: Arc<Route>) -> Result<Running, Error> {
         let addr = listen_addr(&route);
         let count = self.workers.count();
-        // One listener per worker, each registered with that worker's loop;
-        // a failure drops (closes) the ones already bound.
-        let listeners = (0..count)
-            .map(|index| {
-                let _on_worker = self.workers.enter(index);
-                bind(addr, self.settings.loopback_congestion.as_deref(), count > 1)
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| Error::Bind { addr, source })?;
+        let listeners = self.listeners_for(addr)?;
+        let fds = listeners.iter().map(|(_, listener)| listener.as_raw_fd()).collect();
         let shared = Arc::new(ServiceShared::new(&route.service));
         let mut stats = HashMap::new();
-        let state = ServiceState::compile(
-            route.clone(),
-            &self.settings,
-            &self.kernel,
-            &mut stats,
-            shared.clone(),
-        );
+        let state = ServiceState::compile(route.clone(), &self.settings, &self.kernel, &mut stats, shared.clone());
         let (state_tx, state_rx) = watch::channel(Arc::new(state));
         let (trigger, watch) = drain::channel();
         let accept = listeners
             .into_iter()
-            .enumerate()
-            .map(|(index, listener)| {
+            .map(|(worker, listener)| {
                 let task = accept_loop(listener, state_rx.clone(), watch.clone(), self.budget.clone());
-                self.workers.spawn(index, task)
+                self.workers.spawn(worker % count, task)
             })
             .collect();
         Ok(Running {
@@ -413,7 +460,37 @@ impl ProxyManager {
             drain: trigger,
             shared,
             stats,
+            fds,
         })
+    }
+
+    /// The listeners of `addr`, each with the worker to run it on: one per
+    /// worker, each registered with that worker's loop. Inherited ones come
+    /// first; every inherited one is used, even past the worker count (with
+    /// SO_REUSEPORT the kernel spreads connections over all of them, so one
+    /// nobody accepts on would strand its share). A failure drops (closes)
+    /// the ones already bound.
+    fn listeners_for(&mut self, addr: SocketAddr) -> Result<Vec<(usize, TcpListener)>, Error> {
+        let count = self.workers.count();
+        let inherited = self.inherited.remove(&addr).unwrap_or_default();
+        let adopted = inherited.len();
+        let mut listeners = Vec::with_capacity(count.max(adopted));
+        for (index, listener) in inherited.into_iter().enumerate() {
+            let _on_worker = self.workers.enter(index % count);
+            let listener = TcpListener::from_std(listener).map_err(|source| Error::Bind { addr, source })?;
+            listeners.push((index, listener));
+        }
+        for index in adopted..count {
+            let _on_worker = self.workers.enter(index);
+            match bind(addr, self.settings.loopback_congestion.as_deref(), count > 1) {
+                Ok(listener) => listeners.push((index, listener)),
+                // The predecessor's listener lacks SO_REUSEPORT (it ran one
+                // loop): the inherited ones serve alone.
+                Err(_) if adopted > 0 => break,
+                Err(source) => return Err(Error::Bind { addr, source }),
+            }
+        }
+        Ok(listeners)
     }
 
     /// Stops accepting now (the listeners are closed when this returns),

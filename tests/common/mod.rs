@@ -417,6 +417,12 @@ impl Loopmesh {
         self.child.id()
     }
 
+    /// How the process ended, if it has.
+    #[allow(dead_code)]
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -446,6 +452,29 @@ impl Drop for Loopmesh {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A process this test did not start itself (an agent's successor, which
+/// the agent starts): stopped with SIGTERM when dropped, and waited for
+/// until it is gone (or a zombie of a parent that exited).
+#[allow(dead_code)]
+pub struct Adopted(pub u32);
+
+impl Drop for Adopted {
+    fn drop(&mut self) {
+        let stat = format!("/proc/{}/stat", self.0);
+        // SAFETY: kill(2) on a process this test caused to exist.
+        unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
+        let gone = || {
+            std::fs::read_to_string(&stat)
+                .map(|text| text.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+                .unwrap_or(true)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !gone() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
