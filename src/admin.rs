@@ -174,9 +174,11 @@ async fn run(
         };
         // With every slot taken this waits, and the listener accepts no
         // more until a connection ends.
+        // A connection accepted is served, even if the stop comes while it
+        // waits for a slot.
         let slot = tokio::select! {
-            slot = budget.admit() => slot,
-            () = stop.signaled() => break,
+            slot = budget.admit() => Some(slot),
+            () = stop.signaled() => None,
         };
         let (metrics, status) = (metrics.clone(), status.clone());
         tokio::spawn(async move {

@@ -8,8 +8,6 @@
 
 use crate::addresses::AddressPool;
 use crate::admin::{AdminError, AdminServer};
-use crate::succession::{self, Listening, Succession};
-use crate::takeover::{Handover, Inherited, Socket, TakeoverError};
 use crate::agent_status::{AgentStatus, DnsStatus, Published};
 use crate::catalog::Catalog;
 use crate::config::{AgentConfig, ConfigError};
@@ -19,6 +17,8 @@ use crate::render::{Dirty, RenderError, Renderer, Report};
 use crate::routing::Route;
 use crate::state::{self, LastKnownGood, StateError};
 use crate::store::{AnyStore, Change, Store, StoreError, StoreEvent};
+use crate::succession::{self, Listening, Succession};
+use crate::takeover::{Handover, Inherited, Socket, TakeoverError};
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -430,10 +430,11 @@ impl Pipeline {
             }
         );
         self.announce_last_known_good();
-        let mut admin = self
-            .config
-            .admin
-            .enabled
+        let taking_over = handover.is_some();
+        // A fresh agent answers /ready (503, with why) while it starts; a
+        // successor opens the admin socket only once it serves, so /ready
+        // never says "not ready" during a takeover.
+        let mut admin = (self.config.admin.enabled && !taking_over)
             .then(|| start_admin(&self.config, &mut inherited, self.status.clone()))
             .transpose()?;
         succession::adopt(&mut inherited, self.proxy.as_mut(), self.dns.as_mut());
@@ -446,7 +447,15 @@ impl Pipeline {
         if let Some(dns) = &mut self.dns {
             start_dns(dns).await;
         }
+        if taking_over {
+            self.ready.hold();
+            self.publish_status();
+            if self.config.admin.enabled {
+                admin = Some(start_admin(&self.config, &mut inherited, self.status.clone())?);
+            }
+        }
         succession::serving(handover).await;
+        self.ready.release();
         let mut succession = Succession::start(&self.config.state_dir)?;
         self.publish_status();
         let mut watchdog = crate::systemd::Watchdog::new();
@@ -820,9 +829,10 @@ pub async fn run_static(
         routes.display()
     );
     let status = Arc::new(AgentStatus::new(vec![routes.clone(), zone_path(&config)]));
-    let mut admin = config
-        .admin
-        .enabled
+    let taking_over = handover.is_some();
+    // As in the catalog agent: a successor opens the admin socket once it
+    // serves, so /ready never says "not ready" during a takeover.
+    let mut admin = (config.admin.enabled && !taking_over)
         .then(|| start_admin(&config, &mut inherited, status.clone()))
         .transpose()?;
     let mut proxy = new_proxy(&config)?;
@@ -843,10 +853,11 @@ pub async fn run_static(
         }
         None => None,
     };
-    succession::serving(handover).await;
-    let mut succession = Succession::start(&config.state_dir)?;
     let mut ready = crate::systemd::ReadyOnce::default();
-    let mut publish = |proxy: &ProxyManager, dns: &Option<DnsServer>| {
+    if taking_over {
+        ready.hold();
+    }
+    let publish = |proxy: &ProxyManager, dns: &Option<DnsServer>, ready: &mut crate::systemd::ReadyOnce| {
         status.publish(Published {
             node: config.node_name(),
             store: format!("static files in {}", config.state_dir.display()),
@@ -858,7 +869,16 @@ pub async fn run_static(
         });
         ready.announce(crate::admin::Status::ready(status.as_ref()).0);
     };
-    publish(&proxy, &dns);
+    if taking_over {
+        publish(&proxy, &dns, &mut ready);
+        if config.admin.enabled {
+            admin = Some(start_admin(&config, &mut inherited, status.clone())?);
+        }
+    }
+    succession::serving(handover).await;
+    let mut succession = Succession::start(&config.state_dir)?;
+    ready.release();
+    publish(&proxy, &dns, &mut ready);
     let mut watchdog = crate::systemd::Watchdog::new();
     tokio::pin!(shutdown);
     let mut bind_retry = tokio::time::interval(BIND_RETRY);
@@ -902,7 +922,7 @@ pub async fn run_static(
             }
             () = &mut shutdown => break,
         }
-        publish(&proxy, &dns);
+        publish(&proxy, &dns, &mut ready);
     }
     if handed_over {
         tracing::info!("agent handed over; draining its open connections");

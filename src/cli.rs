@@ -418,7 +418,9 @@ async fn run_agent(run: &AgentRun) -> anyhow::Result<()> {
     let shutdown = shutdown_signal();
     let _hangups_ignored_until_running =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-    let pipeline = (!config.static_mode).then(|| Pipeline::new(config.clone())).transpose()?;
+    let pipeline = (!config.static_mode)
+        .then(|| Pipeline::new(config.clone()))
+        .transpose()?;
     let handover = match run.takeover {
         true => Some(crate::takeover::take_over(&config.state_dir).await?),
         false => None,

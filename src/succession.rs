@@ -185,7 +185,9 @@ impl Succession {
             }
             Event::Request(Request::Reload { session }) => self.start_successor(Some(session)).await,
             Event::Hangup => {
-                tracing::info!("SIGHUP: starting a successor to take over with the config and binary on disk");
+                tracing::info!(
+                    "SIGHUP: starting a successor to take over with the config and binary on disk"
+                );
                 self.start_successor(None).await;
             }
             Event::Request(Request::SuccessorFailed { reason }) => {
@@ -206,7 +208,10 @@ impl Succession {
     /// Gives `pid` every socket; once it serves, stops accepting here.
     async fn hand_over(&mut self, pid: u32, session: Session, listening: &mut Listening<'_>) -> bool {
         let offered = listening.offer();
-        tracing::info!("takeover: pid {pid} asks for the sockets; handing over {}", offered.len());
+        tracing::info!(
+            "takeover: pid {pid} asks for the sockets; handing over {}",
+            offered.len()
+        );
         if let Err(err) = session.offer(&offered).await {
             tracing::error!("takeover by pid {pid} failed: {err}; this one serves on");
             if self.pending.as_ref().is_some_and(|pending| pending.pid == pid) {
@@ -222,7 +227,9 @@ impl Succession {
             tracing::warn!("takeover: cannot tell pid {pid} it serves alone: {err}");
         }
         metrics::counter!("loopmesh_takeovers_total").increment(1);
-        tracing::info!("takeover: pid {pid} serves now; this process stopped accepting and drains its open connections");
+        tracing::info!(
+            "takeover: pid {pid} serves now; this process stopped accepting and drains its open connections"
+        );
         if let Some(pending) = self.pending.take() {
             if let Some(session) = pending.session {
                 session.answer_reload(Ok(pid)).await;

@@ -29,12 +29,24 @@ pub fn notify(state: &str) {
 #[derive(Debug, Default)]
 pub struct ReadyOnce {
     sent: bool,
+    held: bool,
 }
 
 impl ReadyOnce {
+    /// Holds READY=1 back until [`ReadyOnce::release`]: a successor taking
+    /// over is not systemd's main process until its predecessor says so,
+    /// and systemd ignores anyone else's READY=1.
+    pub fn hold(&mut self) {
+        self.held = true;
+    }
+
+    pub fn release(&mut self) {
+        self.held = false;
+    }
+
     /// Tells systemd if `ready` holds for the first time; true when it did.
     pub fn announce(&mut self, ready: bool) -> bool {
-        if self.sent || !ready {
+        if self.sent || !ready || self.held {
             return false;
         }
         self.sent = true;

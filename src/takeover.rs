@@ -67,7 +67,9 @@ pub enum TakeoverError {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Socket {
     /// A proxy listener (one per event loop of the old process).
-    Proxy { addr: SocketAddr },
+    Proxy {
+        addr: SocketAddr,
+    },
     DnsUdp,
     DnsTcp,
     Admin,
@@ -310,7 +312,9 @@ impl Session {
         for batch in sockets.chunks(FDS_PER_MESSAGE) {
             let names = batch.iter().map(|(socket, _)| *socket).collect();
             let fds: Vec<RawFd> = batch.iter().map(|(_, fd)| *fd).collect();
-            self.channel.send(&Message::Sockets { sockets: names }, &fds).await?;
+            self.channel
+                .send(&Message::Sockets { sockets: names }, &fds)
+                .await?;
         }
         self.channel.send(&Message::Done, &[]).await?;
         match self.channel.recv_within(SERVING_WITHIN).await?.0 {
@@ -745,6 +749,9 @@ mod tests {
     async fn no_agent_running_is_said_plainly() {
         let dir = tempfile::tempdir().unwrap();
         let err = take_over(dir.path()).await.err().unwrap();
-        assert!(err.to_string().starts_with("no agent to take over from at"), "{err}");
+        assert!(
+            err.to_string().starts_with("no agent to take over from at"),
+            "{err}"
+        );
     }
 }

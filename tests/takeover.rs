@@ -105,7 +105,11 @@ async fn register(etcd: &Etcd, name: &str, svc: SocketAddr, backend: SocketAddr)
         .await
         .unwrap();
     client
-        .put(format!("/loopmesh/services/{name}"), format!("port: {}", svc.port()), None)
+        .put(
+            format!("/loopmesh/services/{name}"),
+            format!("port: {}", svc.port()),
+            None,
+        )
         .await
         .unwrap();
     client
@@ -215,7 +219,9 @@ impl Load {
                 };
                 match tokio::time::timeout(Duration::from_secs(5), echoed).await {
                     Ok(Some(_)) if back == chunk => {
-                        streamer.stream_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                        streamer
+                            .stream_bytes
+                            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
                     }
                     _ => {
                         streamer.stream_errors.fetch_add(1, Ordering::Relaxed);
@@ -232,7 +238,7 @@ impl Load {
             let mut id: u16 = 0;
             while !resolver.stop.load(Ordering::Relaxed) {
                 id = id.wrapping_add(1);
-                if !resolves(dns, id, id % 2 == 0).await {
+                if !resolves(dns, id, id.is_multiple_of(2)).await {
                     resolver.unanswered.fetch_add(1, Ordering::Relaxed);
                 }
                 resolver.queries.fetch_add(1, Ordering::Relaxed);
@@ -259,8 +265,15 @@ impl Load {
         );
         assert!(connections > 0 && queries > 0, "the load ran");
         assert_eq!(failed, 0, "{failed} of {connections} new connections failed");
-        assert_eq!(self.stream_errors.load(Ordering::Relaxed), 0, "the long-lived stream broke");
-        assert!(self.stream_bytes.load(Ordering::Relaxed) > 0, "the stream carried data");
+        assert_eq!(
+            self.stream_errors.load(Ordering::Relaxed),
+            0,
+            "the long-lived stream broke"
+        );
+        assert!(
+            self.stream_bytes.load(Ordering::Relaxed) > 0,
+            "the stream carried data"
+        );
         assert_eq!(unanswered, 0, "{unanswered} of {queries} DNS queries unanswered");
     }
 }
@@ -282,7 +295,10 @@ async fn twenty_takeovers_under_load_refuse_nothing_and_lose_nothing() {
     register(&etcd, "web", svc, backend).await;
     let first = node.spawn(false);
     node.wait_ready_as(first.pid()).await;
-    eventually_async("web to resolve", || async { resolves(node.dns, 1, false).await.then_some(()) }).await;
+    eventually_async("web to resolve", || async {
+        resolves(node.dns, 1, false).await.then_some(())
+    })
+    .await;
     eventually_async("web to answer", || async { TcpStream::connect(svc).await.ok() }).await;
 
     let (load, tasks) = Load::start(svc, node.dns).await;
@@ -321,12 +337,18 @@ async fn sighup_takes_over_with_the_new_config_and_reload_refuses_a_bad_one() {
     register(&etcd, "web", svc, backend).await;
     let mut first = node.spawn(false);
     node.wait_ready_as(first.pid()).await;
-    eventually_async("web to resolve", || async { resolves(node.dns, 1, false).await.then_some(()) }).await;
+    eventually_async("web to resolve", || async {
+        resolves(node.dns, 1, false).await.then_some(())
+    })
+    .await;
     let (load, tasks) = Load::start(svc, node.dns).await;
 
     // A changed config: one more template resource. SIGHUP starts a
     // successor that reads it and takes the sockets over.
-    node.write_config(&etcd, &format!("{drain}templates:\n  - {{src: hosts.tera, dest: hosts}}\n"));
+    node.write_config(
+        &etcd,
+        &format!("{drain}templates:\n  - {{src: hosts.tera, dest: hosts}}\n"),
+    );
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(first.pid() as i32, libc::SIGHUP) };
     stepped_aside(&first);
@@ -339,7 +361,10 @@ async fn sighup_takes_over_with_the_new_config_and_reload_refuses_a_bad_one() {
     eventually("the new config's template rendered", || {
         common::read(&node.state().join("hosts")).filter(|hosts| hosts.contains("web.mesh.internal"))
     });
-    assert!(first.exited().is_none(), "the first agent drains the stream's connection");
+    assert!(
+        first.exited().is_none(),
+        "the first agent drains the stream's connection"
+    );
 
     // A broken config: `loopmesh reload` fails naming it, and the running
     // agent serves on.
@@ -358,7 +383,7 @@ async fn sighup_takes_over_with_the_new_config_and_reload_refuses_a_bad_one() {
     // Fixed again: `loopmesh reload` answers with the pid that serves now.
     node.write_config(&etcd, drain);
     let (ok, stdout, stderr) = common::run(&["reload", "--config", node.config.to_str().unwrap()]);
-    assert!(ok, "{stderr}");
+    assert!(ok, "{stderr}\n{}", first.log_text());
     let pid: u32 = stdout
         .trim()
         .strip_prefix("reloaded: pid ")

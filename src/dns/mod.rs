@@ -7,16 +7,16 @@
 //! outside the zone get REFUSED: the agent is never an open or recursive
 //! resolver.
 //!
-//! UDP goes through a lean path of our own ([`wire`]); TCP through
-//! hickory-server ([`handler`]). Both answer from the same [`Answers`].
+//! UDP and TCP answer from the same [`Answers`] through one lean path of
+//! our own ([`wire`]); UDP on a thread of its own, TCP on the runtime
+//! ([`tcp`]). hickory parses the zone.
 
 pub mod answers;
-mod handler;
+mod tcp;
 pub mod wire;
 
 use answers::{in_zone, wire_name, Answers, Lookup};
 use hickory_server::proto::rr::Name;
-use hickory_server::Server;
 use metrics::{Counter, Histogram};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use wire::{rcode, Answered};
+use wire::{rcode, Answered, Transport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
@@ -192,9 +192,6 @@ impl QueryMetrics {
 /// recording each one grew RSS from 9 to 21 MiB in the DNS benchmark.
 pub const LATENCY_SAMPLE: u32 = 64;
 
-/// How long a TCP client may stay quiet before its connection is closed.
-const TCP_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The DNS server of one agent.
 pub struct DnsServer {
     zone: Name,
@@ -213,9 +210,7 @@ pub struct DnsServer {
 
 struct Running {
     udp: UdpThread,
-    tcp: Server<handler::TcpHandler>,
-    /// The TCP listener's descriptor while the server holds it.
-    tcp_fd: RawFd,
+    tcp: tcp::TcpServer,
 }
 
 /// The UDP answer loop on a thread of its own: blocking recvfrom/sendto,
@@ -397,20 +392,12 @@ impl DnsServer {
                 (udp, TcpListener::bind(addr).await.map_err(bind_error("tcp"))?)
             }
         };
-        udp.set_read_timeout(Some(UDP_WAKE_UP)).map_err(bind_error("udp"))?;
-        let tcp_fd = tcp.as_raw_fd();
-        let mut server = Server::new(handler::TcpHandler {
-            zone: self.cell.clone(),
-            metrics: self.metrics.clone(),
-        });
-        server.register_listener(tcp, TCP_TIMEOUT, 64);
+        udp.set_read_timeout(Some(UDP_WAKE_UP))
+            .map_err(bind_error("udp"))?;
         let udp =
             UdpThread::spawn(udp, self.cell.clone(), self.metrics.clone()).map_err(bind_error("udp"))?;
-        self.running = Some(Running {
-            udp,
-            tcp: server,
-            tcp_fd,
-        });
+        let tcp = tcp::TcpServer::start(tcp, self.cell.clone(), self.metrics.clone());
+        self.running = Some(Running { udp, tcp });
         tracing::info!("dns: answering for {} on {addr} (udp and tcp)", self.zone);
         Ok(())
     }
@@ -429,7 +416,7 @@ impl DnsServer {
     /// The UDP and TCP descriptors while answering, for a successor.
     pub fn fds(&self) -> Option<(RawFd, RawFd)> {
         let running = self.running.as_ref()?;
-        Some((running.udp.socket.as_raw_fd(), running.tcp_fd))
+        Some((running.udp.socket.as_raw_fd(), running.tcp.fd()))
     }
 
     /// Stops answering on sockets a successor now answers on: nothing is
@@ -439,9 +426,9 @@ impl DnsServer {
     }
 
     async fn stop(&mut self, wake: bool) {
-        if let Some(mut running) = self.running.take() {
+        if let Some(running) = self.running.take() {
             running.udp.stop(wake).await;
-            let _ = running.tcp.shutdown_gracefully().await;
+            running.tcp.stop().await;
         }
     }
 }
@@ -493,7 +480,14 @@ fn serve_udp(socket: &std::net::UdpSocket, stop: &AtomicBool, cell: &ZoneCell, m
             // Woken by shutdown(2) (no datagram, no peer): look at `stop`.
             Ok(None) => continue,
             // The receive timeout: look at `stop`.
-            Err(err) if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
             Err(err) => {
                 if !stop.load(Ordering::Acquire) {
                     // A lasting error must not spin the thread.
@@ -512,7 +506,7 @@ fn serve_udp(socket: &std::net::UdpSocket, stop: &AtomicBool, cell: &ZoneCell, m
             version = cell.version();
             served = cell.current();
         }
-        let Some(answered) = wire::respond(&served, &query[..len], &mut response) else {
+        let Some(answered) = wire::respond(&served, &query[..len], &mut response, Transport::Udp) else {
             continue;
         };
         if let Err(err) = socket.send_to(&response, peer) {

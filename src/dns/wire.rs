@@ -1,10 +1,12 @@
-//! The UDP answer path: a query read in place, the response assembled from
-//! the precomputed bytes of `answers`, nothing allocated per query.
+//! The answer path of UDP and TCP alike: a query read in place, the
+//! response assembled from the precomputed bytes of `answers`, nothing
+//! allocated per query.
 //!
-//! Why not hickory-server's UDP loop: it spawns a task per datagram and
-//! decodes and re-encodes whole messages, which held a stock server to about
-//! 0.6× dnsmasq here. TCP (rare: truncated answers, zone-sized replies) goes
-//! through hickory-server with the same answers (`super::handler`).
+//! Why not hickory-server's loops: its UDP loop spawns a task per datagram
+//! and decodes and re-encodes whole messages, which held a stock server to
+//! about 0.6× dnsmasq here; its TCP loop needs the zone a second time as
+//! hickory records, and drops open connections when it stops (a takeover
+//! must let them finish). hickory still parses the zone (`super::answers`).
 
 use super::answers::{Lookup, MAX_NAME};
 use super::Served;
@@ -53,10 +55,23 @@ fn be16(data: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([data[at], data[at + 1]])
 }
 
-/// Writes the UDP response to `query` into `out`. `None`: the message is
-/// not a query worth answering (too short to carry an id, or a response),
-/// and is dropped.
-pub fn respond(served: &Served, query: &[u8], out: &mut Vec<u8>) -> Option<Answered> {
+/// How a query came, which sets how large its answer may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// 512 bytes, or the EDNS size up to [`MAX_UDP_PAYLOAD`]; past it the
+    /// answer is truncated (TC) and the client asks again over TCP.
+    Udp,
+    /// Up to the 64 KiB a two-byte length prefix frames.
+    Tcp,
+}
+
+/// Largest message over TCP (its length prefix is two bytes).
+pub const MAX_TCP_MESSAGE: usize = u16::MAX as usize;
+
+/// Writes the response to `query` into `out`. `None`: the message is not a
+/// query worth answering (too short to carry an id, or a response), and is
+/// dropped.
+pub fn respond(served: &Served, query: &[u8], out: &mut Vec<u8>, transport: Transport) -> Option<Answered> {
     out.clear();
     if query.len() < HEADER || query[2] & 0x80 != 0 {
         return None;
@@ -105,9 +120,12 @@ pub fn respond(served: &Served, query: &[u8], out: &mut Vec<u8>) -> Option<Answe
     } else {
         None
     };
-    let limit = edns.map_or(CLASSIC_UDP, |e| {
-        usize::from(e.payload.clamp(512, MAX_UDP_PAYLOAD))
-    });
+    let limit = match transport {
+        Transport::Udp => edns.map_or(CLASSIC_UDP, |e| {
+            usize::from(e.payload.clamp(512, MAX_UDP_PAYLOAD))
+        }),
+        Transport::Tcp => MAX_TCP_MESSAGE,
+    };
 
     // Header, with the question echoed as sent (resolvers using 0x20 case
     // randomisation check it byte for byte).
@@ -142,11 +160,11 @@ pub fn respond(served: &Served, query: &[u8], out: &mut Vec<u8>) -> Option<Answe
             let (mut answers, mut additionals) = (0, 0);
             for set in sets {
                 out.extend_from_slice(&set.answer_wire);
-                answers += set.records.len() as u16;
+                answers += set.answers;
             }
             for set in sets {
                 out.extend_from_slice(&set.additional_wire);
-                additionals += set.additionals.len() as u16;
+                additionals += set.additionals;
             }
             (rcode::NOERROR, true, (answers, 0, additionals))
         }
@@ -289,7 +307,7 @@ mod tests {
 
     fn ask(served: &Served, bytes: &[u8]) -> Message {
         let mut out = Vec::new();
-        respond(served, bytes, &mut out).expect("answered");
+        respond(served, bytes, &mut out, Transport::Udp).expect("answered");
         Message::from_vec(&out).expect("a well-formed response")
     }
 
@@ -371,34 +389,39 @@ mod tests {
         let served = served();
         let mut out = Vec::new();
         assert!(
-            respond(&served, &[0; 5], &mut out).is_none(),
+            respond(&served, &[0; 5], &mut out, Transport::Udp).is_none(),
             "too short for a header"
         );
         let mut response = query("web.mesh.internal.", RecordType::A, None);
         response[2] |= 0x80;
         assert!(
-            respond(&served, &response, &mut out).is_none(),
+            respond(&served, &response, &mut out, Transport::Udp).is_none(),
             "a response is never answered"
         );
         let good = query("web.mesh.internal.", RecordType::A, None);
         for cut in [13, 20, good.len() - 2] {
-            let answered = respond(&served, &good[..cut], &mut out).unwrap();
+            let answered = respond(&served, &good[..cut], &mut out, Transport::Udp).unwrap();
             assert_eq!(answered.rcode, rcode::FORMERR, "cut at {cut}");
             assert_eq!(&out[..2], &good[..2], "the id is kept");
         }
         let mut pointer = good.clone();
         pointer[12] = 0xc0;
         assert_eq!(
-            respond(&served, &pointer, &mut out).unwrap().rcode,
+            respond(&served, &pointer, &mut out, Transport::Udp)
+                .unwrap()
+                .rcode,
             rcode::FORMERR
         );
         let mut notify = good.clone();
         notify[2] |= 4 << 3;
-        assert_eq!(respond(&served, &notify, &mut out).unwrap().rcode, rcode::NOTIMP);
+        assert_eq!(
+            respond(&served, &notify, &mut out, Transport::Udp).unwrap().rcode,
+            rcode::NOTIMP
+        );
         let mut edns1 = query("web.mesh.internal.", RecordType::A, Some(1232));
         let version = edns1.len() - 5;
         edns1[version] = 1;
-        let answered = respond(&served, &edns1, &mut out).unwrap();
+        let answered = respond(&served, &edns1, &mut out, Transport::Udp).unwrap();
         assert_eq!(answered.rcode, rcode::BADVERS);
         let reply = Message::from_vec(&out).unwrap();
         // 16 is BADVERS in an OPT (hickory names it BADSIG, the TSIG meaning).

@@ -53,9 +53,12 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((client, peer)) => {
+                // A connection accepted is served, even if the drain starts
+                // while it waits for a slot (then without one: at most one
+                // over budget, and the loop ends).
                 let slot = tokio::select! {
-                    slot = budget.admit() => slot,
-                    () = drain.signaled() => return,
+                    slot = budget.admit() => Some(slot),
+                    () = drain.signaled() => None,
                 };
                 let current = state.borrow().clone();
                 let connection = drain.clone();

@@ -182,7 +182,11 @@ impl ProxyManager {
             tracing::info!(
                 "takeover: {} inherited listener address(es) not in the routing table closed: {}",
                 unused.len(),
-                unused.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                unused
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         self.inherited.clear();
@@ -440,10 +444,19 @@ impl ProxyManager {
         let addr = listen_addr(&route);
         let count = self.workers.count();
         let listeners = self.listeners_for(addr)?;
-        let fds = listeners.iter().map(|(_, listener)| listener.as_raw_fd()).collect();
+        let fds = listeners
+            .iter()
+            .map(|(_, listener)| listener.as_raw_fd())
+            .collect();
         let shared = Arc::new(ServiceShared::new(&route.service));
         let mut stats = HashMap::new();
-        let state = ServiceState::compile(route.clone(), &self.settings, &self.kernel, &mut stats, shared.clone());
+        let state = ServiceState::compile(
+            route.clone(),
+            &self.settings,
+            &self.kernel,
+            &mut stats,
+            shared.clone(),
+        );
         let (state_tx, state_rx) = watch::channel(Arc::new(state));
         let (trigger, watch) = drain::channel();
         let accept = listeners

@@ -468,7 +468,11 @@ impl Drop for Adopted {
         unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
         let gone = || {
             std::fs::read_to_string(&stat)
-                .map(|text| text.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+                .map(|text| {
+                    text.rsplit(')')
+                        .next()
+                        .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+                })
                 .unwrap_or(true)
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
