@@ -362,7 +362,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 if config.admin.enabled {
                     crate::admin::install_recorder()?;
                 }
-                Registrar::new(config)?.run(shutdown_signal()).await?;
+                Registrar::new(config)?.run(crate::signal::shutdown()).await?;
             }
             Command::SetState {
                 config,
@@ -415,9 +415,8 @@ async fn run_agent(run: &AgentRun) -> anyhow::Result<()> {
     // Signal handlers first: a SIGTERM during start-up is a clean stop,
     // and a SIGHUP then is ignored rather than fatal (once running, it
     // starts a successor).
-    let shutdown = shutdown_signal();
-    let _hangups_ignored_until_running =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    let shutdown = crate::signal::shutdown();
+    let _hangups_ignored_until_running = crate::signal::Hangups::new();
     let pipeline = (!config.static_mode)
         .then(|| Pipeline::new(config.clone()))
         .transpose()?;
@@ -442,26 +441,4 @@ fn ensure_newline(mut text: String) -> String {
         text.push('\n');
     }
     text
-}
-
-/// Completes on SIGTERM or SIGINT. The handlers are installed when this is
-/// called, not when the future is first polled (once the daemon is up): a
-/// SIGTERM during start-up is then a clean stop, not the default action
-/// killing the process.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let signals = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
-    async move {
-        match signals {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
 }

@@ -39,6 +39,7 @@ pub mod proxy;
 pub mod registrar;
 pub mod render;
 pub mod routing;
+pub mod signal;
 pub mod state;
 pub mod store;
 pub mod succession;

@@ -5,11 +5,11 @@
 use crate::admin::AdminServer;
 use crate::dns::DnsServer;
 use crate::proxy::ProxyManager;
+use crate::signal::Hangups;
 use crate::state::StateLock;
 use crate::takeover::{self, ControlListener, Handover, Inherited, Request, Session, Socket};
 use std::os::fd::RawFd;
 use std::path::Path;
-use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 
 /// Everything the agent listens on, and the state directory's lock, as
@@ -120,7 +120,7 @@ struct Pending {
 /// The running agent's control socket, SIGHUP, and the successor it starts.
 pub struct Succession {
     requests: mpsc::Receiver<Request>,
-    hangups: Option<Signal>,
+    hangups: Hangups,
     exits: mpsc::UnboundedReceiver<(u32, String)>,
     exits_tx: mpsc::UnboundedSender<(u32, String)>,
     pending: Option<Pending>,
@@ -143,9 +143,7 @@ impl Succession {
         let (tx, requests) = mpsc::channel(4);
         tokio::spawn(control.serve(tx));
         let (exits_tx, exits) = mpsc::unbounded_channel();
-        let hangups = signal(SignalKind::hangup())
-            .map_err(|err| tracing::warn!("cannot handle SIGHUP: {err}"))
-            .ok();
+        let hangups = Hangups::new();
         Ok(Succession {
             requests,
             hangups,
@@ -163,15 +161,9 @@ impl Succession {
 
     /// The next event; cancel-safe.
     pub async fn next(&mut self) -> Event {
-        let hangup = async {
-            match &mut self.hangups {
-                Some(hangups) => hangups.recv().await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             Some(request) = self.requests.recv() => Event::Request(request),
-            Some(()) = hangup => Event::Hangup,
+            () = self.hangups.next() => Event::Hangup,
             Some((pid, how)) = self.exits.recv() => Event::Exited(pid, how),
         }
     }

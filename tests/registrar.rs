@@ -409,6 +409,14 @@ async fn service_files_reload_without_restart_and_flags_set_state() {
     let (ok, err) = set_state("sleeping");
     assert!(!ok, "an unknown state is refused");
     assert!(err.contains("not one of up, draining, maintenance"), "{err}");
+
+    // SIGHUP (systemctl reload) re-reads, and the registrar goes on.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(registrar.pid() as i32, libc::SIGHUP) };
+    registrar.wait_log("registrar: SIGHUP: re-reading the service files and flags");
+    assert!(set_state("maintenance").0);
+    wait_state(&etcd, &api_key, "maintenance").await;
+    registrar.stop();
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -158,8 +158,26 @@ fn the_agent_tells_systemd_it_is_ready_pings_the_watchdog_and_says_it_stops() {
 
     wait_message(&socket, "READY=1");
     wait_message(&socket, "WATCHDOG=1");
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) };
-    wait_message(&socket, "STOPPING=1");
+
+    // A reload: the old process names the new main pid, then the new one
+    // is ready and pings the watchdog itself (WATCHDOG_PID is not passed on).
+    let (ok, stdout, stderr) = common::run(&["reload", "--state-dir", state.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    let successor: u32 = stdout
+        .trim()
+        .strip_prefix("reloaded: pid ")
+        .and_then(|rest| rest.strip_suffix(" serves now"))
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let _successor = common::Adopted(successor);
+    wait_message(&socket, &format!("MAINPID={successor}"));
+    wait_message(&socket, "READY=1");
+    wait_message(&socket, "WATCHDOG=1");
+    agent.wait_log("agent handed over");
+
+    // A stop asks for the drain's time (30 s + 10 s).
+    // SAFETY: kill(2) on a process this test caused to exist.
+    unsafe { libc::kill(successor as i32, libc::SIGTERM) };
+    wait_message(&socket, "STOPPING=1\nEXTEND_TIMEOUT_USEC=40000000");
     agent.stop();
 }

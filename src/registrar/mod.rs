@@ -136,8 +136,15 @@ impl Registrar {
         let mut tick = tokio::time::interval(self.config.lease_ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
+        // SIGHUP re-reads the service files and flags now (they are also
+        // followed as they change); it must not end the registrar.
+        let mut hangups = crate::signal::Hangups::new();
         loop {
             tokio::select! {
+                () = hangups.next() => {
+                    tracing::info!("registrar: SIGHUP: re-reading the service files and flags");
+                    self.reload().await;
+                }
                 Some(flip) = self.flips.recv() => self.on_flip(flip).await,
                 _ = tick.tick() => self.registry.tick().await,
                 Some(()) = wake.recv() => {
