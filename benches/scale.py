@@ -12,31 +12,38 @@ up, so the script knows where each one listens), and then:
    open-file limit allows); start → its last frontend listening, read from
    /proc/net/tcp, so no backend is ever dialled; RSS/PSS then. The agent runs
    as operators run it (etcd store, proxy and DNS on, admin API, `log_level`
-   info to a file) on a fresh state directory: start → `/ready` 200 (every
-   listener and the DNS server bound, the loaded revision applied); VmRSS,
-   VmHWM and PSS (`/proc/<pid>/smaps_rollup`) and open fds 1 s after ready.
-   The two never run at once: they bind the same addresses.
+   info to a file) on a fresh state directory: start → `/ready` 200 (polled
+   every 10 ms: every listener and the DNS server bound, the loaded revision
+   applied) and → READY=1 on $NOTIFY_SOCKET (what systemd's Type=notify waits
+   for); VmRSS, VmHWM and PSS (`/proc/<pid>/smaps_rollup`) and open fds 1 s
+   after ready. The two never run at once: they bind the same addresses.
 2. Write → traffic, CHANGES rounds on the last agent, each on a service
    drawn at random (seeded). Untimed preparation, one transaction: the
    service's 10 instances get `weight: 0` (no new connections) and an
    instance `probe-a` points at a live backend answering `old`; the script
-   waits until the agent's `/ready` says that revision (so no probe is ever
-   sent on to a 10.x host), then until the service's address answers `old`. Timed, one transaction
-   (one etcd revision): put `probe-b` pointing at a fresh backend (its own
-   port, answering a fresh id) and delete `probe-a`. From just before that
-   put the script connects to the service's address every ~1 ms and reads
-   the id line until the fresh id answers: then every new connection can
-   only reach the new backend, and none could before. Untimed restore, one
-   transaction: the 10 instances as loaded, `probe-b` deleted. Beside it,
-   etcd's own put → watch event for the same transaction (a watch on the
-   prefix through the gateway, in a thread of this script), and where the
-   time goes, from the agent's log (`rendered revision N … in X ms` and the
-   `data plane:` line after it, both wall-clock stamped).
+   waits until the agent's log says it applied that revision (so no probe
+   is ever sent on to a 10.x host; reading the log costs the agent nothing,
+   while every /ready clones a view of every service), then until the
+   service's address answers `old`. Timed, one transaction (one etcd
+   revision): put `probe-b` pointing at a fresh backend (its own port,
+   answering a fresh id) and delete `probe-a`, 50 ms after the preparation
+   was applied (LOOPMESH_BENCH_ROUND_SETTLE_MS), so it finds the agent idle.
+   Right after the put has answered the script connects to the service's
+   address every ~1 ms (LOOPMESH_BENCH_PROBE_MS) and reads the id line
+   until the fresh id answers; the figure is the time from just before the put. Then every
+   new connection can only reach the new backend, and none could before.
+   Untimed restore, one transaction: the 10 instances as loaded, `probe-b`
+   deleted. Beside it, etcd's own put → watch event for the same
+   transaction (a watch on the prefix through the gateway, in a thread of
+   this script), and where the time goes, from the agent's log (`rendered
+   revision N … in X ms` and the `data plane:` line after it, both
+   wall-clock stamped) and the probes' own times.
 3. 1000 instance value edits (weight, zone, tags, state: single puts, paced
    at ~5 ms, spread over random services); RSS after the rounds and after
    the edits, and the agent's CPU seconds per phase (`/proc/<pid>/stat`).
 4. Where the memory goes: the agent again, once each with the proxy off,
-   DNS off, and both off (the parts switched off are named in the table).
+   DNS off, and both off (the parts switched off are named in the table),
+   memory after sync and CPU per edit over 200 edits.
 
 Run from the repository root after `cargo build --release` (as root: it
 binds many loopback addresses and raises the open-file limit):
@@ -46,7 +53,8 @@ binds many loopback addresses and raises the open-file limit):
 
 Env: LOOPMESH_BENCH_SIZES (100,1000,10000), LOOPMESH_BENCH_INSTANCES (10),
 LOOPMESH_BENCH_CHANGES (200), LOOPMESH_BENCH_EDITS (1000),
-LOOPMESH_BENCH_STARTS (3), LOOPMESH_BENCH_TMP (/dev/shm: etcd data, state
+LOOPMESH_BENCH_STARTS (3), LOOPMESH_BENCH_PROBE_MS (1),
+LOOPMESH_BENCH_ROUND_SETTLE_MS (50), LOOPMESH_BENCH_TMP (/dev/shm: etcd data, state
 dirs), LOOPMESH_BENCH_BIN (default: $CARGO_TARGET_DIR or ./target,
 release/loopmesh), LOOPMESH_BENCH_BREAKDOWN (1; 0 skips the proxy-off /
 DNS-off runs). Needs: etcd (Debian etcd-server, 3.4: the v3 JSON gateway),
@@ -62,6 +70,7 @@ import os
 import random
 import re
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -86,10 +95,15 @@ STARTS = max(1, int(os.environ.get("LOOPMESH_BENCH_STARTS", "3")))
 TMP = os.environ.get("LOOPMESH_BENCH_TMP", "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp")
 PIN = bool(os.environ.get("LOOPMESH_BENCH_PIN"))
 BREAKDOWN = os.environ.get("LOOPMESH_BENCH_BREAKDOWN", "1") != "0"
+PART_EDITS = 200  # edits on each agent with parts switched off (CPU per edit)
 PREFIX = "/loopmesh/"
 PORT = 8080
 TXN_OPS = 5000  # operations per load transaction (etcd runs with --max-txn-ops above it)
 SETTLE = 1.0  # seconds between ready and reading memory
+# Pause after the preparation is applied, so that the timed change finds the
+# agent idle: after applying a change it still does bookkeeping over every
+# service (status for the admin API), ~10 ms at 10k services.
+ROUND_SETTLE = float(os.environ.get("LOOPMESH_BENCH_ROUND_SETTLE_MS", "50")) / 1000
 PROBE_INTERVAL = float(os.environ.get("LOOPMESH_BENCH_PROBE_MS", "1")) / 1000
 TICKS = os.sysconf("SC_CLK_TCK")
 ETCD_IP, DNS_IP, ADMIN_IP = "127.77.0.1", "127.77.0.2", "127.77.0.3"
@@ -333,8 +347,8 @@ class Watch(threading.Thread):
                     with self.cond:
                         self.arrived[int(result["header"]["revision"])] = now
                         self.cond.notify_all()
-        except (OSError, ValueError, http.client.HTTPException):
-            return
+        except (OSError, ValueError, AttributeError, http.client.HTTPException):
+            return  # closed by close() (http.client then trips over its own fp)
 
     def wait(self, rev, timeout=5.0):
         with self.cond:
@@ -450,21 +464,65 @@ class Agent:
         self.proc = None
 
     def start(self, revision):
-        """Start; wait for /ready 200 at `revision` or later; seconds to ready."""
+        """Start; wait for /ready 200 at `revision` or later. Returns seconds
+        to /ready 200 (polled every 10 ms) and to READY=1 on $NOTIFY_SOCKET
+        (what systemd's Type=notify waits for; exact, no polling)."""
         env = dict(os.environ)
         env.pop("RUST_LOG", None)
+        notify_path = os.path.join(self.dir, "notify.sock")
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(notify_path)
+        env["NOTIFY_SOCKET"] = notify_path
         self.log = open(self.log_path, "w")
+        self.tail = open(self.log_path, errors="replace")
+        self.tail_buf = ""
+        self.applied_rev = 0
+        self.last_rendered = None
+        notified = None
         started = time.perf_counter()
         self.proc = spawn([BIN, "agent", "--config", self.config], 1, stderr=self.log, env=env)
         deadline = started + 300
-        while time.perf_counter() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited with {self.proc.returncode}; see {self.log_path}")
-            body = self.ready()
-            if body and body.get("ready") and int(body.get("revision", 0)) >= revision:
-                return time.perf_counter() - started
-            time.sleep(0.01)
+        try:
+            while time.perf_counter() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"agent exited with {self.proc.returncode}; see {self.log_path}")
+                if notified is None and select.select([notify], [], [], 0.01)[0]:
+                    if b"READY=1" in notify.recv(4096):
+                        notified = time.perf_counter() - started
+                elif notified is not None:
+                    time.sleep(0.01)
+                body = self.ready()
+                if body and body.get("ready") and int(body.get("revision", 0)) >= revision:
+                    ready = time.perf_counter() - started
+                    # READY=1 follows the publication /ready reads by a hair.
+                    if notified is None and select.select([notify], [], [], 5)[0]:
+                        if b"READY=1" in notify.recv(4096):
+                            notified = time.perf_counter() - started
+                    return ready, notified
+        finally:
+            notify.close()
         raise RuntimeError(f"agent not ready after 300 s; see {self.log_path}")
+
+    def wait_applied(self, revision, timeout=30):
+        """Until the agent's log says it rendered `revision` (or later) and
+        then applied it to the data plane. Reads the log file only, so the
+        wait costs the agent nothing (/ready builds a view of every service)."""
+        deadline = time.time() + timeout
+        while self.applied_rev < revision:
+            chunk = self.tail.read()
+            if not chunk:
+                if time.time() > deadline:
+                    raise RuntimeError(f"agent never applied revision {revision}; see {self.log_path}")
+                time.sleep(0.001)
+                continue
+            self.tail_buf += chunk
+            *lines, self.tail_buf = self.tail_buf.split("\n")
+            for line in lines:
+                m = re.search(r"INFO\s+rendered revision (\d+):", line)
+                if m:
+                    self.last_rendered = int(m.group(1))
+                elif " INFO data plane:" in line and self.last_rendered is not None:
+                    self.applied_rev = max(self.applied_rev, self.last_rendered)
 
     def ready(self):
         try:
@@ -478,7 +536,7 @@ class Agent:
         except (OSError, ValueError):
             return None
 
-    def wait_revision(self, revision, timeout=120, interval=0.02):
+    def wait_revision(self, revision, timeout=120, interval=0.05):
         """Until /ready says `revision` (published after it is rendered and applied)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -496,6 +554,7 @@ class Agent:
     def stop(self):
         took = stop(self.proc)
         self.log.close()
+        self.tail.close()
         return took
 
     def log_times(self):
@@ -577,6 +636,28 @@ def wait_unbound(addr):
 # ---------------------------------------------------------------- one size
 
 
+def edit(etcd, agent, rng, n, count):
+    """`count` instance value edits (weight, zone, tags, state), single puts
+    ~5 ms apart over random services; waits until the agent has them.
+    Returns the agent's CPU seconds meanwhile, the seconds taken, the last revision."""
+    cpu_before = cpu_seconds(agent.pid)
+    t = time.perf_counter()
+    last_rev = 0
+    for e in range(count):
+        i, j = rng.randrange(n), rng.randrange(INSTANCES)
+        extra = {"weight": 1 + e % 100}
+        if e % 3 == 1:
+            extra["zone"] = f"z{e % 4}"
+        if e % 5 == 2:
+            extra["tags"] = [f"t{e % 7}", "bench"]
+        if e % 11 == 3:
+            extra["state"] = "draining"
+        last_rev = etcd.put(f"{PREFIX}instances/{name_of(i)}/i{j}", instance_value(i, j, **extra))
+        time.sleep(0.005)
+    agent.wait_revision(last_rev)
+    return cpu_seconds(agent.pid) - cpu_before, time.perf_counter() - t, last_rev
+
+
 def measure(n):
     rng = random.Random(15 + n)
     r = {"n": n}
@@ -595,7 +676,7 @@ def measure(n):
 
     hcfg = haproxy_config(etcd, n)
     last_addr = address_of(n - 1)
-    starts, mems, hstarts, hmems = [], [], [], []
+    starts, notifies, cpu_sync, mems, hstarts, hmems = [], [], [], [], [], []
     agent = None
     for rnd in range(STARTS):
         wait_unbound(last_addr)
@@ -604,17 +685,19 @@ def measure(n):
         hmems.append(mem)
         wait_unbound(last_addr)
         agent = Agent(etcd, f"{n}-{rnd}")
-        cpu0 = 0.0
-        starts.append(agent.start(rev))
+        ready, notified = agent.start(rev)
+        starts.append(ready)
+        notifies.append(notified)
         time.sleep(SETTLE)
         mems.append(memory(agent.pid))
         r["fds"] = fds(agent.pid)
-        r["cpu_sync"] = cpu_seconds(agent.pid) - cpu0
-        print(f"[{n}] start {rnd + 1}/{STARTS}: agent ready in {starts[-1]:.2f} s, RSS {mems[-1]['rss']:.1f} MiB; "
+        cpu_sync.append(cpu_seconds(agent.pid))
+        print(f"[{n}] start {rnd + 1}/{STARTS}: agent ready in {ready:.2f} s (READY=1 {notified or float('nan'):.2f} s), RSS {mems[-1]['rss']:.1f} MiB; "
               f"HAProxy {took:.2f} s, RSS {mem['rss']:.1f} MiB", file=sys.stderr)
         if rnd < STARTS - 1:
             agent.stop()
-    r["start"], r["mem_sync"], r["haproxy_start"], r["haproxy_mem"] = starts, mems, hstarts, hmems
+    r["start"], r["notify"], r["cpu_sync"] = starts, notifies, statistics.median(cpu_sync)
+    r["mem_sync"], r["haproxy_start"], r["haproxy_mem"] = mems, hstarts, hmems
 
     # Write → traffic.
     old = IdBackend("old")
@@ -630,9 +713,10 @@ def measure(n):
             prep.append((f"{inst}probe-a", json.dumps({"host": "127.0.0.1", "port": old.port})))
             # Probe only once the agent serves the preparation: before it, a
             # connection would be sent to the 10.x hosts.
-            agent.wait_revision(etcd.txn(prep), interval=0.002)
+            agent.wait_applied(etcd.txn(prep))
             if probe_until(addr, "old")["hit"] is None:
                 raise RuntimeError(f"{name} never answered from the old backend")
+            time.sleep(ROUND_SETTLE)
             fresh = IdBackend(f"new-{k}")
             value = json.dumps({"host": "127.0.0.1", "port": fresh.port})
             wall0 = time.time()
@@ -660,22 +744,7 @@ def measure(n):
     r["mem_rounds"] = memory(agent.pid)
 
     # 1000 instance value edits, paced.
-    cpu_before = cpu_seconds(agent.pid)
-    t = time.perf_counter()
-    for e in range(EDITS):
-        i, j = rng.randrange(n), rng.randrange(INSTANCES)
-        extra = {"weight": 1 + e % 100}
-        if e % 3 == 1:
-            extra["zone"] = f"z{e % 4}"
-        if e % 5 == 2:
-            extra["tags"] = [f"t{e % 7}", "bench"]
-        if e % 11 == 3:
-            extra["state"] = "draining"
-        last_rev = etcd.put(f"{PREFIX}instances/{name_of(i)}/i{j}", instance_value(i, j, **extra))
-        time.sleep(0.005)
-    agent.wait_revision(last_rev)
-    r["edits_s"] = time.perf_counter() - t
-    r["cpu_edits"] = cpu_seconds(agent.pid) - cpu_before
+    r["cpu_edits"], r["edits_s"], last_rev = edit(etcd, agent, rng, n, EDITS)
     time.sleep(SETTLE)
     r["mem_edits"] = memory(agent.pid)
     r["fds_end"] = fds(agent.pid)
@@ -700,9 +769,11 @@ def measure(n):
         for label, proxy, dns in (("proxy off", False, True), ("DNS off", True, False), ("proxy and DNS off", False, False)):
             wait_unbound(last_addr)
             a = Agent(etcd, f"{n}-{label.replace(' ', '-')}", proxy=proxy, dns=dns)
-            took = a.start(last_rev)
+            took, _ = a.start(last_rev)
             time.sleep(SETTLE)
             r["parts"][label] = {"start": took, "mem": memory(a.pid), "fds": fds(a.pid)}
+            cpu, _, last_rev = edit(etcd, a, rng, n, PART_EDITS)
+            r["parts"][label]["cpu_edit"] = cpu / max(1, PART_EDITS)
             a.stop()
     stop(etcd.proc)
     return r
@@ -719,10 +790,12 @@ def report(results):
     layout = "etcd + this script (probes, backends) on cpu0, agent and HAProxy on cpu1" if PIN else "unpinned"
     med = statistics.median
     print(f"\nFleet scale: {INSTANCES} instances per service, {CHANGES} write → traffic changes, "
-          f"{EDITS} edits, {STARTS} interleaved starts; layout: {layout}; etcd data and state dirs in {TMP}\n")
-    print("| services | keys | agent start → ready s (range) | RSS after sync MiB (PSS; peak) | RSS after changes / after 1000 edits MiB "
-          "| fds | write → traffic p50 / p99 ms | etcd put → watch p50 / p99 ms | HAProxy start → listening s | HAProxy RSS MiB (PSS) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"{EDITS} edits, {STARTS} interleaved starts; layout: {layout}; etcd data and state dirs in {TMP}; "
+          f"probes every {PROBE_INTERVAL * 1000:g} ms, {ROUND_SETTLE * 1000:g} ms pause before each timed change\n")
+    print(f"| services | keys | agent start → /ready 200 s (range) | → READY=1 s | RSS after sync MiB (PSS; peak) "
+          f"| RSS after the {CHANGES} rounds / after {EDITS} edits MiB "
+          "| fds after sync | write → traffic p50 / p99 ms | etcd put → watch p50 / p99 ms | HAProxy start → last frontend listening s (range) | HAProxy RSS MiB (PSS) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         traffic = [ms(x["traffic"]) for x in r["rounds"] if x["traffic"] is not None]
         watch = [ms(x["watch"]) for x in r["rounds"] if x["watch"] is not None]
@@ -731,15 +804,15 @@ def report(results):
         hwm = med(m["hwm"] for m in r["mem_sync"])
         print(
             f"| {r['n']} | {r['keys']} | {med(r['start']):.2f} ({min(r['start']):.2f}-{max(r['start']):.2f}) "
-            f"| {rss:.1f} ({pss:.1f}; {hwm:.1f}) | {r['mem_rounds']['rss']:.1f} / {r['mem_edits']['rss']:.1f} "
+            f"| {med([x for x in r['notify'] if x is not None] or [float('nan')]):.2f} | {rss:.1f} ({pss:.1f}; {hwm:.1f}) | {r['mem_rounds']['rss']:.1f} / {r['mem_edits']['rss']:.1f} "
             f"| {r['fds']} | {pct(traffic, 50):.2f} / {pct(traffic, 99):.2f} | {pct(watch, 50):.2f} / {pct(watch, 99):.2f} "
-            f"| {med(r['haproxy_start']):.2f} | {med(m['rss'] for m in r['haproxy_mem']):.1f} ({med(m['pss'] for m in r['haproxy_mem']):.1f}) |"
+            f"| {med(r['haproxy_start']):.2f} ({min(r['haproxy_start']):.2f}-{max(r['haproxy_start']):.2f}) | {med(m['rss'] for m in r['haproxy_mem']):.1f} ({med(m['pss'] for m in r['haproxy_mem']):.1f}) |"
         )
     print("\nWhere write → traffic goes: medians over the rounds, ms from just before the put. "
           "`agent had the event` is its render line's time less the render's own duration (agent log, wall clock); "
           f"probes start every {PROBE_INTERVAL * 1000:g} ms after the put has answered.\n")
     print("| services | put answered | gateway watch event | agent had the event | agent rendered (render ms p50 / p99) "
-          "| data plane applied | last probe answered old, started | first new, started | first new answered (write → traffic) "
+          "| `data plane:` log line | last probe answered old, started | first new, started | first new answered (write → traffic) "
           "| traffic p90 / max | failed probes / timeouts |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -766,8 +839,9 @@ def report(results):
     if any(r["parts"] for r in results):
         print("\nWhere the memory goes: the agent after sync with parts switched off (one start each; "
               "the full agent's figure is the median above):\n")
-        print("| services | full: RSS / PSS MiB | proxy off | DNS off | proxy and DNS off | proxy's share | DNS's share |")
-        print("|---|---|---|---|---|---|---|")
+        print(f"| services | full: RSS / PSS MiB | proxy off | DNS off | proxy and DNS off | proxy's share | DNS's share "
+              f"| agent CPU ms per edit: full / proxy off / DNS off / both off ({PART_EDITS} edits each; full: the {EDITS} above) |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in results:
             if not r["parts"]:
                 continue
@@ -777,7 +851,9 @@ def report(results):
             cell = lambda k: f"{p[k]['rss']:.1f} / {p[k]['pss']:.1f}"
             print(
                 f"| {r['n']} | {full:.1f} / {full_pss:.1f} | {cell('proxy off')} | {cell('DNS off')} | {cell('proxy and DNS off')} "
-                f"| {full - p['proxy off']['rss']:.1f} | {full - p['DNS off']['rss']:.1f} |"
+                f"| {full - p['proxy off']['rss']:.1f} | {full - p['DNS off']['rss']:.1f} "
+                f"| {ms(r['cpu_edits']) / max(1, EDITS):.2f} / {ms(r['parts']['proxy off']['cpu_edit']):.2f} "
+                f"/ {ms(r['parts']['DNS off']['cpu_edit']):.2f} / {ms(r['parts']['proxy and DNS off']['cpu_edit']):.2f} |"
             )
 
 
