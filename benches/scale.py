@@ -4,7 +4,7 @@
 For each size (100, 1k and 10k services by default, 10 instances each) the
 script starts an etcd of its own on 127.77.0.1 (free ports, data on tmpfs),
 loads the catalog (every service pinned to an address in 127.120.0.0/16 and
-up, so the script knows where each one listens), and then:
+up, so the script knows where each one listens; never 127.0.0.0/16), and then:
 
 1. Starts: HAProxy and the agent interleaved, STARTS rounds. HAProxy runs the
    `haproxy.cfg` that `loopmesh render --once` renders from the same catalog
@@ -54,7 +54,9 @@ binds many loopback addresses and raises the open-file limit):
 Env: LOOPMESH_BENCH_SIZES (100,1000,10000), LOOPMESH_BENCH_INSTANCES (10),
 LOOPMESH_BENCH_CHANGES (200), LOOPMESH_BENCH_EDITS (1000),
 LOOPMESH_BENCH_STARTS (3), LOOPMESH_BENCH_PROBE_MS (1),
-LOOPMESH_BENCH_ROUND_SETTLE_MS (50), LOOPMESH_BENCH_TMP (/dev/shm: etcd data, state
+LOOPMESH_BENCH_ROUND_SETTLE_MS (50), LOOPMESH_BENCH_NET (120: service
+addresses from 127.120.0.1 up; the run refuses to start if any is taken),
+LOOPMESH_BENCH_TMP (/dev/shm: etcd data, state
 dirs), LOOPMESH_BENCH_BIN (default: $CARGO_TARGET_DIR or ./target,
 release/loopmesh), LOOPMESH_BENCH_BREAKDOWN (1; 0 skips the proxy-off /
 DNS-off runs). Needs: etcd (Debian etcd-server, 3.4: the v3 JSON gateway),
@@ -106,6 +108,8 @@ SETTLE = 1.0  # seconds between ready and reading memory
 ROUND_SETTLE = float(os.environ.get("LOOPMESH_BENCH_ROUND_SETTLE_MS", "50")) / 1000
 PROBE_INTERVAL = float(os.environ.get("LOOPMESH_BENCH_PROBE_MS", "1")) / 1000
 TICKS = os.sysconf("SC_CLK_TCK")
+# Services get addresses from 127.NET.0.0 up (40 /16s at most).
+NET = int(os.environ.get("LOOPMESH_BENCH_NET", "120"))
 ETCD_IP, DNS_IP, ADMIN_IP = "127.77.0.1", "127.77.0.2", "127.77.0.3"
 
 # Everything started, for the clean-up (also on failure and Ctrl-C).
@@ -193,8 +197,22 @@ def name_of(i):
 
 
 def address_of(i):
-    """Service i's pinned address: 127.120.0.1 upwards, 250 per /24, outside 127.0.0.0/16."""
-    return f"127.{120 + i // (250 * 256)}.{(i // 250) % 256}.{i % 250 + 1}"
+    """Service i's pinned address: 127.NET.0.1 upwards, 250 per /24, outside 127.0.0.0/16."""
+    return f"127.{NET + i // (250 * 256)}.{(i // 250) % 256}.{i % 250 + 1}"
+
+
+def pool_in_use():
+    """Listening sockets inside this run's address pool (127.NET.0.0 to 127.NET+39.255.255)."""
+    taken = []
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            local, state = line.split()[1], line.split()[3]
+            ip = socket.inet_ntoa(struct.pack("<I", int(local.split(":")[0], 16)))
+            octets = [int(o) for o in ip.split(".")]
+            if state == "0A" and octets[0] == 127 and NET <= octets[1] < NET + 40:
+                taken.append(f"{ip}:{int(local.split(':')[1], 16)}")
+    return taken
 
 
 def host_of(i, j):
@@ -863,6 +881,10 @@ def main():
     for tool in ("etcd", "haproxy", "taskset"):
         if not shutil.which(tool):
             sys.exit(f"missing {tool}: apt-get install etcd-server haproxy util-linux")
+    taken = pool_in_use()
+    if taken:
+        sys.exit(f"{len(taken)} sockets already listen in 127.{NET}.0.0-127.{NET + 39}.255.255 "
+                 f"(e.g. {taken[0]}): another run? Pick another pool with LOOPMESH_BENCH_NET.")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     signal.signal(signal.SIGINT, on_signal)
