@@ -442,7 +442,7 @@ impl Pipeline {
             reload_data_plane(proxy, &routes_dir(&self.config)).await;
             proxy.close_unused_inherited();
             // The last known good table on disk counts as applied (stale).
-            self.applied = !proxy.listening().is_empty() || !proxy.failed().is_empty();
+            self.applied = proxy.listening_count() > 0 || !proxy.failed().is_empty();
         }
         if let Some(dns) = &mut self.dns {
             start_dns(dns).await;
@@ -744,7 +744,7 @@ fn new_proxy(config: &AgentConfig) -> Result<ProxyManager, crate::proxy::Error> 
 /// removed one. A file that does not read back (it passed the render's
 /// check, so only a hand edit in between does that) is left out with one
 /// line: its service keeps the route it has.
-fn changed_routes(routes: &Path, report: &Report) -> BTreeMap<String, Option<Route>> {
+fn changed_routes(routes: &Path, report: &Report) -> BTreeMap<String, Option<(Route, PathBuf)>> {
     let in_table = |path: &&PathBuf| path.parent() == Some(routes);
     let service_of = |path: &Path| path.file_stem().map(|stem| stem.to_string_lossy().into_owned());
     let mut changes = BTreeMap::new();
@@ -756,7 +756,7 @@ fn changed_routes(routes: &Path, report: &Report) -> BTreeMap<String, Option<Rou
     for path in report.written.iter().filter(in_table) {
         match crate::routing::load_route(path) {
             Ok(route) => {
-                changes.insert(route.service.clone(), Some(route));
+                changes.insert(route.service.clone(), Some((route, path.clone())));
             }
             Err(err) => {
                 tracing::error!("{err}; the service keeps the route it has");
@@ -768,7 +768,7 @@ fn changed_routes(routes: &Path, report: &Report) -> BTreeMap<String, Option<Rou
 }
 
 /// Hands the data plane the routes that changed; says what changed.
-async fn apply_routes(proxy: &mut ProxyManager, changes: BTreeMap<String, Option<Route>>) {
+async fn apply_routes(proxy: &mut ProxyManager, changes: BTreeMap<String, Option<(Route, PathBuf)>>) {
     let report = proxy.update(changes).await;
     log_apply(proxy, &report);
 }
@@ -779,7 +779,7 @@ fn log_apply(proxy: &ProxyManager, report: &ApplyReport) {
     if report.changed_anything() {
         tracing::info!(
             "data plane: {} listening ({} added, {} updated, {} removed), {} failed",
-            proxy.listening().len(),
+            proxy.listening_count(),
             report.added.len(),
             report.updated.len(),
             report.removed.len(),
@@ -792,7 +792,7 @@ fn log_apply(proxy: &ProxyManager, report: &ApplyReport) {
 /// mode); a table that fails validation is refused as a whole and the
 /// running one stays.
 pub async fn reload_data_plane(proxy: &mut ProxyManager, routes: &Path) {
-    let table = match blocking(|| crate::routing::load_table(routes)) {
+    let table = match blocking(|| crate::routing::load_table_files(routes)) {
         Ok(table) => table,
         Err(err) => {
             tracing::error!("routing table refused: {err}; the running data plane stays as it was");
@@ -800,7 +800,7 @@ pub async fn reload_data_plane(proxy: &mut ProxyManager, routes: &Path) {
             return;
         }
     };
-    let report = proxy.apply(&table).await;
+    let report = proxy.apply_files(table).await;
     log_apply(proxy, &report);
 }
 

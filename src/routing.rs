@@ -114,6 +114,14 @@ pub fn load_route(path: &Path) -> Result<Route, RoutingError> {
 
 /// Loads and validates a whole routing table directory; any error refuses it.
 pub fn load_table(dir: &Path) -> Result<BTreeMap<String, Route>, RoutingError> {
+    Ok(load_table_files(dir)?
+        .into_iter()
+        .map(|(name, (route, _))| (name, route))
+        .collect())
+}
+
+/// [`load_table`], each route with the file it came from.
+pub fn load_table_files(dir: &Path) -> Result<BTreeMap<String, (Route, PathBuf)>, RoutingError> {
     let read_err = |source| RoutingError::Read {
         path: dir.to_path_buf(),
         source,
@@ -135,10 +143,10 @@ pub fn load_table(dir: &Path) -> Result<BTreeMap<String, Route>, RoutingError> {
             continue;
         }
         let route = load_route(&path)?;
-        table.insert(route.service.clone(), route);
+        table.insert(route.service.clone(), (route, path));
     }
     let mut listeners: HashMap<(Ipv4Addr, u16), &str> = HashMap::new();
-    for route in table.values() {
+    for (route, _) in table.values() {
         if let Some(first) = listeners.insert((route.address, route.port()), &route.service) {
             return Err(RoutingError::Clash {
                 dir: dir.to_path_buf(),

@@ -115,7 +115,13 @@ struct Pending {
     pid: u32,
     /// A `loopmesh reload` waiting for the outcome (none after SIGHUP).
     session: Option<Session>,
+    /// It exited (how, and until when its own report of why is awaited:
+    /// the report and the exit race).
+    exited: Option<(String, tokio::time::Instant)>,
 }
+
+/// How long after a successor's exit its report of why is waited for.
+const REPORT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The running agent's control socket, SIGHUP, and the successor it starts.
 pub struct Succession {
@@ -133,6 +139,9 @@ pub enum Event {
     Hangup,
     /// A successor exited (pid, how) before or after taking over.
     Exited(u32, String),
+    /// A successor exited without saying why, and the wait for its report
+    /// is over.
+    Silent,
 }
 
 impl Succession {
@@ -161,10 +170,21 @@ impl Succession {
 
     /// The next event; cancel-safe.
     pub async fn next(&mut self) -> Event {
+        let silent_at = self
+            .pending
+            .as_ref()
+            .and_then(|p| p.exited.as_ref().map(|(_, at)| *at));
+        let silent = async {
+            match silent_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             Some(request) = self.requests.recv() => Event::Request(request),
             () = self.hangups.next() => Event::Hangup,
             Some((pid, how)) = self.exits.recv() => Event::Exited(pid, how),
+            () = silent => Event::Silent,
         }
     }
 
@@ -187,7 +207,16 @@ impl Succession {
                 self.fail_pending(reason).await;
             }
             Event::Exited(pid, how) => {
-                if self.pending.as_ref().is_some_and(|pending| pending.pid == pid) {
+                if let Some(pending) = self.pending.as_mut().filter(|pending| pending.pid == pid) {
+                    pending.exited = Some((how, tokio::time::Instant::now() + REPORT_GRACE));
+                }
+            }
+            Event::Silent => {
+                let how = self
+                    .pending
+                    .as_ref()
+                    .and_then(|pending| Some((pending.pid, pending.exited.clone()?.0)));
+                if let Some((pid, how)) = how {
                     let reason = format!("the new agent (pid {pid}) {how} before taking over; see its log");
                     tracing::error!("takeover: {reason}; this one serves on");
                     self.fail_pending(reason).await;
@@ -254,7 +283,11 @@ impl Succession {
                     };
                     let _ = exits.send((pid, how));
                 });
-                self.pending = Some(Pending { pid, session });
+                self.pending = Some(Pending {
+                    pid,
+                    session,
+                    exited: None,
+                });
             }
             Err(err) => {
                 let reason = format!("cannot start the new agent: {err}");

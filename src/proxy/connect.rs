@@ -15,7 +15,7 @@ use tokio::net::{TcpSocket, TcpStream};
 /// on this host, the loopback congestion control set before the handshake.
 async fn connect_to(backend: &Backend) -> io::Result<TcpStream> {
     let Some(addr) = backend.addr else {
-        let stream = TcpStream::connect((backend.host.as_str(), backend.port)).await?;
+        let stream = TcpStream::connect((&*backend.host, backend.port)).await?;
         stream.set_nodelay(true)?;
         return Ok(stream);
     };
@@ -47,10 +47,14 @@ fn failure_kind(err: &io::Error) -> &'static str {
 pub async fn connect(state: &ServiceState, client: SocketAddr) -> Option<(usize, TcpStream)> {
     let service = state.name();
     let metrics = state.shared.metrics();
-    let spec = &state.route.spec;
+    let spec = &state.spec;
+    let Ok(backends) = state.backends() else {
+        metrics.refused_no_backend.increment(1);
+        return None;
+    };
     let mut tried = Vec::new();
     for _ in 0..=spec.retries {
-        let index = match state.backends.pick(client.ip(), &tried) {
+        let index = match backends.pick(client.ip(), &tried) {
             Ok(index) => index,
             Err(NoBackend::NoneUp) => {
                 metrics.refused_no_backend.increment(1);
@@ -58,7 +62,7 @@ pub async fn connect(state: &ServiceState, client: SocketAddr) -> Option<(usize,
             }
             Err(NoBackend::Exhausted) => break,
         };
-        let backend = &state.backends.backends()[index];
+        let backend = &backends.backends()[index];
         let started = Instant::now();
         let kind = match tokio::time::timeout(spec.connect_timeout, connect_to(backend)).await {
             Ok(Ok(stream)) => {
@@ -73,16 +77,16 @@ pub async fn connect(state: &ServiceState, client: SocketAddr) -> Option<(usize,
         metrics::counter!(
             "loopmesh_proxy_connect_errors_total",
             "service" => service.to_string(),
-            "backend" => backend.id.clone(),
+            "backend" => backend.id.to_string(),
             "kind" => kind
         )
         .increment(1);
-        if state.backends.record_failure(index) {
+        if backends.record_failure(index) {
             tracing::warn!(
                 "service {service}: backend {} ejected after repeated connect failures ({kind})",
                 backend.id
             );
-            metrics::counter!("loopmesh_proxy_ejections_total", "service" => service.to_string(), "backend" => backend.id.clone())
+            metrics::counter!("loopmesh_proxy_ejections_total", "service" => service.to_string(), "backend" => backend.id.to_string())
                 .increment(1);
         }
         tried.push(index);

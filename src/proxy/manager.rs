@@ -6,11 +6,10 @@
 //! service, not the table: [`ProxyManager::update`] takes only the routes
 //! that changed.
 
-use super::balance::BackendStats;
 use super::drain;
 use super::l4::sockmap::KernelForwarding;
-use super::listener::{accept_loop, bind};
-use super::service::{ServiceShared, ServiceState};
+use super::listener::{bind, Acceptor, Listening};
+use super::service::{CompileContext, RouteSource, ServiceShared, ServiceState};
 use super::view::{ProxyView, ServiceView};
 use super::workers::Workers;
 use super::{Error, ProxySettings};
@@ -19,14 +18,37 @@ use crate::limits::ConnectionBudget;
 use crate::routing::Route;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::net::TcpListener;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
 use std::sync::Arc;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// Routes by service name.
-pub type Table = BTreeMap<String, Arc<Route>>;
+/// What the plan compares of a route: where it listens, and a digest of
+/// the rest (the proxy keeps no copy of the routes it serves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteKey {
+    pub addr: SocketAddr,
+    pub digest: u64,
+}
+
+impl RouteKey {
+    /// The key of `route`.
+    pub fn of(route: &Route) -> RouteKey {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        // Every field the route file carries, in its one serialized form.
+        serde_json::to_vec(route).unwrap_or_default().hash(&mut hasher);
+        RouteKey {
+            addr: listen_addr(route),
+            digest: hasher.finish(),
+        }
+    }
+}
+
+/// Route keys by service name.
+pub type Table = BTreeMap<String, RouteKey>;
 
 /// What one service needs, comparing what runs with what is wanted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,12 +66,12 @@ pub enum Step {
 }
 
 /// The step for one service; `None` when nothing changes.
-pub fn step(running: Option<&Route>, wanted: Option<&Route>) -> Option<Step> {
+pub fn step(running: Option<&RouteKey>, wanted: Option<&RouteKey>) -> Option<Step> {
     match (running, wanted) {
         (None, None) => None,
         (None, Some(_)) => Some(Step::Bind),
         (Some(_), None) => Some(Step::Stop),
-        (Some(old), Some(new)) if listen_addr(old) != listen_addr(new) => Some(Step::Move),
+        (Some(old), Some(new)) if old.addr != new.addr => Some(Step::Move),
         (Some(old), Some(new)) if old != new => Some(Step::Swap),
         (Some(_), Some(_)) => None,
     }
@@ -68,13 +90,7 @@ pub fn plan(
     };
     names
         .into_iter()
-        .filter_map(|name| {
-            let step = step(
-                running.get(name).map(Arc::as_ref),
-                wanted.get(name).map(Arc::as_ref),
-            )?;
-            Some((name.to_string(), step))
-        })
+        .filter_map(|name| Some((name.to_string(), step(running.get(name), wanted.get(name))?)))
         .collect()
 }
 
@@ -83,20 +99,20 @@ pub fn listen_addr(route: &Route) -> SocketAddr {
     SocketAddr::from((route.address, route.port()))
 }
 
+/// A service the table wants: its key, and its state ready to serve.
+struct Wanted {
+    key: RouteKey,
+    state: Arc<ServiceState>,
+}
+
 /// A listening service.
 struct Running {
-    route: Arc<Route>,
+    key: RouteKey,
     state: watch::Sender<Arc<ServiceState>>,
-    /// One per worker; each ends when the drain is signaled, closing its
-    /// listener.
-    accept: Vec<JoinHandle<()>>,
+    /// Its listening descriptors (one per worker) and the worker whose
+    /// acceptor holds each, while they accept.
+    listeners: Vec<(usize, RawFd)>,
     drain: drain::Trigger,
-    shared: Arc<ServiceShared>,
-    /// Backend counters by id, kept across this service's reloads.
-    stats: HashMap<String, Arc<BackendStats>>,
-    /// The listening descriptors while the accept loops hold them, for a
-    /// successor to take over.
-    fds: Vec<RawFd>,
 }
 
 /// What one apply changed.
@@ -122,12 +138,16 @@ impl ApplyReport {
 pub struct ProxyManager {
     settings: ProxySettings,
     workers: Workers,
-    /// Slots for open connections, shared by every listener.
-    budget: ConnectionBudget,
     kernel: Option<Arc<KernelForwarding>>,
+    /// What compiling a service's backends needs, shared by all.
+    context: Arc<CompileContext>,
+    /// One per worker: accepts on every listener of that worker.
+    acceptors: Vec<Acceptor>,
     running: HashMap<String, Running>,
-    /// The table wanted: every route applied, listening or not.
-    wanted: Table,
+    /// Every route applied, listening or not.
+    wanted: BTreeMap<String, Wanted>,
+    /// What the admin API shows, kept per service as it changes.
+    view: ProxyView,
     /// Which service each wanted address belongs to.
     addresses: HashMap<SocketAddr, String>,
     /// Wanted services that could not listen, with why.
@@ -146,14 +166,28 @@ impl ProxyManager {
             .kernel_forwarding
             .then(|| kernel_forwarding(settings.kernel_connections, settings.kernel_forwarding_max_open))
             .flatten();
+        // Slots for open connections, shared by every listener.
         let budget = ConnectionBudget::new("proxy", settings.max_open_connections as usize);
+        let context = Arc::new(CompileContext {
+            node_zone: settings.node_zone.clone(),
+            loopback_congestion: settings.loopback_congestion.clone(),
+            kernel: kernel.clone(),
+        });
+        let acceptors = (0..workers.count())
+            .map(|index| {
+                let _on_worker = workers.enter(index);
+                Acceptor::spawn(budget.clone()).map_err(|source| Error::Worker { index, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(ProxyManager {
             settings,
             workers,
-            budget,
             kernel,
+            context,
+            acceptors,
             running: HashMap::new(),
-            wanted: Table::new(),
+            wanted: BTreeMap::new(),
+            view: ProxyView::default(),
             addresses: HashMap::new(),
             failed: BTreeMap::new(),
             http_as_tcp: BTreeSet::new(),
@@ -197,8 +231,8 @@ impl ProxyManager {
         self.running
             .values()
             .flat_map(|running| {
-                let addr = listen_addr(&running.route);
-                running.fds.iter().map(move |fd| (addr, *fd))
+                let addr = running.key.addr;
+                running.listeners.iter().map(move |(_, fd)| (addr, *fd))
             })
             .collect()
     }
@@ -211,9 +245,8 @@ impl ProxyManager {
             running.drain.signal();
         }
         for running in self.running.values_mut() {
-            running.fds.clear();
-            for accept in std::mem::take(&mut running.accept) {
-                let _ = accept.await;
+            for (worker, fd) in std::mem::take(&mut running.listeners) {
+                self.acceptors[worker].remove(fd).await;
             }
         }
     }
@@ -244,6 +277,11 @@ impl ProxyManager {
         &self.failed
     }
 
+    /// How many services listen now.
+    pub fn listening_count(&self) -> usize {
+        self.running.len()
+    }
+
     /// Services listening now, by name.
     pub fn listening(&self) -> Vec<String> {
         let mut names: Vec<String> = self.running.keys().cloned().collect();
@@ -259,68 +297,104 @@ impl ProxyManager {
         let state = running.state.borrow().clone();
         let now = super::balance::now_nanos();
         state
-            .backends
-            .backends()
-            .iter()
-            .map(|b| {
-                (
-                    b.id.clone(),
-                    b.stats.is_ejected(now),
-                    b.stats.active.load(std::sync::atomic::Ordering::Relaxed),
-                )
+            .with_backends(|set| {
+                set.backends()
+                    .iter()
+                    .map(|b| {
+                        (
+                            b.id.to_string(),
+                            b.stats.is_ejected(now),
+                            b.stats.active.load(std::sync::atomic::Ordering::Relaxed),
+                        )
+                    })
+                    .collect()
             })
-            .collect()
+            .unwrap_or_default()
     }
 
-    /// A live view of every wanted service, for the admin API: its counters
-    /// are read when the view is rendered.
+    /// Services whose backends are compiled (they had a connection).
+    pub fn compiled(&self) -> usize {
+        self.running
+            .values()
+            .filter(|running| running.state.borrow().is_compiled())
+            .count()
+    }
+
+    /// A live view of every wanted service, for the admin API: cheap to
+    /// take (it is kept up to date per change), read when rendered.
     pub fn view(&self) -> ProxyView {
-        let services = self
-            .wanted
-            .iter()
-            .map(|(name, route)| ServiceView {
-                route: route.clone(),
-                error: self.failed.get(name).cloned(),
-                state: self.running.get(name).map(|running| running.state.subscribe()),
-            })
-            .collect();
-        ProxyView::new(services)
+        self.view.clone()
     }
 
     /// Makes the listeners match `table`, a whole routing table already
-    /// validated as one (start, static mode). Costs the size of the table.
+    /// validated as one, held in memory (tests). Costs the size of the table.
     pub async fn apply(&mut self, table: &BTreeMap<String, Route>) -> ApplyReport {
-        let mut changes: BTreeMap<String, Option<Route>> =
-            self.wanted.keys().map(|name| (name.clone(), None)).collect();
-        changes.extend(
-            table
-                .iter()
-                .map(|(name, route)| (name.clone(), Some(route.clone()))),
-        );
-        self.update(changes).await
+        let routes = table
+            .iter()
+            .map(|(name, route)| {
+                (
+                    name.clone(),
+                    (route.clone(), RouteSource::Memory(Arc::new(route.clone()))),
+                )
+            })
+            .collect();
+        self.apply_sources(routes).await
     }
 
-    /// Applies the routes of the services that changed (`None`: removed).
-    /// Costs the size of the change. A route whose address another service
-    /// holds is refused, naming both, and its service keeps what it had.
-    pub async fn update(&mut self, changes: BTreeMap<String, Option<Route>>) -> ApplyReport {
+    /// [`ProxyManager::apply`] for routes read from their files, which the
+    /// proxy reads back when it compiles a service rather than keeping them.
+    pub async fn apply_files(&mut self, table: BTreeMap<String, (Route, PathBuf)>) -> ApplyReport {
+        let routes = table
+            .into_iter()
+            .map(|(name, (route, path))| (name, (route, RouteSource::File(path))))
+            .collect();
+        self.apply_sources(routes).await
+    }
+
+    async fn apply_sources(&mut self, table: BTreeMap<String, (Route, RouteSource)>) -> ApplyReport {
+        let mut changes: BTreeMap<String, Option<(Route, RouteSource)>> =
+            self.wanted.keys().map(|name| (name.clone(), None)).collect();
+        changes.extend(table.into_iter().map(|(name, change)| (name, Some(change))));
+        self.update_sources(changes).await
+    }
+
+    /// Applies the routes of the services that changed (`None`: removed),
+    /// each read from the file named beside it. Costs the size of the
+    /// change. A route whose address another service holds is refused,
+    /// naming both, and its service keeps what it had.
+    pub async fn update(&mut self, changes: BTreeMap<String, Option<(Route, PathBuf)>>) -> ApplyReport {
+        let changes = changes
+            .into_iter()
+            .map(|(name, change)| (name, change.map(|(route, path)| (route, RouteSource::File(path)))))
+            .collect();
+        self.update_sources(changes).await
+    }
+
+    async fn update_sources(
+        &mut self,
+        changes: BTreeMap<String, Option<(Route, RouteSource)>>,
+    ) -> ApplyReport {
         let mut report = ApplyReport::default();
         // Removals first, so an address freed in this change can be taken
         // in the same change.
-        let (removals, puts): (Vec<_>, Vec<_>) = changes.into_iter().partition(|(_, route)| route.is_none());
+        let (removals, puts): (Vec<_>, Vec<_>) =
+            changes.into_iter().partition(|(_, change)| change.is_none());
         let mut scope = Vec::new();
         for (name, _) in removals {
             if let Some(old) = self.wanted.remove(&name) {
-                self.addresses.remove(&listen_addr(&old));
+                self.addresses.remove(&old.key.addr);
             }
             scope.push(name);
         }
-        for (name, route) in puts {
-            let Some(route) = route else { continue };
-            let addr = listen_addr(&route);
-            match self.addresses.get(&addr) {
+        for (name, change) in puts {
+            let Some((route, source)) = change else { continue };
+            let key = RouteKey::of(&route);
+            match self.addresses.get(&key.addr) {
                 Some(holder) if *holder != name => {
-                    let reason = format!("{addr} is {holder}'s address; {name} keeps its previous route");
+                    let reason = format!(
+                        "{} is {holder}'s address; {name} keeps its previous route",
+                        key.addr
+                    );
                     tracing::error!("route of service {name} refused: {reason}");
                     metrics::counter!("loopmesh_proxy_route_refusals_total").increment(1);
                     report.refused.insert(name, reason);
@@ -328,15 +402,42 @@ impl ProxyManager {
                 }
                 _ => {}
             }
-            if let Some(old) = self.wanted.insert(name.clone(), Arc::new(route)) {
-                self.addresses.remove(&listen_addr(&old));
+            if self.wanted.get(&name).is_some_and(|wanted| wanted.key == key) {
+                // Unchanged; tried again if it could not listen.
+                if !self.running.contains_key(&name) {
+                    scope.push(name);
+                }
+                continue;
             }
-            self.addresses.insert(addr, name.clone());
+            let state = self.prepare(&name, &route, source);
+            if let Some(old) = self.wanted.insert(name.clone(), Wanted { key, state }) {
+                self.addresses.remove(&old.key.addr);
+            }
+            self.addresses.insert(key.addr, name.clone());
             scope.push(name);
         }
         self.failed.retain(|name, _| self.wanted.contains_key(name));
         self.execute(&scope, &mut report).await;
         report
+    }
+
+    /// The state a new route of `name` serves with: sharing the service's
+    /// counters if it runs, and compiled at once if its current one is (a
+    /// service in use stays warm; an idle one compiles at first use).
+    fn prepare(&self, name: &str, route: &Route, source: RouteSource) -> Arc<ServiceState> {
+        let running = self
+            .running
+            .get(name)
+            .map(|running| running.state.borrow().clone());
+        let shared = running.as_ref().map_or_else(
+            || Arc::new(ServiceShared::new(name)),
+            |state| state.shared.clone(),
+        );
+        let state = ServiceState::new(route, source, shared, self.context.clone());
+        if let Some(previous) = running.filter(|state| state.is_compiled()) {
+            state.compile_now(route, &previous);
+        }
+        Arc::new(state)
     }
 
     /// Tries again to bind the services that failed to (a port freed since
@@ -352,11 +453,11 @@ impl ProxyManager {
     async fn execute(&mut self, scope: &[String], report: &mut ApplyReport) {
         let running: Table = scope
             .iter()
-            .filter_map(|name| Some((name.clone(), self.running.get(name)?.route.clone())))
+            .filter_map(|name| Some((name.clone(), self.running.get(name)?.key)))
             .collect();
         let wanted: Table = scope
             .iter()
-            .filter_map(|name| Some((name.clone(), self.wanted.get(name)?.clone())))
+            .filter_map(|name| Some((name.clone(), self.wanted.get(name)?.key)))
             .collect();
         let steps = plan(&running, &wanted, None);
         // Stops first: a moved service's old listener, or a removed one,
@@ -374,41 +475,50 @@ impl ProxyManager {
             }
         }
         for (name, step) in steps {
-            let route = wanted.get(&name).cloned();
-            match (step, route) {
-                (Step::Swap, Some(route)) => {
-                    self.say_if_http_as_tcp(&route);
+            let Some((key, state)) = self.wanted.get(&name).map(|w| (w.key, w.state.clone())) else {
+                continue;
+            };
+            match step {
+                Step::Swap => {
+                    self.say_if_http_as_tcp(&name, &state);
                     let Some(running) = self.running.get_mut(&name) else {
                         continue;
                     };
-                    let state = ServiceState::compile(
-                        route.clone(),
-                        &self.settings,
-                        &self.kernel,
-                        &mut running.stats,
-                        running.shared.clone(),
-                    );
-                    running.state.send_replace(Arc::new(state));
-                    running.route = route;
+                    running.state.send_replace(state);
+                    running.key = key;
                     report.updated.push(name);
                 }
-                (Step::Bind | Step::Move, Some(route)) => self.bind(&name, route, report),
-                _ => {}
+                Step::Bind | Step::Move => self.bind(&name, key, state, report),
+                Step::Stop => {}
             }
+        }
+        for name in scope {
+            self.refresh_view(name);
         }
         metrics::gauge!("loopmesh_proxy_listeners").set(self.running.len() as f64);
         metrics::gauge!("loopmesh_proxy_listeners_failed").set(self.failed.len() as f64);
         report.failed = self.failed.clone();
     }
 
+    /// Brings the admin view of `name` in line with what it is now.
+    fn refresh_view(&self, name: &str) {
+        let entry = self.wanted.get(name).map(|wanted| ServiceView {
+            address: wanted.key.addr,
+            protocol: wanted.state.spec.protocol,
+            error: self.failed.get(name).cloned(),
+            state: self.running.get(name).map(|running| running.state.subscribe()),
+        });
+        self.view.set(name, entry);
+    }
+
     /// Starts a service's listeners, or records why it cannot.
-    fn bind(&mut self, name: &str, route: Arc<Route>, report: &mut ApplyReport) {
-        self.say_if_http_as_tcp(&route);
-        match self.start(route.clone()) {
+    fn bind(&mut self, name: &str, key: RouteKey, state: Arc<ServiceState>, report: &mut ApplyReport) {
+        self.say_if_http_as_tcp(name, &state);
+        match self.start(key, state) {
             Ok(running) => {
                 self.running.insert(name.to_string(), running);
                 if self.failed.remove(name).is_some() {
-                    tracing::info!("service {name} now listens on {}", listen_addr(&route));
+                    tracing::info!("service {name} now listens on {}", key.addr);
                 }
                 report.added.push(name.to_string());
             }
@@ -426,10 +536,9 @@ impl ProxyManager {
 
     /// Until the HTTP proxy lands, an HTTP service is relayed as TCP: said
     /// once per service (log and gauge), never silently.
-    fn say_if_http_as_tcp(&mut self, route: &Route) {
-        let name = &route.service;
-        if route.spec.protocol == Protocol::Http {
-            if self.http_as_tcp.insert(name.clone()) {
+    fn say_if_http_as_tcp(&mut self, name: &str, state: &ServiceState) {
+        if state.spec.protocol == Protocol::Http {
+            if self.http_as_tcp.insert(name.to_string()) {
                 tracing::warn!(
                     "service {name}: protocol http is served as TCP for now (connections are relayed unchanged, without per-request balancing)"
                 );
@@ -440,61 +549,45 @@ impl ProxyManager {
         metrics::gauge!("loopmesh_proxy_http_served_as_tcp").set(self.http_as_tcp.len() as f64);
     }
 
-    fn start(&mut self, route: Arc<Route>) -> Result<Running, Error> {
-        let addr = listen_addr(&route);
-        let count = self.workers.count();
-        let listeners = self.listeners_for(addr)?;
-        let fds = listeners
-            .iter()
-            .map(|(_, listener)| listener.as_raw_fd())
-            .collect();
-        let shared = Arc::new(ServiceShared::new(&route.service));
-        let mut stats = HashMap::new();
-        let state = ServiceState::compile(
-            route.clone(),
-            &self.settings,
-            &self.kernel,
-            &mut stats,
-            shared.clone(),
-        );
-        let (state_tx, state_rx) = watch::channel(Arc::new(state));
+    fn start(&mut self, key: RouteKey, state: Arc<ServiceState>) -> Result<Running, Error> {
+        let listeners = self.listeners_for(key.addr)?;
+        let (state_tx, state_rx) = watch::channel(state);
         let (trigger, watch) = drain::channel();
-        let accept = listeners
+        let listeners = listeners
             .into_iter()
             .map(|(worker, listener)| {
-                let task = accept_loop(listener, state_rx.clone(), watch.clone(), self.budget.clone());
-                self.workers.spawn(worker % count, task)
+                let fd = listener.as_raw_fd();
+                let listening = Listening {
+                    state: state_rx.clone(),
+                    drain: watch.clone(),
+                };
+                self.acceptors[worker].add(listener, listening);
+                (worker, fd)
             })
             .collect();
         Ok(Running {
-            route,
+            key,
             state: state_tx,
-            accept,
+            listeners,
             drain: trigger,
-            shared,
-            stats,
-            fds,
         })
     }
 
     /// The listeners of `addr`, each with the worker to run it on: one per
-    /// worker, each registered with that worker's loop. Inherited ones come
-    /// first; every inherited one is used, even past the worker count (with
-    /// SO_REUSEPORT the kernel spreads connections over all of them, so one
-    /// nobody accepts on would strand its share). A failure drops (closes)
-    /// the ones already bound.
+    /// worker. Inherited ones come first; every inherited one is used, even
+    /// past the worker count (with SO_REUSEPORT the kernel spreads
+    /// connections over all of them, so one nobody accepts on would strand
+    /// its share). A failure drops (closes) the ones already bound.
     fn listeners_for(&mut self, addr: SocketAddr) -> Result<Vec<(usize, TcpListener)>, Error> {
         let count = self.workers.count();
         let inherited = self.inherited.remove(&addr).unwrap_or_default();
         let adopted = inherited.len();
-        let mut listeners = Vec::with_capacity(count.max(adopted));
-        for (index, listener) in inherited.into_iter().enumerate() {
-            let _on_worker = self.workers.enter(index % count);
-            let listener = TcpListener::from_std(listener).map_err(|source| Error::Bind { addr, source })?;
-            listeners.push((index, listener));
-        }
+        let mut listeners: Vec<(usize, TcpListener)> = inherited
+            .into_iter()
+            .enumerate()
+            .map(|(index, listener)| (index % count, listener))
+            .collect();
         for index in adopted..count {
-            let _on_worker = self.workers.enter(index);
             match bind(addr, self.settings.loopback_congestion.as_deref(), count > 1) {
                 Ok(listener) => listeners.push((index, listener)),
                 // The predecessor's listener lacks SO_REUSEPORT (it ran one
@@ -511,8 +604,8 @@ impl ProxyManager {
     /// remains at the drain deadline.
     async fn stop(&self, name: &str, running: Running) -> JoinHandle<()> {
         running.drain.signal();
-        for accept in running.accept {
-            let _ = accept.await;
+        for (worker, fd) in running.listeners {
+            self.acceptors[worker].remove(fd).await;
         }
         let name = name.to_string();
         let deadline = self.settings.drain_timeout;
@@ -564,7 +657,7 @@ fn kernel_forwarding(capacity: u32, max_open: u32) -> Option<Arc<KernelForwardin
 mod tests {
     use super::*;
 
-    fn route(service: &str, address: [u8; 4], port: u16, backends: &[&str]) -> Arc<Route> {
+    fn key(service: &str, address: [u8; 4], port: u16, backends: &[&str]) -> RouteKey {
         let backends = backends
             .iter()
             .map(|id| format!("\"{id}\": {{\"host\": \"10.0.0.1\", \"port\": 80}}"))
@@ -574,16 +667,21 @@ mod tests {
             "{{\"service\": \"{service}\", \"address\": \"{}\", \"spec\": {{\"port\": {port}}}, \"backends\": {{{backends}}}}}",
             std::net::Ipv4Addr::from(address)
         );
-        Arc::new(Route::parse(&text).unwrap())
+        RouteKey::of(&Route::parse(&text).unwrap())
     }
 
     #[test]
     fn one_step_per_case() {
-        let a = route("a", [127, 100, 0, 1], 80, &["x"]);
-        let a_more = route("a", [127, 100, 0, 1], 80, &["x", "y"]);
-        let a_port = route("a", [127, 100, 0, 1], 81, &["x"]);
-        let a_addr = route("a", [127, 100, 0, 2], 80, &["x"]);
-        let cases: [(Option<&Route>, Option<&Route>, Option<Step>); 7] = [
+        let a = key("a", [127, 100, 0, 1], 80, &["x"]);
+        let a_more = key("a", [127, 100, 0, 1], 80, &["x", "y"]);
+        let a_port = key("a", [127, 100, 0, 1], 81, &["x"]);
+        let a_addr = key("a", [127, 100, 0, 2], 80, &["x"]);
+        assert_eq!(
+            key("a", [127, 100, 0, 1], 80, &["x"]),
+            a,
+            "the same route, the same key"
+        );
+        let cases: [(Option<&RouteKey>, Option<&RouteKey>, Option<Step>); 7] = [
             (None, None, None),
             (None, Some(&a), Some(Step::Bind)),
             (Some(&a), None, Some(Step::Stop)),
@@ -599,18 +697,12 @@ mod tests {
 
     #[test]
     fn a_plan_covers_both_tables_or_only_the_scope() {
-        let table = |routes: &[&Arc<Route>]| -> Table {
-            routes
-                .iter()
-                .map(|r| (r.service.clone(), Arc::clone(r)))
-                .collect()
-        };
-        let a = route("a", [127, 100, 0, 1], 80, &["x"]);
-        let b = route("b", [127, 100, 0, 2], 80, &["x"]);
-        let b2 = route("b", [127, 100, 0, 2], 80, &["y"]);
-        let c = route("c", [127, 100, 0, 3], 80, &["x"]);
-        let running = table(&[&a, &b]);
-        let wanted = table(&[&b2, &c]);
+        let a = key("a", [127, 100, 0, 1], 80, &["x"]);
+        let b = key("b", [127, 100, 0, 2], 80, &["x"]);
+        let b2 = key("b", [127, 100, 0, 2], 80, &["y"]);
+        let c = key("c", [127, 100, 0, 3], 80, &["x"]);
+        let running: Table = [("a".to_string(), a), ("b".to_string(), b)].into();
+        let wanted: Table = [("b".to_string(), b2), ("c".to_string(), c)].into();
         let expected: BTreeMap<String, Step> = [
             ("a".to_string(), Step::Stop),
             ("b".to_string(), Step::Swap),

@@ -1,12 +1,20 @@
-//! A service as the data plane runs it: compiled from its route once per
+//! A service as the data plane runs it: made from its route once per
 //! change, read by every new connection, swapped whole on the next change.
+//!
+//! The backend set is compiled at the service's first connection, not when
+//! its route arrives: a node of a 10k-service fleet talks to a handful of
+//! them, and 100k compiled backends would be most of the agent's memory.
+//! Until then a service holds its policy and where its route is (the route
+//! file, the data plane's truth, read back when needed).
 
 use super::balance::{Backend, BackendSet, BackendStats};
 use super::l4::sockmap::KernelForwarding;
-use super::ProxySettings;
+use crate::catalog::ServiceSpec;
 use crate::routing::Route;
 use std::collections::HashMap;
+use std::ffi::CString;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 
@@ -18,7 +26,7 @@ pub struct ServiceShared {
     pub name: Arc<str>,
     /// Open connections, for the circuit breaker.
     pub active: AtomicU64,
-    metrics: OnceLock<ServiceMetrics>,
+    metrics: OnceLock<Box<ServiceMetrics>>,
 }
 
 impl ServiceShared {
@@ -32,7 +40,8 @@ impl ServiceShared {
 
     /// The service's metric handles, registered on first use.
     pub fn metrics(&self) -> &ServiceMetrics {
-        self.metrics.get_or_init(|| ServiceMetrics::new(&self.name))
+        self.metrics
+            .get_or_init(|| Box::new(ServiceMetrics::new(&self.name)))
     }
 }
 
@@ -72,65 +81,161 @@ impl ServiceMetrics {
     }
 }
 
-/// Everything a new connection to a service needs; replaced whole on reload.
+/// Where a service's route is read from when its backends are compiled.
+#[derive(Debug, Clone)]
+pub enum RouteSource {
+    /// Its route file: what the data plane serves is what the file says.
+    File(PathBuf),
+    /// A route handed over in memory (tests, callers without files).
+    Memory(Arc<Route>),
+}
+
+impl RouteSource {
+    /// The route, read back if it lives in a file.
+    fn load(&self) -> Result<Arc<Route>, String> {
+        match self {
+            RouteSource::Memory(route) => Ok(route.clone()),
+            RouteSource::File(path) => crate::routing::load_route(path)
+                .map(Arc::new)
+                .map_err(|err| err.to_string()),
+        }
+    }
+}
+
+/// What compiling backends needs from the proxy as a whole; one per proxy,
+/// shared by every service.
 #[derive(Debug)]
-pub struct ServiceState {
-    /// The route this was compiled from (its spec is the service's policy).
-    pub route: Arc<Route>,
-    pub backends: BackendSet,
-    pub shared: Arc<ServiceShared>,
+pub struct CompileContext {
+    /// The node's zone, for zone preference.
+    pub node_zone: Option<String>,
+    /// Congestion control for backends on this host.
+    pub loopback_congestion: Option<Arc<CString>>,
     /// Set when L4 connections are forwarded in the kernel.
     pub kernel: Option<Arc<KernelForwarding>>,
 }
 
+/// Everything a new connection to a service needs; replaced whole on reload.
+#[derive(Debug)]
+pub struct ServiceState {
+    pub address: SocketAddr,
+    /// The service's definition: port and traffic policy.
+    pub spec: ServiceSpec,
+    pub shared: Arc<ServiceShared>,
+    pub context: Arc<CompileContext>,
+    source: RouteSource,
+    /// Compiled at the first connection (or at once, for a service that
+    /// already had one); an error if its route could not be read back.
+    backends: OnceLock<Result<BackendSet, String>>,
+}
+
 impl ServiceState {
+    /// A service from its route; backends are compiled when first needed.
+    pub fn new(
+        route: &Route,
+        source: RouteSource,
+        shared: Arc<ServiceShared>,
+        context: Arc<CompileContext>,
+    ) -> ServiceState {
+        ServiceState {
+            address: SocketAddr::from((route.address, route.port())),
+            spec: route.spec.clone(),
+            shared,
+            context,
+            source,
+            backends: OnceLock::new(),
+        }
+    }
+
     /// The service's name.
     pub fn name(&self) -> &str {
         &self.shared.name
     }
 
-    /// Compiles `route`; backend counters are taken from `stats` by id, so a
-    /// reload neither resets connection counts nor forgives an ejection.
-    pub fn compile(
-        route: Arc<Route>,
-        settings: &ProxySettings,
-        kernel: &Option<Arc<KernelForwarding>>,
-        stats: &mut HashMap<String, Arc<BackendStats>>,
-        shared: Arc<ServiceShared>,
-    ) -> ServiceState {
-        let backends = route
-            .backends
-            .iter()
-            .map(|(id, instance)| {
-                let addr = instance
-                    .host
-                    .parse::<IpAddr>()
-                    .ok()
-                    .map(|ip| SocketAddr::new(ip, instance.port));
-                // A backend on this host is a loopback address; names are
-                // not resolved here and count as remote.
-                let on_this_host = addr.is_some_and(|addr| addr.ip().is_loopback());
-                Backend {
-                    id: id.clone(),
-                    host: instance.host.clone(),
-                    port: instance.port,
-                    addr,
-                    congestion: settings.loopback_congestion.clone().filter(|_| on_this_host),
-                    weight: instance.weight,
-                    zone: instance.zone.clone(),
-                    state: instance.state,
-                    stats: stats.entry(id.clone()).or_default().clone(),
+    /// Forwarding in the kernel, if on.
+    pub fn kernel(&self) -> Option<&Arc<KernelForwarding>> {
+        self.context.kernel.as_ref()
+    }
+
+    /// Whether the backends are compiled.
+    pub fn is_compiled(&self) -> bool {
+        self.backends.get().is_some()
+    }
+
+    /// The backends, compiled now if this is the first need. An error says
+    /// why the route could not be read back (said once per state).
+    pub fn backends(&self) -> Result<&BackendSet, &str> {
+        self.backends
+            .get_or_init(|| {
+                let compiled = self
+                    .source
+                    .load()
+                    .map(|route| compile(&route, &self.context, &HashMap::new()));
+                if let Err(reason) = &compiled {
+                    tracing::error!(
+                        "service {}: cannot read its route back: {reason}; its connections are refused until the next change",
+                        self.name()
+                    );
                 }
+                compiled
             })
-            .collect();
-        stats.retain(|id, _| route.backends.contains_key(id));
-        let spec = &route.spec;
-        let backends = BackendSet::new(backends, spec.balance, spec.outlier, settings.node_zone.clone());
-        ServiceState {
-            route,
-            backends,
-            shared,
-            kernel: kernel.clone(),
+            .as_ref()
+            .map_err(String::as_str)
+    }
+
+    /// Compiles `route`'s backends now, carrying over the counters of
+    /// `previous`'s backends by id (a reload neither resets connection
+    /// counts nor forgives an ejection).
+    pub fn compile_now(&self, route: &Route, previous: &ServiceState) {
+        let stats: HashMap<&str, &Arc<BackendStats>> = match previous.backends.get() {
+            Some(Ok(set)) => set.backends().iter().map(|b| (&*b.id, &b.stats)).collect(),
+            _ => HashMap::new(),
+        };
+        let _ = self.backends.set(Ok(compile(route, &self.context, &stats)));
+    }
+
+    /// Calls `f` with the backends without keeping them compiled if they
+    /// are not (for views: looking must not cost the memory of using).
+    pub fn with_backends<R>(&self, f: impl FnOnce(&BackendSet) -> R) -> Option<R> {
+        match self.backends.get() {
+            Some(Ok(set)) => Some(f(set)),
+            Some(Err(_)) => None,
+            None => {
+                let route = self.source.load().ok()?;
+                Some(f(&compile(&route, &self.context, &HashMap::new())))
+            }
         }
     }
+}
+
+/// A route's backends, as the balancer sees them.
+fn compile(route: &Route, context: &CompileContext, stats: &HashMap<&str, &Arc<BackendStats>>) -> BackendSet {
+    let backends = route
+        .backends
+        .iter()
+        .map(|(id, instance)| {
+            let addr = instance
+                .host
+                .parse::<IpAddr>()
+                .ok()
+                .map(|ip| SocketAddr::new(ip, instance.port));
+            // A backend on this host is a loopback address; names are not
+            // resolved here and count as remote.
+            let on_this_host = addr.is_some_and(|addr| addr.ip().is_loopback());
+            Backend {
+                id: id.as_str().into(),
+                host: instance.host.as_str().into(),
+                port: instance.port,
+                addr,
+                congestion: context.loopback_congestion.clone().filter(|_| on_this_host),
+                weight: instance.weight,
+                zone: instance.zone.as_deref().map(Into::into),
+                state: instance.state,
+                stats: stats
+                    .get(id.as_str())
+                    .map_or_else(Default::default, |s| Arc::clone(s)),
+            }
+        })
+        .collect();
+    let spec = &route.spec;
+    BackendSet::new(backends, spec.balance, spec.outlier, context.node_zone.clone())
 }

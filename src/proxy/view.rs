@@ -1,69 +1,98 @@
 //! What the data plane serves, for the admin API and `loopmesh routes`.
+//!
+//! Kept up to date per service as the manager applies changes, and shared
+//! (not copied) with whoever shows it: publishing the agent's status after
+//! every pass costs nothing per service, and a change costs its size.
 
 use super::balance::now_nanos;
-use super::manager::listen_addr;
 use super::service::ServiceState;
-use crate::routing::Route;
+use crate::catalog::Protocol;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 
 /// Every wanted service, with its live state while it listens.
 #[derive(Debug, Clone, Default)]
 pub struct ProxyView {
-    services: Vec<ServiceView>,
+    services: Arc<RwLock<BTreeMap<String, ServiceView>>>,
+    /// Services that cannot listen, with why: read at every readiness
+    /// check, so kept apart from the (large) table.
+    failed: Arc<RwLock<BTreeMap<String, String>>>,
 }
 
 #[derive(Debug, Clone)]
 pub(super) struct ServiceView {
-    pub route: Arc<Route>,
+    pub address: SocketAddr,
+    pub protocol: Protocol,
     pub error: Option<String>,
     /// The live state while listening.
     pub state: Option<watch::Receiver<Arc<ServiceState>>>,
 }
 
 impl ProxyView {
-    pub(super) fn new(services: Vec<ServiceView>) -> Self {
-        ProxyView { services }
+    /// Sets (or, with `None`, removes) one service's entry.
+    pub(super) fn set(&self, name: &str, entry: Option<ServiceView>) {
+        {
+            let mut failed = self.failed.write().unwrap_or_else(|e| e.into_inner());
+            match entry.as_ref().and_then(|entry| entry.error.clone()) {
+                Some(error) => failed.insert(name.to_string(), error),
+                None => failed.remove(name),
+            };
+        }
+        let mut services = self.services.write().unwrap_or_else(|e| e.into_inner());
+        match entry {
+            Some(entry) => {
+                services.insert(name.to_string(), entry);
+            }
+            None => {
+                services.remove(name);
+            }
+        }
     }
 
     /// Services that failed to listen, with why.
     pub fn failed(&self) -> Vec<(String, String)> {
-        self.services
+        let failed = self.failed.read().unwrap_or_else(|e| e.into_inner());
+        failed
             .iter()
-            .filter_map(|s| s.error.clone().map(|e| (s.route.service.clone(), e)))
+            .map(|(name, error)| (name.clone(), error.clone()))
             .collect()
     }
 
-    /// The routes with their backends' live state, as JSON.
+    /// The routes with their backends' live state, as JSON. A service that
+    /// has had no connection yet shows its route's backends as they are on
+    /// disk, with nothing live to report.
     pub fn to_json(&self) -> serde_json::Value {
         let now = now_nanos();
-        let services = self.services.iter().map(|view| {
-            let backends: Vec<serde_json::Value> = match &view.state {
-                Some(state) => {
+        let services = self.services.read().unwrap_or_else(|e| e.into_inner());
+        let services = services.iter().map(|(name, view)| {
+            let backends: Vec<serde_json::Value> = view
+                .state
+                .as_ref()
+                .and_then(|state| {
                     let state = state.borrow().clone();
-                    state
-                        .backends
-                        .backends()
-                        .iter()
-                        .map(|b| {
-                            serde_json::json!({
-                                "id": b.id, "host": b.host, "port": b.port, "weight": b.weight,
-                                "zone": b.zone, "state": b.state.as_str(),
-                                "ejected": b.stats.is_ejected(now),
-                                "active_connections": b.stats.active.load(Ordering::Relaxed),
+                    state.with_backends(|set| {
+                        set.backends()
+                            .iter()
+                            .map(|b| {
+                                serde_json::json!({
+                                    "id": b.id, "host": b.host, "port": b.port, "weight": b.weight,
+                                    "zone": b.zone, "state": b.state.as_str(),
+                                    "ejected": b.stats.is_ejected(now),
+                                    "active_connections": b.stats.active.load(Ordering::Relaxed),
+                                })
                             })
-                        })
-                        .collect()
-                }
-                None => Vec::new(),
-            };
-            let addr = listen_addr(&view.route);
+                            .collect()
+                    })
+                })
+                .unwrap_or_default();
             serde_json::json!({
-                "service": view.route.service,
-                "address": addr.ip().to_string(),
-                "port": addr.port(),
-                "protocol": view.route.spec.protocol,
+                "service": name,
+                "address": view.address.ip().to_string(),
+                "port": view.address.port(),
+                "protocol": view.protocol,
                 "listening": view.state.is_some(),
                 "error": view.error,
                 "backends": backends,

@@ -96,8 +96,8 @@ impl BackendStats {
 /// One backend as the balancer sees it.
 #[derive(Debug, Clone)]
 pub struct Backend {
-    pub id: String,
-    pub host: String,
+    pub id: Box<str>,
+    pub host: Box<str>,
     pub port: u16,
     /// `host` and `port` when the host is an IP address (no lookup per connect).
     pub addr: Option<SocketAddr>,
@@ -105,7 +105,7 @@ pub struct Backend {
     /// see [`super::congestion`]).
     pub congestion: Option<Arc<CString>>,
     pub weight: u32,
-    pub zone: Option<String>,
+    pub zone: Option<Box<str>>,
     pub state: InstanceState,
     pub stats: Arc<BackendStats>,
 }
@@ -327,7 +327,7 @@ mod tests {
             addr: None,
             congestion: None,
             weight,
-            zone: zone.map(str::to_string),
+            zone: zone.map(Into::into),
             state,
             stats: Arc::new(BackendStats::default()),
         }
@@ -347,7 +347,7 @@ mod tests {
         for n in 0..picks {
             let client = IpAddr::from([10, 0, (n / 256) as u8, (n % 256) as u8]);
             let i = set.pick(client, &[]).unwrap();
-            *counts.entry(set.backends()[i].id.clone()).or_default() += 1;
+            *counts.entry(set.backends()[i].id.to_string()).or_default() += 1;
         }
         counts
     }
@@ -440,7 +440,7 @@ mod tests {
                 "sticky"
             );
             let after = &without_d.backends()[without_d.pick(client, &[]).unwrap()].id;
-            if before != "d" {
+            if &**before != "d" {
                 assert_eq!(before, after, "a client of a remaining backend moved");
             }
             *spread.entry(before.clone()).or_insert(0) += 1;

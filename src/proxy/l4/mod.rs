@@ -40,7 +40,6 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, state: Arc<ServiceState>
     let metrics = state.shared.metrics();
     let (_held, active) = Held::count(&state.shared.active);
     if state
-        .route
         .spec
         .max_connections
         .is_some_and(|max| active > u64::from(max))
@@ -49,14 +48,15 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, state: Arc<ServiceState>
         return;
     }
     metrics.connections.increment(1);
-    let _open = state.kernel.as_deref().map(KernelForwarding::open);
+    let _open = state.kernel().map(|kernel| KernelForwarding::open(kernel));
     let gauge = &metrics.active;
     gauge.increment(1.0);
     let Some((index, upstream)) = connect(&state, peer).await else {
         gauge.decrement(1.0);
         return;
     };
-    let backend = &state.backends.backends()[index];
+    let Ok(backends) = state.backends() else { return };
+    let backend = &backends.backends()[index];
     let (_backend_held, _) = Held::count(&backend.stats.active);
     // The client socket inherited TCP_NODELAY from the listener; the
     // upstream got it when it was dialed.
@@ -81,12 +81,12 @@ async fn copy(
     drain: &mut drain::Watch,
 ) {
     let metrics = state.shared.metrics();
-    let mut kernel = state.kernel.clone();
+    let mut kernel = state.kernel().cloned();
     let mut deferred = false;
     loop {
         let last = AtomicU64::new(now_millis());
         let touch = || last.store(now_millis(), Ordering::Relaxed);
-        let idle_limit = state.route.spec.idle_timeout;
+        let idle_limit = state.spec.idle_timeout;
         // Both directions at once; the first error ends both.
         let ended = AtomicU8::new(0);
         let watches = [splice::RelayWatch::default(), splice::RelayWatch::default()];
@@ -216,7 +216,7 @@ async fn forward_in_kernel(
     drain: &mut drain::Watch,
 ) {
     let metrics = state.shared.metrics();
-    let idle_limit = state.route.spec.idle_timeout;
+    let idle_limit = state.spec.idle_timeout;
     let traffic = |joined: &Joined| {
         joined.forwarded(sockmap::CLIENT).unwrap_or(0) + joined.forwarded(sockmap::UPSTREAM).unwrap_or(0)
     };
