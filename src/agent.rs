@@ -14,7 +14,7 @@ use crate::config::{AgentConfig, ConfigError};
 use crate::dns::{DnsError, DnsServer};
 use crate::proxy::{ApplyReport, ProxyManager, ProxySettings};
 use crate::render::{Dirty, RenderError, Renderer, Report};
-use crate::routing::Route;
+use crate::routing::{RouteFile, RouteHead};
 use crate::state::{self, LastKnownGood, StateError};
 use crate::store::{AnyStore, Change, Store, StoreError, StoreEvent};
 use crate::succession::{self, Listening, Succession};
@@ -744,7 +744,7 @@ fn new_proxy(config: &AgentConfig) -> Result<ProxyManager, crate::proxy::Error> 
 /// removed one. A file that does not read back (it passed the render's
 /// check, so only a hand edit in between does that) is left out with one
 /// line: its service keeps the route it has.
-fn changed_routes(routes: &Path, report: &Report) -> BTreeMap<String, Option<(Route, PathBuf)>> {
+fn changed_routes(routes: &Path, report: &Report) -> BTreeMap<String, Option<(RouteHead, RouteFile)>> {
     let in_table = |path: &&PathBuf| path.parent() == Some(routes);
     let service_of = |path: &Path| path.file_stem().map(|stem| stem.to_string_lossy().into_owned());
     let mut changes = BTreeMap::new();
@@ -754,9 +754,11 @@ fn changed_routes(routes: &Path, report: &Report) -> BTreeMap<String, Option<(Ro
         }
     }
     for path in report.written.iter().filter(in_table) {
-        match crate::routing::load_route(path) {
-            Ok(route) => {
-                changes.insert(route.service.clone(), Some((route, path.clone())));
+        // Only the head: the render checked the whole file, and the proxy
+        // reads the backends back when the service is used.
+        match crate::routing::load_route_head(path) {
+            Ok((head, file)) => {
+                changes.insert(head.service.clone(), Some((head, file)));
             }
             Err(err) => {
                 tracing::error!("{err}; the service keeps the route it has");
@@ -768,7 +770,7 @@ fn changed_routes(routes: &Path, report: &Report) -> BTreeMap<String, Option<(Ro
 }
 
 /// Hands the data plane the routes that changed; says what changed.
-async fn apply_routes(proxy: &mut ProxyManager, changes: BTreeMap<String, Option<(Route, PathBuf)>>) {
+async fn apply_routes(proxy: &mut ProxyManager, changes: BTreeMap<String, Option<(RouteHead, RouteFile)>>) {
     let report = proxy.update(changes).await;
     log_apply(proxy, &report);
 }

@@ -86,30 +86,124 @@ impl Route {
     pub fn port(&self) -> u16 {
         self.spec.port
     }
+
+    /// The route without its backends.
+    pub fn head(&self) -> RouteHead {
+        RouteHead {
+            rendered_by: self.rendered_by.clone(),
+            service: self.service.clone(),
+            address: self.address,
+            spec: self.spec.clone(),
+            backends: serde::de::IgnoredAny,
+        }
+    }
+}
+
+/// A route without its backends: what the proxy keeps of a service until
+/// the service is used (its backends are read back from the file then).
+/// Parsing it skips the backends without building them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteHead {
+    #[serde(default)]
+    pub rendered_by: Option<String>,
+    pub service: String,
+    pub address: Ipv4Addr,
+    pub spec: ServiceSpec,
+    /// Skipped, not built: read back from the file when the service is used.
+    #[serde(default)]
+    #[allow(dead_code)]
+    backends: serde::de::IgnoredAny,
+}
+
+impl RouteHead {
+    /// The port the service listens on.
+    pub fn port(&self) -> u16 {
+        self.spec.port
+    }
+}
+
+/// Where a route came from: its file, and a digest of the file's text
+/// (two renders of the same route write the same text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteFile {
+    pub path: PathBuf,
+    pub digest: u64,
+}
+
+/// A digest of a route file's text.
+pub fn digest(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Reads a route file's head (service, address, definition) and its
+/// digest, without building its backends: for a file a render has just
+/// written and checked whole.
+pub fn load_route_head(path: &Path) -> Result<(RouteHead, RouteFile), RoutingError> {
+    let text = read_route_text(path)?;
+    let invalid = |reason: String| RoutingError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let head: RouteHead = if text.trim_start().starts_with('{') {
+        serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?
+    } else {
+        yaml::from_str(&text).map_err(|e| invalid(e.to_string()))?
+    };
+    check_service_name(&head.service).map_err(|e| invalid(e.to_string()))?;
+    check_service_address(head.address).map_err(|e| invalid(e.to_string()))?;
+    head.spec
+        .validate()
+        .map_err(|reason| invalid(format!("spec: {reason}")))?;
+    check_file_name(path, &head.service)?;
+    let file = RouteFile {
+        path: path.to_path_buf(),
+        digest: digest(&text),
+    };
+    Ok((head, file))
+}
+
+fn read_route_text(path: &Path) -> Result<String, RoutingError> {
+    std::fs::read_to_string(path).map_err(|source| RoutingError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A route file must be named after its service.
+fn check_file_name(path: &Path, service: &str) -> Result<(), RoutingError> {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+    if stem.as_deref() == Some(service) {
+        return Ok(());
+    }
+    let extension = path.extension().map_or("yaml".into(), |e| e.to_string_lossy());
+    Err(RoutingError::Invalid {
+        path: path.to_path_buf(),
+        reason: format!("file name must be {service}.{extension} for service {service}"),
+    })
 }
 
 /// Parses one route file, naming it on error.
 pub fn load_route(path: &Path) -> Result<Route, RoutingError> {
-    let text = std::fs::read_to_string(path).map_err(|source| RoutingError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    Ok(load_route_file(path)?.0)
+}
+
+/// [`load_route`], with the file and its digest.
+pub fn load_route_file(path: &Path) -> Result<(Route, RouteFile), RoutingError> {
+    let text = read_route_text(path)?;
     let route = Route::parse(&text).map_err(|reason| RoutingError::Invalid {
         path: path.to_path_buf(),
         reason,
     })?;
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
-    if stem.as_deref() != Some(route.service.as_str()) {
-        let extension = path.extension().map_or("yaml".into(), |e| e.to_string_lossy());
-        return Err(RoutingError::Invalid {
-            path: path.to_path_buf(),
-            reason: format!(
-                "file name must be {}.{extension} for service {}",
-                route.service, route.service
-            ),
-        });
-    }
-    Ok(route)
+    check_file_name(path, &route.service)?;
+    let file = RouteFile {
+        path: path.to_path_buf(),
+        digest: digest(&text),
+    };
+    Ok((route, file))
 }
 
 /// Loads and validates a whole routing table directory; any error refuses it.
@@ -121,7 +215,7 @@ pub fn load_table(dir: &Path) -> Result<BTreeMap<String, Route>, RoutingError> {
 }
 
 /// [`load_table`], each route with the file it came from.
-pub fn load_table_files(dir: &Path) -> Result<BTreeMap<String, (Route, PathBuf)>, RoutingError> {
+pub fn load_table_files(dir: &Path) -> Result<BTreeMap<String, (Route, RouteFile)>, RoutingError> {
     let read_err = |source| RoutingError::Read {
         path: dir.to_path_buf(),
         source,
@@ -142,8 +236,8 @@ pub fn load_table_files(dir: &Path) -> Result<BTreeMap<String, (Route, PathBuf)>
         if name.starts_with('.') || !is_route {
             continue;
         }
-        let route = load_route(&path)?;
-        table.insert(route.service.clone(), (route, path));
+        let (route, file) = load_route_file(&path)?;
+        table.insert(route.service.clone(), (route, file));
     }
     let mut listeners: HashMap<(Ipv4Addr, u16), &str> = HashMap::new();
     for (route, _) in table.values() {
@@ -227,6 +321,21 @@ mod tests {
         assert!(matches!(load_table(dir.path()), Err(RoutingError::Clash { .. })));
         std::fs::remove_file(dir.path().join("pg2.yaml")).unwrap();
         assert_eq!(load_table(dir.path()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_head_is_read_without_its_backends_and_names_the_file_on_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pg.yaml");
+        std::fs::write(&path, ROUTE).unwrap();
+        let (head, file) = load_route_head(&path).unwrap();
+        assert_eq!((head.service.as_str(), head.port()), ("pg", 5432));
+        assert_eq!(file.digest, digest(ROUTE));
+        let (_, whole) = load_route_file(&path).unwrap();
+        assert_eq!(whole, file, "the same file, the same digest");
+        std::fs::write(&path, ROUTE.replace("retries: 2", "retires: 2")).unwrap();
+        let err = load_route_head(&path).unwrap_err().to_string();
+        assert!(err.contains("pg.yaml") && err.contains("retires"), "{err}");
     }
 
     #[test]

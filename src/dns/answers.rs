@@ -12,31 +12,79 @@ use hickory_server::proto::rr::{DNSClass, Name, RData, Record, RecordSet, Record
 use hickory_server::proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
 use hickory_server::proto::serialize::txt::Parser;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::Hasher;
 
 /// Longest name on the wire (RFC 1035 §2.3.4).
 pub const MAX_NAME: usize = 255;
 
 /// Records of one type at one name, in wire form only: the parsed records
-/// are not kept (UDP and TCP both answer from these bytes), which halves
-/// the zone's memory at 10k names.
-#[derive(Debug)]
-pub struct RrSet {
+/// are not kept (UDP and TCP both answer from these bytes).
+#[derive(Debug, Clone, Copy)]
+pub struct RrSet<'a> {
     pub rtype: u16,
     /// Answer records whose owner is a pointer to the question (offset 12).
-    pub answer_wire: Box<[u8]>,
+    pub answer_wire: &'a [u8],
     pub answers: u16,
     /// In-zone address records of the names these records point at (SRV,
     /// NS and MX targets), sent in the additional section.
-    pub additional_wire: Box<[u8]>,
+    pub additional_wire: &'a [u8],
     pub additionals: u16,
+}
+
+/// Where a record set's bytes are in the zone's one byte buffer.
+#[derive(Debug, Clone, Copy)]
+struct SetEntry {
+    rtype: u16,
+    answers: u16,
+    additionals: u16,
+    answer: (u32, u32),
+    additional: (u32, u32),
+}
+
+/// A name of the zone: its hash, where its wire form is, and its sets.
+#[derive(Debug, Clone, Copy)]
+struct NameEntry {
+    hash: u64,
+    name: (u32, u32),
+    first_set: u32,
+    sets: u16,
+}
+
+/// Record sets found for a question: one, or every set at the name for
+/// ANY.
+#[derive(Debug, Clone, Copy)]
+pub struct Sets<'a> {
+    entries: &'a [SetEntry],
+    bytes: &'a [u8],
+}
+
+impl<'a> Sets<'a> {
+    pub fn iter(self) -> impl Iterator<Item = RrSet<'a>> + 'a {
+        let bytes = self.bytes;
+        let span = move |(at, len): (u32, u32)| &bytes[at as usize..(at + len) as usize];
+        self.entries.iter().map(move |set| RrSet {
+            rtype: set.rtype,
+            answer_wire: span(set.answer),
+            answers: set.answers,
+            additional_wire: span(set.additional),
+            additionals: set.additionals,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
 }
 
 /// What the zone says about one question.
 #[derive(Debug)]
 pub enum Lookup<'a> {
     /// Record sets to answer with: one, or every set at the name for ANY.
-    Found(&'a [RrSet]),
+    Found(Sets<'a>),
     /// The name exists without records of that type: NOERROR, SOA in authority.
     NoData(&'a Negative),
     /// Inside the zone, no such name: NXDOMAIN, SOA in authority.
@@ -56,6 +104,12 @@ pub struct Negative {
 }
 
 /// Everything the server answers from: one parsed, validated zone.
+///
+/// Three buffers whatever the zone's size: every name and record in wire
+/// form in one byte buffer, the record sets, and the names sorted by hash.
+/// A zone of 10k services is then a few large allocations rather than
+/// 100k small ones, which a rebuild would leave scattered through the heap
+/// (the parse's garbage between them) for good.
 #[derive(Debug)]
 pub struct Answers {
     origin: Name,
@@ -63,9 +117,11 @@ pub struct Answers {
     origin_wire: Vec<u8>,
     serial: u32,
     negative: Negative,
-    /// Lowercase wire name → its record sets by type; names that only hold
-    /// others (`_tcp.zone`) are present with none, so they answer NODATA.
-    names: HashMap<Box<[u8]>, Vec<RrSet>, BuildHasherDefault<Fnv>>,
+    bytes: Vec<u8>,
+    sets: Vec<SetEntry>,
+    /// Lowercase wire names by hash; names that only hold others
+    /// (`_tcp.zone`) are present with no sets, so they answer NODATA.
+    names: Vec<NameEntry>,
     records: usize,
 }
 
@@ -161,20 +217,35 @@ impl Answers {
                 }
             }
         }
-        let mut names = HashMap::with_capacity_and_hasher(by_name.len(), BuildHasherDefault::default());
+        let mut bytes = Vec::new();
+        let mut all_sets = Vec::new();
+        let mut names = Vec::with_capacity(by_name.len());
         for (wire, sets) in by_name {
-            let mut built = Vec::with_capacity(sets.len());
+            let name = append(&mut bytes, &wire)?;
+            let first_set = u32::try_from(all_sets.len()).map_err(|_| "too many record sets".to_string())?;
+            let count =
+                u16::try_from(sets.len()).map_err(|_| format!("too many record types at {name:?}"))?;
             for (rtype, records) in sets {
                 let additionals = extra.remove(&(wire.clone(), rtype)).unwrap_or_default();
-                built.push(rrset(rtype, records, additionals)?);
+                all_sets.push(rrset(&mut bytes, rtype, records, additionals)?);
             }
-            names.insert(wire, built);
+            names.push(NameEntry {
+                hash: fnv(&wire),
+                name,
+                first_set,
+                sets: count,
+            });
         }
+        names.sort_unstable_by_key(|entry| entry.hash);
+        bytes.shrink_to_fit();
+        all_sets.shrink_to_fit();
         Ok(Answers {
             origin,
             origin_wire,
             serial,
             negative,
+            bytes,
+            sets: all_sets,
             names,
             records,
         })
@@ -205,24 +276,45 @@ impl Answers {
         if !in_zone(name, &self.origin_wire) {
             return Lookup::Refused;
         }
-        let Some(sets) = self.names.get(name) else {
+        let Some(entry) = self.find(name) else {
             return Lookup::NxDomain(&self.negative);
+        };
+        let start = entry.first_set as usize;
+        let sets = &self.sets[start..start + usize::from(entry.sets)];
+        let found = |entries| {
+            Lookup::Found(Sets {
+                entries,
+                bytes: &self.bytes,
+            })
         };
         if rtype == u16::from(RecordType::ANY) && !sets.is_empty() {
             // ANY: every record at the name (RFC 8482 would allow less).
-            return Lookup::Found(sets);
+            return found(sets);
         }
         let cname = u16::from(RecordType::CNAME);
-        let found = sets
+        let at = sets
             .iter()
-            .find(|set| set.rtype == rtype)
+            .position(|set| set.rtype == rtype)
             // A name with a CNAME has nothing else: answer the alias, the
             // resolver follows it.
-            .or_else(|| sets.iter().find(|set| set.rtype == cname));
-        match found {
-            Some(set) => Lookup::Found(std::slice::from_ref(set)),
+            .or_else(|| sets.iter().position(|set| set.rtype == cname));
+        match at {
+            Some(at) => found(&sets[at..=at]),
             None => Lookup::NoData(&self.negative),
         }
+    }
+
+    /// The entry of wire name `name`, if the zone has it.
+    fn find(&self, name: &[u8]) -> Option<&NameEntry> {
+        let hash = fnv(name);
+        let first = self.names.partition_point(|entry| entry.hash < hash);
+        self.names[first..]
+            .iter()
+            .take_while(|entry| entry.hash == hash)
+            .find(|entry| {
+                let (at, len) = entry.name;
+                &self.bytes[at as usize..(at + len) as usize] == name
+            })
     }
 }
 
@@ -304,7 +396,26 @@ pub fn wire_name(name: &Name) -> Vec<u8> {
     wire
 }
 
-fn rrset(rtype: u16, records: Vec<Record>, additionals: Vec<Record>) -> Result<RrSet, String> {
+/// FNV-1a of a wire name (see [`Fnv`]).
+fn fnv(bytes: &[u8]) -> u64 {
+    let mut hasher = Fnv::default();
+    hasher.write(bytes);
+    hasher.finish()
+}
+
+/// Appends `data` to the zone's byte buffer; where it is.
+fn append(bytes: &mut Vec<u8>, data: &[u8]) -> Result<(u32, u32), String> {
+    let at = u32::try_from(bytes.len()).map_err(|_| "the zone is larger than 4 GiB".to_string())?;
+    bytes.extend_from_slice(data);
+    Ok((at, data.len() as u32))
+}
+
+fn rrset(
+    bytes: &mut Vec<u8>,
+    rtype: u16,
+    records: Vec<Record>,
+    additionals: Vec<Record>,
+) -> Result<SetEntry, String> {
     let mut answer_wire = Vec::new();
     for record in &records {
         // The owner is the question's name: a pointer to offset 12.
@@ -312,12 +423,12 @@ fn rrset(rtype: u16, records: Vec<Record>, additionals: Vec<Record>) -> Result<R
         encode_after_owner(record, &mut answer_wire)?;
     }
     let additional_wire = encode_full(&additionals)?;
-    Ok(RrSet {
+    Ok(SetEntry {
         rtype,
-        answer_wire: answer_wire.into(),
         answers: count(&records)?,
-        additional_wire: additional_wire.into(),
         additionals: count(&additionals)?,
+        answer: append(bytes, &answer_wire)?,
+        additional: append(bytes, &additional_wire)?,
     })
 }
 
@@ -388,15 +499,21 @@ mod tests {
         assert_eq!(answers.serial(), 42);
         assert_eq!(answers.len(), 5);
         let a = u16::from(RecordType::A);
-        let Lookup::Found([set]) = answers.lookup(&wire("web.mesh.internal."), a) else {
+        let Lookup::Found(sets) = answers.lookup(&wire("web.mesh.internal."), a) else {
             panic!("web A not found");
+        };
+        let [set] = sets.iter().collect::<Vec<_>>()[..] else {
+            panic!("one set");
         };
         assert_eq!(set.answers, 1);
         // Pointer to the question, type A, class IN, TTL, length 4, address.
         assert_eq!(&set.answer_wire[..4], &[0xc0, 0x0c, 0, 1]);
         assert_eq!(&set.answer_wire[set.answer_wire.len() - 4..], &[127, 100, 0, 8]);
-        let Lookup::Found([srv]) = answers.lookup(&wire("_web._tcp.mesh.internal."), 33) else {
+        let Lookup::Found(sets) = answers.lookup(&wire("_web._tcp.mesh.internal."), 33) else {
             panic!("SRV not found");
+        };
+        let [srv] = sets.iter().collect::<Vec<_>>()[..] else {
+            panic!("one set");
         };
         assert_eq!(
             srv.additionals, 1,

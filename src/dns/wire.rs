@@ -158,12 +158,12 @@ pub fn respond(served: &Served, query: &[u8], out: &mut Vec<u8>, transport: Tran
     let (code, authoritative, counts) = match served.lookup(&name[..name_len], qtype) {
         Lookup::Found(sets) => {
             let (mut answers, mut additionals) = (0, 0);
-            for set in sets {
-                out.extend_from_slice(&set.answer_wire);
+            for set in sets.iter() {
+                out.extend_from_slice(set.answer_wire);
                 answers += set.answers;
             }
-            for set in sets {
-                out.extend_from_slice(&set.additional_wire);
+            for set in sets.iter() {
+                out.extend_from_slice(set.additional_wire);
                 additionals += set.additionals;
             }
             (rcode::NOERROR, true, (answers, 0, additionals))

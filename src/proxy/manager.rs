@@ -15,12 +15,11 @@ use super::workers::Workers;
 use super::{Error, ProxySettings};
 use crate::catalog::Protocol;
 use crate::limits::ConnectionBudget;
-use crate::routing::Route;
+use crate::routing::{Route, RouteFile, RouteHead};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -34,15 +33,19 @@ pub struct RouteKey {
 }
 
 impl RouteKey {
-    /// The key of `route`.
+    /// The key of a route held in memory: a digest of its serialized form.
     pub fn of(route: &Route) -> RouteKey {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        // Every field the route file carries, in its one serialized form.
-        serde_json::to_vec(route).unwrap_or_default().hash(&mut hasher);
         RouteKey {
             addr: listen_addr(route),
-            digest: hasher.finish(),
+            digest: crate::routing::digest(&serde_json::to_string(route).unwrap_or_default()),
+        }
+    }
+
+    /// The key of a route read from `file`: the digest of its text.
+    pub fn of_file(head: &RouteHead, file: &RouteFile) -> RouteKey {
+        RouteKey {
+            addr: SocketAddr::from((head.address, head.port())),
+            digest: file.digest,
         }
     }
 }
@@ -98,6 +101,9 @@ pub fn plan(
 pub fn listen_addr(route: &Route) -> SocketAddr {
     SocketAddr::from((route.address, route.port()))
 }
+
+/// A route as it comes in: its head, its key, and where its backends are.
+type Incoming = (RouteHead, RouteKey, RouteSource);
 
 /// A service the table wants: its key, and its state ready to serve.
 struct Wanted {
@@ -332,10 +338,12 @@ impl ProxyManager {
         let routes = table
             .iter()
             .map(|(name, route)| {
-                (
-                    name.clone(),
-                    (route.clone(), RouteSource::Memory(Arc::new(route.clone()))),
-                )
+                let incoming = (
+                    route.head(),
+                    RouteKey::of(route),
+                    RouteSource::Memory(Arc::new(route.clone())),
+                );
+                (name.clone(), incoming)
             })
             .collect();
         self.apply_sources(routes).await
@@ -343,37 +351,45 @@ impl ProxyManager {
 
     /// [`ProxyManager::apply`] for routes read from their files, which the
     /// proxy reads back when it compiles a service rather than keeping them.
-    pub async fn apply_files(&mut self, table: BTreeMap<String, (Route, PathBuf)>) -> ApplyReport {
+    pub async fn apply_files(&mut self, table: BTreeMap<String, (Route, RouteFile)>) -> ApplyReport {
         let routes = table
             .into_iter()
-            .map(|(name, (route, path))| (name, (route, RouteSource::File(path))))
+            .map(|(name, (route, file))| {
+                let head = route.head();
+                let key = RouteKey::of_file(&head, &file);
+                (name, (head, key, RouteSource::File(file.path)))
+            })
             .collect();
         self.apply_sources(routes).await
     }
 
-    async fn apply_sources(&mut self, table: BTreeMap<String, (Route, RouteSource)>) -> ApplyReport {
-        let mut changes: BTreeMap<String, Option<(Route, RouteSource)>> =
+    async fn apply_sources(&mut self, table: BTreeMap<String, Incoming>) -> ApplyReport {
+        let mut changes: BTreeMap<String, Option<Incoming>> =
             self.wanted.keys().map(|name| (name.clone(), None)).collect();
         changes.extend(table.into_iter().map(|(name, change)| (name, Some(change))));
         self.update_sources(changes).await
     }
 
     /// Applies the routes of the services that changed (`None`: removed),
-    /// each read from the file named beside it. Costs the size of the
-    /// change. A route whose address another service holds is refused,
-    /// naming both, and its service keeps what it had.
-    pub async fn update(&mut self, changes: BTreeMap<String, Option<(Route, PathBuf)>>) -> ApplyReport {
+    /// each given by its head and its file, which is read back when the
+    /// service needs its backends. Costs the size of the change. A route
+    /// whose address another service holds is refused, naming both, and
+    /// its service keeps what it had.
+    pub async fn update(&mut self, changes: BTreeMap<String, Option<(RouteHead, RouteFile)>>) -> ApplyReport {
         let changes = changes
             .into_iter()
-            .map(|(name, change)| (name, change.map(|(route, path)| (route, RouteSource::File(path)))))
+            .map(|(name, change)| {
+                let incoming = change.map(|(head, file)| {
+                    let key = RouteKey::of_file(&head, &file);
+                    (head, key, RouteSource::File(file.path))
+                });
+                (name, incoming)
+            })
             .collect();
         self.update_sources(changes).await
     }
 
-    async fn update_sources(
-        &mut self,
-        changes: BTreeMap<String, Option<(Route, RouteSource)>>,
-    ) -> ApplyReport {
+    async fn update_sources(&mut self, changes: BTreeMap<String, Option<Incoming>>) -> ApplyReport {
         let mut report = ApplyReport::default();
         // Removals first, so an address freed in this change can be taken
         // in the same change.
@@ -387,8 +403,9 @@ impl ProxyManager {
             scope.push(name);
         }
         for (name, change) in puts {
-            let Some((route, source)) = change else { continue };
-            let key = RouteKey::of(&route);
+            let Some((head, key, source)) = change else {
+                continue;
+            };
             match self.addresses.get(&key.addr) {
                 Some(holder) if *holder != name => {
                     let reason = format!(
@@ -409,7 +426,7 @@ impl ProxyManager {
                 }
                 continue;
             }
-            let state = self.prepare(&name, &route, source);
+            let state = self.prepare(&name, &head, source);
             if let Some(old) = self.wanted.insert(name.clone(), Wanted { key, state }) {
                 self.addresses.remove(&old.key.addr);
             }
@@ -424,7 +441,7 @@ impl ProxyManager {
     /// The state a new route of `name` serves with: sharing the service's
     /// counters if it runs, and compiled at once if its current one is (a
     /// service in use stays warm; an idle one compiles at first use).
-    fn prepare(&self, name: &str, route: &Route, source: RouteSource) -> Arc<ServiceState> {
+    fn prepare(&self, name: &str, head: &RouteHead, source: RouteSource) -> Arc<ServiceState> {
         let running = self
             .running
             .get(name)
@@ -433,9 +450,9 @@ impl ProxyManager {
             || Arc::new(ServiceShared::new(name)),
             |state| state.shared.clone(),
         );
-        let state = ServiceState::new(route, source, shared, self.context.clone());
+        let state = ServiceState::new(head, source, shared, self.context.clone());
         if let Some(previous) = running.filter(|state| state.is_compiled()) {
-            state.compile_now(route, &previous);
+            state.compile_now(&previous);
         }
         Arc::new(state)
     }

@@ -10,7 +10,7 @@
 use super::balance::{Backend, BackendSet, BackendStats};
 use super::l4::sockmap::KernelForwarding;
 use crate::catalog::ServiceSpec;
-use crate::routing::Route;
+use crate::routing::{Route, RouteHead};
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::net::{IpAddr, SocketAddr};
@@ -129,16 +129,17 @@ pub struct ServiceState {
 }
 
 impl ServiceState {
-    /// A service from its route; backends are compiled when first needed.
+    /// A service from its route's head; backends are compiled when first
+    /// needed, from `source`.
     pub fn new(
-        route: &Route,
+        head: &RouteHead,
         source: RouteSource,
         shared: Arc<ServiceShared>,
         context: Arc<CompileContext>,
     ) -> ServiceState {
         ServiceState {
-            address: SocketAddr::from((route.address, route.port())),
-            spec: route.spec.clone(),
+            address: SocketAddr::from((head.address, head.port())),
+            spec: head.spec.clone(),
             shared,
             context,
             source,
@@ -182,15 +183,19 @@ impl ServiceState {
             .map_err(String::as_str)
     }
 
-    /// Compiles `route`'s backends now, carrying over the counters of
+    /// Compiles the backends now, carrying over the counters of
     /// `previous`'s backends by id (a reload neither resets connection
     /// counts nor forgives an ejection).
-    pub fn compile_now(&self, route: &Route, previous: &ServiceState) {
+    pub fn compile_now(&self, previous: &ServiceState) {
         let stats: HashMap<&str, &Arc<BackendStats>> = match previous.backends.get() {
             Some(Ok(set)) => set.backends().iter().map(|b| (&*b.id, &b.stats)).collect(),
             _ => HashMap::new(),
         };
-        let _ = self.backends.set(Ok(compile(route, &self.context, &stats)));
+        let compiled = self
+            .source
+            .load()
+            .map(|route| compile(&route, &self.context, &stats));
+        let _ = self.backends.set(compiled);
     }
 
     /// Calls `f` with the backends without keeping them compiled if they
