@@ -8,29 +8,55 @@
 //! stop handing out connections. Each of them holds a [`Watch`]; the drain is
 //! over when every watch has been dropped.
 
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 /// Where a drain stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Phase {
-    Running,
-    /// Stop taking new work; finish what is open.
-    Draining,
-    /// The deadline passed: close now.
-    Forced,
+const RUNNING: u8 = 0;
+/// Stop taking new work; finish what is open.
+const DRAINING: u8 = 1;
+/// The deadline passed: close now.
+const FORCED: u8 = 2;
+
+/// What a trigger and its watches share: a phase, how many watches are
+/// held, and a wake-up for both directions. About a hundred bytes: every
+/// service has one (a tokio watch channel was four times that).
+#[derive(Debug)]
+struct Shared {
+    phase: AtomicU8,
+    watches: AtomicUsize,
+    changed: Notify,
 }
 
 /// Starts a drain; held by whoever owns the work (a service, the proxy).
 #[derive(Debug)]
 pub struct Trigger {
-    phase: watch::Sender<Phase>,
+    shared: Arc<Shared>,
 }
 
 /// Held by each piece of work for as long as it runs.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Watch {
-    phase: watch::Receiver<Phase>,
+    shared: Arc<Shared>,
+}
+
+impl Clone for Watch {
+    fn clone(&self) -> Self {
+        self.shared.watches.fetch_add(1, Ordering::AcqRel);
+        Watch {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if self.shared.watches.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.changed.notify_waiters();
+        }
+    }
 }
 
 /// How a drain ended.
@@ -44,37 +70,68 @@ pub enum Outcome {
 
 /// A trigger and the first watch of a new drain.
 pub fn channel() -> (Trigger, Watch) {
-    let (phase, receiver) = watch::channel(Phase::Running);
-    (Trigger { phase }, Watch { phase: receiver })
+    let shared = Arc::new(Shared {
+        phase: AtomicU8::new(RUNNING),
+        watches: AtomicUsize::new(1),
+        changed: Notify::new(),
+    });
+    (
+        Trigger {
+            shared: shared.clone(),
+        },
+        Watch { shared },
+    )
+}
+
+impl Shared {
+    /// Waits until `done` holds, re-checked at every change.
+    async fn wait_until(&self, done: impl Fn(&Shared) -> bool) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the check, so no change between the two is missed.
+            changed.as_mut().enable();
+            if done(self) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    fn enter(&self, phase: u8) -> bool {
+        let moved = self.phase.fetch_max(phase, Ordering::AcqRel) < phase;
+        if moved {
+            self.changed.notify_waiters();
+        }
+        moved
+    }
 }
 
 impl Trigger {
     /// Phase one: every watch's [`Watch::signaled`] resolves. Idempotent.
     pub fn signal(&self) {
-        self.phase.send_if_modified(|phase| {
-            let moved = *phase == Phase::Running;
-            if moved {
-                *phase = Phase::Draining;
-            }
-            moved
-        });
+        self.shared.enter(DRAINING);
     }
 
     /// Watches still held (work still open).
     pub fn open(&self) -> usize {
-        self.phase.receiver_count()
+        self.shared.watches.load(Ordering::Acquire)
     }
 
     /// Signals, waits up to `deadline` for every watch to be dropped, then
     /// forces the rest and waits for them to go.
     pub async fn drain(self, deadline: Duration) -> Outcome {
         self.signal();
-        if tokio::time::timeout(deadline, self.phase.closed()).await.is_ok() {
+        let closed = |shared: &Shared| shared.watches.load(Ordering::Acquire) == 0;
+        if tokio::time::timeout(deadline, self.shared.wait_until(closed))
+            .await
+            .is_ok()
+        {
             return Outcome::Finished;
         }
         let open = self.open();
-        self.phase.send_replace(Phase::Forced);
-        self.phase.closed().await;
+        self.shared.enter(FORCED);
+        self.shared.wait_until(closed).await;
         Outcome::Forced(open)
     }
 }
@@ -82,17 +139,21 @@ impl Trigger {
 impl Watch {
     /// Resolves once the drain has started (at once if it already has).
     pub async fn signaled(&mut self) {
-        let _ = self.phase.wait_for(|phase| *phase >= Phase::Draining).await;
+        self.shared
+            .wait_until(|shared| shared.phase.load(Ordering::Acquire) >= DRAINING)
+            .await;
     }
 
     /// Resolves once the deadline has forced the drain.
     pub async fn forced(&mut self) {
-        let _ = self.phase.wait_for(|phase| *phase == Phase::Forced).await;
+        self.shared
+            .wait_until(|shared| shared.phase.load(Ordering::Acquire) == FORCED)
+            .await;
     }
 
     /// Whether the drain has started.
     pub fn is_signaled(&self) -> bool {
-        *self.phase.borrow() >= Phase::Draining
+        self.shared.phase.load(Ordering::Acquire) >= DRAINING
     }
 }
 

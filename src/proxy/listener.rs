@@ -10,7 +10,7 @@
 //! listener accepts until a connection ends: the rest wait in the backlog.
 
 use super::drain;
-use super::service::ServiceState;
+use super::service::{ServiceState, StateCell};
 use super::{congestion, l4};
 use crate::catalog::Protocol;
 use crate::limits::ConnectionBudget;
@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 /// Binds with SO_REUSEADDR so a restart does not wait out TIME_WAIT, and
 /// TCP_NODELAY and the loopback congestion control, which accepted sockets
@@ -49,7 +49,7 @@ pub fn bind(addr: SocketAddr, congestion: Option<&CString>, shared: bool) -> io:
 
 /// What an accepted connection of one listener is served with.
 pub struct Listening {
-    pub state: watch::Receiver<Arc<ServiceState>>,
+    pub state: Arc<StateCell>,
     /// Cloned into each connection; dropped when the listener is removed.
     pub drain: drain::Watch,
 }
@@ -181,7 +181,7 @@ async fn accept_ready(listener: &TcpListener, listening: &Listening, budget: &Co
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
             Err(err) => {
                 // Out of file descriptors and the like: say so, back off briefly.
-                let service = listening.state.borrow().name().to_string();
+                let service = listening.state.current().name().to_string();
                 tracing::warn!("service {service}: accept failed: {err}");
                 metrics::counter!("loopmesh_proxy_accept_errors_total", "service" => service).increment(1);
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -201,7 +201,7 @@ async fn accept_ready(listener: &TcpListener, listening: &Listening, budget: &Co
         // With every slot taken, the acceptor holds the connection it has
         // just accepted until one frees, and accepts no more meanwhile.
         let slot = budget.admit().await;
-        let state = listening.state.borrow().clone();
+        let state = listening.state.current();
         let drain = listening.drain.clone();
         tokio::spawn(async move {
             dispatch(client, peer, state, drain).await;

@@ -9,7 +9,7 @@
 use super::drain;
 use super::l4::sockmap::KernelForwarding;
 use super::listener::{bind, Acceptor, Listening};
-use super::service::{CompileContext, RouteSource, ServiceShared, ServiceState};
+use super::service::{CompileContext, RouteSource, ServiceShared, ServiceState, StateCell};
 use super::view::{ProxyView, ServiceView};
 use super::workers::Workers;
 use super::{Error, ProxySettings};
@@ -21,7 +21,6 @@ use std::net::SocketAddr;
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// What the plan compares of a route: where it listens, and a digest of
@@ -114,7 +113,7 @@ struct Wanted {
 /// A listening service.
 struct Running {
     key: RouteKey,
-    state: watch::Sender<Arc<ServiceState>>,
+    state: Arc<StateCell>,
     /// Its listening descriptors (one per worker) and the worker whose
     /// acceptor holds each, while they accept.
     listeners: Vec<(usize, RawFd)>,
@@ -300,7 +299,7 @@ impl ProxyManager {
         let Some(running) = self.running.get(service) else {
             return Vec::new();
         };
-        let state = running.state.borrow().clone();
+        let state = running.state.current();
         let now = super::balance::now_nanos();
         state
             .with_backends(|set| {
@@ -322,7 +321,7 @@ impl ProxyManager {
     pub fn compiled(&self) -> usize {
         self.running
             .values()
-            .filter(|running| running.state.borrow().is_compiled())
+            .filter(|running| running.state.current().is_compiled())
             .count()
     }
 
@@ -442,10 +441,7 @@ impl ProxyManager {
     /// counters if it runs, and compiled at once if its current one is (a
     /// service in use stays warm; an idle one compiles at first use).
     fn prepare(&self, name: &str, head: &RouteHead, source: RouteSource) -> Arc<ServiceState> {
-        let running = self
-            .running
-            .get(name)
-            .map(|running| running.state.borrow().clone());
+        let running = self.running.get(name).map(|running| running.state.current());
         let shared = running.as_ref().map_or_else(
             || Arc::new(ServiceShared::new(name)),
             |state| state.shared.clone(),
@@ -501,7 +497,7 @@ impl ProxyManager {
                     let Some(running) = self.running.get_mut(&name) else {
                         continue;
                     };
-                    running.state.send_replace(state);
+                    running.state.replace(state);
                     running.key = key;
                     report.updated.push(name);
                 }
@@ -523,7 +519,7 @@ impl ProxyManager {
             address: wanted.key.addr,
             protocol: wanted.state.spec.protocol,
             error: self.failed.get(name).cloned(),
-            state: self.running.get(name).map(|running| running.state.subscribe()),
+            state: self.running.get(name).map(|running| running.state.clone()),
         });
         self.view.set(name, entry);
     }
@@ -568,14 +564,14 @@ impl ProxyManager {
 
     fn start(&mut self, key: RouteKey, state: Arc<ServiceState>) -> Result<Running, Error> {
         let listeners = self.listeners_for(key.addr)?;
-        let (state_tx, state_rx) = watch::channel(state);
+        let cell = StateCell::new(state);
         let (trigger, watch) = drain::channel();
         let listeners = listeners
             .into_iter()
             .map(|(worker, listener)| {
                 let fd = listener.as_raw_fd();
                 let listening = Listening {
-                    state: state_rx.clone(),
+                    state: cell.clone(),
                     drain: watch.clone(),
                 };
                 self.acceptors[worker].add(listener, listening);
@@ -584,7 +580,7 @@ impl ProxyManager {
             .collect();
         Ok(Running {
             key,
-            state: state_tx,
+            state: cell,
             listeners,
             drain: trigger,
         })

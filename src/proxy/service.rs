@@ -81,6 +81,28 @@ impl ServiceMetrics {
     }
 }
 
+/// A service's current state: what a new connection reads, replaced whole
+/// by a change. A lock held for a pointer copy (a tokio watch channel cost
+/// four times the memory, and 10k services each have one).
+#[derive(Debug)]
+pub struct StateCell(std::sync::RwLock<Arc<ServiceState>>);
+
+impl StateCell {
+    pub fn new(state: Arc<ServiceState>) -> Arc<StateCell> {
+        Arc::new(StateCell(std::sync::RwLock::new(state)))
+    }
+
+    /// The state now.
+    pub fn current(&self) -> Arc<ServiceState> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the state; connections already open keep theirs.
+    pub fn replace(&self, state: Arc<ServiceState>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+}
+
 /// Where a service's route is read from when its backends are compiled.
 #[derive(Debug, Clone)]
 pub enum RouteSource {

@@ -5,13 +5,12 @@
 //! every pass costs nothing per service, and a change costs its size.
 
 use super::balance::now_nanos;
-use super::service::ServiceState;
+use super::service::StateCell;
 use crate::catalog::Protocol;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use tokio::sync::watch;
 
 /// Every wanted service, with its live state while it listens.
 #[derive(Debug, Clone, Default)]
@@ -28,7 +27,7 @@ pub(super) struct ServiceView {
     pub protocol: Protocol,
     pub error: Option<String>,
     /// The live state while listening.
-    pub state: Option<watch::Receiver<Arc<ServiceState>>>,
+    pub state: Option<Arc<StateCell>>,
 }
 
 impl ProxyView {
@@ -72,7 +71,7 @@ impl ProxyView {
                 .state
                 .as_ref()
                 .and_then(|state| {
-                    let state = state.borrow().clone();
+                    let state = state.current();
                     state.with_backends(|set| {
                         set.backends()
                             .iter()

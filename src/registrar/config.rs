@@ -1,7 +1,7 @@
 //! The registrar's configuration: the store, the lease, and the local
 //! backends to check, inline or one file each in a conf.d-style directory.
 
-use crate::catalog::{check_instance_id, check_service_name, parse_instance, Instance, InstanceState};
+use crate::catalog::{check_instance_id, check_service_name, parse_instance, Instance, InstanceState, Label};
 use crate::config::{
     read_yaml, resolve, resolve_store_paths, validate_store, AdminConfig, ConfigError, Overrides, StoreConfig,
 };
@@ -224,8 +224,11 @@ impl Backend {
     /// What an edit changed from `old` to this, one `field old -> new` each,
     /// for the log line that says a backend was updated in place.
     pub fn changes_from(&self, old: &Backend) -> Vec<String> {
-        fn optional(value: &Option<String>) -> String {
-            value.clone().unwrap_or_else(|| "none".into())
+        fn join(tags: &[Label]) -> String {
+            tags.iter().map(Label::as_str).collect::<Vec<_>>().join(", ")
+        }
+        fn optional(value: &Option<Label>) -> String {
+            value.as_deref().unwrap_or("none").to_string()
         }
         let (was, now) = (&old.instance, &self.instance);
         let (was_check, now_check) = (&old.check, &self.check);
@@ -236,8 +239,8 @@ impl Backend {
             ("zone", optional(&was.zone), optional(&now.zone)),
             (
                 "tags",
-                format!("[{}]", was.tags.join(", ")),
-                format!("[{}]", now.tags.join(", ")),
+                format!("[{}]", join(&was.tags)),
+                format!("[{}]", join(&now.tags)),
             ),
             ("weight", was.weight.to_string(), now.weight.to_string()),
             (
@@ -368,9 +371,9 @@ impl RegistrarConfig {
         let instance = Instance {
             host: service.host.clone(),
             port: service.port,
-            node: Some(self.node_name()),
-            zone: service.zone.clone().or_else(|| self.zone.clone()),
-            tags: service.tags.clone(),
+            node: Some(Label::new(&self.node_name())),
+            zone: service.zone.as_deref().or(self.zone.as_deref()).map(Label::new),
+            tags: service.tags.iter().map(|tag| Label::new(tag)).collect(),
             weight: service.weight,
             state: InstanceState::Up,
         };
