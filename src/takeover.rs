@@ -149,6 +149,14 @@ impl Channel {
         }
     }
 
+    /// Says it did not work, and why; best effort.
+    async fn fail(&self, reason: &str) {
+        let message = Message::Failed {
+            reason: reason.to_string(),
+        };
+        let _ = self.send(&message, &[]).await;
+    }
+
     /// [`Channel::recv`] within `limit`.
     async fn recv_within(&self, limit: Duration) -> Result<(Message, Vec<OwnedFd>), TakeoverError> {
         tokio::time::timeout(limit, self.recv())
@@ -294,10 +302,7 @@ pub async fn report_failure(path: &Path, reason: &str) {
         return;
     }
     if let Ok(channel) = connect(dir).await {
-        let message = Message::Failed {
-            reason: reason.to_string(),
-        };
-        let _ = channel.send(&message, &[]).await;
+        channel.fail(reason).await;
     }
 }
 
@@ -343,15 +348,7 @@ impl Session {
 
     /// Refuses a request, saying why.
     pub async fn refuse(&self, reason: &str) {
-        let _ = self
-            .channel
-            .send(
-                &Message::Failed {
-                    reason: reason.to_string(),
-                },
-                &[],
-            )
-            .await;
+        self.channel.fail(reason).await;
     }
 }
 
@@ -453,20 +450,6 @@ impl Handover {
             }),
             Err(err) => Err(err),
         }
-    }
-
-    /// Tells the old process this one cannot serve, and why; it keeps
-    /// serving.
-    pub async fn fail(self, reason: &str) {
-        let _ = self
-            .channel
-            .send(
-                &Message::Failed {
-                    reason: reason.to_string(),
-                },
-                &[],
-            )
-            .await;
     }
 }
 

@@ -32,22 +32,7 @@ async fn a_change_reaches_the_data_plane_as_that_services_route_alone() {
         ("changing", changing, "one", one),
         ("quiet", quiet, "other", other),
     ] {
-        client
-            .put(format!("/loopmesh/addresses/{name}"), svc.ip().to_string(), None)
-            .await
-            .unwrap();
-        client
-            .put(
-                format!("/loopmesh/services/{name}"),
-                format!("port: {}", svc.port()),
-                None,
-            )
-            .await
-            .unwrap();
-        client
-            .put(format!("/loopmesh/instances/{name}/{id}"), instance(at), None)
-            .await
-            .unwrap();
+        common::register_service(&mut client, name, svc, id, at).await;
     }
     eventually_async("changing to answer", || who_answers(changing)).await;
     eventually_async("quiet to answer", || who_answers(quiet)).await;

@@ -161,14 +161,7 @@ fn the_agent_tells_systemd_it_is_ready_pings_the_watchdog_and_says_it_stops() {
 
     // A reload: the old process names the new main pid, then the new one
     // is ready and pings the watchdog itself (WATCHDOG_PID is not passed on).
-    let (ok, stdout, stderr) = common::run(&["reload", "--state-dir", state.to_str().unwrap()]);
-    assert!(ok, "{stderr}");
-    let successor: u32 = stdout
-        .trim()
-        .strip_prefix("reloaded: pid ")
-        .and_then(|rest| rest.strip_suffix(" serves now"))
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("{stdout}"));
+    let successor = common::reload(&["--state-dir", state.to_str().unwrap()]).expect("the reload");
     let _successor = common::Adopted(successor);
     wait_message(&socket, &format!("MAINPID={successor}"));
     wait_message(&socket, "READY=1");

@@ -99,27 +99,7 @@ impl Node {
 
 /// Registers service `name` on `svc` with one backend.
 async fn register(etcd: &Etcd, name: &str, svc: SocketAddr, backend: SocketAddr) {
-    let mut client = etcd.client().await;
-    client
-        .put(format!("/loopmesh/addresses/{name}"), svc.ip().to_string(), None)
-        .await
-        .unwrap();
-    client
-        .put(
-            format!("/loopmesh/services/{name}"),
-            format!("port: {}", svc.port()),
-            None,
-        )
-        .await
-        .unwrap();
-    client
-        .put(
-            format!("/loopmesh/instances/{name}/b1"),
-            format!(r#"{{"host": "{}", "port": {}}}"#, backend.ip(), backend.port()),
-            None,
-        )
-        .await
-        .unwrap();
+    common::register_service(&mut etcd.client().await, name, svc, "b1", backend).await;
 }
 
 /// A DNS A query for `name` in wire form, with `id`.
@@ -382,14 +362,8 @@ async fn sighup_takes_over_with_the_new_config_and_reload_refuses_a_bad_one() {
 
     // Fixed again: `loopmesh reload` answers with the pid that serves now.
     node.write_config(&etcd, drain);
-    let (ok, stdout, stderr) = common::run(&["reload", "--config", node.config.to_str().unwrap()]);
-    assert!(ok, "{stderr}\n{}", first.log_text());
-    let pid: u32 = stdout
-        .trim()
-        .strip_prefix("reloaded: pid ")
-        .and_then(|rest| rest.strip_suffix(" serves now"))
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("{stdout}"));
+    let pid = common::reload(&["--config", node.config.to_str().unwrap()])
+        .unwrap_or_else(|err| panic!("{err}\n{}", first.log_text()));
     let _reloaded = common::Adopted(pid);
     assert_eq!(node.ready_pid().await, Some(pid));
     Load::finish(&load, tasks).await;

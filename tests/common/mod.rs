@@ -565,6 +565,55 @@ pub fn run(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Puts service `name` into etcd at `svc` (its address pinned, its port
+/// the service's) with one instance `id` at `backend`.
+#[allow(dead_code)]
+pub async fn register_service(
+    client: &mut etcd_client::Client,
+    name: &str,
+    svc: SocketAddr,
+    id: &str,
+    backend: SocketAddr,
+) {
+    client
+        .put(format!("/loopmesh/addresses/{name}"), svc.ip().to_string(), None)
+        .await
+        .unwrap();
+    client
+        .put(
+            format!("/loopmesh/services/{name}"),
+            format!("port: {}", svc.port()),
+            None,
+        )
+        .await
+        .unwrap();
+    client
+        .put(
+            format!("/loopmesh/instances/{name}/{id}"),
+            format!(r#"{{"host": "{}", "port": {}}}"#, backend.ip(), backend.port()),
+            None,
+        )
+        .await
+        .unwrap();
+}
+
+/// Runs `loopmesh reload <args>`: the pid that serves now, or the error.
+#[allow(dead_code)]
+pub fn reload(args: &[&str]) -> Result<u32, String> {
+    let mut full = vec!["reload"];
+    full.extend_from_slice(args);
+    let (ok, stdout, stderr) = run(&full);
+    if !ok {
+        return Err(stderr);
+    }
+    stdout
+        .trim()
+        .strip_prefix("reloaded: pid ")
+        .and_then(|rest| rest.strip_suffix(" serves now"))
+        .and_then(|pid| pid.parse().ok())
+        .ok_or(stdout)
+}
+
 /// A TCP backend on a fresh loopback address that writes `id` and a
 /// newline to each connection, then echoes what it receives.
 pub async fn id_echo_backend(id: &str) -> SocketAddr {
