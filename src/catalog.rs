@@ -6,9 +6,13 @@
 //! change touched so rendering can redo only those.
 
 use crate::addresses::parse_service_address;
+pub use crate::names::Label;
+use crate::names::NameError;
+use crate::policy::HttpPolicy;
+pub use crate::policy::MAX_RETRIES;
 use crate::yaml;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,12 +20,8 @@ use std::time::Duration;
 /// A catalog key or value that cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CatalogError {
-    #[error(
-        "service name {0:?} is not a DNS label ([a-z0-9-], 1-63 characters, no leading or trailing '-')"
-    )]
-    ServiceName(String),
-    #[error("instance id {0:?} must be 1-253 characters of [A-Za-z0-9._:-]")]
-    InstanceId(String),
+    #[error(transparent)]
+    Name(#[from] NameError),
     #[error("key is not services/<service>, instances/<service>/<id> or addresses/<service>")]
     KeyShape,
     #[error("value is not UTF-8")]
@@ -93,6 +93,9 @@ pub struct ServiceSpec {
     /// Passive outlier detection.
     #[serde(default)]
     pub outlier: Outlier,
+    /// How HTTP requests are handled (`protocol: http`).
+    #[serde(default, skip_serializing_if = "HttpPolicy::is_default")]
+    pub http: HttpPolicy,
 }
 
 /// Passive outlier detection: connect failures in a row eject a backend for
@@ -158,9 +161,6 @@ pub fn default_retries() -> u32 {
     2
 }
 
-/// Most other backends a connection may try after a failed connect.
-pub const MAX_RETRIES: u32 = 16;
-
 impl ServiceSpec {
     /// Checks what serde cannot: ranges and relations between fields.
     /// Shared by the catalog and the route file, so a hand-written route
@@ -181,7 +181,8 @@ impl ServiceSpec {
         if self.max_connections == Some(0) {
             return Err("max_connections must be at least 1 (omit it for no limit)".into());
         }
-        self.outlier.validate()
+        self.outlier.validate()?;
+        self.http.validate()
     }
 }
 
@@ -205,85 +206,6 @@ impl InstanceState {
             InstanceState::Draining => "draining",
             InstanceState::Maintenance => "maintenance",
         }
-    }
-}
-
-/// A node name, zone or tag: a short string that a fleet repeats across
-/// thousands of instances (a few hundred nodes, a few zones), so each
-/// distinct value is held once and shared: 100k instances with a node and
-/// a zone each save about 8 MiB.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Label(Arc<str>);
-
-/// Every label in use; a value no instance holds any more is dropped by
-/// [`Label::prune`].
-static LABELS: std::sync::Mutex<Option<HashSet<Arc<str>>>> = std::sync::Mutex::new(None);
-
-impl Label {
-    /// The shared label for `text`.
-    pub fn new(text: &str) -> Label {
-        let mut labels = LABELS.lock().unwrap_or_else(|e| e.into_inner());
-        let labels = labels.get_or_insert_with(HashSet::new);
-        if let Some(existing) = labels.get(text) {
-            return Label(existing.clone());
-        }
-        let label: Arc<str> = text.into();
-        labels.insert(label.clone());
-        Label(label)
-    }
-
-    /// Forgets labels nothing holds any more (after a snapshot replaced
-    /// the catalog, say).
-    pub fn prune() {
-        let mut labels = LABELS.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(labels) = labels.as_mut() {
-            labels.retain(|label| Arc::strong_count(label) > 1);
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::ops::Deref for Label {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for Label {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl From<&str> for Label {
-    fn from(text: &str) -> Label {
-        Label::new(text)
-    }
-}
-
-impl Serialize for Label {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for Label {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Label, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = Label;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Label, E> {
-                Ok(Label::new(text))
-            }
-        }
-        deserializer.deserialize_str(Visitor)
     }
 }
 
@@ -362,32 +284,12 @@ impl Instance {
 
 /// Checks a service name: a DNS label.
 pub fn check_service_name(name: &str) -> Result<(), CatalogError> {
-    let ok = (1..=63).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(CatalogError::ServiceName(name.to_string()))
-    }
+    Ok(crate::names::check_service_name(name)?)
 }
 
 /// Checks an instance id.
 pub fn check_instance_id(id: &str) -> Result<(), CatalogError> {
-    let ok = (1..=253).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
-        && id != "."
-        && id != "..";
-    if ok {
-        Ok(())
-    } else {
-        Err(CatalogError::InstanceId(id.to_string()))
-    }
+    Ok(crate::names::check_instance_id(id)?)
 }
 
 /// A catalog key, relative to the prefix.
@@ -782,7 +684,7 @@ mod tests {
         assert_eq!(Key::parse("other/thing"), None);
         assert!(matches!(
             Key::parse("services/Bad_Name"),
-            Some(Err(CatalogError::ServiceName(_)))
+            Some(Err(CatalogError::Name(NameError::ServiceName(_))))
         ));
         assert!(matches!(
             Key::parse("instances/pg"),
@@ -790,7 +692,7 @@ mod tests {
         ));
         assert!(matches!(
             Key::parse("instances/pg/a/b"),
-            Some(Err(CatalogError::InstanceId(_)))
+            Some(Err(CatalogError::Name(NameError::InstanceId(_))))
         ));
     }
 
@@ -832,12 +734,11 @@ mod tests {
         let a = parse_instance(b"{host: h, port: 1, node: n-shared-1, zone: z1}").unwrap();
         let b = parse_instance(br#"{"host": "h", "port": 2, "node": "n-shared-1", "zone": "z1"}"#).unwrap();
         let (na, nb) = (a.node.clone().unwrap(), b.node.clone().unwrap());
-        assert!(Arc::ptr_eq(&na.0, &nb.0), "one allocation for one node name");
+        assert!(na.shares_with(&nb), "one allocation for one node name");
         assert_eq!(serde_json::to_value(&a).unwrap()["node"], "n-shared-1");
         drop((a, b, na, nb));
         Label::prune();
-        let labels = LABELS.lock().unwrap();
-        assert!(!labels.as_ref().unwrap().contains("n-shared-1"));
+        assert!(!crate::names::label_is_interned("n-shared-1"));
     }
 
     #[test]
