@@ -731,6 +731,8 @@ fn new_proxy(config: &AgentConfig) -> Result<ProxyManager, crate::proxy::Error> 
         kernel_connections: crate::proxy::DEFAULT_KERNEL_CONNECTIONS,
         kernel_forwarding_max_open: config.proxy.kernel_forwarding_max_open,
         max_open_connections,
+        access_log_to: crate::proxy::http::access_log::Destination::parse(&config.proxy.access_log.to),
+        access_log_all: config.proxy.access_log.all_services,
     })?;
     tracing::info!(
         "proxy: {} event loop(s), up to {max_open_connections} connections open at once (open-file limit {open_files})",

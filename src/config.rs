@@ -332,6 +332,28 @@ pub struct ProxyConfig {
     /// (see `limits`), so that the admin API, DNS and the store always have
     /// descriptors left.
     pub max_open_connections: Option<u32>,
+    /// The HTTP access log: one JSON line per request of the services whose
+    /// `http.access_log` is on, or of every HTTP service.
+    pub access_log: AccessLogConfig,
+}
+
+/// Where the HTTP access log goes and for which services.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLogConfig {
+    /// `stderr` (the journal, under systemd) or a file, appended to.
+    pub to: String,
+    /// Log every HTTP service's requests, not only those that ask.
+    pub all_services: bool,
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        AccessLogConfig {
+            to: "stderr".into(),
+            all_services: false,
+        }
+    }
 }
 
 /// Most proxy event loops a config may ask for: more threads than that
@@ -378,6 +400,7 @@ impl Default for ProxyConfig {
             kernel_forwarding: false,
             kernel_forwarding_max_open: DEFAULT_KERNEL_FORWARDING_MAX_OPEN,
             max_open_connections: None,
+            access_log: AccessLogConfig::default(),
         }
     }
 }

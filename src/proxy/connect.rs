@@ -13,7 +13,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 /// Opens a connection to one backend, with TCP_NODELAY and, for a backend
 /// on this host, the loopback congestion control set before the handshake.
-async fn connect_to(backend: &Backend) -> io::Result<TcpStream> {
+pub(super) async fn connect_to(backend: &Backend) -> io::Result<TcpStream> {
     let Some(addr) = backend.addr else {
         let stream = TcpStream::connect((&*backend.host, backend.port)).await?;
         stream.set_nodelay(true)?;

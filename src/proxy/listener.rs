@@ -10,8 +10,8 @@
 //! listener accepts until a connection ends: the rest wait in the backlog.
 
 use super::drain;
-use super::service::{ServiceState, StateCell};
-use super::{congestion, l4};
+use super::service::StateCell;
+use super::{congestion, http, l4};
 use crate::catalog::Protocol;
 use crate::limits::ConnectionBudget;
 use std::collections::HashMap;
@@ -201,26 +201,30 @@ async fn accept_ready(listener: &TcpListener, listening: &Listening, budget: &Co
         // With every slot taken, the acceptor holds the connection it has
         // just accepted until one frees, and accepts no more meanwhile.
         let slot = budget.admit().await;
-        let state = listening.state.current();
+        let cell = listening.state.clone();
         let drain = listening.drain.clone();
         tokio::spawn(async move {
-            dispatch(client, peer, state, drain).await;
+            dispatch(client, peer, cell, drain).await;
             drop(slot);
         });
     }
 }
 
-/// Serves one connection on the path of its service's protocol.
+/// Serves one connection on the path of its service's protocol: a TCP
+/// connection keeps the state it was accepted with; an HTTP one reads the
+/// service's state at every request.
 async fn dispatch(
     client: tokio::net::TcpStream,
     peer: SocketAddr,
-    state: Arc<ServiceState>,
+    cell: Arc<StateCell>,
     drain: drain::Watch,
 ) {
+    let state = cell.current();
     match state.spec.protocol {
         Protocol::Tcp => l4::serve(client, peer, state, drain).await,
-        // Until the HTTP proxy lands: relayed as TCP, which the manager
-        // says once per service when it starts serving it.
-        Protocol::Http => l4::serve(client, peer, state, drain).await,
+        Protocol::Http => {
+            drop(state);
+            http::serve(client, peer, cell, drain).await
+        }
     }
 }

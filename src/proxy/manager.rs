@@ -13,7 +13,6 @@ use super::service::{CompileContext, RouteSource, ServiceShared, ServiceState, S
 use super::view::{ProxyView, ServiceView};
 use super::workers::Workers;
 use super::{Error, ProxySettings};
-use crate::catalog::Protocol;
 use crate::limits::ConnectionBudget;
 use crate::routing::{Route, RouteFile, RouteHead};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -157,8 +156,6 @@ pub struct ProxyManager {
     addresses: HashMap<SocketAddr, String>,
     /// Wanted services that could not listen, with why.
     failed: BTreeMap<String, String>,
-    /// HTTP services relayed as TCP, said once each.
-    http_as_tcp: BTreeSet<String>,
     /// Listeners handed over by a predecessor, used instead of binding.
     inherited: HashMap<SocketAddr, Vec<std::net::TcpListener>>,
 }
@@ -173,11 +170,13 @@ impl ProxyManager {
             .flatten();
         // Slots for open connections, shared by every listener.
         let budget = ConnectionBudget::new("proxy", settings.max_open_connections as usize);
-        let context = Arc::new(CompileContext {
-            node_zone: settings.node_zone.clone(),
-            loopback_congestion: settings.loopback_congestion.clone(),
-            kernel: kernel.clone(),
-        });
+        let context = Arc::new(CompileContext::new(
+            settings.node_zone.clone(),
+            settings.loopback_congestion.clone(),
+            kernel.clone(),
+            settings.access_log_to.clone(),
+            settings.access_log_all,
+        ));
         let acceptors = (0..workers.count())
             .map(|index| {
                 let _on_worker = workers.enter(index);
@@ -195,7 +194,6 @@ impl ProxyManager {
             view: ProxyView::default(),
             addresses: HashMap::new(),
             failed: BTreeMap::new(),
-            http_as_tcp: BTreeSet::new(),
             inherited: HashMap::new(),
         })
     }
@@ -478,11 +476,11 @@ impl ProxyManager {
         for (name, step) in &steps {
             if matches!(step, Step::Stop | Step::Move) {
                 if let Some(running) = self.running.remove(name) {
+                    self.context.directory.remove(name);
                     // The drain goes on in the background; the listener is closed now.
                     drop(self.stop(name, running).await);
                 }
                 if *step == Step::Stop {
-                    self.http_as_tcp.remove(name);
                     report.removed.push(name.clone());
                 }
             }
@@ -493,7 +491,6 @@ impl ProxyManager {
             };
             match step {
                 Step::Swap => {
-                    self.say_if_http_as_tcp(&name, &state);
                     let Some(running) = self.running.get_mut(&name) else {
                         continue;
                     };
@@ -526,9 +523,9 @@ impl ProxyManager {
 
     /// Starts a service's listeners, or records why it cannot.
     fn bind(&mut self, name: &str, key: RouteKey, state: Arc<ServiceState>, report: &mut ApplyReport) {
-        self.say_if_http_as_tcp(name, &state);
         match self.start(key, state) {
             Ok(running) => {
+                self.context.directory.insert(name, running.state.clone());
                 self.running.insert(name.to_string(), running);
                 if self.failed.remove(name).is_some() {
                     tracing::info!("service {name} now listens on {}", key.addr);
@@ -545,21 +542,6 @@ impl ProxyManager {
                 self.failed.insert(name.to_string(), reason);
             }
         }
-    }
-
-    /// Until the HTTP proxy lands, an HTTP service is relayed as TCP: said
-    /// once per service (log and gauge), never silently.
-    fn say_if_http_as_tcp(&mut self, name: &str, state: &ServiceState) {
-        if state.spec.protocol == Protocol::Http {
-            if self.http_as_tcp.insert(name.to_string()) {
-                tracing::warn!(
-                    "service {name}: protocol http is served as TCP for now (connections are relayed unchanged, without per-request balancing)"
-                );
-            }
-        } else {
-            self.http_as_tcp.remove(name);
-        }
-        metrics::gauge!("loopmesh_proxy_http_served_as_tcp").set(self.http_as_tcp.len() as f64);
     }
 
     fn start(&mut self, key: RouteKey, state: Arc<ServiceState>) -> Result<Running, Error> {

@@ -11,8 +11,9 @@
 //! - [`l4`]: the TCP relay and its plaintext fast paths (splice, kernel
 //!   forwarding), which only TCP services take.
 //! - [`service`]: a service's state, compiled from its route.
-//! - [`listener`]: bind, accept, dispatch on the service's protocol (HTTP
-//!   is relayed as TCP until the HTTP proxy lands, and the manager says so).
+//! - [`http`]: L7 for `protocol: http` services: per-request routing,
+//!   balancing, pooled upstream connections, retries, access log.
+//! - [`listener`]: bind, accept, dispatch on the service's protocol.
 //! - [`manager`]: the pure [`plan`] from running to wanted, and
 //!   [`ProxyManager`], which applies it per change.
 //!
@@ -23,6 +24,7 @@ pub mod balance;
 pub mod congestion;
 mod connect;
 pub mod drain;
+pub mod http;
 pub mod l4;
 mod listener;
 pub mod manager;
@@ -75,6 +77,11 @@ pub struct ProxySettings {
     /// the descriptors, [`crate::limits`]); past it listeners stop
     /// accepting until one ends.
     pub max_open_connections: u32,
+    /// Where HTTP access log lines go (stderr unless a file is named).
+    pub access_log_to: http::access_log::Destination,
+    /// Every HTTP service writes the access log, not only those whose
+    /// `http.access_log` says so.
+    pub access_log_all: bool,
 }
 
 /// Connections forwarded in the kernel at once by default.
@@ -93,6 +100,8 @@ impl Default for ProxySettings {
             kernel_connections: DEFAULT_KERNEL_CONNECTIONS,
             kernel_forwarding_max_open: crate::config::DEFAULT_KERNEL_FORWARDING_MAX_OPEN,
             max_open_connections: crate::limits::default_proxy_connections(crate::limits::raise_open_files()),
+            access_log_to: http::access_log::Destination::Stderr,
+            access_log_all: false,
         }
     }
 }

@@ -8,6 +8,9 @@
 //! file, the data plane's truth, read back when needed).
 
 use super::balance::{Backend, BackendSet, BackendStats};
+use super::http::access_log::{AccessLog, Destination};
+use super::http::route::Routes;
+use super::http::RetryBudget;
 use super::l4::sockmap::KernelForwarding;
 use crate::catalog::ServiceSpec;
 use crate::routing::{Route, RouteHead};
@@ -26,7 +29,14 @@ pub struct ServiceShared {
     pub name: Arc<str>,
     /// Open connections, for the circuit breaker.
     pub active: AtomicU64,
+    /// HTTP requests in flight (`http.max_requests`).
+    pub requests: AtomicU64,
+    /// HTTP requests waiting for an upstream connection (`http.max_pending_requests`).
+    pub pending: AtomicU64,
+    /// HTTP retries allowed ([`RetryBudget`]); kept across reloads.
+    pub retry_budget: RetryBudget,
     metrics: OnceLock<Box<ServiceMetrics>>,
+    http_metrics: OnceLock<Box<HttpMetrics>>,
 }
 
 impl ServiceShared {
@@ -34,8 +44,18 @@ impl ServiceShared {
         ServiceShared {
             name: name.into(),
             active: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            retry_budget: RetryBudget::default(),
             metrics: OnceLock::new(),
+            http_metrics: OnceLock::new(),
         }
+    }
+
+    /// The service's HTTP metric handles, registered on first use.
+    pub fn http_metrics(&self) -> &HttpMetrics {
+        self.http_metrics
+            .get_or_init(|| Box::new(HttpMetrics::new(&self.name)))
     }
 
     /// The service's metric handles, registered on first use.
@@ -78,6 +98,39 @@ impl ServiceMetrics {
             idle_timeouts: metrics::counter!("loopmesh_proxy_idle_timeouts_total", "service" => s.clone()),
             drain_kills: metrics::counter!("loopmesh_proxy_drain_kills_total", "service" => s),
         }
+    }
+}
+
+/// A service's HTTP metric handles.
+#[derive(Debug)]
+pub struct HttpMetrics {
+    /// `loopmesh_http_requests_total` by code class, 1xx to 5xx.
+    pub requests: [metrics::Counter; 5],
+    pub duration: metrics::Histogram,
+    pub retries: metrics::Counter,
+    name: Arc<str>,
+}
+
+impl HttpMetrics {
+    fn new(service: &str) -> Self {
+        let class = |class: &'static str| metrics::counter!("loopmesh_http_requests_total", "service" => service.to_string(), "code_class" => class);
+        HttpMetrics {
+            requests: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            duration: metrics::histogram!("loopmesh_http_request_duration_seconds", "service" => service.to_string()),
+            retries: metrics::counter!("loopmesh_http_retries_total", "service" => service.to_string()),
+            name: service.into(),
+        }
+    }
+
+    /// Requests the proxy answered itself, by reason (rare: looked up when needed).
+    pub fn refused(&self, reason: &'static str) -> metrics::Counter {
+        metrics::counter!("loopmesh_http_refused_total", "service" => self.name.to_string(), "reason" => reason)
     }
 }
 
@@ -134,6 +187,73 @@ pub struct CompileContext {
     pub loopback_congestion: Option<Arc<CString>>,
     /// Set when L4 connections are forwarded in the kernel.
     pub kernel: Option<Arc<KernelForwarding>>,
+    /// The services listening, by name: HTTP routes may send to another.
+    pub directory: Directory,
+    /// Where access log lines go, once some service logs.
+    pub access_log_to: Destination,
+    /// Every HTTP service logs, whatever its own `http.access_log`.
+    pub access_log_all: bool,
+    access_log: OnceLock<Option<AccessLog>>,
+}
+
+impl CompileContext {
+    pub fn new(
+        node_zone: Option<String>,
+        loopback_congestion: Option<Arc<CString>>,
+        kernel: Option<Arc<KernelForwarding>>,
+        access_log_to: Destination,
+        access_log_all: bool,
+    ) -> CompileContext {
+        CompileContext {
+            node_zone,
+            loopback_congestion,
+            kernel,
+            directory: Directory::default(),
+            access_log_to,
+            access_log_all,
+            access_log: OnceLock::new(),
+        }
+    }
+
+    /// The access log, opened at its first line; `None` if it cannot be
+    /// (said once).
+    pub fn access_log(&self) -> Option<&AccessLog> {
+        self.access_log
+            .get_or_init(|| match AccessLog::open(&self.access_log_to) {
+                Ok(log) => Some(log),
+                Err(err) => {
+                    tracing::error!(
+                        "cannot open the access log {:?}: {err}; requests are not logged",
+                        self.access_log_to
+                    );
+                    None
+                }
+            })
+            .as_ref()
+    }
+}
+
+/// The services listening, by name.
+#[derive(Debug, Default)]
+pub struct Directory(std::sync::RwLock<HashMap<Arc<str>, Arc<StateCell>>>);
+
+impl Directory {
+    /// The current state of service `name`, if it listens.
+    pub fn find(&self, name: &str) -> Option<Arc<ServiceState>> {
+        let services = self.0.read().unwrap_or_else(|e| e.into_inner());
+        services.get(name).map(|cell| cell.current())
+    }
+
+    pub fn insert(&self, name: &str, cell: Arc<StateCell>) {
+        self.0
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.into(), cell);
+    }
+
+    pub fn remove(&self, name: &str) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).remove(name);
+    }
 }
 
 /// Everything a new connection to a service needs; replaced whole on reload.
@@ -148,6 +268,8 @@ pub struct ServiceState {
     /// Compiled at the first connection (or at once, for a service that
     /// already had one); an error if its route could not be read back.
     backends: OnceLock<Result<BackendSet, String>>,
+    /// HTTP routes over the backends, compiled with them.
+    routes: OnceLock<Routes>,
 }
 
 impl ServiceState {
@@ -166,6 +288,7 @@ impl ServiceState {
             context,
             source,
             backends: OnceLock::new(),
+            routes: OnceLock::new(),
         }
     }
 
@@ -203,6 +326,12 @@ impl ServiceState {
             })
             .as_ref()
             .map_err(String::as_str)
+    }
+
+    /// The HTTP routes over the backends (`None` if those cannot be had).
+    pub fn routes(&self) -> Option<&Routes> {
+        let backends = self.backends().ok()?;
+        Some(self.routes.get_or_init(|| Routes::new(&self.spec.http, backends)))
     }
 
     /// Compiles the backends now, carrying over the counters of
@@ -256,6 +385,7 @@ fn compile(route: &Route, context: &CompileContext, stats: &HashMap<&str, &Arc<B
                 congestion: context.loopback_congestion.clone().filter(|_| on_this_host),
                 weight: instance.weight,
                 zone: instance.zone.as_deref().map(Into::into),
+                tags: instance.tags.clone().into_boxed_slice(),
                 state: instance.state,
                 stats: stats
                     .get(id.as_str())

@@ -5,7 +5,7 @@
 //! across sets, so a reload neither resets least-connection counts nor
 //! forgives an ejected backend.
 
-use crate::catalog::{Balance, InstanceState, Outlier};
+use crate::catalog::{Balance, InstanceState, Label, Outlier};
 use std::cell::Cell;
 use std::ffi::CString;
 use std::hash::{Hash, Hasher};
@@ -34,6 +34,8 @@ pub struct BackendStats {
     ejected_until: AtomicU64,
     /// Ejections in a row; sets the next ejection's length.
     ejections: AtomicU32,
+    /// Upstream HTTP connections to it (unused by TCP services).
+    pub pool: Arc<crate::proxy::http::pool::Pool>,
 }
 
 /// Decay time of the latency EWMA.
@@ -106,6 +108,8 @@ pub struct Backend {
     pub congestion: Option<Arc<CString>>,
     pub weight: u32,
     pub zone: Option<Box<str>>,
+    /// The instance's tags (HTTP splits select backends by them).
+    pub tags: Box<[Label]>,
     pub state: InstanceState,
     pub stats: Arc<BackendStats>,
 }
@@ -153,11 +157,25 @@ impl BackendSet {
     /// Chooses a backend for a connection from `client`, skipping `tried`
     /// (indices already attempted for this connection).
     pub fn pick(&self, client: IpAddr, tried: &[usize]) -> Result<usize, NoBackend> {
+        self.pick_among(hash_key(&client), tried, None)
+    }
+
+    /// Chooses a backend among `among` (indices; `None`: all), skipping
+    /// `tried`; `key` is what consistent hashing keeps together (a client
+    /// address, a header's value: see [`hash_key`]).
+    pub fn pick_among(&self, key: u64, tried: &[usize], among: Option<&[usize]>) -> Result<usize, NoBackend> {
         let now = now_nanos();
         let mut any_up = false;
         let mut best_tier = u8::MAX;
         let mut candidates = Vec::with_capacity(self.backends.len());
-        for (i, backend) in self.backends.iter().enumerate() {
+        let (listed, all) = match among {
+            Some(among) => (among, 0..0),
+            None => (&[][..], 0..self.backends.len()),
+        };
+        for i in listed.iter().copied().chain(all) {
+            let Some(backend) = self.backends.get(i) else {
+                continue;
+            };
             if backend.state != InstanceState::Up || backend.weight == 0 {
                 continue;
             }
@@ -191,7 +209,7 @@ impl BackendSet {
             Balance::RoundRobin => self.weighted_round_robin(&candidates),
             Balance::LeastConnections => self.least_connections(&candidates),
             Balance::PeakEwma => self.power_of_two(&candidates),
-            Balance::ConsistentHash => self.rendezvous(&candidates, client),
+            Balance::ConsistentHash => self.rendezvous(&candidates, key),
         })
     }
 
@@ -260,12 +278,12 @@ impl BackendSet {
         self.by_ticket(candidates, random())
     }
 
-    /// Weighted rendezvous hashing on the client address: the same client
-    /// keeps its backend, and a backend leaving moves only its own clients.
-    fn rendezvous(&self, candidates: &[usize], client: IpAddr) -> usize {
+    /// Weighted rendezvous hashing on the key: the same client (or header
+    /// value) keeps its backend, and a backend leaving moves only its own.
+    fn rendezvous(&self, candidates: &[usize], key: u64) -> usize {
         let score = |i: usize| {
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            client.hash(&mut hasher);
+            key.hash(&mut hasher);
             self.backends[i].id.hash(&mut hasher);
             // Map the hash to (0, 1] and weight it: -w / ln(u) is largest for the winner.
             let unit = ((hasher.finish() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
@@ -295,8 +313,16 @@ impl BackendSet {
     }
 }
 
+/// The consistent-hashing key of anything hashable (a client address, a
+/// header's value).
+pub fn hash_key(value: &(impl Hash + ?Sized)) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
 /// A fast per-thread xorshift generator; balancing needs spread, not secrecy.
-fn random() -> u64 {
+pub fn random() -> u64 {
     thread_local! {
         static STATE: Cell<u64> = Cell::new({
             let seed = now_nanos() ^ (std::process::id() as u64).rotate_left(32);
@@ -328,6 +354,7 @@ mod tests {
             congestion: None,
             weight,
             zone: zone.map(Into::into),
+            tags: Box::new([]),
             state,
             stats: Arc::new(BackendStats::default()),
         }

@@ -1,0 +1,691 @@
+//! L7: the HTTP proxy of `protocol: http` services.
+//!
+//! A client connection speaks HTTP/1.1 or HTTP/2 (prior knowledge, as
+//! plaintext gRPC does), detected from its first bytes. Each request reads
+//! the service's state afresh (a route or split change applies to the next
+//! request, open connections untouched), is matched against the service's
+//! routes, balanced over the chosen backends on its own, and sent on a
+//! pooled upstream connection ([`pool`]). Failures are retried on another
+//! backend within the retry policy and the service's retry budget
+//! ([`budget`]); the proxy's own answers say why in `x-loopmesh-error`.
+//! Bodies stream both ways ([`body`]); upgrades (WebSocket) become a plain
+//! relay after the 101.
+//!
+//! At a drain, HTTP/2 clients get a GOAWAY and HTTP/1.1 ones a
+//! `Connection: close` on their next response; requests in flight finish,
+//! up to the deadline.
+
+pub mod access_log;
+mod body;
+mod budget;
+mod identity;
+pub mod pool;
+pub mod route;
+
+pub use budget::RetryBudget;
+
+use super::balance::{hash_key, random, BackendSet, BackendStats, NoBackend};
+use super::drain;
+use super::service::{ServiceState, StateCell};
+use crate::policy::{HashOn, HttpPolicy, UpstreamProtocol};
+use body::{Finish, ResponseBody, UpstreamBody};
+use hyper::body::{Body, Incoming};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use identity::Identity;
+use pool::{Checkout, ConnectError, Sender, Want};
+use route::Target;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+/// Time a client has to send a request's head once it has started one.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The header that says why the proxy answered a request itself.
+pub static ERROR_HEADER: HeaderName = HeaderName::from_static("x-loopmesh-error");
+
+/// Serves one client connection until it closes, or until a drain: then
+/// GOAWAY / `Connection: close`, the requests in flight finish, and the
+/// deadline cuts what is left.
+pub async fn serve(client: TcpStream, peer: SocketAddr, cell: Arc<StateCell>, mut drain: drain::Watch) {
+    let shared = cell.current().shared.clone();
+    let metrics = shared.metrics();
+    metrics.connections.increment(1);
+    metrics.active.increment(1.0);
+    let conn = Arc::new(Client { cell, peer });
+    let service = hyper::service::service_fn(move |request| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(request, &conn).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
+    tokio::pin!(connection);
+    let finished = tokio::select! {
+        _ = connection.as_mut() => true,
+        () = drain.signaled() => false,
+    };
+    if !finished {
+        connection.as_mut().graceful_shutdown();
+        tokio::select! {
+            _ = connection => {}
+            () = drain.forced() => metrics.drain_kills.increment(1),
+        }
+    }
+    metrics.active.decrement(1.0);
+}
+
+/// One client connection, as its requests see it.
+struct Client {
+    cell: Arc<StateCell>,
+    peer: SocketAddr,
+}
+
+/// Hop-by-hop headers, which concern one connection and are not forwarded.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+/// Removes the hop-by-hop headers, and those `Connection` names; an upgrade
+/// keeps `Connection: upgrade` and `Upgrade`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| !(upgrade && name == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Whether an HTTP/1.1 request asks to switch protocols (WebSocket).
+fn wants_upgrade<B>(request: &Request<B>) -> bool {
+    request.version() <= Version::HTTP_11
+        && request.headers().contains_key(header::UPGRADE)
+        && request
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Methods a retry cannot make happen twice (RFC 9110, 9.2.2).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// The value of cookie `name` in a request's `Cookie` headers.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+}
+
+/// What consistent hashing keeps together for this request.
+fn request_hash(policy: &HttpPolicy, headers: &HeaderMap, client: SocketAddr) -> u64 {
+    let keyed = match &policy.hash_on {
+        Some(HashOn::Header(name)) => headers.get(name.as_str()).map(|v| hash_key(v.as_bytes())),
+        Some(HashOn::Cookie(name)) => cookie(headers, name).map(hash_key),
+        None => None,
+    };
+    keyed.unwrap_or_else(|| hash_key(&client.ip()))
+}
+
+/// Why the proxy answered a request itself: status and `x-loopmesh-error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    NoHealthyBackend,
+    NoSuchService,
+    MaxRequests,
+    MaxPendingRequests,
+    ConnectFailed,
+    UpstreamReset,
+    RequestTimeout,
+    PerTryTimeout,
+}
+
+impl Refusal {
+    fn status(self) -> StatusCode {
+        match self {
+            Refusal::NoHealthyBackend
+            | Refusal::NoSuchService
+            | Refusal::MaxRequests
+            | Refusal::MaxPendingRequests => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::ConnectFailed | Refusal::UpstreamReset => StatusCode::BAD_GATEWAY,
+            Refusal::RequestTimeout | Refusal::PerTryTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            Refusal::NoHealthyBackend => "no_healthy_backend",
+            Refusal::NoSuchService => "no_such_service",
+            Refusal::MaxRequests => "max_requests",
+            Refusal::MaxPendingRequests => "max_pending_requests",
+            Refusal::ConnectFailed => "connect_failed",
+            Refusal::UpstreamReset => "upstream_reset",
+            Refusal::RequestTimeout => "request_timeout",
+            Refusal::PerTryTimeout => "per_try_timeout",
+        }
+    }
+}
+
+/// A request in flight, counted in the service's `requests` until dropped.
+struct InFlight(Arc<super::service::ServiceShared>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.requests.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A request on a backend, counted in its `active` (least requests) until
+/// its response ends.
+struct OnBackend(Arc<BackendStats>);
+
+impl Drop for OnBackend {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Everything recorded when a request's exchange ends.
+struct Exchange {
+    state: Arc<ServiceState>,
+    started: Instant,
+    method: Method,
+    path: Box<str>,
+    identity: Identity,
+    status: u16,
+    upstream: Option<Box<str>>,
+    retries: u32,
+    bytes_in: Arc<AtomicU64>,
+    /// Returned to its pool when the response was read to the end.
+    checkout: Option<Checkout>,
+    _on_backend: Option<OnBackend>,
+    _in_flight: InFlight,
+}
+
+impl Finish for Exchange {
+    fn finish(self: Box<Self>, complete: bool, bytes_out: u64) {
+        let http = &self.state.spec.http;
+        if let Some(checkout) = self.checkout {
+            if complete {
+                checkout.give_back(http.pool_idle_timeout);
+            }
+        }
+        let elapsed = self.started.elapsed();
+        let metrics = self.state.shared.http_metrics();
+        metrics.requests[usize::from(self.status / 100).clamp(1, 5) - 1].increment(1);
+        metrics.duration.record(elapsed.as_secs_f64());
+        if http.access_log || self.state.context.access_log_all {
+            if let Some(log) = self.state.context.access_log() {
+                log.write(access_log::Line {
+                    service: self.state.name(),
+                    method: self.method.as_str(),
+                    path: &self.path,
+                    status: self.status,
+                    duration: elapsed,
+                    upstream: self.upstream.as_deref(),
+                    bytes_in: self.bytes_in.load(Ordering::Relaxed),
+                    bytes_out,
+                    complete,
+                    retries: self.retries,
+                    request_id: &self.identity.request_id,
+                    trace_id: &self.identity.trace_id,
+                });
+            }
+        }
+    }
+}
+
+/// A request made ready to send upstream, and how to send it again.
+struct Outgoing {
+    request: Option<Request<UpstreamBody>>,
+    /// The head of a request that may be sent again (idempotent, no body).
+    replay: Option<(Method, Uri, Version, HeaderMap)>,
+}
+
+impl Outgoing {
+    fn take(&mut self) -> Option<Request<UpstreamBody>> {
+        self.request.take().or_else(|| {
+            let (method, uri, version, headers) = self.replay.clone()?;
+            let mut request = Request::new(UpstreamBody::Empty);
+            *request.method_mut() = method;
+            *request.uri_mut() = uri;
+            *request.version_mut() = version;
+            *request.headers_mut() = headers;
+            Some(request)
+        })
+    }
+}
+
+/// Shapes the request for the backends' protocol: origin-form with `Host`
+/// for HTTP/1.1, absolute with `:authority` for HTTP/2.
+fn fit_to_upstream(request: &mut Request<UpstreamBody>, protocol: UpstreamProtocol, service: SocketAddr) {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| h.parse::<Authority>().ok())
+        .or_else(|| request.uri().authority().cloned())
+        .unwrap_or_else(|| {
+            Authority::try_from(service.to_string().as_str()).expect("an address is an authority")
+        });
+    let path = request
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            if !request.headers().contains_key(header::HOST) {
+                if let Ok(value) = HeaderValue::from_str(host.as_str()) {
+                    request.headers_mut().insert(header::HOST, value);
+                }
+            }
+            *request.uri_mut() = Uri::from(path);
+            *request.version_mut() = Version::HTTP_11;
+        }
+        UpstreamProtocol::Http2 => {
+            let mut parts = hyper::http::uri::Parts::default();
+            parts.scheme = Some(Scheme::HTTP);
+            parts.authority = Some(host);
+            parts.path_and_query = Some(path);
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *request.uri_mut() = uri;
+            }
+            request.headers_mut().remove(header::HOST);
+            *request.version_mut() = Version::HTTP_2;
+        }
+    }
+}
+
+/// The proxy's own answer.
+fn refuse(refusal: Refusal, exchange: Option<Exchange>) -> Response<ResponseBody> {
+    let finish = exchange.map(|mut exchange| {
+        exchange.status = refusal.status().as_u16();
+        let metrics = exchange.state.shared.http_metrics();
+        metrics.refused(refusal.reason()).increment(1);
+        Box::new(exchange) as Box<dyn Finish>
+    });
+    let mut response = Response::new(ResponseBody::local(format!("{}\n", refusal.reason()), finish));
+    *response.status_mut() = refusal.status();
+    let headers = response.headers_mut();
+    headers.insert(ERROR_HEADER.clone(), HeaderValue::from_static(refusal.reason()));
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+/// How one attempt went.
+enum Attempt {
+    Answered(Response<Incoming>, Checkout),
+    /// Never reached the backend: the request comes back to be sent elsewhere.
+    NotSent(Option<Request<UpstreamBody>>, Refusal),
+    Failed(Refusal),
+}
+
+/// Sends `request` to `backend` within `limit`.
+async fn attempt(
+    state: &ServiceState,
+    backends: &BackendSet,
+    index: usize,
+    request: Request<UpstreamBody>,
+    upgrade: bool,
+    limit: Duration,
+) -> Attempt {
+    let http = &state.spec.http;
+    let backend = &backends.backends()[index];
+    let connect_timeout = state.spec.connect_timeout;
+    let target = backend.clone();
+    let connect = move || -> pool::ConnectFuture {
+        let target = target.clone();
+        Box::pin(async move {
+            match tokio::time::timeout(connect_timeout, super::connect::connect_to(&target)).await {
+                Ok(Ok(stream)) => Ok(stream),
+                Ok(Err(_)) => Err(ConnectError::Refused),
+                Err(_) => Err(ConnectError::Timeout),
+            }
+        })
+    };
+    let want = Want {
+        protocol: http.upstream_protocol,
+        max_connections: http.max_connections_per_backend,
+        idle_timeout: http.pool_idle_timeout,
+        upgrade,
+        connect: &connect,
+    };
+    let pool = backend.stats.pool.clone();
+    let exchange = async move {
+        let pending = &state.shared.pending;
+        let waiting = pending.fetch_add(1, Ordering::Relaxed) + 1;
+        let _pending = scopeguard(|| {
+            pending.fetch_sub(1, Ordering::Relaxed);
+        });
+        if http
+            .max_pending_requests
+            .is_some_and(|max| waiting > u64::from(max))
+        {
+            return Attempt::NotSent(Some(request), Refusal::MaxPendingRequests);
+        }
+        let mut checkout = match pool.checkout(&want).await {
+            Ok(checkout) => checkout,
+            Err(ConnectError::Timeout) => return Attempt::NotSent(Some(request), Refusal::ConnectFailed),
+            Err(_) => return Attempt::NotSent(Some(request), Refusal::ConnectFailed),
+        };
+        drop(_pending);
+        let sent = match &mut checkout.sender {
+            Sender::Http1(sender) => sender.try_send_request(request).await,
+            Sender::Http2(sender) => sender.try_send_request(request).await,
+        };
+        match sent {
+            Ok(response) => Attempt::Answered(response, checkout),
+            Err(mut err) => match err.take_message() {
+                Some(request) => Attempt::NotSent(Some(request), Refusal::UpstreamReset),
+                None => Attempt::Failed(Refusal::UpstreamReset),
+            },
+        }
+    };
+    match tokio::time::timeout(limit, exchange).await {
+        Ok(attempt) => attempt,
+        Err(_) => Attempt::Failed(Refusal::PerTryTimeout),
+    }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
+/// Says once when a backend is ejected for repeated failures.
+fn record_failure(state: &ServiceState, backends: &BackendSet, index: usize, why: &str) {
+    if backends.record_failure(index) {
+        let backend = &backends.backends()[index];
+        tracing::warn!(
+            "service {}: backend {} ejected after repeated failures ({why})",
+            state.name(),
+            backend.id
+        );
+        metrics::counter!("loopmesh_proxy_ejections_total", "service" => state.name().to_string(), "backend" => backend.id.to_string())
+            .increment(1);
+    }
+}
+
+/// Proxies one request: route, balance, send, retry, answer.
+async fn handle(mut request: Request<Incoming>, client: &Client) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let state = client.cell.current();
+    let shared = state.shared.clone();
+    let http = &state.spec.http;
+    let in_flight = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    let upgrade = wants_upgrade(&request);
+    let headers = request.headers_mut();
+    strip_hop_by_hop(headers, upgrade);
+    let identity = identity::stamp(headers, client.peer.ip());
+    let path: Box<str> = request.uri().path().into();
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    let mut exchange = Exchange {
+        state: state.clone(),
+        started,
+        method: request.method().clone(),
+        path,
+        identity,
+        status: 0,
+        upstream: None,
+        retries: 0,
+        bytes_in: bytes_in.clone(),
+        checkout: None,
+        _on_backend: None,
+        _in_flight: InFlight(shared.clone()),
+    };
+    if http.max_requests.is_some_and(|max| in_flight > u64::from(max)) {
+        return refuse(Refusal::MaxRequests, Some(exchange));
+    }
+    shared.retry_budget.request();
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    // Where it goes: this service's backends (all, or a tagged subset), or
+    // another service's.
+    let routes = state.routes();
+    let (target, among) = match routes.map(|routes| routes.choose(&request)) {
+        Some(Target::Service(name)) => match state.context.directory.find(name) {
+            Some(other) => (other, None),
+            None => return refuse(Refusal::NoSuchService, Some(exchange)),
+        },
+        Some(Target::Backends(among)) => (state.clone(), among.as_deref()),
+        None => (state.clone(), None),
+    };
+    let Ok(backends) = target.backends() else {
+        return refuse(Refusal::NoHealthyBackend, Some(exchange));
+    };
+    let key = request_hash(http, request.headers(), client.peer);
+    let replayable = !upgrade && is_idempotent(request.method()) && request.body().is_end_stream();
+    let (parts, body) = request.into_parts();
+    let mut upstream = Request::from_parts(
+        parts,
+        UpstreamBody::Streamed {
+            inner: body,
+            counted: bytes_in,
+        },
+    );
+    fit_to_upstream(
+        &mut upstream,
+        if upgrade {
+            UpstreamProtocol::Http1
+        } else {
+            http.upstream_protocol
+        },
+        state.address,
+    );
+    let replay = replayable.then(|| {
+        (
+            upstream.method().clone(),
+            upstream.uri().clone(),
+            upstream.version(),
+            upstream.headers().clone(),
+        )
+    });
+    let mut outgoing = Outgoing {
+        request: Some(upstream),
+        replay,
+    };
+    let deadline = started + http.request_timeout;
+    let per_try = http.per_try_timeout.unwrap_or(http.request_timeout);
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last = Refusal::NoHealthyBackend;
+    loop {
+        let index = match backends.pick_among(key, &tried, among) {
+            Ok(index) => index,
+            Err(NoBackend::NoneUp) => return refuse(Refusal::NoHealthyBackend, Some(exchange)),
+            Err(NoBackend::Exhausted) => return refuse(last, Some(exchange)),
+        };
+        let Some(request) = outgoing.take() else {
+            return refuse(last, Some(exchange));
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return refuse(Refusal::RequestTimeout, Some(exchange));
+        }
+        let backend = &backends.backends()[index];
+        backend.stats.active.fetch_add(1, Ordering::Relaxed);
+        let on_backend = OnBackend(backend.stats.clone());
+        let sent_at = Instant::now();
+        let outcome = attempt(&target, backends, index, request, upgrade, per_try.min(remaining)).await;
+        tried.push(index);
+        let retry_statuses = &http.retry.statuses;
+        let may_retry = |exchange: &Exchange| exchange.retries < http.retry.attempts;
+        match outcome {
+            Attempt::Answered(response, checkout) => {
+                let status = response.status();
+                let failed = status.is_server_error();
+                if failed {
+                    record_failure(&target, backends, index, status.as_str());
+                } else {
+                    backend.stats.record_success(sent_at.elapsed());
+                }
+                if retry_statuses.contains(&status.as_u16())
+                    && outgoing.replay.is_some()
+                    && may_retry(&exchange)
+                    && backends.pick_among(key, &tried, among).is_ok()
+                    && shared
+                        .retry_budget
+                        .try_retry(http.retry.budget_percent, http.retry.min_per_second)
+                {
+                    // Read to the end in the background, so the connection goes back to its pool.
+                    drain_response(response, checkout, http.pool_idle_timeout);
+                    exchange.retries += 1;
+                    shared.http_metrics().retries.increment(1);
+                    backoff(http, exchange.retries, deadline).await;
+                    continue;
+                }
+                exchange.status = status.as_u16();
+                exchange.upstream = Some(backend.id.clone());
+                exchange._on_backend = Some(on_backend);
+                return answer(response, checkout, exchange, client_upgrade);
+            }
+            Attempt::NotSent(request, refusal) => {
+                if refusal == Refusal::MaxPendingRequests {
+                    return refuse(refusal, Some(exchange));
+                }
+                record_failure(&target, backends, index, refusal.reason());
+                last = refusal;
+                outgoing.request = request;
+                // It never reached a backend: safe to send elsewhere, whatever the method.
+                if may_retry(&exchange)
+                    && shared
+                        .retry_budget
+                        .try_retry(http.retry.budget_percent, http.retry.min_per_second)
+                {
+                    exchange.retries += 1;
+                    shared.http_metrics().retries.increment(1);
+                    continue;
+                }
+                return refuse(refusal, Some(exchange));
+            }
+            Attempt::Failed(refusal) => {
+                record_failure(&target, backends, index, refusal.reason());
+                last = if refusal == Refusal::PerTryTimeout && Instant::now() >= deadline {
+                    Refusal::RequestTimeout
+                } else {
+                    refusal
+                };
+                if outgoing.replay.is_some()
+                    && may_retry(&exchange)
+                    && shared
+                        .retry_budget
+                        .try_retry(http.retry.budget_percent, http.retry.min_per_second)
+                {
+                    exchange.retries += 1;
+                    shared.http_metrics().retries.increment(1);
+                    backoff(http, exchange.retries, deadline).await;
+                    continue;
+                }
+                return refuse(last, Some(exchange));
+            }
+        }
+    }
+}
+
+/// Waits before retry number `retry`: the policy's backoff doubled per
+/// retry, with full jitter, never past the deadline.
+async fn backoff(http: &HttpPolicy, retry: u32, deadline: Instant) {
+    let base = http
+        .retry
+        .backoff
+        .saturating_mul(1 << retry.saturating_sub(1).min(10));
+    if base.is_zero() {
+        return;
+    }
+    let jittered = Duration::from_nanos(random() % (base.as_nanos() as u64).max(1));
+    tokio::time::sleep_until(
+        tokio::time::Instant::from_std(deadline).min(tokio::time::Instant::now() + jittered),
+    )
+    .await;
+}
+
+/// Reads a response nobody will see to its end, so its connection can be
+/// reused, or drops it if that takes long.
+fn drain_response(response: Response<Incoming>, checkout: Checkout, idle_timeout: Duration) {
+    use http_body_util::BodyExt;
+    tokio::spawn(async move {
+        let read = tokio::time::timeout(Duration::from_secs(1), response.into_body().collect()).await;
+        if matches!(read, Ok(Ok(_))) {
+            checkout.give_back(idle_timeout);
+        }
+    });
+}
+
+/// The backend's response, on its way to the client: hop-by-hop headers
+/// removed, the body streamed; a 101 turns the two connections into a relay.
+fn answer(
+    mut response: Response<Incoming>,
+    checkout: Checkout,
+    mut exchange: Exchange,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<ResponseBody> {
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(response.headers_mut(), switching);
+    if switching {
+        if let Some(client_upgrade) = client_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(async move {
+                let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream))
+                    .await;
+                drop(checkout);
+            });
+            let (parts, body) = response.into_parts();
+            return Response::from_parts(parts, ResponseBody::upstream(body, Box::new(exchange)));
+        }
+    }
+    exchange.checkout = Some(checkout);
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, ResponseBody::upstream(body, Box::new(exchange)))
+}

@@ -1,0 +1,245 @@
+//! Upstream connections, pooled per backend: HTTP/1.1 keep-alive
+//! connections reused one request at a time, or one HTTP/2 connection that
+//! carries every request at once.
+//!
+//! A pool lives in its backend's [`BackendStats`](super::super::balance::BackendStats),
+//! so it outlives reloads that keep the backend and goes with the backend:
+//! once no set and no request holds it, its idle connections close, and
+//! those still carrying a request close when it ends.
+
+use super::body::UpstreamBody;
+use crate::policy::UpstreamProtocol;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+/// A backend's upstream connections.
+#[derive(Default)]
+pub struct Pool {
+    idle: Mutex<Vec<Idle>>,
+    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    /// Connections open now (idle, busy, or upgraded).
+    open: AtomicU32,
+    /// Woken when a connection is returned or closes (a request waiting
+    /// for a connection slot tries again).
+    freed: Notify,
+    sweeping: AtomicBool,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("open", &self.open.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+struct Idle {
+    sender: http1::SendRequest<UpstreamBody>,
+    since: Instant,
+}
+
+/// A connection to send one request on.
+pub enum Sender {
+    Http1(http1::SendRequest<UpstreamBody>),
+    Http2(http2::SendRequest<UpstreamBody>),
+}
+
+/// A checked-out connection; [`Checkout::give_back`] returns an HTTP/1.1
+/// connection to the pool once its response has been read to the end.
+pub struct Checkout {
+    pub sender: Sender,
+    pool: Weak<Pool>,
+    /// Whether it came from the pool (a failure on a reused connection may
+    /// be the server having closed it meanwhile).
+    pub reused: bool,
+}
+
+/// How a pool is asked for a connection.
+pub struct Want<'a> {
+    pub protocol: UpstreamProtocol,
+    pub max_connections: u32,
+    pub idle_timeout: Duration,
+    /// A fresh HTTP/1.1 connection that may be upgraded (WebSocket); never pooled.
+    pub upgrade: bool,
+    pub connect: &'a (dyn Fn() -> ConnectFuture + Send + Sync),
+}
+
+/// Dials the backend: the stream, or why not.
+pub type ConnectFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<TcpStream, ConnectError>> + Send>>;
+
+/// Why no upstream connection was had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectError {
+    Refused,
+    Timeout,
+    Handshake,
+}
+
+impl Pool {
+    /// Connections open now.
+    pub fn open(&self) -> u32 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Idle HTTP/1.1 connections now.
+    pub fn idle(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// A connection: an idle one that is still open, the shared HTTP/2 one,
+    /// or a new one if the backend has a free connection slot; otherwise
+    /// waits for one to be returned or to close.
+    pub async fn checkout(self: &Arc<Self>, want: &Want<'_>) -> Result<Checkout, ConnectError> {
+        loop {
+            if want.upgrade {
+                return self.connect_http1(want, true).await;
+            }
+            if want.protocol == UpstreamProtocol::Http2 {
+                let shared = self.h2.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if let Some(mut sender) = shared.filter(|s| !s.is_closed()) {
+                    if sender.ready().await.is_ok() {
+                        return Ok(self.checked_out(Sender::Http2(sender), true));
+                    }
+                }
+                let mut sender = self.connect_http2(want).await?;
+                // The first to connect is shared; a racing second one serves
+                // its own request and closes when done.
+                *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender.clone());
+                let _ = sender.ready().await;
+                return Ok(self.checked_out(Sender::Http2(sender), false));
+            }
+            while let Some(mut idle) = self.take_idle(want.idle_timeout) {
+                if idle.sender.ready().await.is_ok() {
+                    return Ok(self.checked_out(Sender::Http1(idle.sender), true));
+                }
+            }
+            if self.open() < want.max_connections.max(1) {
+                return self.connect_http1(want, false).await;
+            }
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.idle() > 0 || self.open() < want.max_connections.max(1) {
+                continue;
+            }
+            freed.await;
+        }
+    }
+
+    fn take_idle(&self, idle_timeout: Duration) -> Option<Idle> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|conn| conn.since.elapsed() < idle_timeout && !conn.sender.is_closed());
+        idle.pop()
+    }
+
+    fn checked_out(self: &Arc<Self>, sender: Sender, reused: bool) -> Checkout {
+        Checkout {
+            sender,
+            pool: Arc::downgrade(self),
+            reused,
+        }
+    }
+
+    async fn connect_http1(
+        self: &Arc<Self>,
+        want: &Want<'_>,
+        upgrade: bool,
+    ) -> Result<Checkout, ConnectError> {
+        let stream = (want.connect)().await?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|_| ConnectError::Handshake)?;
+        let open = OpenGuard::new(self);
+        tokio::spawn(async move {
+            let _open = open;
+            let _ = if upgrade {
+                connection.with_upgrades().await
+            } else {
+                connection.await
+            };
+        });
+        Ok(self.checked_out(Sender::Http1(sender), false))
+    }
+
+    async fn connect_http2(
+        self: &Arc<Self>,
+        want: &Want<'_>,
+    ) -> Result<http2::SendRequest<UpstreamBody>, ConnectError> {
+        let stream = (want.connect)().await?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|_| ConnectError::Handshake)?;
+        let open = OpenGuard::new(self);
+        tokio::spawn(async move {
+            let _open = open;
+            let _ = connection.await;
+        });
+        Ok(sender)
+    }
+
+    fn put_idle(self: &Arc<Self>, sender: http1::SendRequest<UpstreamBody>, idle_timeout: Duration) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(Idle {
+            sender,
+            since: Instant::now(),
+        });
+        self.freed.notify_one();
+        if !self.sweeping.swap(true, Ordering::AcqRel) {
+            tokio::spawn(sweep(Arc::downgrade(self), idle_timeout));
+        }
+    }
+}
+
+impl Checkout {
+    /// Returns an HTTP/1.1 connection whose exchange is complete to the
+    /// pool (an HTTP/2 one is shared and needs nothing).
+    pub fn give_back(self, idle_timeout: Duration) {
+        if let (Sender::Http1(sender), Some(pool)) = (self.sender, self.pool.upgrade()) {
+            if !sender.is_closed() {
+                pool.put_idle(sender, idle_timeout);
+            }
+        }
+    }
+}
+
+/// Closes idle connections past the idle timeout, while the pool lives and
+/// has idle connections.
+async fn sweep(pool: Weak<Pool>, idle_timeout: Duration) {
+    let period = (idle_timeout / 2).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|conn| conn.since.elapsed() < idle_timeout && !conn.sender.is_closed());
+        if idle.is_empty() {
+            pool.sweeping.store(false, Ordering::Release);
+            return;
+        }
+    }
+}
+
+/// Counts an open connection until its connection task ends.
+struct OpenGuard(Weak<Pool>);
+
+impl OpenGuard {
+    fn new(pool: &Arc<Pool>) -> OpenGuard {
+        pool.open.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(Arc::downgrade(pool))
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.upgrade() {
+            pool.open.fetch_sub(1, Ordering::Relaxed);
+            pool.freed.notify_one();
+        }
+    }
+}
