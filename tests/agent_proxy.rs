@@ -168,50 +168,6 @@ async fn exchange(stream: &mut BufReader<TcpStream>, rounds: u32) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_http_service_is_relayed_as_tcp_and_the_agent_says_so_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let routes = state.join("routes");
-    std::fs::create_dir_all(&routes).unwrap();
-    let (one, two) = (backend("one").await, backend("two").await);
-    let svc = service_addr();
-    let http_route = |backend: SocketAddr| {
-        format!(
-            r#"{{"service": "web", "address": "{}", "spec": {{"port": {}, "protocol": "http"}}, "backends": {{"b": {{"host": "{}", "port": {}}}}}}}"#,
-            svc.ip(),
-            svc.port(),
-            backend.ip(),
-            backend.port()
-        )
-    };
-    std::fs::write(routes.join("web.json"), http_route(one)).unwrap();
-    let agent = Loopmesh::spawn(
-        &["agent", "--static", "--state-dir", state.to_str().unwrap()],
-        dir.path(),
-    );
-    let (_, id) = eventually_async("web to answer", || who_answers(svc)).await;
-    assert_eq!(id, "one", "the bytes go through unchanged");
-    // A change to the service: served on, and not said again.
-    let staged = routes.join(".web.tmp");
-    std::fs::write(&staged, http_route(two)).unwrap();
-    std::fs::rename(&staged, routes.join("web.json")).unwrap();
-    eventually_async("web to move to two", || async {
-        let (_, id) = who_answers(svc).await?;
-        (id == "two").then_some(())
-    })
-    .await;
-    let said = "service web: protocol http is served as TCP for now";
-    assert_eq!(agent.log_text().matches(said).count(), 1, "{}", agent.log_text());
-    eventually_metrics(
-        agent.admin.unwrap(),
-        "the gauge of HTTP services relayed as TCP",
-        &["loopmesh_proxy_http_served_as_tcp 1"],
-    )
-    .await;
-    agent.stop();
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn static_mode_follows_hand_edits_and_refuses_a_bad_table_whole() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");

@@ -1,0 +1,656 @@
+//! L7: the agent (the real binary, static mode: route files written by the
+//! test) serving `protocol: http` services to curl and a hyper client, in
+//! front of hyper backends that say who they are and what they saw.
+
+mod common;
+
+use common::{eventually_async, unique_ip, Loopmesh};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+/// A hyper backend (HTTP/1.1 and HTTP/2) that answers with its id.
+#[derive(Clone)]
+struct Backend {
+    id: String,
+    addr: SocketAddr,
+    /// Requests it answered, by method.
+    hits: Arc<Mutex<HashMap<String, u64>>>,
+    /// The status it answers with.
+    status: Arc<AtomicU16>,
+    /// `/slow` responses send their second half once this is notified.
+    release: Arc<Notify>,
+    /// `/slow` requests that have sent their first half.
+    slow_started: Arc<AtomicU64>,
+}
+
+impl Backend {
+    async fn start(id: &str) -> Backend {
+        let listener = TcpListener::bind((unique_ip(), 0)).await.unwrap();
+        let backend = Backend {
+            id: id.to_string(),
+            addr: listener.local_addr().unwrap(),
+            hits: Arc::default(),
+            status: Arc::new(AtomicU16::new(200)),
+            release: Arc::default(),
+            slow_started: Arc::default(),
+        };
+        let serving = backend.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let backend = serving.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let backend = backend.clone();
+                        async move { Ok::<_, Infallible>(backend.answer(request).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        backend
+    }
+
+    fn hits(&self, method: &str) -> u64 {
+        self.hits.lock().unwrap().get(method).copied().unwrap_or(0)
+    }
+
+    fn forget_hits(&self) {
+        self.hits.lock().unwrap().clear();
+    }
+
+    fn total_hits(&self) -> u64 {
+        self.hits.lock().unwrap().values().sum()
+    }
+
+    async fn answer(
+        &self,
+        mut request: Request<Incoming>,
+    ) -> Response<http_body_util::combinators::BoxBody<Bytes, Infallible>> {
+        *self
+            .hits
+            .lock()
+            .unwrap()
+            .entry(request.method().to_string())
+            .or_default() += 1;
+        let seen = |name: &str| {
+            request
+                .headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap_or("").to_string())
+                .unwrap_or_default()
+        };
+        let mut builder = Response::builder()
+            .header("x-backend", &self.id)
+            .header("x-seen-version", format!("{:?}", request.version()))
+            .header("x-seen-host", seen("host"))
+            .header("x-seen-request-id", seen("x-request-id"))
+            .header("x-seen-traceparent", seen("traceparent"))
+            .header("x-seen-tracestate", seen("tracestate"))
+            .header("x-seen-forwarded-for", seen("x-forwarded-for"))
+            .header("x-seen-forwarded", seen("forwarded"))
+            .header("x-seen-connection", seen("connection"));
+        if request.uri().path() == "/ws" {
+            let upgraded = hyper::upgrade::on(&mut request);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = upgraded.await {
+                    let mut io = TokioIo::new(upgraded);
+                    let mut buffer = [0u8; 1024];
+                    while let Ok(n) = io.read(&mut buffer).await {
+                        if n == 0 || io.write_all(&buffer[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            return builder
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header("connection", "upgrade")
+                .header("upgrade", "echo")
+                .body(Full::new(Bytes::new()).boxed())
+                .unwrap();
+        }
+        if request.uri().path() == "/hang" {
+            // A backend that takes longer than any timeout of these tests.
+            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        }
+        if request.uri().path() == "/slow" {
+            // Half now, half once released: a request in flight.
+            let (sender, body) = tokio::sync::mpsc::channel::<Bytes>(2);
+            let (release, started) = (self.release.clone(), self.slow_started.clone());
+            tokio::spawn(async move {
+                let released = release.notified();
+                let _ = sender.send(Bytes::from("first half;")).await;
+                started.fetch_add(1, Ordering::SeqCst);
+                released.await;
+                let _ = sender.send(Bytes::from("second half")).await;
+            });
+            return builder.body(BodyExt::boxed(ChannelBody(body))).unwrap();
+        }
+        let received = request
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes().len())
+            .unwrap_or(0);
+        builder = builder.header("x-seen-body-bytes", received.to_string());
+        builder
+            .status(self.status.load(Ordering::SeqCst))
+            .body(Full::new(Bytes::from(format!("{}\n", self.id))).boxed())
+            .unwrap()
+    }
+}
+
+/// A body of the chunks sent on a channel, streamed as they come.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|data| Ok(hyper::body::Frame::data(data))))
+    }
+}
+
+/// An agent in static mode and the directory its routes are written to.
+struct Mesh {
+    agent: Loopmesh,
+    routes: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Mesh {
+    /// An agent with `config` (YAML) as its config file.
+    fn start(config: &str) -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let routes = state.join("routes");
+        std::fs::create_dir_all(&routes).unwrap();
+        let config_path = dir.path().join("agent.yaml");
+        std::fs::write(&config_path, config).unwrap();
+        let agent = Loopmesh::spawn(
+            &[
+                "agent",
+                "--config",
+                config_path.to_str().unwrap(),
+                "--static",
+                "--state-dir",
+                state.to_str().unwrap(),
+            ],
+            dir.path(),
+        );
+        Mesh { agent, routes, dir }
+    }
+
+    /// Writes service `name`'s route (see [`write_route`]).
+    fn route(&self, name: &str, addr: SocketAddr, spec: Value, backends: &[(&Backend, &[&str])]) {
+        write_route(&self.routes, name, addr, spec, backends);
+    }
+
+    fn remove(&self, name: &str) {
+        std::fs::remove_file(self.routes.join(format!("{name}.json"))).unwrap();
+    }
+}
+
+/// Writes service `name`'s route into `routes`: `spec` (JSON; port and
+/// protocol are added) and its backends with their tags.
+fn write_route(routes: &Path, name: &str, addr: SocketAddr, spec: Value, backends: &[(&Backend, &[&str])]) {
+    let mut spec = spec;
+    spec["port"] = json!(addr.port());
+    spec["protocol"] = json!("http");
+    let backends: serde_json::Map<String, Value> = backends
+        .iter()
+        .map(|(backend, tags)| {
+            (
+                backend.id.clone(),
+                json!({"host": backend.addr.ip().to_string(), "port": backend.addr.port(), "tags": tags}),
+            )
+        })
+        .collect();
+    let route =
+        json!({"service": name, "address": addr.ip().to_string(), "spec": spec, "backends": backends});
+    write_atomically(&routes.join(format!("{name}.json")), &route.to_string());
+}
+
+fn write_atomically(path: &Path, text: &str) {
+    let staged = path.with_extension("tmp");
+    std::fs::write(&staged, text).unwrap();
+    std::fs::rename(staged, path).unwrap();
+}
+
+/// A service address of this test's own, with a port free on it.
+fn service_addr() -> SocketAddr {
+    std::net::TcpListener::bind((unique_ip(), 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+type Answer = Response<Bytes>;
+
+/// One keep-alive HTTP/1.1 (or HTTP/2) connection, requests one at a time.
+enum Client {
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Client {
+    async fn http1(addr: SocketAddr) -> Option<Client> {
+        let stream = TcpStream::connect(addr).await.ok()?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
+        tokio::spawn(connection);
+        Some(Client::Http1(sender))
+    }
+
+    async fn http2(addr: SocketAddr) -> Option<Client> {
+        let stream = TcpStream::connect(addr).await.ok()?;
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .ok()?;
+        tokio::spawn(connection);
+        Some(Client::Http2(sender))
+    }
+
+    /// Sends `request`; the response with its whole body.
+    async fn send(&mut self, request: Request<Full<Bytes>>) -> Result<Answer, hyper::Error> {
+        let response = match self {
+            Client::Http1(sender) => {
+                sender.ready().await?;
+                sender.send_request(request).await?
+            }
+            Client::Http2(sender) => {
+                sender.ready().await?;
+                sender.send_request(request).await?
+            }
+        };
+        let (parts, body) = response.into_parts();
+        Ok(Response::from_parts(parts, body.collect().await?.to_bytes()))
+    }
+
+    async fn get(&mut self, addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answer {
+        let uri = match self {
+            Client::Http1(_) => path.to_string(),
+            Client::Http2(_) => format!("http://{addr}{path}"),
+        };
+        let mut request = Request::get(uri);
+        if matches!(self, Client::Http1(_)) {
+            request = request.header("host", addr.to_string());
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        self.send(request.body(Full::default()).unwrap()).await.unwrap()
+    }
+}
+
+fn header<'a>(answer: &'a Answer, name: &str) -> &'a str {
+    answer.headers().get(name).map_or("", |v| v.to_str().unwrap())
+}
+
+/// A client once the service answers at L7 (its listener is up).
+async fn connected(addr: SocketAddr) -> Client {
+    eventually_async("the service to answer HTTP", || async {
+        let mut client = Client::http1(addr).await?;
+        let request = Request::get("/")
+            .header("host", addr.to_string())
+            .body(Full::default())
+            .unwrap();
+        client
+            .send(request)
+            .await
+            .ok()
+            .filter(|answer| answer.status() != 502)
+            .map(|_| client)
+    })
+    .await
+}
+
+/// curl with `args`: status line and headers, then the body.
+fn curl(args: &[&str]) -> (String, String) {
+    let output = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-D", "-"])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    assert!(
+        output.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.to_lowercase(), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keep_alive_client_is_balanced_per_request_over_every_backend() {
+    let backends = [
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    ];
+    let listed: Vec<(&Backend, &[&str])> = backends.iter().map(|b| (b, &[][..])).collect();
+    let (web, grpc) = (service_addr(), service_addr());
+    let mesh = Mesh::start("");
+    mesh.route("web", web, json!({"balance": "round_robin"}), &listed);
+    mesh.route(
+        "grpc",
+        grpc,
+        json!({"balance": "round_robin", "http": {"upstream_protocol": "http2"}}),
+        &listed,
+    );
+    let mut h1 = connected(web).await;
+    connected(grpc).await;
+    backends.iter().for_each(Backend::forget_hits);
+    // One HTTP/1.1 connection, one HTTP/2 connection: each request balanced on its own.
+    let mut h2 = Client::http2(web).await.unwrap();
+    for client in [&mut h1, &mut h2] {
+        for _ in 0..30 {
+            let answer = client.get(web, "/", &[]).await;
+            assert_eq!(answer.status(), 200);
+            assert_eq!(
+                header(&answer, "x-seen-version"),
+                "HTTP/1.1",
+                "the backends speak HTTP/1.1"
+            );
+        }
+    }
+    for backend in &backends {
+        assert_eq!(
+            backend.hits("GET"),
+            20,
+            "round robin: 60 requests over 3 backends"
+        );
+    }
+    // Backends that speak HTTP/2: one multiplexed connection each.
+    backends.iter().for_each(Backend::forget_hits);
+    let mut h1 = Client::http1(grpc).await.unwrap();
+    for _ in 0..30 {
+        let answer = h1.get(grpc, "/", &[]).await;
+        assert_eq!(header(&answer, "x-seen-version"), "HTTP/2.0");
+    }
+    assert!(backends.iter().all(|b| b.hits("GET") == 10));
+    // curl, both ways in: Host and the body reach the backend unchanged.
+    let url = format!("http://{web}/upload");
+    for version in ["--http1.1", "--http2-prior-knowledge"] {
+        let (head, body) = curl(&[
+            version,
+            "-H",
+            "host: web.mesh.internal",
+            "--data-binary",
+            "0123456789",
+            &url,
+        ]);
+        assert!(
+            head.starts_with("http/1.1 200") || head.starts_with("http/2 200"),
+            "{head}"
+        );
+        assert!(head.contains("x-seen-host: web.mesh.internal"), "{head}");
+        assert!(head.contains("x-seen-body-bytes: 10"), "{head}");
+        assert!(["a\n", "b\n", "c\n"].contains(&body.as_str()), "{body}");
+    }
+    mesh.agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_503_is_retried_on_another_backend_and_a_post_is_not() {
+    let (bad, good) = (Backend::start("bad").await, Backend::start("good").await);
+    let web = service_addr();
+    let mesh = Mesh::start("");
+    mesh.route(
+        "web",
+        web,
+        json!({"balance": "round_robin", "outlier": {"consecutive_failures": 1000}}),
+        &[(&bad, &[]), (&good, &[])],
+    );
+    let mut client = connected(web).await;
+    bad.status.store(503, Ordering::SeqCst);
+    for _ in 0..20 {
+        let answer = client.get(web, "/", &[]).await;
+        assert_eq!(
+            answer.status(),
+            200,
+            "a GET that met the 503 was retried on the other backend"
+        );
+        assert_eq!(header(&answer, "x-backend"), "good");
+    }
+    assert!(
+        bad.hits("GET") >= 5,
+        "round robin sent GETs to the failing backend too"
+    );
+    let mut failed = 0;
+    for _ in 0..20 {
+        let request = Request::post("/")
+            .header("host", web.to_string())
+            .body(Full::new(Bytes::from("x")))
+            .unwrap();
+        let answer = client.send(request).await.unwrap();
+        if answer.status() == 503 {
+            assert_eq!(
+                header(&answer, "x-backend"),
+                "bad",
+                "the backend's own 503, passed on"
+            );
+            failed += 1;
+        }
+    }
+    assert!(
+        failed >= 5,
+        "POSTs that met the 503 are not retried ({failed} of 20 failed)"
+    );
+    assert_eq!(
+        bad.hits("POST") + good.hits("POST"),
+        20,
+        "each POST was sent once"
+    );
+    assert_eq!(bad.hits("POST"), failed);
+    mesh.agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_proxys_own_answers_say_why() {
+    let web = service_addr();
+    let (empty, refusing) = (service_addr(), service_addr());
+    let closed = Backend {
+        addr: service_addr(),
+        ..Backend::start("closed").await
+    };
+    let slow = Backend::start("slow").await;
+    let mesh = Mesh::start("");
+    mesh.route("empty", empty, json!({}), &[]);
+    mesh.route("refusing", refusing, json!({}), &[(&closed, &[])]);
+    mesh.route(
+        "web",
+        web,
+        json!({"http": {"request_timeout": "300ms"}}),
+        &[(&slow, &[])],
+    );
+    connected(web).await;
+    let expect = |addr: SocketAddr, path: &str, status: u16, reason: &str| {
+        let (head, body) = curl(&[&format!("http://{addr}{path}")]);
+        assert!(head.starts_with(&format!("http/1.1 {status}")), "{head}");
+        assert!(head.contains(&format!("x-loopmesh-error: {reason}")), "{head}");
+        assert_eq!(body.trim(), reason);
+    };
+    expect(empty, "/", 503, "no_healthy_backend");
+    expect(refusing, "/", 502, "connect_failed");
+    expect(web, "/hang", 504, "request_timeout");
+    mesh.agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_retry_budget_caps_retries_under_a_failing_backend() {
+    let backends = [
+        Backend::start("x").await,
+        Backend::start("y").await,
+        Backend::start("z").await,
+    ];
+    let listed: Vec<(&Backend, &[&str])> = backends.iter().map(|b| (b, &[][..])).collect();
+    let web = service_addr();
+    let mesh = Mesh::start("");
+    let retry = json!({"attempts": 2, "budget_percent": 10, "min_per_second": 2, "backoff": "0s"});
+    mesh.route(
+        "web",
+        web,
+        json!({"outlier": {"consecutive_failures": 1000000}, "http": {"retry": retry}}),
+        &listed,
+    );
+    let mut client = connected(web).await;
+    backends.iter().for_each(|b| {
+        b.forget_hits();
+        b.status.store(503, Ordering::SeqCst);
+    });
+    let requests = 400;
+    let started = std::time::Instant::now();
+    for _ in 0..requests {
+        assert_eq!(client.get(web, "/", &[]).await.status(), 503);
+    }
+    let seconds = started.elapsed().as_secs_f64().ceil() + 1.0;
+    let sent: u64 = backends.iter().map(Backend::total_hits).sum();
+    let retries = sent - requests;
+    // Without a budget: two retries each, 1200 sends. With it: 10% of the
+    // requests of each second, plus 2 a second.
+    let allowed = (requests as f64 * 0.10 + 2.0 * seconds).ceil() as u64;
+    assert!(
+        retries <= allowed,
+        "{retries} retries for {requests} requests in {seconds} s; budget {allowed}"
+    );
+    assert!(
+        retries >= requests / 20,
+        "the budget allows some retries: {retries}"
+    );
+    common::eventually_metrics(
+        mesh.agent.admin.unwrap(),
+        "the retries counted",
+        &[&format!(
+            "loopmesh_http_retries_total{{service=\"web\"}} {retries}"
+        )],
+    )
+    .await;
+    mesh.agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn splits_go_by_weight_a_header_route_wins_and_changes_apply_to_the_next_request() {
+    let (v1, v2) = (Backend::start("v1").await, Backend::start("v2").await);
+    let web = service_addr();
+    let mesh = Mesh::start("");
+    let routes = json!([
+        {"match": {"headers": {"x-canary": "yes"}}, "to": [{"tags": ["v2"]}]},
+        {"to": [{"tags": ["v1"], "weight": 95}, {"tags": ["v2"], "weight": 5}]}
+    ]);
+    let backends: [(&Backend, &[&str]); 2] = [(&v1, &["v1"]), (&v2, &["v2"])];
+    mesh.route("web", web, json!({"http": {"routes": routes}}), &backends);
+    connected(web).await;
+    v1.forget_hits();
+    v2.forget_hits();
+    // A few thousand requests over 8 keep-alive connections.
+    let (clients, each) = (8, 500);
+    let mut runs = Vec::new();
+    for _ in 0..clients {
+        runs.push(tokio::spawn(async move {
+            let mut client = Client::http1(web).await.unwrap();
+            for _ in 0..each {
+                assert_eq!(client.get(web, "/", &[]).await.status(), 200);
+            }
+        }));
+    }
+    for run in runs {
+        run.await.unwrap();
+    }
+    let total = clients * each;
+    let canary = v2.hits("GET");
+    assert_eq!(v1.hits("GET") + canary, total);
+    // 5% of 4000 is 200, one standard deviation ~13.8: five either way.
+    assert!((131..=269).contains(&canary), "{canary} of {total} to the canary");
+    let mut client = Client::http1(web).await.unwrap();
+    for _ in 0..50 {
+        let answer = client.get(web, "/", &[("x-canary", "yes")]).await;
+        assert_eq!(header(&answer, "x-backend"), "v2", "the header route comes first");
+    }
+    // All to v1 from now on: the same connection's next requests follow,
+    // and none fails while the routes change ten times a second.
+    let changing = tokio::spawn({
+        let routes_dir = mesh.routes.clone();
+        let (v1, v2) = (v1.clone(), v2.clone());
+        async move {
+            for round in 0..20 {
+                let weight = if round % 2 == 0 { 50 } else { 95 };
+                let to =
+                    json!([{"tags": ["v1"], "weight": weight}, {"tags": ["v2"], "weight": 100 - weight}]);
+                let backends: [(&Backend, &[&str]); 2] = [(&v1, &["v1"]), (&v2, &["v2"])];
+                write_route(
+                    &routes_dir,
+                    "web",
+                    web,
+                    json!({"http": {"routes": [{"to": to}]}}),
+                    &backends,
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            let backends: [(&Backend, &[&str]); 2] = [(&v1, &["v1"]), (&v2, &["v2"])];
+            write_route(
+                &routes_dir,
+                "web",
+                web,
+                json!({"http": {"routes": [{"to": [{"tags": ["v1"]}]}]}}),
+                &backends,
+            );
+        }
+    });
+    let mut answered = 0;
+    while !changing.is_finished() {
+        assert_eq!(
+            client.get(web, "/", &[]).await.status(),
+            200,
+            "no request fails while routes change"
+        );
+        answered += 1;
+    }
+    assert!(answered > 20);
+    // The last change went to the agent before the loop ended; the open
+    // connection follows it as soon as the agent has applied it.
+    let mut last = Vec::new();
+    for _ in 0..200 {
+        last = futures_join(&mut client, web, 200).await;
+        if last.iter().all(|id| id == "v1") {
+            break;
+        }
+    }
+    assert!(last.iter().all(|id| id == "v1"), "{last:?}");
+    mesh.agent.stop();
+}
+
+/// The backends that answered `count` requests on `client`.
+async fn futures_join(client: &mut Client, addr: SocketAddr, count: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for _ in 0..count {
+        ids.push(header(&client.get(addr, "/", &[]).await, "x-backend").to_string());
+    }
+    ids
+}
