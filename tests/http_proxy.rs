@@ -178,7 +178,7 @@ impl hyper::body::Body for ChannelBody {
 struct Mesh {
     agent: Loopmesh,
     routes: PathBuf,
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl Mesh {
@@ -201,7 +201,7 @@ impl Mesh {
             ],
             dir.path(),
         );
-        Mesh { agent, routes, dir }
+        Mesh { agent, routes, _dir: dir }
     }
 
     /// Writes service `name`'s route (see [`write_route`]).
@@ -653,4 +653,180 @@ async fn futures_join(client: &mut Client, addr: SocketAddr, count: usize) -> Ve
         ids.push(header(&client.get(addr, "/", &[]).await, "x-backend").to_string());
     }
     ids
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_requests_identity_reaches_the_backend() {
+    let backend = Backend::start("b").await;
+    let web = service_addr();
+    let mesh = Mesh::start("");
+    mesh.route("web", web, json!({}), &[(&backend, &[])]);
+    let mut client = connected(web).await;
+    // Nothing given: an id and a new trace are made.
+    let answer = client
+        .get(web, "/", &[("connection", "keep-alive, x-hop"), ("x-hop", "1")])
+        .await;
+    let request_id = header(&answer, "x-seen-request-id");
+    assert_eq!(request_id.len(), 36, "a UUID: {request_id}");
+    let traceparent: Vec<&str> = header(&answer, "x-seen-traceparent").split('-').collect();
+    assert_eq!(traceparent.len(), 4, "{traceparent:?}");
+    assert_eq!(
+        (traceparent[0], traceparent[1].len(), traceparent[2].len()),
+        ("00", 32, 16)
+    );
+    let local_ip = header(&answer, "x-seen-forwarded-for").to_string();
+    assert!(local_ip.parse::<std::net::Ipv4Addr>().is_ok(), "{local_ip}");
+    assert_eq!(
+        header(&answer, "x-seen-forwarded"),
+        format!("for={local_ip};proto=http")
+    );
+    assert_eq!(
+        header(&answer, "x-seen-connection"),
+        "",
+        "hop-by-hop headers stay on their hop"
+    );
+    // Given: the id passes unchanged, the trace goes on with a new span.
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let answer = client
+        .get(
+            web,
+            "/",
+            &[
+                ("x-request-id", "req-42"),
+                ("traceparent", parent),
+                ("tracestate", "vendor=1"),
+                ("x-forwarded-for", "10.1.2.3"),
+            ],
+        )
+        .await;
+    assert_eq!(header(&answer, "x-seen-request-id"), "req-42");
+    let seen = header(&answer, "x-seen-traceparent");
+    assert!(
+        seen.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && seen.ends_with("-01"),
+        "{seen}"
+    );
+    assert_ne!(seen, parent, "a span of this hop");
+    assert_eq!(header(&answer, "x-seen-tracestate"), "vendor=1");
+    assert_eq!(
+        header(&answer, "x-seen-forwarded-for"),
+        format!("10.1.2.3, {local_ip}")
+    );
+    mesh.agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgraded_connection_is_relayed_both_ways() {
+    let backend = Backend::start("b").await;
+    let web = service_addr();
+    let mesh = Mesh::start("");
+    mesh.route("web", web, json!({}), &[(&backend, &[])]);
+    connected(web).await;
+    let mut stream = TcpStream::connect(web).await.unwrap();
+    stream
+        .write_all(b"GET /ws HTTP/1.1\r\nhost: web\r\nconnection: Upgrade\r\nupgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            stream.read(&mut byte).await.unwrap(),
+            1,
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    for message in ["hello", "through the proxy", "and back"] {
+        stream.write_all(message.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; message.len()];
+        stream.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, message.as_bytes());
+    }
+    mesh.agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_removed_mid_request_finishes_its_requests_in_flight() {
+    let backend = Backend::start("b").await;
+    let web = service_addr();
+    let mesh = Mesh::start("proxy: {drain_timeout: 60s}\n");
+    mesh.route("web", web, json!({}), &[(&backend, &[])]);
+    connected(web).await;
+    let mut h1 = Client::http1(web).await.unwrap();
+    let mut h2 = Client::http2(web).await.unwrap();
+    let in_flight = [
+        tokio::spawn(async move { h1.get(web, "/slow", &[]).await }),
+        tokio::spawn(async move { h2.get(web, "/slow", &[]).await }),
+    ];
+    eventually_async("both requests in flight", || async {
+        (backend.slow_started.load(Ordering::SeqCst) == 2).then_some(())
+    })
+    .await;
+    mesh.remove("web");
+    eventually_async("the listener to close", || async {
+        TcpStream::connect(web).await.is_err().then_some(())
+    })
+    .await;
+    backend.release.notify_waiters();
+    for request in in_flight {
+        let answer = request.await.unwrap();
+        assert_eq!(answer.status(), 200);
+        assert_eq!(answer.body().as_ref(), b"first half;second half");
+    }
+    mesh.agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_access_log_has_one_json_line_per_request() {
+    let (ok, failing) = (Backend::start("ok").await, Backend::start("failing").await);
+    let (logged, quiet) = (service_addr(), service_addr());
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let mesh = Mesh::start(&format!("proxy: {{access_log: {{to: {}}}}}\n", log.display()));
+    failing.status.store(500, Ordering::SeqCst);
+    let spec = json!({"balance": "round_robin", "http": {"access_log": true, "retry": {"attempts": 0}}});
+    mesh.route("logged", logged, spec, &[(&ok, &[]), (&failing, &[])]);
+    mesh.route("quiet", quiet, json!({}), &[(&ok, &[])]);
+    let mut client = connected(logged).await;
+    let mut quiet_client = connected(quiet).await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let answer = client.get(logged, &format!("/item/{i}"), &[]).await;
+        ids.push((
+            header(&answer, "x-seen-request-id").to_string(),
+            answer.status().as_u16(),
+        ));
+        quiet_client.get(quiet, "/", &[]).await;
+    }
+    let lines = eventually_async("the access log to hold every request", || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        // The connecting request, then the 20.
+        (lines.len() >= 21).then_some(lines)
+    })
+    .await;
+    assert_eq!(lines.len(), 21, "one line per request of the logged service only");
+    for (line, (id, status)) in lines[1..].iter().zip(&ids) {
+        assert_eq!(line["service"], "logged");
+        assert_eq!(line["method"], "GET");
+        assert_eq!(line["request_id"], id.as_str());
+        assert_eq!(line["status"], *status);
+        assert_eq!(line["trace_id"].as_str().unwrap().len(), 32);
+        assert!(
+            ["ok", "failing"].contains(&line["upstream"].as_str().unwrap()),
+            "{line}"
+        );
+        assert!(line["duration_ms"].as_f64().unwrap() > 0.0);
+        assert_eq!(
+            line["bytes_out"].as_u64().unwrap() as usize,
+            line["upstream"].as_str().unwrap().len() + 1
+        );
+    }
+    let paths: Vec<&str> = lines[1..].iter().map(|l| l["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, (0..20).map(|i| format!("/item/{i}")).collect::<Vec<_>>());
+    mesh.agent.stop();
 }
