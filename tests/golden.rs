@@ -36,7 +36,7 @@ fn catalog() -> Catalog {
         ),
         (
             "services/web",
-            "{port: 8080, protocol: http, balance: consistent_hash, retries: 1}",
+            "{port: 8080, protocol: http, balance: consistent_hash, retries: 1, http: {request_timeout: 5s, retry: {attempts: 3, statuses: [503]}, hash_on: {header: x-user-id}, routes: [{match: {headers: {x-canary: '1'}}, to: [{tags: [canary]}]}]}}",
         ),
         ("addresses/web", "127.100.0.8"),
         (
