@@ -33,6 +33,8 @@ struct Backend {
     release: Arc<Notify>,
     /// `/slow` requests that have sent their first half.
     slow_started: Arc<AtomicU64>,
+    /// Close each connection after its first response.
+    one_request_per_connection: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Backend {
@@ -45,6 +47,7 @@ impl Backend {
             status: Arc::new(AtomicU16::new(200)),
             release: Arc::default(),
             slow_started: Arc::default(),
+            one_request_per_connection: Arc::default(),
         };
         let serving = backend.clone();
         tokio::spawn(async move {
@@ -201,7 +204,11 @@ impl Mesh {
             ],
             dir.path(),
         );
-        Mesh { agent, routes, _dir: dir }
+        Mesh {
+            agent,
+            routes,
+            _dir: dir,
+        }
     }
 
     /// Writes service `name`'s route (see [`write_route`]).
@@ -828,5 +835,106 @@ async fn the_access_log_has_one_json_line_per_request() {
     }
     let paths: Vec<&str> = lines[1..].iter().map(|l| l["path"].as_str().unwrap()).collect();
     assert_eq!(paths, (0..20).map(|i| format!("/item/{i}")).collect::<Vec<_>>());
+    mesh.agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hashing_on_a_header_keeps_each_user_on_one_backend() {
+    let backends = [
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    ];
+    let listed: Vec<(&Backend, &[&str])> = backends.iter().map(|b| (b, &[][..])).collect();
+    let web = service_addr();
+    let mesh = Mesh::start("");
+    let spec = json!({"balance": "consistent_hash", "http": {"hash_on": {"header": "x-user-id"}}});
+    mesh.route("web", web, spec, &listed);
+    let mut client = connected(web).await;
+    let mut chosen = std::collections::BTreeSet::new();
+    for user in 0..20 {
+        let user = format!("user-{user}");
+        let ids = {
+            let mut ids = std::collections::BTreeSet::new();
+            for _ in 0..10 {
+                let answer = client.get(web, "/", &[("x-user-id", &user)]).await;
+                ids.insert(header(&answer, "x-backend").to_string());
+            }
+            ids
+        };
+        assert_eq!(ids.len(), 1, "{user} went to {ids:?}");
+        chosen.extend(ids);
+    }
+    assert!(chosen.len() > 1, "20 users all hashed to {chosen:?}");
+    mesh.agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_answering_5xx_is_ejected_and_a_full_service_sheds_requests() {
+    let (sick, well) = (Backend::start("sick").await, Backend::start("well").await);
+    let web = service_addr();
+    let mesh = Mesh::start("");
+    let spec = json!({
+        "balance": "round_robin",
+        "outlier": {"consecutive_failures": 3, "base_ejection": "5m", "max_ejection": "10m"},
+        "http": {"max_requests": 2, "retry": {"attempts": 0}}
+    });
+    mesh.route("web", web, spec, &[(&sick, &[]), (&well, &[])]);
+    let mut client = connected(web).await;
+    sick.forget_hits();
+    sick.status.store(500, Ordering::SeqCst);
+    for _ in 0..30 {
+        client.get(web, "/", &[]).await;
+    }
+    assert_eq!(sick.hits("GET"), 3, "ejected after three 500s in a row");
+    common::eventually_metrics(
+        mesh.agent.admin.unwrap(),
+        "the ejection counted",
+        &["loopmesh_proxy_ejections_total{service=\"web\",backend=\"sick\"} 1"],
+    )
+    .await;
+    // Two requests in flight fill the service; a third is shed at once.
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut client = Client::http1(web).await.unwrap();
+        slow.push(tokio::spawn(async move { client.get(web, "/slow", &[]).await }));
+    }
+    eventually_async("two requests in flight", || async {
+        (well.slow_started.load(Ordering::SeqCst) == 2).then_some(())
+    })
+    .await;
+    let answer = client.get(web, "/", &[]).await;
+    assert_eq!(answer.status(), 503);
+    assert_eq!(header(&answer, "x-loopmesh-error"), "max_requests");
+    well.release.notify_waiters();
+    for request in slow {
+        assert_eq!(request.await.unwrap().status(), 200);
+    }
+    assert_eq!(client.get(web, "/", &[]).await.status(), 200, "room again");
+    mesh.agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backends_closing_their_connections_lose_no_request() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let web = service_addr();
+    let mesh = Mesh::start("");
+    // No retries: a request sent on a connection the backend had closed
+    // must be caught before it leaves, not retried after.
+    let spec = json!({"outlier": {"consecutive_failures": 1}, "http": {"retry": {"attempts": 0}}});
+    mesh.route("web", web, spec, &[(&a, &[]), (&b, &[])]);
+    let mut client = connected(web).await;
+    for backend in [&a, &b] {
+        backend.one_request_per_connection.store(true, Ordering::SeqCst);
+        backend.forget_hits();
+    }
+    for _ in 0..300 {
+        let answer = client.get(web, "/", &[]).await;
+        assert_eq!(answer.status(), 200, "{:?}", answer.headers());
+    }
+    assert!(
+        a.hits("GET") > 50 && b.hits("GET") > 50,
+        "neither backend was ejected"
+    );
     mesh.agent.stop();
 }

@@ -47,6 +47,10 @@ use tokio::net::TcpStream;
 /// Time a client has to send a request's head once it has started one.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Pooled connections found closed by the backend that one attempt may
+/// skip before it counts as a failure.
+const STALE_RETRIES: u32 = 3;
+
 /// The header that says why the proxy answered a request itself.
 pub static ERROR_HEADER: HeaderName = HeaderName::from_static("x-loopmesh-error");
 
@@ -54,8 +58,19 @@ pub static ERROR_HEADER: HeaderName = HeaderName::from_static("x-loopmesh-error"
 /// GOAWAY / `Connection: close`, the requests in flight finish, and the
 /// deadline cuts what is left.
 pub async fn serve(client: TcpStream, peer: SocketAddr, cell: Arc<StateCell>, mut drain: drain::Watch) {
-    let shared = cell.current().shared.clone();
+    let state = cell.current();
+    let shared = state.shared.clone();
     let metrics = shared.metrics();
+    let (_held, open) = super::Held::count(&shared.active);
+    if state
+        .spec
+        .max_connections
+        .is_some_and(|max| open > u64::from(max))
+    {
+        metrics.refused_max_connections.increment(1);
+        return;
+    }
+    drop(state);
     metrics.connections.increment(1);
     metrics.active.increment(1.0);
     let conn = Arc::new(Client { cell, peer });
@@ -396,32 +411,44 @@ async fn attempt(
     let pool = backend.stats.pool.clone();
     let exchange = async move {
         let pending = &state.shared.pending;
-        let waiting = pending.fetch_add(1, Ordering::Relaxed) + 1;
-        let _pending = scopeguard(|| {
-            pending.fetch_sub(1, Ordering::Relaxed);
-        });
-        if http
-            .max_pending_requests
-            .is_some_and(|max| waiting > u64::from(max))
-        {
-            return Attempt::NotSent(Some(request), Refusal::MaxPendingRequests);
-        }
-        let mut checkout = match pool.checkout(&want).await {
-            Ok(checkout) => checkout,
-            Err(ConnectError::Timeout) => return Attempt::NotSent(Some(request), Refusal::ConnectFailed),
-            Err(_) => return Attempt::NotSent(Some(request), Refusal::ConnectFailed),
-        };
-        drop(_pending);
-        let sent = match &mut checkout.sender {
-            Sender::Http1(sender) => sender.try_send_request(request).await,
-            Sender::Http2(sender) => sender.try_send_request(request).await,
-        };
-        match sent {
-            Ok(response) => Attempt::Answered(response, checkout),
-            Err(mut err) => match err.take_message() {
-                Some(request) => Attempt::NotSent(Some(request), Refusal::UpstreamReset),
-                None => Attempt::Failed(Refusal::UpstreamReset),
-            },
+        let mut request = request;
+        let mut stale = 0;
+        loop {
+            // Pending while it waits for a connection (a free slot, a dial).
+            let waiting = pending.fetch_add(1, Ordering::Relaxed) + 1;
+            let counted = scopeguard(|| {
+                pending.fetch_sub(1, Ordering::Relaxed);
+            });
+            if http
+                .max_pending_requests
+                .is_some_and(|max| waiting > u64::from(max))
+            {
+                return Attempt::NotSent(Some(request), Refusal::MaxPendingRequests);
+            }
+            let checkout = pool.checkout(&want).await;
+            drop(counted);
+            let Ok(mut checkout) = checkout else {
+                return Attempt::NotSent(Some(request), Refusal::ConnectFailed);
+            };
+            let sent = match &mut checkout.sender {
+                Sender::Http1(sender) => sender.try_send_request(request).await,
+                Sender::Http2(sender) => sender.try_send_request(request).await,
+            };
+            match sent {
+                Ok(response) => return Attempt::Answered(response, checkout),
+                Err(mut err) => match err.take_message() {
+                    // A pooled connection the backend closed meanwhile (the
+                    // keep-alive race): not the backend's fault, and the
+                    // request never left; another connection to the same
+                    // backend, a few times at most.
+                    Some(unsent) if checkout.reused && stale < STALE_RETRIES => {
+                        stale += 1;
+                        request = unsent;
+                    }
+                    Some(unsent) => return Attempt::NotSent(Some(unsent), Refusal::UpstreamReset),
+                    None => return Attempt::Failed(Refusal::UpstreamReset),
+                },
+            }
         }
     };
     match tokio::time::timeout(limit, exchange).await {
