@@ -129,6 +129,20 @@ impl Backend {
                 .body(Full::new(Bytes::new()).boxed())
                 .unwrap();
         }
+        if request.uri().path() == "/grpc" {
+            // A gRPC-like answer: data, then trailers.
+            let te = seen("te");
+            let mut trailers = hyper::HeaderMap::new();
+            trailers.insert("grpc-status", "0".parse().unwrap());
+            let frames = vec![
+                hyper::body::Frame::data(Bytes::from("message")),
+                hyper::body::Frame::trailers(trailers),
+            ];
+            return builder
+                .header("x-seen-te", te)
+                .body(BodyExt::boxed(FramesBody(frames.into())))
+                .unwrap();
+        }
         if request.uri().path() == "/hang" {
             // A backend that takes longer than any timeout of these tests.
             tokio::time::sleep(std::time::Duration::from_secs(10)).await;
@@ -157,6 +171,21 @@ impl Backend {
             .status(self.status.load(Ordering::SeqCst))
             .body(Full::new(Bytes::from(format!("{}\n", self.id))).boxed())
             .unwrap()
+    }
+}
+
+/// A body of the frames given.
+struct FramesBody(std::collections::VecDeque<hyper::body::Frame<Bytes>>);
+
+impl hyper::body::Body for FramesBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(Ok))
     }
 }
 
@@ -937,4 +966,40 @@ async fn backends_closing_their_connections_lose_no_request() {
         "neither backend was ejected"
     );
     mesh.agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_over_http2_keeps_te_trailers_and_gets_its_trailers() {
+    let backend = Backend::start("b").await;
+    let grpc = service_addr();
+    let mesh = Mesh::start("");
+    mesh.route(
+        "grpc",
+        grpc,
+        json!({"http": {"upstream_protocol": "http2"}}),
+        &[(&backend, &[])],
+    );
+    connected(grpc).await;
+    let mut client = Client::http2(grpc).await.unwrap();
+    let Client::Http2(sender) = &mut client else {
+        unreachable!()
+    };
+    let request = Request::post(format!("http://{grpc}/grpc"))
+        .header("te", "trailers")
+        .header("content-type", "application/grpc")
+        .body(Full::new(Bytes::from("call")))
+        .unwrap();
+    sender.ready().await.unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(header_of(response.headers(), "x-seen-te"), "trailers");
+    assert_eq!(header_of(response.headers(), "x-seen-version"), "HTTP/2.0");
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers reach the client");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(collected.to_bytes().as_ref(), b"message");
+    mesh.agent.stop();
+}
+
+fn header_of<'a>(headers: &'a hyper::HeaderMap, name: &str) -> &'a str {
+    headers.get(name).map_or("", |v| v.to_str().unwrap())
 }
