@@ -45,6 +45,12 @@ async fn service_verbs_validate_before_they_write() {
         ("web", "{port: 80, balance: random}", "unknown variant `random`"),
         ("web", "{port: 80, retries: 99}", "retries"),
         ("Bad_Name", "{port: 80}", "Bad_Name"),
+        (
+            "web",
+            "{port: 80, protocol: http, http: {routes: [{to: [{tags: [v2], weight: 0}]}]}}",
+            "http.routes[0]: to: the weights add up to 0",
+        ),
+        ("web", "{port: 80, protocol: http, http: {retry: {attemps: 3}}}", "attemps"),
     ] {
         let (ok, out, err) = ops(&etcd, &["service", "put", name, value]);
         assert!(!ok, "{value} was accepted: {out}");
@@ -58,7 +64,11 @@ async fn service_verbs_validate_before_they_write() {
     );
 
     let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), "port: 8080\nprotocol: http\n").unwrap();
+    std::fs::write(
+        file.path(),
+        "port: 8080\nprotocol: http\nhttp: {routes: [{to: [{tags: [v1], weight: 95}, {tags: [v2], weight: 5}]}]}\n",
+    )
+    .unwrap();
     let (ok, _, err) = ops(
         &etcd,
         &["service", "put", "web", "--file", file.path().to_str().unwrap()],
