@@ -1003,3 +1003,51 @@ async fn grpc_over_http2_keeps_te_trailers_and_gets_its_trailers() {
 fn header_of<'a>(headers: &'a hyper::HeaderMap, name: &str) -> &'a str {
     headers.get(name).map_or("", |v| v.to_str().unwrap())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http_policy_written_to_etcd_routes_requests() {
+    let etcd = common::Etcd::start();
+    let mut store = etcd.client().await;
+    let (v1, v2) = (Backend::start("v1").await, Backend::start("v2").await);
+    let web = service_addr();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "store: {{etcd: {{endpoints: [{}]}}}}\nstate_dir: state\n",
+            etcd.endpoint()
+        ),
+    )
+    .unwrap();
+    let agent = Loopmesh::spawn(&["agent", "--config", config.to_str().unwrap()], dir.path());
+    store
+        .put("/loopmesh/addresses/web", web.ip().to_string(), None)
+        .await
+        .unwrap();
+    for (backend, tag) in [(&v1, "v1"), (&v2, "v2")] {
+        let instance = format!(
+            "{{host: {}, port: {}, tags: [{tag}]}}",
+            backend.addr.ip(),
+            backend.addr.port()
+        );
+        store
+            .put(format!("/loopmesh/instances/web/{tag}"), instance, None)
+            .await
+            .unwrap();
+    }
+    let service = format!(
+        "{{port: {}, protocol: http, http: {{routes: [{{match: {{headers: {{x-canary: '1'}}}}, to: [{{tags: [v2]}}]}}, {{to: [{{tags: [v1]}}]}}]}}}}",
+        web.port()
+    );
+    store.put("/loopmesh/services/web", service, None).await.unwrap();
+    let mut client = connected(web).await;
+    for _ in 0..20 {
+        assert_eq!(header(&client.get(web, "/", &[]).await, "x-backend"), "v1");
+        assert_eq!(
+            header(&client.get(web, "/", &[("x-canary", "1")]).await, "x-backend"),
+            "v2"
+        );
+    }
+    agent.stop();
+}

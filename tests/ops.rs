@@ -50,7 +50,11 @@ async fn service_verbs_validate_before_they_write() {
             "{port: 80, protocol: http, http: {routes: [{to: [{tags: [v2], weight: 0}]}]}}",
             "http.routes[0]: to: the weights add up to 0",
         ),
-        ("web", "{port: 80, protocol: http, http: {retry: {attemps: 3}}}", "attemps"),
+        (
+            "web",
+            "{port: 80, protocol: http, http: {retry: {attemps: 3}}}",
+            "attemps",
+        ),
     ] {
         let (ok, out, err) = ops(&etcd, &["service", "put", name, value]);
         assert!(!ok, "{value} was accepted: {out}");
