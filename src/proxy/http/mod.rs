@@ -401,11 +401,9 @@ async fn attempt(
     let http = &state.spec.http;
     let backend = &backends.backends()[index];
     let connect_timeout = state.spec.connect_timeout;
-    let target = backend.clone();
-    let connect = move || -> pool::ConnectFuture {
-        let target = target.clone();
+    let connect = move || -> pool::ConnectFuture<'_> {
         Box::pin(async move {
-            match tokio::time::timeout(connect_timeout, super::connect::connect_to(&target)).await {
+            match tokio::time::timeout(connect_timeout, super::connect::connect_to(backend)).await {
                 Ok(Ok(stream)) => Ok(stream),
                 Ok(Err(_)) => Err(ConnectError::Refused),
                 Err(_) => Err(ConnectError::Timeout),

@@ -66,12 +66,13 @@ pub struct Want<'a> {
     pub idle_timeout: Duration,
     /// A fresh HTTP/1.1 connection that may be upgraded (WebSocket); never pooled.
     pub upgrade: bool,
-    pub connect: &'a (dyn Fn() -> ConnectFuture + Send + Sync),
+    pub connect: &'a (dyn Fn() -> ConnectFuture<'a> + Send + Sync),
 }
 
-/// Dials the backend: the stream, or why not.
-pub type ConnectFuture =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<TcpStream, ConnectError>> + Send>>;
+/// Dials the backend: the stream, or why not. Boxed only when a
+/// connection is made, not per request.
+pub type ConnectFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<TcpStream, ConnectError>> + Send + 'a>>;
 
 /// Why no upstream connection was had.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
