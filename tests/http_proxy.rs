@@ -423,6 +423,17 @@ async fn a_keep_alive_client_is_balanced_per_request_over_every_backend() {
             "round robin: 60 requests over 3 backends"
         );
     }
+    // Over pooled connections: one a backend, reused, for requests one at a time.
+    let metrics = common::eventually_metrics(
+        mesh.agent.admin.unwrap(),
+        "the requests counted",
+        &["loopmesh_http_requests_total{service=\"web\",code_class=\"2xx\"} 61"],
+    )
+    .await;
+    assert!(
+        metrics.contains("loopmesh_http_upstream_connections{service=\"web\"} 3\n"),
+        "{metrics}"
+    );
     // Backends that speak HTTP/2: one multiplexed connection each.
     backends.iter().for_each(Backend::forget_hits);
     let mut h1 = Client::http1(grpc).await.unwrap();

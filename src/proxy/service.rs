@@ -108,6 +108,8 @@ pub struct HttpMetrics {
     pub requests: [metrics::Counter; 5],
     pub duration: metrics::Histogram,
     pub retries: metrics::Counter,
+    /// Upstream connections open (pooled, busy or upgraded).
+    pub upstream_connections: metrics::Gauge,
     name: Arc<str>,
 }
 
@@ -124,6 +126,7 @@ impl HttpMetrics {
             ],
             duration: metrics::histogram!("loopmesh_http_request_duration_seconds", "service" => service.to_string()),
             retries: metrics::counter!("loopmesh_http_retries_total", "service" => service.to_string()),
+            upstream_connections: metrics::gauge!("loopmesh_http_upstream_connections", "service" => service.to_string()),
             name: service.into(),
         }
     }

@@ -416,6 +416,7 @@ async fn attempt(
         idle_timeout: http.pool_idle_timeout,
         upgrade,
         connect: &connect,
+        gauge: &state.shared.http_metrics().upstream_connections,
     };
     let pool = backend.stats.pool.clone();
     let exchange = async move {

@@ -67,6 +67,8 @@ pub struct Want<'a> {
     /// A fresh HTTP/1.1 connection that may be upgraded (WebSocket); never pooled.
     pub upgrade: bool,
     pub connect: &'a (dyn Fn() -> ConnectFuture<'a> + Send + Sync),
+    /// The service's gauge of upstream connections open.
+    pub gauge: &'a metrics::Gauge,
 }
 
 /// Dials the backend: the stream, or why not. Boxed only when a
@@ -157,7 +159,7 @@ impl Pool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|_| ConnectError::Handshake)?;
-        let open = OpenGuard::new(self);
+        let open = OpenGuard::new(self, want.gauge);
         tokio::spawn(async move {
             let _open = open;
             let _ = if upgrade {
@@ -178,7 +180,7 @@ impl Pool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|_| ConnectError::Handshake)?;
-        let open = OpenGuard::new(self);
+        let open = OpenGuard::new(self, want.gauge);
         tokio::spawn(async move {
             let _open = open;
             let _ = connection.await;
@@ -227,17 +229,19 @@ async fn sweep(pool: Weak<Pool>, idle_timeout: Duration) {
 }
 
 /// Counts an open connection until its connection task ends.
-struct OpenGuard(Weak<Pool>);
+struct OpenGuard(Weak<Pool>, metrics::Gauge);
 
 impl OpenGuard {
-    fn new(pool: &Arc<Pool>) -> OpenGuard {
+    fn new(pool: &Arc<Pool>, gauge: &metrics::Gauge) -> OpenGuard {
         pool.open.fetch_add(1, Ordering::Relaxed);
-        OpenGuard(Arc::downgrade(pool))
+        gauge.increment(1.0);
+        OpenGuard(Arc::downgrade(pool), gauge.clone())
     }
 }
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
+        self.1.decrement(1.0);
         if let Some(pool) = self.0.upgrade() {
             pool.open.fetch_sub(1, Ordering::Relaxed);
             pool.freed.notify_one();
