@@ -802,7 +802,8 @@ async fn a_service_removed_mid_request_finishes_its_requests_in_flight() {
     let web = service_addr();
     let mesh = Mesh::start("proxy: {drain_timeout: 60s}\n");
     mesh.route("web", web, json!({}), &[(&backend, &[])]);
-    connected(web).await;
+    // An idle keep-alive connection: closed at the drain's signal.
+    let idle = connected(web).await;
     let mut h1 = Client::http1(web).await.unwrap();
     let mut h2 = Client::http2(web).await.unwrap();
     let in_flight = [
@@ -816,6 +817,11 @@ async fn a_service_removed_mid_request_finishes_its_requests_in_flight() {
     mesh.remove("web");
     eventually_async("the listener to close", || async {
         TcpStream::connect(web).await.is_err().then_some(())
+    })
+    .await;
+    let Client::Http1(idle) = idle else { unreachable!() };
+    eventually_async("the idle connection to be closed", || async {
+        idle.is_closed().then_some(())
     })
     .await;
     backend.release.notify_waiters();
