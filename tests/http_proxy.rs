@@ -143,6 +143,9 @@ impl Backend {
                 .body(BodyExt::boxed(FramesBody(frames.into())))
                 .unwrap();
         }
+        if request.uri().path() == "/hang-on-slow" && self.id == "slow" {
+            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        }
         if request.uri().path() == "/hang" {
             // A backend that takes longer than any timeout of these tests.
             tokio::time::sleep(std::time::Duration::from_secs(10)).await;
@@ -1067,4 +1070,48 @@ async fn an_http_policy_written_to_etcd_routes_requests() {
         );
     }
     agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_may_send_to_another_service_and_a_slow_try_is_retried() {
+    let (home, api, slow, quick) = (
+        Backend::start("home").await,
+        Backend::start("api").await,
+        Backend::start("slow").await,
+        Backend::start("quick").await,
+    );
+    let (web, api_addr, timed) = (service_addr(), service_addr(), service_addr());
+    let mesh = Mesh::start("");
+    let routes = json!([{"match": {"path_prefix": "/api/"}, "to": [{"service": "api"}]}]);
+    mesh.route("web", web, json!({"http": {"routes": routes}}), &[(&home, &[])]);
+    mesh.route("api", api_addr, json!({}), &[(&api, &[])]);
+    let per_try =
+        json!({"balance": "round_robin", "http": {"per_try_timeout": "200ms", "request_timeout": "5s"}});
+    mesh.route("timed", timed, per_try, &[(&slow, &[]), (&quick, &[])]);
+    let mut client = connected(web).await;
+    connected(api_addr).await;
+    assert_eq!(
+        header(&client.get(web, "/api/users", &[]).await, "x-backend"),
+        "api"
+    );
+    assert_eq!(header(&client.get(web, "/home", &[]).await, "x-backend"), "home");
+    // A service that does not listen (removed): said, not hung.
+    mesh.remove("api");
+    eventually_async("the other service to be gone", || async {
+        let answer = Client::http1(web).await?.get(web, "/api/users", &[]).await;
+        (header(&answer, "x-loopmesh-error") == "no_such_service").then_some(())
+    })
+    .await;
+    // The slow backend hangs on /hang: each try there is cut at 200 ms and
+    // the request retried on the quick one, which answers at once.
+    let mut client = connected(timed).await;
+    quick.forget_hits();
+    slow.forget_hits();
+    for _ in 0..4 {
+        let answer = client.get(timed, "/hang-on-slow", &[]).await;
+        assert_eq!(answer.status(), 200);
+        assert_eq!(header(&answer, "x-backend"), "quick");
+    }
+    assert!(slow.hits("GET") >= 1, "round robin tried the slow backend");
+    mesh.agent.stop();
 }

@@ -726,3 +726,73 @@ fn answer(
     let (parts, body) = response.into_parts();
     Response::from_parts(parts, ResponseBody::upstream(body, Box::new(exchange)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        headers
+    }
+
+    #[test]
+    fn a_cookie_is_found_among_several_headers_and_pairs() {
+        let h = headers(&[("cookie", "a=1; session=abc"), ("cookie", "b=2")]);
+        assert_eq!(cookie(&h, "session"), Some("abc"));
+        assert_eq!(cookie(&h, "b"), Some("2"));
+        assert_eq!(cookie(&h, "sess"), None);
+    }
+
+    #[test]
+    fn requests_hash_on_the_named_cookie_or_else_the_client() {
+        let mut policy = HttpPolicy {
+            hash_on: Some(HashOn::Cookie("session".into())),
+            ..HttpPolicy::default()
+        };
+        let (one, two): (SocketAddr, SocketAddr) =
+            ("127.0.0.1:1".parse().unwrap(), "127.0.0.2:1".parse().unwrap());
+        let with = headers(&[("cookie", "session=abc")]);
+        assert_eq!(
+            request_hash(&policy, &with, one),
+            request_hash(&policy, &with, two)
+        );
+        let without = HeaderMap::new();
+        assert_ne!(
+            request_hash(&policy, &without, one),
+            request_hash(&policy, &without, two)
+        );
+        policy.hash_on = None;
+        assert_ne!(
+            request_hash(&policy, &with, one),
+            request_hash(&policy, &with, two)
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers, deflate"),
+            ("upgrade", "websocket"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["te", "x-kept"]);
+        assert_eq!(h["te"], "trailers");
+        let mut upgrade = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        strip_hop_by_hop(&mut upgrade, true);
+        assert_eq!(upgrade["connection"], "upgrade");
+        assert_eq!(upgrade["upgrade"], "websocket");
+    }
+}
