@@ -29,6 +29,7 @@ pub mod l4;
 mod listener;
 pub mod manager;
 mod service;
+pub mod tls;
 mod view;
 pub mod workers;
 
