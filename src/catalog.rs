@@ -8,8 +8,8 @@
 use crate::addresses::parse_service_address;
 pub use crate::names::Label;
 use crate::names::NameError;
-use crate::policy::HttpPolicy;
 pub use crate::policy::MAX_RETRIES;
+use crate::policy::{HttpPolicy, TlsPolicy};
 use crate::yaml;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -96,6 +96,13 @@ pub struct ServiceSpec {
     /// How HTTP requests are handled (`protocol: http`).
     #[serde(default, skip_serializing_if = "HttpPolicy::is_default")]
     pub http: HttpPolicy,
+    /// mTLS between nodes for this service.
+    #[serde(default, skip_serializing_if = "TlsPolicy::is_default")]
+    pub tls: TlsPolicy,
+    /// Callers allowed through the mesh (SPIFFE IDs, exact or `*` globs);
+    /// empty: every node of the mesh.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
 }
 
 /// Passive outlier detection: connect failures in a row eject a backend for
@@ -182,6 +189,9 @@ impl ServiceSpec {
             return Err("max_connections must be at least 1 (omit it for no limit)".into());
         }
         self.outlier.validate()?;
+        for pattern in &self.allow {
+            crate::policy::check_allow_pattern(pattern)?;
+        }
         self.http.validate()
     }
 }
@@ -225,6 +235,11 @@ pub struct Instance {
     pub weight: u32,
     #[serde(default)]
     pub state: InstanceState,
+    /// Its node's mesh (mTLS) inbound address, for a backend reached
+    /// through the mesh rather than directly (one that listens on its
+    /// node's loopback only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<std::net::SocketAddr>,
 }
 
 /// An instance's `weight` when unset.
@@ -277,6 +292,19 @@ impl Instance {
         }
         if self.weight > MAX_WEIGHT {
             return Err(format!("weight {} exceeds {MAX_WEIGHT}", self.weight));
+        }
+        if let Some(mesh) = self.mesh {
+            if mesh.ip().is_loopback() || mesh.ip().is_unspecified() || mesh.port() == 0 {
+                return Err(format!(
+                    "mesh {mesh} must be the node's routable inbound address (like 10.0.0.5:15008)"
+                ));
+            }
+            if self.node.is_none() {
+                return Err(
+                    "an instance with a mesh address needs its node (the identity its certificate names)"
+                        .into(),
+                );
+            }
         }
         Ok(())
     }
@@ -794,5 +822,35 @@ mod tests {
         assert!(catalog.entry("old").is_none());
         assert!(catalog.serving_state("new").is_ok());
         assert_eq!(catalog.services_without_address(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn mesh_settings_parse_and_bad_ones_are_refused() {
+        let spec =
+            parse_service(b"{port: 80, tls: {mode: required}, allow: ['spiffe://prod.mesh/node/web-*']}")
+                .unwrap();
+        assert_eq!(spec.tls.mode, Some(crate::policy::TlsMode::Required));
+        assert_eq!(spec.allow, ["spiffe://prod.mesh/node/web-*"]);
+        let err = parse_service(b"{port: 80, allow: [web-1]}")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be a SPIFFE ID"), "{err}");
+        assert!(parse_service(b"{port: 80, tls: {mode: sometimes}}").is_err());
+        let instance =
+            parse_instance(b"{host: 127.0.0.1, port: 5432, node: b, mesh: '10.0.0.5:15008'}").unwrap();
+        assert_eq!(instance.mesh, Some("10.0.0.5:15008".parse().unwrap()));
+        for (value, reason) in [
+            (
+                "{host: 127.0.0.1, port: 1, node: b, mesh: '127.0.0.1:15008'}",
+                "routable",
+            ),
+            (
+                "{host: 127.0.0.1, port: 1, mesh: '10.0.0.5:15008'}",
+                "needs its node",
+            ),
+        ] {
+            let err = parse_instance(value.as_bytes()).unwrap_err().to_string();
+            assert!(err.contains(reason), "{value}: {err}");
+        }
     }
 }

@@ -9,6 +9,51 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+/// How a service's traffic between nodes is protected (`tls:`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsPolicy {
+    /// `None`: the mesh-wide default (`mesh.default_mode`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<TlsMode>,
+}
+
+impl TlsPolicy {
+    pub fn is_default(&self) -> bool {
+        *self == TlsPolicy::default()
+    }
+}
+
+/// Whether traffic between nodes goes through mTLS tunnels.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Only through the mesh: instances without a mesh address are not
+    /// used, and the inbound listener is the only way in.
+    Required,
+    /// Through the mesh where an instance has a mesh address, directly
+    /// where it has none; inbound accepts both (a fleet moving to mTLS).
+    #[default]
+    Permissive,
+    /// Directly, never through the mesh.
+    Off,
+}
+
+/// Checks an `allow` entry: a SPIFFE ID, or a glob of one.
+pub fn check_allow_pattern(pattern: &str) -> Result<(), String> {
+    let ok = pattern.starts_with("spiffe://") || pattern == "*";
+    let chars = pattern
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._/:*".contains(&b));
+    if ok && chars {
+        Ok(())
+    } else {
+        Err(format!(
+            "allow entry {pattern:?} must be a SPIFFE ID like spiffe://prod.mesh/node/web-1, or a glob of one (*)"
+        ))
+    }
+}
+
 /// Most other backends a connection or request may try after a failure.
 pub const MAX_RETRIES: u32 = 16;
 

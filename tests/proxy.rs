@@ -66,6 +66,7 @@ fn backend_at(id: &str, addr: SocketAddr, weight: u32) -> Backend {
         tags: Vec::new(),
         weight,
         state: InstanceState::Up,
+        mesh: None,
     };
     (id.to_string(), instance)
 }

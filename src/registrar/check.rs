@@ -290,6 +290,7 @@ mod tests {
                 tags: Vec::new(),
                 weight: 1,
                 state: InstanceState::Up,
+                mesh: None,
             },
             check: CheckConfig {
                 exec: Some(ExecCheck {

@@ -44,6 +44,10 @@ pub struct RegistrarConfig {
     pub node: Option<String>,
     /// The node's zone, the default zone of its instances.
     pub zone: Option<String>,
+    /// The node agent's mesh (mTLS) inbound address (its `mesh.listen`):
+    /// written into the instances of backends that listen on loopback, so
+    /// other nodes reach them through the mesh.
+    pub mesh: Option<std::net::SocketAddr>,
     pub store: StoreConfig,
     /// TTL of the etcd lease all registrations live under: how long they
     /// outlive a registrar, node or network that died.
@@ -74,6 +78,7 @@ impl Default for RegistrarConfig {
         RegistrarConfig {
             node: None,
             zone: None,
+            mesh: None,
             store: StoreConfig::default(),
             lease_ttl: Duration::from_secs(10),
             drain_period: Duration::from_secs(10),
@@ -376,6 +381,12 @@ impl RegistrarConfig {
             tags: service.tags.iter().map(|tag| Label::new(tag)).collect(),
             weight: service.weight,
             state: InstanceState::Up,
+            mesh: self.mesh.filter(|_| {
+                service
+                    .host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+            }),
         };
         // The same validation the agents apply when they read it back.
         let value = serde_json::to_vec(&instance).map_err(|err| err.to_string())?;
@@ -573,5 +584,18 @@ mod tests {
                 "check.fall 3 -> 1",
             ]
         );
+    }
+
+    #[test]
+    fn a_loopback_backend_is_announced_with_the_nodes_mesh_address() {
+        let config = RegistrarConfig {
+            node: Some("n1".into()),
+            mesh: Some("10.0.0.5:15008".parse().unwrap()),
+            ..RegistrarConfig::default()
+        };
+        let local = backend(&config, "service: db\nhost: 127.0.0.1\nport: 5432\n");
+        assert_eq!(local.instance.mesh, Some("10.0.0.5:15008".parse().unwrap()));
+        let routable = backend(&config, "service: db\nhost: 10.0.0.5\nport: 5432\n");
+        assert_eq!(routable.instance.mesh, None, "reached directly");
     }
 }
