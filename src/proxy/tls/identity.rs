@@ -78,6 +78,44 @@ pub fn node_identity(certificate: &[u8]) -> Option<NodeIdentity> {
         .find_map(|uri| NodeIdentity::parse(uri))
 }
 
+/// When a DER certificate expires (its notAfter), if it parses.
+pub fn not_after(certificate: &[u8]) -> Option<std::time::SystemTime> {
+    let (_, certificate, _) = element(certificate)?;
+    let (_, tbs, _) = element(certificate)?;
+    // version [0] (optional), serial, signature, issuer, validity.
+    let mut fields = elements(tbs).filter(|(tag, _)| *tag != 0xa0);
+    let (_, validity) = fields.nth(3)?;
+    let (tag, time) = elements(validity).nth(1)?;
+    let text = std::str::from_utf8(time).ok()?.strip_suffix('Z')?;
+    // UTCTime has a two-digit year (50-99: 19xx), GeneralizedTime four.
+    let (year, rest) = match tag {
+        0x17 => {
+            let yy: i64 = text.get(..2)?.parse().ok()?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, text.get(2..)?)
+        }
+        0x18 => (text.get(..4)?.parse().ok()?, text.get(4..)?),
+        _ => return None,
+    };
+    let number = |at: usize| -> Option<i64> { rest.get(at..at + 2)?.parse().ok() };
+    let (month, day, hour, minute, second) = (number(0)?, number(2)?, number(4)?, number(6)?, number(8)?);
+    let days = days_from_civil(year, month, day);
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second;
+    u64::try_from(seconds)
+        .ok()
+        .map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
+/// algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * (month + if month > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
 const SEQUENCE: u8 = 0x30;
 const OID: u8 = 0x06;
 const BOOLEAN: u8 = 0x01;
@@ -190,6 +228,13 @@ mod tests {
         assert!(!allowed("spiffe://prod.mesh/node/db-*", id));
         assert!(!allowed("spiffe://other.mesh/*", id));
         assert!(!allowed("spiffe://prod.mesh/node/web-*3", id));
+    }
+
+    #[test]
+    fn civil_dates_count_days_from_the_epoch() {
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+        assert_eq!(days_from_civil(2026, 12, 3), 20_790);
     }
 
     #[test]
