@@ -716,6 +716,23 @@ async fn retry_dns_bind(dns: &mut DnsServer) {
 }
 
 fn new_proxy(config: &AgentConfig) -> Result<ProxyManager, crate::proxy::Error> {
+    let mesh = match &config.mesh {
+        Some(mesh) => {
+            let files = crate::proxy::tls::CredentialFiles {
+                cert: mesh.cert.clone(),
+                key: mesh.key.clone(),
+                bundle: mesh.bundle.clone(),
+            };
+            let node = config.node_name();
+            let credentials = crate::proxy::tls::Credentials::load(files, &node)?;
+            Some(Arc::new(crate::proxy::tunnel::Mesh::new(
+                &node,
+                Arc::new(credentials),
+                mesh.default_mode,
+            )))
+        }
+        None => None,
+    };
     let open_files = crate::limits::raise_open_files();
     let max_open_connections = config
         .proxy
@@ -733,6 +750,8 @@ fn new_proxy(config: &AgentConfig) -> Result<ProxyManager, crate::proxy::Error> 
         max_open_connections,
         access_log_to: crate::proxy::http::access_log::Destination::parse(&config.proxy.access_log.to),
         access_log_all: config.proxy.access_log.all_services,
+        mesh,
+        mesh_listen: config.mesh.as_ref().and_then(|mesh| mesh.listen),
     })?;
     tracing::info!(
         "proxy: {} event loop(s), up to {max_open_connections} connections open at once (open-file limit {open_files})",

@@ -264,6 +264,8 @@ pub struct AgentConfig {
     pub dns: DnsConfig,
     pub render: RenderConfig,
     pub proxy: ProxyConfig,
+    /// mTLS between nodes (absent: every backend is dialed directly).
+    pub mesh: Option<MeshConfig>,
     pub admin: AdminConfig,
     /// Log level or filter (`debug`, `info,loopmesh::dns=debug`); RUST_LOG wins.
     pub log_level: Option<String>,
@@ -335,6 +337,25 @@ pub struct ProxyConfig {
     /// The HTTP access log: one JSON line per request of the services whose
     /// `http.access_log` is on, or of every HTTP service.
     pub access_log: AccessLogConfig,
+}
+
+/// mTLS between nodes: the node's inbound listener and credentials.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MeshConfig {
+    /// The node's routable inbound address (port 15008 by convention);
+    /// absent: this node only dials out.
+    pub listen: Option<std::net::SocketAddr>,
+    /// The node's certificate chain (PEM), naming
+    /// `spiffe://<trust_domain>/node/<node>`.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// The mesh's trust bundle (PEM).
+    pub bundle: PathBuf,
+    /// `tls.mode` of services that do not set one.
+    #[serde(default)]
+    pub default_mode: crate::policy::TlsMode,
 }
 
 /// Where the HTTP access log goes and for which services.
@@ -418,6 +439,7 @@ impl Default for AgentConfig {
             dns: DnsConfig::default(),
             render: RenderConfig::default(),
             proxy: ProxyConfig::default(),
+            mesh: None,
             admin: AdminConfig::default(),
             log_level: None,
             static_mode: false,

@@ -1,10 +1,12 @@
 //! Dialing a backend: pick one, connect with the service's timeout, try
 //! others on failure (feeding each outcome to the balancer's outlier
-//! detection). Plain TCP today; the mesh's tunnels will dial here too.
+//! detection). Directly over TCP, or through the mesh: a stream in the
+//! mTLS tunnel to the backend's node.
 
 use super::balance::{Backend, NoBackend};
 use super::congestion;
 use super::service::ServiceState;
+use super::tunnel::Tunneled;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -31,11 +33,38 @@ pub(super) async fn connect_to(backend: &Backend) -> io::Result<TcpStream> {
     socket.connect(addr).await
 }
 
+/// A connection to a backend.
+pub enum Upstream {
+    Tcp(TcpStream),
+    /// A stream through the mesh to the backend's node.
+    Tunnel(Tunneled),
+}
+
+/// Connects to `backend` of `state`'s service within its connect timeout,
+/// through the mesh if the backend is reached that way.
+pub(super) async fn dial(state: &ServiceState, backend: &Backend) -> io::Result<Upstream> {
+    let timeout = state.spec.connect_timeout;
+    if let (Some(peer), Some(mesh), Some(target), Some(node)) =
+        (backend.mesh, &state.context.mesh, backend.addr, &backend.node)
+    {
+        return mesh
+            .open(peer, node.as_str(), state.name(), target, timeout)
+            .await
+            .map(Upstream::Tunnel);
+    }
+    match tokio::time::timeout(timeout, connect_to(backend)).await {
+        Ok(connected) => connected.map(Upstream::Tcp),
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    }
+}
+
 /// A connect failure's kind, as the metrics label it.
 fn failure_kind(err: &io::Error) -> &'static str {
     match err.kind() {
         io::ErrorKind::ConnectionRefused => "refused",
         io::ErrorKind::ConnectionReset => "reset",
+        io::ErrorKind::TimedOut => "timeout",
+        io::ErrorKind::PermissionDenied => "denied",
         // EHOSTUNREACH, ENETUNREACH
         _ if matches!(err.raw_os_error(), Some(113) | Some(101)) => "unreachable",
         _ => "other",
@@ -44,7 +73,7 @@ fn failure_kind(err: &io::Error) -> &'static str {
 
 /// Connects to a backend for `client`, trying others on failure; the
 /// backend's index and the stream, or `None` if none answered.
-pub async fn connect(state: &ServiceState, client: SocketAddr) -> Option<(usize, TcpStream)> {
+pub async fn connect(state: &ServiceState, client: SocketAddr) -> Option<(usize, Upstream)> {
     let service = state.name();
     let metrics = state.shared.metrics();
     let spec = &state.spec;
@@ -64,15 +93,19 @@ pub async fn connect(state: &ServiceState, client: SocketAddr) -> Option<(usize,
         };
         let backend = &backends.backends()[index];
         let started = Instant::now();
-        let kind = match tokio::time::timeout(spec.connect_timeout, connect_to(backend)).await {
-            Ok(Ok(stream)) => {
+        let kind = match dial(state, backend).await {
+            Ok(stream) => {
                 let latency = started.elapsed();
                 backend.stats.record_success(latency);
                 metrics.connect_duration.record(latency.as_secs_f64());
                 return Some((index, stream));
             }
-            Ok(Err(err)) => failure_kind(&err),
-            Err(_) => "timeout",
+            Err(err) => {
+                if backend.mesh.is_some() {
+                    tracing::debug!("service {service}: backend {}: {err}", backend.id);
+                }
+                failure_kind(&err)
+            }
         };
         metrics::counter!(
             "loopmesh_proxy_connect_errors_total",

@@ -10,6 +10,8 @@ use super::drain;
 use super::l4::sockmap::KernelForwarding;
 use super::listener::{bind, Acceptor, Listening};
 use super::service::{CompileContext, RouteSource, ServiceShared, ServiceState, StateCell};
+use super::tls::Credentials;
+use super::tunnel::Mesh;
 use super::view::{ProxyView, ServiceView};
 use super::workers::Workers;
 use super::{Error, ProxySettings};
@@ -158,6 +160,109 @@ pub struct ProxyManager {
     failed: BTreeMap<String, String>,
     /// Listeners handed over by a predecessor, used instead of binding.
     inherited: HashMap<SocketAddr, Vec<std::net::TcpListener>>,
+    /// The mesh's inbound listener and credential watch, when configured.
+    mesh: Option<MeshRunning>,
+}
+
+/// The mesh's moving parts: the inbound listener (draining with the rest
+/// at shutdown) and the watch that reloads the credentials.
+struct MeshRunning {
+    inbound: Option<(SocketAddr, drain::Trigger)>,
+    _watchers: Vec<notify::RecommendedWatcher>,
+}
+
+impl MeshRunning {
+    /// Binds the inbound listener and starts watching the credential files.
+    fn start(
+        mesh: &Arc<Mesh>,
+        listen: Option<SocketAddr>,
+        context: &Arc<CompileContext>,
+    ) -> Result<MeshRunning, Error> {
+        let inbound = match listen {
+            Some(addr) => {
+                let listener = bind(addr, None, false)
+                    .and_then(tokio::net::TcpListener::from_std)
+                    .map_err(|source| Error::Bind { addr, source })?;
+                let (trigger, watch) = drain::channel();
+                tokio::spawn(super::inbound::serve(
+                    listener,
+                    mesh.credentials.clone(),
+                    context.clone(),
+                    watch,
+                ));
+                tracing::info!(
+                    "mesh: inbound listener on {addr} as {}",
+                    mesh.credentials.current().identity
+                );
+                Some((addr, trigger))
+            }
+            None => None,
+        };
+        let watchers = watch_credentials(mesh.credentials.clone());
+        Ok(MeshRunning {
+            inbound,
+            _watchers: watchers,
+        })
+    }
+}
+
+/// Reloads the credentials when their files change (a rotation writes
+/// them anew); a bad set keeps the previous one, said once per change.
+fn watch_credentials(credentials: Arc<Credentials>) -> Vec<notify::RecommendedWatcher> {
+    let files = credentials.files().clone();
+    let (wake, mut woken) = tokio::sync::mpsc::unbounded_channel();
+    let mut dirs: Vec<&std::path::Path> = [&files.cert, &files.key, &files.bundle]
+        .iter()
+        .filter_map(|path| path.parent())
+        .map(|dir| {
+            if dir.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                dir
+            }
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    let watchers = dirs
+        .into_iter()
+        .filter_map(|dir| {
+            crate::store::file::watch_changes(dir, notify::RecursiveMode::NonRecursive, wake.clone())
+                .map_err(|err| {
+                    tracing::warn!("mesh: cannot watch {} for new credentials: {err}", dir.display())
+                })
+                .ok()
+        })
+        .collect();
+    record_expiry(&credentials.current());
+    tokio::spawn(async move {
+        while woken.recv().await.is_some() {
+            // A rotation writes several files: let it finish.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            while woken.try_recv().is_ok() {}
+            let before = credentials.current();
+            match credentials.reload() {
+                Ok(now) if now.expires != before.expires || now.identity != before.identity => {
+                    tracing::info!(
+                        "mesh: new credentials for {} loaded; open tunnels keep theirs",
+                        now.identity
+                    );
+                    record_expiry(&now);
+                }
+                Ok(_) => {}
+                Err(err) => tracing::error!("mesh: {err}; kept the previous credentials"),
+            }
+        }
+    });
+    watchers
+}
+
+fn record_expiry(loaded: &crate::proxy::tls::Loaded) {
+    let expires = loaded
+        .expires
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    metrics::gauge!("loopmesh_mesh_cert_expiry_timestamp_seconds").set(expires.as_secs_f64());
 }
 
 impl ProxyManager {
@@ -176,6 +281,7 @@ impl ProxyManager {
             kernel.clone(),
             settings.access_log_to.clone(),
             settings.access_log_all,
+            settings.mesh.clone(),
         ));
         let acceptors = (0..workers.count())
             .map(|index| {
@@ -183,12 +289,20 @@ impl ProxyManager {
                 Acceptor::spawn(budget.clone()).map_err(|source| Error::Worker { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let mesh = match &settings.mesh {
+            Some(mesh) => {
+                let _on_worker = workers.enter(0);
+                Some(MeshRunning::start(mesh, settings.mesh_listen, &context)?)
+            }
+            None => None,
+        };
         Ok(ProxyManager {
             settings,
             workers,
             kernel,
             context,
             acceptors,
+            mesh,
             running: HashMap::new(),
             wanted: BTreeMap::new(),
             view: ProxyView::default(),
@@ -615,6 +729,10 @@ impl ProxyManager {
     /// Stops every listener and waits for their connections to drain, all
     /// at once, so shutdown takes one drain deadline at most.
     pub async fn shutdown(&mut self) {
+        let inbound = self.mesh.as_mut().and_then(|mesh| mesh.inbound.take());
+        let deadline = self.settings.drain_timeout;
+        let inbound_drain =
+            inbound.map(|(_, trigger)| tokio::spawn(async move { trigger.drain(deadline).await }));
         let names: Vec<String> = self.running.keys().cloned().collect();
         for running in self.running.values() {
             running.drain.signal();
@@ -626,6 +744,9 @@ impl ProxyManager {
             }
         }
         for drained in drains {
+            let _ = drained.await;
+        }
+        if let Some(drained) = inbound_drain {
             let _ = drained.await;
         }
     }

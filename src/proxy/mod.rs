@@ -25,11 +25,13 @@ pub mod congestion;
 mod connect;
 pub mod drain;
 pub mod http;
+pub mod inbound;
 pub mod l4;
 mod listener;
 pub mod manager;
 mod service;
 pub mod tls;
+pub mod tunnel;
 mod view;
 pub mod workers;
 
@@ -52,6 +54,8 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("mesh: {0}; fix the files named in the config's mesh: section")]
+    Credentials(#[from] tls::CredentialsError),
 }
 
 /// Settings of the proxy as a whole.
@@ -83,6 +87,11 @@ pub struct ProxySettings {
     /// Every HTTP service writes the access log, not only those whose
     /// `http.access_log` says so.
     pub access_log_all: bool,
+    /// mTLS between nodes: credentials and tunnels (none: every backend is
+    /// dialed directly).
+    pub mesh: Option<Arc<tunnel::Mesh>>,
+    /// The mesh's inbound listener address (with `mesh`).
+    pub mesh_listen: Option<SocketAddr>,
 }
 
 /// Connections forwarded in the kernel at once by default.
@@ -103,6 +112,8 @@ impl Default for ProxySettings {
             max_open_connections: crate::limits::default_proxy_connections(crate::limits::raise_open_files()),
             access_log_to: http::access_log::Destination::Stderr,
             access_log_all: false,
+            mesh: None,
+            mesh_listen: None,
         }
     }
 }

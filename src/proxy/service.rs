@@ -13,6 +13,7 @@ use super::http::route::Routes;
 use super::http::RetryBudget;
 use super::l4::sockmap::KernelForwarding;
 use crate::catalog::ServiceSpec;
+use crate::policy::TlsMode;
 use crate::routing::{Route, RouteHead};
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -190,8 +191,11 @@ pub struct CompileContext {
     pub loopback_congestion: Option<Arc<CString>>,
     /// Set when L4 connections are forwarded in the kernel.
     pub kernel: Option<Arc<KernelForwarding>>,
-    /// The services listening, by name: HTTP routes may send to another.
+    /// The services listening, by name: HTTP routes may send to another,
+    /// and the mesh's inbound listener finds its targets here.
     pub directory: Directory,
+    /// mTLS between nodes, when configured: tunnels to peers.
+    pub mesh: Option<Arc<super::tunnel::Mesh>>,
     /// Where access log lines go, once some service logs.
     pub access_log_to: Destination,
     /// Every HTTP service logs, whatever its own `http.access_log`.
@@ -206,12 +210,14 @@ impl CompileContext {
         kernel: Option<Arc<KernelForwarding>>,
         access_log_to: Destination,
         access_log_all: bool,
+        mesh: Option<Arc<super::tunnel::Mesh>>,
     ) -> CompileContext {
         CompileContext {
             node_zone,
             loopback_congestion,
             kernel,
             directory: Directory::default(),
+            mesh,
             access_log_to,
             access_log_all,
             access_log: OnceLock::new(),
@@ -366,12 +372,29 @@ impl ServiceState {
     }
 }
 
-/// A route's backends, as the balancer sees them.
+/// A route's backends, as the balancer sees them. With the mesh on, an
+/// instance of another node that carries its node's mesh address is
+/// reached through a tunnel (unless the service's `tls.mode` is `off`);
+/// with `required`, instances without one are left out.
 fn compile(route: &Route, context: &CompileContext, stats: &HashMap<&str, &Arc<BackendStats>>) -> BackendSet {
+    let mode = route
+        .spec
+        .tls
+        .mode
+        .unwrap_or(context.mesh.as_ref().map_or(TlsMode::Off, |m| m.default_mode));
     let backends = route
         .backends
         .iter()
-        .map(|(id, instance)| {
+        .filter_map(|(id, instance)| {
+            let local_node = context.mesh.as_ref().map(|mesh| mesh.node.as_str());
+            let elsewhere = instance.node.as_ref().map(|n| n.as_str()) != local_node;
+            let mesh = match (mode, instance.mesh, &context.mesh) {
+                (TlsMode::Off, _, _) | (_, None, _) | (_, _, None) => None,
+                (_, Some(peer), Some(_)) => Some(peer).filter(|_| elsewhere),
+            };
+            if mode == TlsMode::Required && mesh.is_none() && elsewhere {
+                return None;
+            }
             let addr = instance
                 .host
                 .parse::<IpAddr>()
@@ -379,8 +402,8 @@ fn compile(route: &Route, context: &CompileContext, stats: &HashMap<&str, &Arc<B
                 .map(|ip| SocketAddr::new(ip, instance.port));
             // A backend on this host is a loopback address; names are not
             // resolved here and count as remote.
-            let on_this_host = addr.is_some_and(|addr| addr.ip().is_loopback());
-            Backend {
+            let on_this_host = mesh.is_none() && addr.is_some_and(|addr| addr.ip().is_loopback());
+            Some(Backend {
                 id: id.as_str().into(),
                 host: instance.host.as_str().into(),
                 port: instance.port,
@@ -389,11 +412,13 @@ fn compile(route: &Route, context: &CompileContext, stats: &HashMap<&str, &Arc<B
                 weight: instance.weight,
                 zone: instance.zone.as_deref().map(Into::into),
                 tags: instance.tags.clone().into_boxed_slice(),
+                node: instance.node.clone(),
+                mesh,
                 state: instance.state,
                 stats: stats
                     .get(id.as_str())
                     .map_or_else(Default::default, |s| Arc::clone(s)),
-            }
+            })
         })
         .collect();
     let spec = &route.spec;

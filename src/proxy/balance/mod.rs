@@ -110,6 +110,11 @@ pub struct Backend {
     pub zone: Option<Box<str>>,
     /// The instance's tags (HTTP splits select backends by them).
     pub tags: Box<[Label]>,
+    /// The node that registered it.
+    pub node: Option<Label>,
+    /// Its node's mesh inbound address, when it is reached through the
+    /// mesh (an mTLS tunnel) rather than directly.
+    pub mesh: Option<SocketAddr>,
     pub state: InstanceState,
     pub stats: Arc<BackendStats>,
 }
@@ -355,6 +360,8 @@ mod tests {
             weight,
             zone: zone.map(Into::into),
             tags: Box::new([]),
+            node: None,
+            mesh: None,
             state,
             stats: Arc::new(BackendStats::default()),
         }

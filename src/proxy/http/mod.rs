@@ -400,13 +400,12 @@ async fn attempt(
 ) -> Attempt {
     let http = &state.spec.http;
     let backend = &backends.backends()[index];
-    let connect_timeout = state.spec.connect_timeout;
     let connect = move || -> pool::ConnectFuture<'_> {
         Box::pin(async move {
-            match tokio::time::timeout(connect_timeout, super::connect::connect_to(backend)).await {
-                Ok(Ok(stream)) => Ok(stream),
-                Ok(Err(_)) => Err(ConnectError::Refused),
-                Err(_) => Err(ConnectError::Timeout),
+            match super::connect::dial(state, backend).await {
+                Ok(upstream) => Ok(pool::io(upstream)),
+                Err(err) if err.kind() == std::io::ErrorKind::TimedOut => Err(ConnectError::Timeout),
+                Err(_) => Err(ConnectError::Refused),
             }
         })
     };

@@ -14,7 +14,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 /// A backend's upstream connections.
@@ -74,7 +73,20 @@ pub struct Want<'a> {
 /// Dials the backend: the stream, or why not. Boxed only when a
 /// connection is made, not per request.
 pub type ConnectFuture<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<TcpStream, ConnectError>> + Send + 'a>>;
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Box<dyn Io>, ConnectError>> + Send + 'a>>;
+
+/// A connection to a backend as hyper drives it: TCP, or a mesh stream.
+pub trait Io: hyper::rt::Read + hyper::rt::Write + Send + Unpin {}
+
+impl<T: hyper::rt::Read + hyper::rt::Write + Send + Unpin> Io for T {}
+
+/// The connection hyper drives for an upstream.
+pub fn io(upstream: super::super::connect::Upstream) -> Box<dyn Io> {
+    match upstream {
+        super::super::connect::Upstream::Tcp(stream) => Box::new(TokioIo::new(stream)),
+        super::super::connect::Upstream::Tunnel(stream) => Box::new(stream.into_inner()),
+    }
+}
 
 /// Why no upstream connection was had.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,7 +168,7 @@ impl Pool {
     ) -> Result<Checkout, ConnectError> {
         let stream = (want.connect)().await?;
         let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+            .handshake(stream)
             .await
             .map_err(|_| ConnectError::Handshake)?;
         let open = OpenGuard::new(self, want.gauge);
@@ -177,7 +189,7 @@ impl Pool {
     ) -> Result<http2::SendRequest<UpstreamBody>, ConnectError> {
         let stream = (want.connect)().await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .handshake(TokioIo::new(stream))
+            .handshake(stream)
             .await
             .map_err(|_| ConnectError::Handshake)?;
         let open = OpenGuard::new(self, want.gauge);

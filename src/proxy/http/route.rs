@@ -125,6 +125,8 @@ mod tests {
                 weight: 1,
                 zone: None,
                 tags: tags.iter().map(|t| Label::new(t)).collect(),
+                node: None,
+                mesh: None,
                 state: InstanceState::Up,
                 stats: Default::default(),
             })

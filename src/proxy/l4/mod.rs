@@ -5,9 +5,10 @@
 pub mod sockmap;
 pub mod splice;
 
-use super::connect::connect;
+use super::connect::{connect, Upstream};
 use super::drain;
 use super::service::ServiceState;
+use super::tunnel::Tunneled;
 use super::Held;
 use sockmap::{Joined, KernelForwarding};
 use std::io;
@@ -60,8 +61,96 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, state: Arc<ServiceState>
     let (_backend_held, _) = Held::count(&backend.stats.active);
     // The client socket inherited TCP_NODELAY from the listener; the
     // upstream got it when it was dialed.
-    copy(client, upstream, &state, &mut drain).await;
+    match upstream {
+        Upstream::Tcp(upstream) => copy(client, upstream, &state, &mut drain).await,
+        // Through the mesh: no splice or kernel forwarding into TLS.
+        Upstream::Tunnel(tunnel) => copy_tunneled(client, tunnel, &state, &mut drain).await,
+    }
     gauge.decrement(1.0);
+}
+
+/// Copies between a client and a stream through the mesh until both are
+/// done, the connection idles out, or the drain deadline forces it.
+async fn copy_tunneled(
+    mut client: TcpStream,
+    tunnel: Tunneled,
+    state: &ServiceState,
+    drain: &mut drain::Watch,
+) {
+    let metrics = state.shared.metrics();
+    let last = Arc::new(AtomicU64::new(now_millis()));
+    let mut tunnel = Touched {
+        inner: tunnel,
+        last: last.clone(),
+    };
+    let idle_limit = state.spec.idle_timeout;
+    let idle = async {
+        loop {
+            let quiet = Duration::from_millis(now_millis().saturating_sub(last.load(Ordering::Relaxed)));
+            if quiet >= idle_limit {
+                return;
+            }
+            tokio::time::sleep(idle_limit - quiet).await;
+        }
+    };
+    tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut client, &mut tunnel) => {
+            if let Ok((to_backend, to_client)) = result {
+                metrics.bytes_to_backend.increment(to_backend);
+                metrics.bytes_to_client.increment(to_client);
+            }
+        }
+        () = idle => metrics.idle_timeouts.increment(1),
+        () = drain.forced() => metrics.drain_kills.increment(1),
+    }
+}
+
+/// A stream that notes the time of every read or write (the idle clock).
+struct Touched<T> {
+    inner: T,
+    last: Arc<AtomicU64>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Touched<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if polled.is_ready() {
+            self.last.store(now_millis(), Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Touched<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
+        if polled.is_ready() {
+            self.last.store(now_millis(), Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Exchanges each way after which a connection is handed to the kernel,

@@ -1,0 +1,200 @@
+//! The mesh's inbound listener (`mesh.listen`, port 15008 by convention,
+//! as ztunnel's HBONE): TLS 1.3 with a client certificate chained to the
+//! mesh's trust bundle, then HTTP/2, each CONNECT stream one application
+//! connection to a backend this node hosts.
+//!
+//! A stream names its target as `ip:port` and its service in
+//! `x-loopmesh-service`; only an instance of that service registered by
+//! this node (its `node` is this node) at that address is reachable (never
+//! an arbitrary address: the listener is no open relay), and a service with
+//! an `allow` list admits only the callers it names.
+
+use super::drain;
+use super::service::CompileContext;
+use super::tls::identity::allowed;
+use super::tls::{credentials::peer_identity, Credentials, NodeIdentity};
+use http_body_util::Empty;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Time a peer has to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The header naming the service a tunneled stream is for.
+pub const SERVICE_HEADER: &str = "x-loopmesh-service";
+
+/// Time to connect to a local backend.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the listener shares with its connections.
+struct Shared {
+    credentials: Arc<Credentials>,
+    context: Arc<CompileContext>,
+    /// This node's name, as its instances carry it.
+    node: String,
+    /// Callers refused, per service, said once each.
+    denied: Mutex<HashSet<(Arc<str>, String)>>,
+}
+
+/// Accepts mesh connections until the drain; then stops accepting, sends
+/// GOAWAY on each connection and lets streams finish up to the deadline.
+pub async fn serve(
+    listener: TcpListener,
+    credentials: Arc<Credentials>,
+    context: Arc<CompileContext>,
+    mut drain: drain::Watch,
+) {
+    let node = credentials.current().identity.node.clone();
+    let shared = Arc::new(Shared {
+        credentials,
+        context,
+        node,
+        denied: Mutex::default(),
+    });
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = drain.signaled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                tracing::warn!("mesh: accept failed: {err}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(connection(stream, peer, shared.clone(), drain.clone()));
+    }
+}
+
+/// One peer's connection: handshake, identity, then its streams.
+async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, mut drain: drain::Watch) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(shared.credentials.current().server.clone());
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            tracing::debug!("mesh: handshake with {peer} failed: {err}");
+            metrics::counter!("loopmesh_mesh_handshake_failures_total").increment(1);
+            return;
+        }
+        Err(_) => {
+            metrics::counter!("loopmesh_mesh_handshake_failures_total").increment(1);
+            return;
+        }
+    };
+    let Some(caller) = peer_identity(tls.get_ref().1.peer_certificates()) else {
+        metrics::counter!("loopmesh_mesh_handshake_failures_total").increment(1);
+        return;
+    };
+    metrics::counter!("loopmesh_mesh_inbound_connections_total").increment(1);
+    let caller = Arc::new(caller);
+    let service = {
+        let shared = shared.clone();
+        hyper::service::service_fn(move |request| {
+            let (shared, caller) = (shared.clone(), caller.clone());
+            async move { Ok::<_, std::convert::Infallible>(stream_to_target(request, &shared, &caller).await) }
+        })
+    };
+    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(connection);
+    let finished = tokio::select! {
+        _ = connection.as_mut() => true,
+        () = drain.signaled() => false,
+    };
+    if !finished {
+        connection.as_mut().graceful_shutdown();
+        tokio::select! {
+            _ = connection => {}
+            () = drain.forced() => {}
+        }
+    }
+}
+
+/// An answer without a body, with why.
+fn refuse(status: StatusCode, reason: &'static str) -> Response<Empty<Bytes>> {
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        "x-loopmesh-error",
+        hyper::header::HeaderValue::from_static(reason),
+    );
+    response
+}
+
+/// One CONNECT stream: checked, connected to its local target, relayed.
+async fn stream_to_target(
+    mut request: Request<Incoming>,
+    shared: &Shared,
+    caller: &NodeIdentity,
+) -> Response<Empty<Bytes>> {
+    if request.method() != Method::CONNECT {
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, "connect_only");
+    }
+    let Some(target) = request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
+        return refuse(StatusCode::BAD_REQUEST, "bad_target");
+    };
+    let Some(service) = request
+        .headers()
+        .get(SERVICE_HEADER)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return refuse(StatusCode::BAD_REQUEST, "no_service");
+    };
+    let Some(state) = shared.context.directory.find(service) else {
+        return refuse(StatusCode::NOT_FOUND, "not_hosted_here");
+    };
+    let hosted = state.backends().is_ok_and(|set| {
+        set.backends()
+            .iter()
+            .any(|b| b.addr == Some(target) && b.node.as_ref().is_some_and(|n| n.as_str() == shared.node))
+    });
+    if !hosted {
+        return refuse(StatusCode::NOT_FOUND, "not_hosted_here");
+    }
+    let caller_id = caller.to_string();
+    let allow = &state.spec.allow;
+    if !allow.is_empty() && !allow.iter().any(|pattern| allowed(pattern, &caller_id)) {
+        metrics::counter!("loopmesh_mesh_denied_total", "service" => state.name().to_string(), "caller" => caller_id.clone())
+            .increment(1);
+        let first = shared
+            .denied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((state.shared.name.clone(), caller_id.clone()));
+        if first {
+            tracing::warn!(
+                "mesh: {caller_id} is not allowed to reach service {} (allow: {}); refused, and counted from now on",
+                state.name(),
+                allow.join(", ")
+            );
+        }
+        return refuse(StatusCode::FORBIDDEN, "not_allowed");
+    }
+    let backend = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+        Ok(Ok(stream)) => stream,
+        _ => return refuse(StatusCode::BAD_GATEWAY, "connect_failed"),
+    };
+    let _ = backend.set_nodelay(true);
+    let upgrade = hyper::upgrade::on(&mut request);
+    let service = state.shared.name.clone();
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut backend = backend;
+        metrics::counter!("loopmesh_mesh_inbound_streams_total", "service" => service.to_string())
+            .increment(1);
+        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut backend).await;
+    });
+    Response::new(Empty::new())
+}

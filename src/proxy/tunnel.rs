@@ -1,0 +1,176 @@
+//! Outbound through the mesh: application connections to an instance of
+//! another node ride HTTP/2 CONNECT streams inside one mTLS connection per
+//! peer node, as ztunnel's HBONE. A new application connection costs a
+//! stream, not a handshake; a broken or closed peer connection is made
+//! again at the next stream.
+
+use super::inbound::SERVICE_HEADER;
+use super::tls::Credentials;
+use crate::policy::TlsMode;
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper::client::conn::http2;
+use hyper::upgrade::Upgraded;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+/// The node's side of the mesh, shared by every service.
+#[derive(Debug)]
+pub struct Mesh {
+    /// This node's name (instances it registered carry it).
+    pub node: String,
+    pub credentials: Arc<Credentials>,
+    /// `tls.mode` of services that do not set it.
+    pub default_mode: TlsMode,
+    peers: Mutex<HashMap<(SocketAddr, Box<str>), PeerSlot>>,
+}
+
+/// A peer's connection, made by whoever needs it first while the others wait.
+type PeerSlot = Arc<tokio::sync::Mutex<Option<Peer>>>;
+
+/// One peer node's connection.
+#[derive(Debug)]
+struct Peer {
+    sender: http2::SendRequest<Empty<Bytes>>,
+}
+
+/// A stream to a backend through the mesh.
+pub type Tunneled = TokioIo<Upgraded>;
+
+fn failed(reason: impl std::fmt::Display) -> io::Error {
+    io::Error::other(reason.to_string())
+}
+
+impl Mesh {
+    pub fn new(node: &str, credentials: Arc<Credentials>, default_mode: TlsMode) -> Mesh {
+        Mesh {
+            node: node.to_string(),
+            credentials,
+            default_mode,
+            peers: Mutex::default(),
+        }
+    }
+
+    /// Peer connections open now.
+    pub fn peer_connections(&self) -> usize {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers
+            .values()
+            .filter(|peer| {
+                peer.try_lock()
+                    .map_or(true, |p| p.as_ref().is_some_and(|p| !p.sender.is_closed()))
+            })
+            .count()
+    }
+
+    /// Opens a stream to `target` (an instance of `service` that `node`
+    /// hosts) through `node`'s inbound listener at `peer`, within `timeout`
+    /// (connection and handshake included when one is needed).
+    pub async fn open(
+        &self,
+        peer: SocketAddr,
+        node: &str,
+        service: &str,
+        target: SocketAddr,
+        timeout: Duration,
+    ) -> io::Result<Tunneled> {
+        tokio::time::timeout(timeout, self.open_stream(peer, node, service, target))
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("mesh: no stream to {node} at {peer} within {timeout:?}"),
+                )
+            })?
+    }
+
+    async fn open_stream(
+        &self,
+        peer: SocketAddr,
+        node: &str,
+        service: &str,
+        target: SocketAddr,
+    ) -> io::Result<Tunneled> {
+        let slot = self
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((peer, node.into()))
+            .or_default()
+            .clone();
+        let mut sender = {
+            // One connection per peer: whoever finds none makes it while
+            // the others wait for it.
+            let mut slot = slot.lock().await;
+            match slot.as_ref().filter(|p| !p.sender.is_closed()) {
+                Some(existing) => existing.sender.clone(),
+                None => {
+                    let sender = self.connect(peer, node).await?;
+                    *slot = Some(Peer {
+                        sender: sender.clone(),
+                    });
+                    sender
+                }
+            }
+        };
+        sender.ready().await.map_err(failed)?;
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .header(SERVICE_HEADER, service)
+            .body(Empty::new())
+            .map_err(failed)?;
+        let response = sender.send_request(request).await.map_err(failed)?;
+        if response.status() != StatusCode::OK {
+            let reason = response
+                .headers()
+                .get("x-loopmesh-error")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let kind = if response.status() == StatusCode::FORBIDDEN {
+                io::ErrorKind::PermissionDenied
+            } else {
+                io::ErrorKind::ConnectionRefused
+            };
+            return Err(io::Error::new(
+                kind,
+                format!(
+                    "mesh: {node} refused the stream to {target}: {} {reason}",
+                    response.status()
+                ),
+            ));
+        }
+        let upgraded = hyper::upgrade::on(response).await.map_err(failed)?;
+        Ok(TokioIo::new(upgraded))
+    }
+
+    /// A new mTLS connection to a peer node, verified to be `node`.
+    async fn connect(&self, peer: SocketAddr, node: &str) -> io::Result<http2::SendRequest<Empty<Bytes>>> {
+        let stream = TcpStream::connect(peer).await?;
+        stream.set_nodelay(true)?;
+        let name = ServerName::try_from(node.to_string())
+            .map_err(|_| failed(format!("mesh: node name {node:?} is not a DNS name")))?;
+        let connector = tokio_rustls::TlsConnector::from(self.credentials.current().client.clone());
+        let tls = connector
+            .connect(name, stream)
+            .await
+            .map_err(|err| failed(format!("mesh: TLS with {node} at {peer}: {err}")))?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(failed)?;
+        metrics::counter!("loopmesh_mesh_peer_connections_total").increment(1);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(sender)
+    }
+}
