@@ -196,6 +196,18 @@ impl Etcd {
         etcd
     }
 
+    /// An etcd on `ip` (an address of this namespace other nodes can reach).
+    pub fn start_on(ip: Ipv4Addr) -> Etcd {
+        let mut etcd = Etcd {
+            ip,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            tls: None,
+        };
+        etcd.launch();
+        etcd
+    }
+
     /// An etcd that serves clients over TLS and requires client certificates.
     pub fn start_tls() -> Etcd {
         let ip = unique_ip();
