@@ -94,6 +94,16 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, mu
         return;
     };
     metrics::counter!("loopmesh_mesh_inbound_connections_total").increment(1);
+    // One line per peer connection (rare: connections are pooled), with
+    // the certificate's end, which shows a rotation reaching the peers.
+    let until = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| super::tls::identity::not_after(chain.first()?))
+        .map(super::tls::identity::format_utc)
+        .unwrap_or_default();
+    tracing::info!("mesh: connection from {caller} at {peer} (certificate valid until {until})");
     let caller = Arc::new(caller);
     let service = {
         let shared = shared.clone();

@@ -5,7 +5,7 @@
 //! again at the next stream.
 
 use super::inbound::SERVICE_HEADER;
-use super::tls::Credentials;
+use super::tls::{Credentials, Loaded};
 use crate::policy::TlsMode;
 use http_body_util::Empty;
 use hyper::body::Bytes;
@@ -39,6 +39,10 @@ type PeerSlot = Arc<tokio::sync::Mutex<Option<Peer>>>;
 #[derive(Debug)]
 struct Peer {
     sender: http2::SendRequest<Empty<Bytes>>,
+    /// The credentials it was made with: once they are replaced, new
+    /// streams go over a new connection that presents the new certificate,
+    /// while this one carries its open streams to their end.
+    made_with: Arc<Loaded>,
 }
 
 /// A stream to a backend through the mesh.
@@ -109,12 +113,17 @@ impl Mesh {
             // One connection per peer: whoever finds none makes it while
             // the others wait for it.
             let mut slot = slot.lock().await;
-            match slot.as_ref().filter(|p| !p.sender.is_closed()) {
+            let credentials = self.credentials.current();
+            let usable = slot
+                .as_ref()
+                .filter(|p| !p.sender.is_closed() && Arc::ptr_eq(&p.made_with, &credentials));
+            match usable {
                 Some(existing) => existing.sender.clone(),
                 None => {
-                    let sender = self.connect(peer, node).await?;
+                    let sender = self.connect(peer, node, &credentials).await?;
                     *slot = Some(Peer {
                         sender: sender.clone(),
+                        made_with: credentials,
                     });
                     sender
                 }
@@ -153,12 +162,17 @@ impl Mesh {
     }
 
     /// A new mTLS connection to a peer node, verified to be `node`.
-    async fn connect(&self, peer: SocketAddr, node: &str) -> io::Result<http2::SendRequest<Empty<Bytes>>> {
+    async fn connect(
+        &self,
+        peer: SocketAddr,
+        node: &str,
+        credentials: &Loaded,
+    ) -> io::Result<http2::SendRequest<Empty<Bytes>>> {
         let stream = TcpStream::connect(peer).await?;
         stream.set_nodelay(true)?;
         let name = ServerName::try_from(node.to_string())
             .map_err(|_| failed(format!("mesh: node name {node:?} is not a DNS name")))?;
-        let connector = tokio_rustls::TlsConnector::from(self.credentials.current().client.clone());
+        let connector = tokio_rustls::TlsConnector::from(credentials.client.clone());
         let tls = connector
             .connect(name, stream)
             .await

@@ -105,6 +105,30 @@ pub fn not_after(certificate: &[u8]) -> Option<std::time::SystemTime> {
         .map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
 }
 
+/// A time as `YYYY-MM-DD HH:MM:SS UTC`, for log lines about certificates.
+pub fn format_utc(time: std::time::SystemTime) -> String {
+    let seconds = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let (days, rest) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z - era * 146_097;
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
 /// algorithm).
 fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
@@ -235,6 +259,8 @@ mod tests {
         assert_eq!(days_from_civil(1970, 1, 1), 0);
         assert_eq!(days_from_civil(2000, 3, 1), 11_017);
         assert_eq!(days_from_civil(2026, 12, 3), 20_790);
+        let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(20_790 * 86_400 + 3723);
+        assert_eq!(format_utc(time), "2026-12-03 01:02:03 UTC");
     }
 
     #[test]

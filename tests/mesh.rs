@@ -1,0 +1,443 @@
+//! mTLS between nodes, with nodes as network namespaces: each namespace
+//! runs its own agent (the real binary), a bridge joins them, etcd listens
+//! on the bridge where every node reaches it. Certificates come from
+//! `loopmesh ca`. Needs root (CI runs as root), as `ip netns` does.
+
+mod common;
+
+use common::{eventually, Etcd, Loopmesh};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Runs a command; its stdout if it succeeded.
+fn run(args: &[&str]) -> Result<String, String> {
+    let output = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|err| format!("{args:?}: {err}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+fn must(args: &[&str]) -> String {
+    run(args).unwrap_or_else(|err| panic!("{err}"))
+}
+
+static NEXT_NET: AtomicU32 = AtomicU32::new(0);
+
+/// A node: a namespace with one interface on the bridge.
+struct Node {
+    ns: String,
+    ip: Ipv4Addr,
+}
+
+impl Node {
+    /// `args` run inside the node.
+    fn run(&self, args: &[&str]) -> Result<String, String> {
+        let mut all = vec!["ip", "netns", "exec", &self.ns];
+        all.extend_from_slice(args);
+        run(&all)
+    }
+}
+
+/// Namespaces on a bridge of their own, removed when dropped.
+struct Net {
+    bridge: String,
+    gateway: Ipv4Addr,
+    nodes: Vec<Node>,
+}
+
+impl Net {
+    fn create(count: usize) -> Net {
+        assert_eq!(unsafe { libc::geteuid() }, 0, "network namespaces need root");
+        let tag = format!(
+            "{:x}{:x}",
+            std::process::id() % 0xffff,
+            NEXT_NET.fetch_add(1, Ordering::Relaxed)
+        );
+        // A /24 nobody on this machine uses.
+        let used = must(&["ip", "-o", "-4", "addr"]);
+        let (a, b) = (0..4000u32)
+            .map(|n| {
+                (
+                    200 + (std::process::id() + n) % 50,
+                    (std::process::id() / 50 + n * 7) % 250,
+                )
+            })
+            .find(|(a, b)| !used.contains(&format!(" 10.{a}.{b}.")))
+            .expect("a free 10.x.y.0/24");
+        let gateway = Ipv4Addr::new(10, a as u8, b as u8, 1);
+        let bridge = format!("lmb{tag}");
+        let mut net = Net {
+            bridge: bridge.clone(),
+            gateway,
+            nodes: Vec::new(),
+        };
+        must(&["ip", "link", "add", &bridge, "type", "bridge"]);
+        must(&["ip", "addr", "add", &format!("{gateway}/24"), "dev", &bridge]);
+        must(&["ip", "link", "set", &bridge, "up"]);
+        for i in 0..count {
+            let ns = format!("lm{tag}n{i}");
+            let veth = format!("lmv{tag}{i}");
+            let ip = Ipv4Addr::new(10, a as u8, b as u8, 2 + i as u8);
+            must(&["ip", "netns", "add", &ns]);
+            net.nodes.push(Node { ns: ns.clone(), ip });
+            must(&[
+                "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ]);
+            must(&["ip", "link", "set", &veth, "master", &bridge, "up"]);
+            must(&["ip", "-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+            must(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+            must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        }
+        net
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            let _ = run(&["ip", "netns", "del", &node.ns]);
+        }
+        let _ = run(&["ip", "link", "del", &self.bridge]);
+    }
+}
+
+/// The mesh's certificates: a CA, and one certificate per node.
+struct Certificates {
+    dir: PathBuf,
+    trust_domain: String,
+}
+
+impl Certificates {
+    fn new(dir: &Path, trust_domain: &str, nodes: &[&str]) -> Certificates {
+        let ca = dir.join("ca");
+        let ca_bin = std::env::var("TMP_CA_BIN").unwrap_or(env!("CARGO_BIN_EXE_loopmesh").to_string());
+        let binary = ca_bin.as_str();
+        must(&[
+            binary,
+            "ca",
+            "init",
+            "--trust-domain",
+            trust_domain,
+            "--out",
+            ca.to_str().unwrap(),
+        ]);
+        for node in nodes {
+            must(&[
+                binary,
+                "ca",
+                "issue",
+                "--node",
+                node,
+                "--ca",
+                ca.to_str().unwrap(),
+                "--out",
+                dir.to_str().unwrap(),
+            ]);
+        }
+        Certificates {
+            dir: dir.to_path_buf(),
+            trust_domain: trust_domain.to_string(),
+        }
+    }
+
+    fn cert(&self, node: &str) -> String {
+        self.dir.join(format!("{node}.pem")).display().to_string()
+    }
+
+    fn key(&self, node: &str) -> String {
+        self.dir.join(format!("{node}.key")).display().to_string()
+    }
+
+    fn bundle(&self) -> String {
+        self.dir.join("bundle.pem").display().to_string()
+    }
+
+    fn identity(&self, node: &str) -> String {
+        format!("spiffe://{}/node/{node}", self.trust_domain)
+    }
+}
+
+/// A backend in a node that listens on the node's 127.0.0.1 only: says its
+/// id on a line, then echoes.
+struct EchoBackend {
+    child: Child,
+    port: u16,
+}
+
+const ECHO: &str = r#"
+import socket, sys, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 0))
+s.listen(1024)
+print(s.getsockname()[1], flush=True)
+def serve(c):
+    c.sendall(sys.argv[1].encode() + b"\n")
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        c.sendall(d)
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+impl EchoBackend {
+    fn start(node: &Node, id: &str) -> EchoBackend {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &node.ns, "python3", "-c", ECHO, id])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        EchoBackend {
+            port: line.trim().parse().expect("the backend's port"),
+            child,
+        }
+    }
+}
+
+impl Drop for EchoBackend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client in a node: `count` connections to `host:port` one after the
+/// other, each reading the id line and checking an echo; prints the ids
+/// seen, one per connection ("-" for a connection that got nothing).
+const CLIENT: &str = r#"
+import socket, sys
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for i in range(count):
+    try:
+        c = socket.create_connection((host, port), timeout=5)
+        f = c.makefile("rb")
+        ident = f.readline().decode().strip()
+        if not ident:
+            print("-"); continue
+        msg = b"ping %d\n" % i
+        c.sendall(msg)
+        back = f.readline()
+        print(ident if back == msg else "bad-echo:" + ident)
+        c.close()
+    except Exception as e:
+        print("-")
+"#;
+
+fn connect_from(node: &Node, host: &str, port: u16, count: u32) -> Vec<String> {
+    node.run(&[
+        "python3",
+        "-c",
+        CLIENT,
+        host,
+        &port.to_string(),
+        &count.to_string(),
+    ])
+    .unwrap()
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+/// An agent of `node` named `name`, on `etcd`, with the mesh on.
+fn agent(node: &Node, name: &str, etcd: &Etcd, certs: &Certificates, dir: &Path) -> Loopmesh {
+    let config = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "node: {name}\nstore: {{etcd: {{endpoints: [{}], retry_max: 200ms}}}}\nstate_dir: {}\nmesh: {{listen: '{}:15008', cert: {}, key: {}, bundle: {}}}\n",
+            etcd.endpoint(),
+            dir.join(name).display(),
+            node.ip,
+            certs.cert(name),
+            certs.key(name),
+            certs.bundle()
+        ),
+    )
+    .unwrap();
+    Loopmesh::spawn_wrapped(
+        &["ip", "netns", "exec", &node.ns],
+        &["agent", "--config", config.to_str().unwrap()],
+        dir,
+        &[],
+    )
+}
+
+/// The agent's metrics, read from inside its node.
+fn metrics(node: &Node, agent: &Loopmesh) -> String {
+    node.run(&["curl", "-s", &format!("http://{}/metrics", agent.admin.unwrap())])
+        .unwrap_or_default()
+}
+
+fn metric_value(text: &str, line_start: &str) -> Option<f64> {
+    text.lines()
+        .find(|line| line.starts_with(line_start))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_app_reaches_a_loopback_only_backend_of_another_node_through_one_mtls_tunnel() {
+    let net = Net::create(2);
+    let (a, b) = (&net.nodes[0], &net.nodes[1]);
+    let etcd = Etcd::start_on(net.gateway);
+    let mut store = etcd.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certificates::new(&dir.path().join("certs"), "test.mesh", &["node-a", "node-b"]);
+    let backend = EchoBackend::start(b, "db-on-b");
+    let agent_a = agent(a, "node-a", &etcd, &certs, dir.path());
+    let agent_b = agent(b, "node-b", &etcd, &certs, dir.path());
+    agent_b.wait_log("mesh: inbound listener on");
+    store
+        .put("/loopmesh/addresses/db", "127.100.9.9", None)
+        .await
+        .unwrap();
+    let instance = format!(
+        "{{host: 127.0.0.1, port: {}, node: node-b, mesh: '{}:15008'}}",
+        backend.port, b.ip
+    );
+    store
+        .put("/loopmesh/instances/db/b1", instance, None)
+        .await
+        .unwrap();
+    store
+        .put("/loopmesh/services/db", "{port: 7000}", None)
+        .await
+        .unwrap();
+
+    // The app in node A finds the service by name and reaches the backend
+    // that listens on node B's loopback only.
+    let dns = agent_a.dns.unwrap();
+    let address = eventually("db.mesh.internal to resolve in node A", || {
+        let answer = a
+            .run(&[
+                "dig",
+                "+short",
+                &format!("@{}", dns.ip()),
+                "-p",
+                &dns.port().to_string(),
+                "db.mesh.internal",
+            ])
+            .ok()?;
+        let address = answer.trim().to_string();
+        (!address.is_empty()).then_some(address)
+    });
+    assert_eq!(address, "127.100.9.9");
+    eventually("node A to reach db on node B", || {
+        (connect_from(a, &address, 7000, 1) == ["db-on-b"]).then_some(())
+    });
+    // 200 more connections: streams in the one mTLS connection.
+    let ids = connect_from(a, &address, 7000, 200);
+    assert!(ids.iter().all(|id| id == "db-on-b"), "{ids:?}");
+    let seen_by_b = metrics(b, &agent_b);
+    assert_eq!(
+        metric_value(&seen_by_b, "loopmesh_mesh_inbound_connections_total"),
+        Some(1.0),
+        "one TLS connection from A: {seen_by_b}"
+    );
+    assert_eq!(
+        metric_value(&seen_by_b, "loopmesh_mesh_inbound_streams_total{service=\"db\"}"),
+        Some(201.0)
+    );
+    assert_eq!(
+        metric_value(&metrics(a, &agent_a), "loopmesh_mesh_peer_connections_total"),
+        Some(1.0)
+    );
+
+    // B's inbound listener: plaintext, no certificate, or a certificate of
+    // another CA get nothing; A's certificate gets an answer.
+    let inbound = format!("{}:15008", b.ip);
+    assert!(a
+        .run(&[
+            "curl",
+            "-s",
+            "--http2-prior-knowledge",
+            &format!("http://{inbound}/")
+        ])
+        .is_err());
+    assert!(
+        a.run(&["curl", "-sk", &format!("https://{inbound}/")]).is_err(),
+        "no client certificate"
+    );
+    let stranger = Certificates::new(&dir.path().join("other"), "test.mesh", &["node-a"]);
+    let with_cert = |certs: &Certificates| {
+        a.run(&[
+            "curl",
+            "-sk",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cert",
+            &certs.cert("node-a"),
+            "--key",
+            &certs.key("node-a"),
+            &format!("https://{inbound}/"),
+        ])
+    };
+    assert!(with_cert(&stranger).is_err(), "a certificate of another CA");
+    assert_eq!(
+        with_cert(&certs).unwrap(),
+        "405",
+        "the mesh's own certificate: in, but only CONNECT is served"
+    );
+
+    // An allow list without node A: refused at B, counted, said once.
+    store
+        .put(
+            "/loopmesh/services/db",
+            format!("{{port: 7000, allow: ['{}']}}", certs.identity("node-c")),
+            None,
+        )
+        .await
+        .unwrap();
+    eventually("node A to be refused", || {
+        (connect_from(a, &address, 7000, 1) == ["-"]).then_some(())
+    });
+    connect_from(a, &address, 7000, 3);
+    let denied = format!(
+        "loopmesh_mesh_denied_total{{service=\"db\",caller=\"{}\"}}",
+        certs.identity("node-a")
+    );
+    assert!(metric_value(&metrics(b, &agent_b), &denied).is_some_and(|n| n >= 4.0));
+    assert_eq!(
+        agent_b
+            .log_text()
+            .matches("is not allowed to reach service db")
+            .count(),
+        1
+    );
+    // A glob that names it lets it in again.
+    store
+        .put(
+            "/loopmesh/services/db",
+            "{port: 7000, allow: ['spiffe://test.mesh/node/node-*']}",
+            None,
+        )
+        .await
+        .unwrap();
+    eventually("node A to be let in", || {
+        (connect_from(a, &address, 7000, 1) == ["db-on-b"]).then_some(())
+    });
+    agent_a.stop();
+    agent_b.stop();
+}
