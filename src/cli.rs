@@ -1,4 +1,4 @@
-//! Command line: `loopmesh agent | check | render --once | registrar | set-state`.
+//! Command line: `loopmesh agent | check | render --once | registrar | set-state | ca`.
 //!
 //! Flag names follow the contract in DESIGN.md; they override the config
 //! file. Errors reach the operator as one line and a non-zero exit.
@@ -86,6 +86,57 @@ pub enum Command {
         /// up, draining or maintenance.
         state: String,
     },
+    /// A small CA for mTLS between nodes, for fleets without one: make it,
+    /// then issue each node its certificate.
+    Ca {
+        #[command(subcommand)]
+        verb: CaVerb,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaVerb {
+    /// Make a CA: ca.pem (the trust bundle), ca.key (mode 0600) and trust-domain in a new directory.
+    Init {
+        /// The mesh's trust domain: node identities are spiffe://<D>/node/<node>.
+        #[arg(long, value_name = "D")]
+        trust_domain: String,
+        /// The CA's directory (created with mode 0700).
+        #[arg(long, value_name = "DIR", default_value = crate::ca::DEFAULT_CA_DIR)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = crate::ca::DEFAULT_CA_DAYS, value_parser = days)]
+        days: u32,
+        /// Overwrite an existing CA's files (a new CA: what the old one issued stops verifying).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a node's certificate: <node>.pem (certificate and CA), <node>.key (mode 0600), bundle.pem.
+    Issue {
+        /// The node's name, as the agent's `node` (default there: the hostname).
+        #[arg(long, value_name = "NAME")]
+        node: String,
+        /// The CA's directory, as `loopmesh ca init` made it.
+        #[arg(long = "ca", value_name = "DIR", default_value = crate::ca::DEFAULT_CA_DIR)]
+        ca_dir: PathBuf,
+        /// Where to write the files.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = crate::ca::DEFAULT_NODE_DAYS, value_parser = days)]
+        days: u32,
+        /// Overwrite the node's existing certificate, key and bundle.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn days(text: &str) -> Result<u32, String> {
+    let max = crate::ca::MAX_DAYS;
+    match text.parse::<u32>() {
+        Ok(days) if (1..=max).contains(&days) => Ok(days),
+        _ => Err(format!("{text:?} is not a number of days from 1 to {max}")),
+    }
 }
 
 /// Where the ops verbs find etcd.
@@ -379,6 +430,27 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 let loaded = RegistrarConfig::load(&config, &overrides)?;
                 let flags = loaded.set_flag(&config, &instance, state)?;
                 println!("{instance}: {} (flag in {})", state.as_str(), flags.display());
+            }
+            Command::Ca { verb } => {
+                let outputs = match verb {
+                    CaVerb::Init {
+                        trust_domain,
+                        out,
+                        days,
+                        force,
+                    } => crate::ca::init(&trust_domain, &out, days, force)?,
+                    CaVerb::Issue {
+                        node,
+                        ca_dir,
+                        out,
+                        days,
+                        force,
+                    } => crate::ca::issue(&ca_dir, &node, &out, days, force)?,
+                };
+                for output in outputs {
+                    let verb = if output.unchanged { "kept" } else { "wrote" };
+                    println!("{verb} {}: {}", output.path.display(), output.what);
+                }
             }
             Command::Render { args, .. } => {
                 let report = agent::render_once(args.load()?).await?;

@@ -20,12 +20,15 @@
 //! - [`limits`]: the file-descriptor budget per purpose (admin, proxy).
 //! - [`state`]: the last-known-good record.
 //! - [`agent`]: the control loop tying store, catalog and render together.
+//! - [`ca`]: `loopmesh ca`, a small CA making the node certificates of
+//!   mTLS between nodes for fleets without one.
 //! - [`cli`]: the `loopmesh` command line.
 
 pub mod addresses;
 pub mod admin;
 pub mod agent;
 pub mod agent_status;
+pub mod ca;
 pub mod catalog;
 pub mod cli;
 pub mod config;
