@@ -121,8 +121,7 @@ struct Certificates {
 impl Certificates {
     fn new(dir: &Path, trust_domain: &str, nodes: &[&str]) -> Certificates {
         let ca = dir.join("ca");
-        let ca_bin = std::env::var("TMP_CA_BIN").unwrap_or(env!("CARGO_BIN_EXE_loopmesh").to_string());
-        let binary = ca_bin.as_str();
+        let binary = env!("CARGO_BIN_EXE_loopmesh");
         must(&[
             binary,
             "ca",
