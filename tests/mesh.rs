@@ -440,3 +440,127 @@ async fn an_app_reaches_a_loopback_only_backend_of_another_node_through_one_mtls
     agent_a.stop();
     agent_b.stop();
 }
+
+/// A long-lived connection from a node: reads the id line, then sends a
+/// numbered line every 20 ms and checks its echo, until `stop` exists;
+/// prints `intact N` (N lines echoed) or `broken: why`.
+const STREAM: &str = r#"
+import os, socket, sys, time
+host, port, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+c = socket.create_connection((host, port), timeout=5)
+f = c.makefile("rb")
+if not f.readline().strip():
+    print("broken: no id"); sys.exit()
+print("open", flush=True)
+n = 0
+try:
+    while not os.path.exists(stop):
+        msg = b"line %d\n" % n
+        c.sendall(msg)
+        if f.readline() != msg:
+            print("broken: echo %d" % n); sys.exit()
+        n += 1
+        time.sleep(0.02)
+    print("intact %d" % n)
+except Exception as e:
+    print("broken: %s" % e)
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotated_certificates_keep_open_streams_and_new_streams_present_the_new_one() {
+    let net = Net::create(2);
+    let (a, b) = (&net.nodes[0], &net.nodes[1]);
+    let etcd = Etcd::start_on(net.gateway);
+    let mut store = etcd.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certificates::new(&dir.path().join("certs"), "test.mesh", &["node-a", "node-b"]);
+    let backend = EchoBackend::start(b, "db-on-b");
+    let agent_a = agent(a, "node-a", &etcd, &certs, dir.path());
+    let agent_b = agent(b, "node-b", &etcd, &certs, dir.path());
+    agent_b.wait_log("mesh: inbound listener on");
+    store
+        .put("/loopmesh/addresses/db", "127.100.9.9", None)
+        .await
+        .unwrap();
+    let instance = format!(
+        "{{host: 127.0.0.1, port: {}, node: node-b, mesh: '{}:15008'}}",
+        backend.port, b.ip
+    );
+    store
+        .put("/loopmesh/instances/db/b1", instance, None)
+        .await
+        .unwrap();
+    store
+        .put("/loopmesh/services/db", "{port: 7000}", None)
+        .await
+        .unwrap();
+    eventually("node A to reach db on node B", || {
+        (connect_from(a, "127.100.9.9", 7000, 1) == ["db-on-b"]).then_some(())
+    });
+    // A stream opened on the first certificate.
+    let stop = dir.path().join("stop");
+    let mut stream = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &a.ns,
+            "python3",
+            "-c",
+            STREAM,
+            "127.100.9.9",
+            "7000",
+            stop.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut output = std::io::BufReader::new(stream.stdout.take().unwrap());
+    let mut line = String::new();
+    use std::io::BufRead;
+    output.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "open");
+    // Node A's certificate rotated: a shorter one, issued anew.
+    let binary = env!("CARGO_BIN_EXE_loopmesh");
+    let ca = certs.dir.join("ca");
+    must(&[
+        binary,
+        "ca",
+        "issue",
+        "--node",
+        "node-a",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--out",
+        certs.dir.to_str().unwrap(),
+        "--days",
+        "30",
+        "--force",
+    ]);
+    agent_a.wait_log("mesh: new credentials for spiffe://test.mesh/node/node-a loaded");
+    // New streams go over a new connection, which presents the new certificate.
+    assert_eq!(connect_from(a, "127.100.9.9", 7000, 5), vec!["db-on-b"; 5]);
+    let connections: Vec<String> = agent_b
+        .log_text()
+        .lines()
+        .filter(|line| line.contains("mesh: connection from spiffe://test.mesh/node/node-a"))
+        .map(|line| line.rsplit("valid until ").next().unwrap().to_string())
+        .collect();
+    assert_eq!(connections.len(), 2, "{connections:?}");
+    assert_ne!(
+        connections[0], connections[1],
+        "the second connection presents the new certificate"
+    );
+    // A broken file keeps the credentials in force, said once.
+    std::fs::write(certs.cert("node-a"), "not a certificate\n").unwrap();
+    agent_a.wait_log("kept the previous credentials");
+    assert_eq!(connect_from(a, "127.100.9.9", 7000, 1), ["db-on-b"]);
+    assert_eq!(agent_a.log_text().matches("kept the previous credentials").count(), 1);
+    // The stream lived through all of it.
+    std::fs::write(&stop, "").unwrap();
+    let mut last = String::new();
+    output.read_line(&mut last).unwrap();
+    assert!(last.starts_with("intact "), "{last}");
+    let _ = stream.wait();
+    agent_a.stop();
+    agent_b.stop();
+}
