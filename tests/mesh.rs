@@ -554,13 +554,122 @@ async fn rotated_certificates_keep_open_streams_and_new_streams_present_the_new_
     std::fs::write(certs.cert("node-a"), "not a certificate\n").unwrap();
     agent_a.wait_log("kept the previous credentials");
     assert_eq!(connect_from(a, "127.100.9.9", 7000, 1), ["db-on-b"]);
-    assert_eq!(agent_a.log_text().matches("kept the previous credentials").count(), 1);
+    assert_eq!(
+        agent_a
+            .log_text()
+            .matches("kept the previous credentials")
+            .count(),
+        1
+    );
     // The stream lived through all of it.
     std::fs::write(&stop, "").unwrap();
     let mut last = String::new();
     output.read_line(&mut last).unwrap();
     assert!(last.starts_with("intact "), "{last}");
     let _ = stream.wait();
+    agent_a.stop();
+    agent_b.stop();
+}
+
+/// An HTTP/1.1 backend on the node's 127.0.0.1 answering its id.
+const HTTP_BACKEND: &str = r#"
+import http.server, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = (sys.argv[1] + "\n").encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+
+fn http_backend(node: &Node, id: &str) -> EchoBackend {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &node.ns, "python3", "-c", HTTP_BACKEND, id])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    EchoBackend {
+        port: line.trim().parse().expect("the backend's port"),
+        child,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http_service_is_balanced_per_request_across_the_tunnel() {
+    let net = Net::create(2);
+    let (a, b) = (&net.nodes[0], &net.nodes[1]);
+    let etcd = Etcd::start_on(net.gateway);
+    let mut store = etcd.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certificates::new(&dir.path().join("certs"), "test.mesh", &["node-a", "node-b"]);
+    let (one, two) = (http_backend(b, "one"), http_backend(b, "two"));
+    let agent_a = agent(a, "node-a", &etcd, &certs, dir.path());
+    let agent_b = agent(b, "node-b", &etcd, &certs, dir.path());
+    agent_b.wait_log("mesh: inbound listener on");
+    store
+        .put("/loopmesh/addresses/web", "127.100.9.10", None)
+        .await
+        .unwrap();
+    for (id, backend) in [("one", &one), ("two", &two)] {
+        let instance = format!(
+            "{{host: 127.0.0.1, port: {}, node: node-b, mesh: '{}:15008'}}",
+            backend.port, b.ip
+        );
+        store
+            .put(format!("/loopmesh/instances/web/{id}"), instance, None)
+            .await
+            .unwrap();
+    }
+    store
+        .put(
+            "/loopmesh/services/web",
+            "{port: 8080, protocol: http, balance: round_robin}",
+            None,
+        )
+        .await
+        .unwrap();
+    // Node B serves the service before node A sends it anything (a stream
+    // B refuses for a service it does not know yet counts as a failure of
+    // the backend, and enough of them eject it).
+    eventually("node B to know web", || {
+        b.run(&[
+            "curl",
+            "-sf",
+            &format!("http://{}/routes", agent_b.admin.unwrap()),
+        ])
+        .ok()
+        .filter(|routes| routes.contains("\"web\""))
+    });
+    let url = "http://127.100.9.10:8080/";
+    eventually("node A to reach web on node B", || {
+        a.run(&["curl", "-sf", url]).ok().filter(|body| !body.is_empty())
+    });
+    // Twenty requests on one keep-alive connection from the app.
+    let urls = vec![url; 20];
+    let mut args = vec!["curl", "-sf"];
+    args.extend(urls);
+    let bodies = a.run(&args).unwrap();
+    let ones = bodies.lines().filter(|l| *l == "one").count();
+    let twos = bodies.lines().filter(|l| *l == "two").count();
+    assert_eq!((ones, twos), (10, 10), "{bodies}");
+    let seen_by_b = metrics(b, &agent_b);
+    assert_eq!(
+        metric_value(&seen_by_b, "loopmesh_mesh_inbound_connections_total"),
+        Some(1.0),
+        "{seen_by_b}"
+    );
     agent_a.stop();
     agent_b.stop();
 }
