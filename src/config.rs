@@ -632,6 +632,21 @@ impl AgentConfig {
             let field = format!("templates[{index}] ({})", resource.src);
             validate_resource(resource).map_err(|reason| invalid(&field, reason))?;
         }
+        if let Some(mesh) = &self.mesh {
+            // The node's certificate names it, and peers dial it by that name.
+            crate::names::check_node_name(&self.node_name())
+                .map_err(|err| invalid("node", format!("{err} (the mesh names nodes in certificates)")))?;
+            if let Some(listen) = mesh.listen {
+                if listen.ip().is_loopback() || listen.port() == 0 {
+                    return Err(invalid(
+                        "mesh.listen",
+                        format!(
+                            "{listen} must be the node's routable address with a port, like 10.0.0.5:15008"
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 }

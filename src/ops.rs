@@ -146,23 +146,25 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
 /// The `instance list` table; a refused key says why in the ADDRESS column
 /// and has `-` in the others, so every line has the same columns.
 pub fn instances_table(rows: &[InstanceRow]) -> String {
-    let mut out = String::from("SERVICE\tINSTANCE\tADDRESS\tNODE\tZONE\tWEIGHT\tSTATE\n");
+    let mut out = String::from("SERVICE\tINSTANCE\tADDRESS\tNODE\tZONE\tWEIGHT\tSTATE\tMESH\n");
     for row in rows {
         let (service, id) = (cell(&row.service), cell(&row.id));
         let _ = match &row.instance {
             Ok(i) => writeln!(
                 out,
-                "{service}\t{id}\t{}:{}\t{}\t{}\t{}\t{}",
+                "{service}\t{id}\t{}:{}\t{}\t{}\t{}\t{}\t{}",
                 i.host,
                 i.port,
                 i.node.as_deref().unwrap_or("-"),
                 i.zone.as_deref().unwrap_or("-"),
                 i.weight,
-                i.state.as_str()
+                i.state.as_str(),
+                // Reached through the mesh at its node's inbound address.
+                i.mesh.map_or_else(|| "-".to_string(), |mesh| mesh.to_string())
             ),
             Err(reason) => writeln!(
                 out,
-                "{service}\t{id}\t{}\t-\t-\t-\t-",
+                "{service}\t{id}\t{}\t-\t-\t-\t-\t-",
                 cell(&format!("invalid: {reason}"))
             ),
         };
@@ -409,8 +411,13 @@ pub async fn show_routes(addr: std::net::SocketAddr) -> Result<String, OpsError>
             .flatten()
             .map(|b| {
                 let ejected = if b["ejected"] == true { ",ejected" } else { "" };
+                // Through the mesh: via which node, and the identity it must show.
+                let peer = match (b["mesh"].as_str(), b["peer"].as_str()) {
+                    (Some(mesh), Some(peer)) => format!(",via {mesh} as {peer}"),
+                    _ => String::new(),
+                };
                 format!(
-                    "{}={}:{}({}{ejected})",
+                    "{}={}:{}({}{ejected}{peer})",
                     b["id"].as_str().unwrap_or("?"),
                     b["host"].as_str().unwrap_or("?"),
                     b["port"],

@@ -344,6 +344,18 @@ async fn an_app_reaches_a_loopback_only_backend_of_another_node_through_one_mtls
     eventually("node A to reach db on node B", || {
         (connect_from(a, &address, 7000, 1) == ["db-on-b"]).then_some(())
     });
+    // The node's routes say how the backend is reached.
+    let binary = env!("CARGO_BIN_EXE_loopmesh");
+    let routes = a
+        .run(&[binary, "routes", "--admin", &agent_a.admin.unwrap().to_string()])
+        .unwrap();
+    assert!(
+        routes.contains(&format!(
+            "b1=127.0.0.1:{}(up,via {}:15008 as spiffe://test.mesh/node/node-b)",
+            backend.port, b.ip
+        )),
+        "{routes}"
+    );
     // 200 more connections: streams in the one mTLS connection.
     let ids = connect_from(a, &address, 7000, 200);
     assert!(ids.iter().all(|id| id == "db-on-b"), "{ids:?}");

@@ -284,32 +284,32 @@ async fn listings_judge_keys_as_the_agent_does() {
     let (ok, out, err) = ops(&etcd, &["instance", "list"]);
     assert!(ok, "{err}");
     assert!(
-        out.starts_with("SERVICE\tINSTANCE\tADDRESS\tNODE\tZONE\tWEIGHT\tSTATE\n"),
+        out.starts_with("SERVICE\tINSTANCE\tADDRESS\tNODE\tZONE\tWEIGHT\tSTATE\tMESH\n"),
         "{out}"
     );
     assert!(
-        out.lines().all(|line| line.split('\t').count() == 7),
-        "seven columns on every line: {out}"
+        out.lines().all(|line| line.split('\t').count() == 8),
+        "eight columns on every line: {out}"
     );
     let web = rows(&out, "web");
-    assert!(web.contains(&"web\tw1\t127.0.0.1:1\t-\t-\t1\tup"), "{out}");
+    assert!(web.contains(&"web\tw1\t127.0.0.1:1\t-\t-\t1\tup\t-"), "{out}");
     assert!(
-        web.contains(&"web\tNode-A\t127.0.0.1:2\t-\t-\t1\tup"),
+        web.contains(&"web\tNode-A\t127.0.0.1:2\t-\t-\t1\tup\t-"),
         "an id may have capitals: {out}"
     );
     assert!(
         web.contains(
-            &"web\ta/b\tinvalid: instance id \"a/b\" must be 1-253 characters of [A-Za-z0-9._:-]\t-\t-\t-\t-"
+            &"web\ta/b\tinvalid: instance id \"a/b\" must be 1-253 characters of [A-Za-z0-9._:-]\t-\t-\t-\t-\t-"
         ),
         "a nested key is the invalid id a/b: {out}"
     );
     assert!(
-        web.contains(&"web\tw3\tinvalid: port must be 1-65535\t-\t-\t-\t-"),
+        web.contains(&"web\tw3\tinvalid: port must be 1-65535\t-\t-\t-\t-\t-"),
         "{out}"
     );
     assert_eq!(
         rows(&out, "Upper"),
-        ["Upper\tu1\tinvalid: service name \"Upper\" is not a DNS label ([a-z0-9-], 1-63 characters, no leading or trailing '-')\t-\t-\t-\t-"],
+        ["Upper\tu1\tinvalid: service name \"Upper\" is not a DNS label ([a-z0-9-], 1-63 characters, no leading or trailing '-')\t-\t-\t-\t-\t-"],
         "{out}"
     );
 

@@ -6,6 +6,7 @@
 
 use super::balance::now_nanos;
 use super::service::StateCell;
+use super::tls::NodeIdentity;
 use crate::catalog::Protocol;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -72,15 +73,32 @@ impl ProxyView {
                 .as_ref()
                 .and_then(|state| {
                     let state = state.current();
+                    let trust_domain = state
+                        .context
+                        .mesh
+                        .as_ref()
+                        .map(|mesh| mesh.credentials.current().identity.trust_domain.clone());
                     state.with_backends(|set| {
                         set.backends()
                             .iter()
                             .map(|b| {
+                                // Reached through the mesh: the peer node's
+                                // inbound address and the identity it must show.
+                                let peer = b.mesh.zip(trust_domain.as_deref()).zip(b.node.as_ref()).map(
+                                    |((mesh, domain), node)| {
+                                        (
+                                            mesh.to_string(),
+                                            NodeIdentity::new(domain, node.as_str()).to_string(),
+                                        )
+                                    },
+                                );
                                 serde_json::json!({
                                     "id": b.id, "host": b.host, "port": b.port, "weight": b.weight,
                                     "zone": b.zone, "state": b.state.as_str(),
                                     "ejected": b.stats.is_ejected(now),
                                     "active_connections": b.stats.active.load(Ordering::Relaxed),
+                                    "mesh": peer.as_ref().map(|(mesh, _)| mesh),
+                                    "peer": peer.as_ref().map(|(_, identity)| identity),
                                 })
                             })
                             .collect()

@@ -29,12 +29,16 @@ impl NodeIdentity {
         let rest = uri.strip_prefix("spiffe://")?;
         let (trust_domain, path) = rest.split_once('/')?;
         let node = path.strip_prefix("node/")?;
-        let valid = |s: &str| {
-            !s.is_empty()
-                && s.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
-        };
-        (valid(trust_domain) && valid(node)).then(|| NodeIdentity::new(trust_domain, node))
+        let domain_ok = !trust_domain.is_empty()
+            && trust_domain
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+        // As `names::check_node_name` allows node names.
+        let node_ok = !node.is_empty()
+            && node
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+        (domain_ok && node_ok).then(|| NodeIdentity::new(trust_domain, node))
     }
 }
 
