@@ -682,6 +682,25 @@ async fn an_http_service_is_balanced_per_request_across_the_tunnel() {
         Some(1.0),
         "{seen_by_b}"
     );
+    // Node B's agent replaced by `loopmesh reload` (its successor binds the
+    // inbound listener beside it): A's next connection reaches web again.
+    let binary = env!("CARGO_BIN_EXE_loopmesh");
+    let state = dir.path().join("node-b");
+    let said = b
+        .run(&[binary, "reload", "--state-dir", state.to_str().unwrap()])
+        .unwrap();
+    let successor: u32 = said
+        .trim()
+        .strip_prefix("reloaded: pid ")
+        .and_then(|rest| rest.strip_suffix(" serves now"))
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    let _successor = common::Adopted(successor);
+    eventually("node A to reach web through B's new agent", || {
+        a.run(&["curl", "-sf", url])
+            .ok()
+            .filter(|body| body == "one\n" || body == "two\n")
+    });
     agent_a.stop();
-    agent_b.stop();
+    drop(agent_b);
 }

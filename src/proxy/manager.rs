@@ -180,7 +180,9 @@ impl MeshRunning {
     ) -> Result<MeshRunning, Error> {
         let inbound = match listen {
             Some(addr) => {
-                let listener = bind(addr, None, false)
+                // Shared (SO_REUSEPORT) so that a successor taking over
+                // binds beside it; this one closes at the hand-over.
+                let listener = bind(addr, None, true)
                     .and_then(tokio::net::TcpListener::from_std)
                     .map_err(|source| Error::Bind { addr, source })?;
                 let (trigger, watch) = drain::channel();
@@ -358,6 +360,9 @@ impl ProxyManager {
     /// when this returns; a successor holding them accepts on), leaving
     /// open connections to finish: the first half of a handover or a stop.
     pub async fn stop_accepting(&mut self) {
+        if let Some((_, inbound)) = self.mesh.as_ref().and_then(|mesh| mesh.inbound.as_ref()) {
+            inbound.signal();
+        }
         for running in self.running.values() {
             running.drain.signal();
         }
