@@ -636,6 +636,7 @@ impl Pipeline {
             render_failures: self.render_failures.clone(),
             proxy: self.proxy.as_ref().map(ProxyManager::view),
             dns: self.dns.as_ref().map(dns_status),
+            mesh: self.proxy.as_ref().and_then(ProxyManager::mesh_status),
         };
         self.status.publish(published);
         if self
@@ -888,6 +889,7 @@ pub async fn run_static(
             applied: true,
             proxy: Some(proxy.view()),
             dns: dns.as_ref().map(dns_status),
+            mesh: proxy.mesh_status(),
             ..Published::default()
         });
         ready.announce(crate::admin::Status::ready(status.as_ref()).0);

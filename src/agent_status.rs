@@ -3,6 +3,7 @@
 //! it after every pass; the admin server reads it whenever asked.
 
 use crate::admin::Status;
+use crate::proxy::tunnel::MeshStatus;
 use crate::proxy::ProxyView;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -32,7 +33,12 @@ pub struct Published {
     pub proxy: Option<ProxyView>,
     /// The DNS server, when on.
     pub dns: Option<DnsStatus>,
+    /// mTLS between nodes, when configured.
+    pub mesh: Option<MeshStatus>,
 }
+
+/// A certificate closer than this to its end is named in `/ready`.
+const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(14 * 86_400);
 
 #[derive(Clone, Debug)]
 pub struct DnsStatus {
@@ -119,6 +125,30 @@ impl Status for AgentStatus {
         if !dns_ok {
             reasons.push("the DNS server cannot listen".to_string());
         }
+        let mesh = now.mesh.as_ref().map(|mesh| {
+            let (identity, expires) = mesh.credentials();
+            let until = crate::proxy::tls::identity::format_utc(expires);
+            let left = expires
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            let warning = if left.is_zero() {
+                reasons.push(format!("the mesh certificate of {identity} expired at {until}"));
+                Some("expired: issue a new certificate".to_string())
+            } else if left < EXPIRY_WARNING {
+                Some(format!(
+                    "the certificate expires in {} day(s): issue a new one (it is reloaded without a restart)",
+                    left.as_secs() / 86_400
+                ))
+            } else {
+                None
+            };
+            serde_json::json!({
+                "identity": identity,
+                "listen": mesh.listen.map(|l| l.to_string()),
+                "certificate_expires": until,
+                "warning": warning,
+            })
+        });
         let ready = reasons.is_empty();
         let body = serde_json::json!({
             "ready": ready,
@@ -133,6 +163,7 @@ impl Status for AgentStatus {
             "dns": now.dns.as_ref().map(|dns| serde_json::json!({
                 "listen": dns.listen.to_string(), "listening": dns.listening, "serial": dns.serial,
             })),
+            "mesh": mesh,
         });
         (ready, body)
     }

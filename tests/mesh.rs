@@ -344,6 +344,27 @@ async fn an_app_reaches_a_loopback_only_backend_of_another_node_through_one_mtls
     eventually("node A to reach db on node B", || {
         (connect_from(a, &address, 7000, 1) == ["db-on-b"]).then_some(())
     });
+    // /ready names the node's identity and when its certificate ends.
+    let ready = b
+        .run(&["curl", "-s", &format!("http://{}/ready", agent_b.admin.unwrap())])
+        .unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    assert_eq!(
+        ready["mesh"]["identity"], "spiffe://test.mesh/node/node-b",
+        "{ready}"
+    );
+    assert!(
+        ready["mesh"]["certificate_expires"]
+            .as_str()
+            .unwrap()
+            .ends_with(" UTC"),
+        "{ready}"
+    );
+    assert_eq!(
+        ready["mesh"]["warning"],
+        serde_json::Value::Null,
+        "90 days left: {ready}"
+    );
     // The node's routes say how the backend is reached.
     let binary = env!("CARGO_BIN_EXE_loopmesh");
     let routes = a
@@ -531,7 +552,7 @@ async fn rotated_certificates_keep_open_streams_and_new_streams_present_the_new_
     use std::io::BufRead;
     output.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "open");
-    // Node A's certificate rotated: a shorter one, issued anew.
+    // Node A's certificate rotated: a short one, issued anew.
     let binary = env!("CARGO_BIN_EXE_loopmesh");
     let ca = certs.dir.join("ca");
     must(&[
@@ -545,10 +566,22 @@ async fn rotated_certificates_keep_open_streams_and_new_streams_present_the_new_
         "--out",
         certs.dir.to_str().unwrap(),
         "--days",
-        "30",
+        "5",
         "--force",
     ]);
     agent_a.wait_log("mesh: new credentials for spiffe://test.mesh/node/node-a loaded");
+    // /ready warns that it ends soon.
+    let ready = a
+        .run(&["curl", "-s", &format!("http://{}/ready", agent_a.admin.unwrap())])
+        .unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    assert!(
+        ready["mesh"]["warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("expires in 4 day(s)")),
+        "{ready}"
+    );
+    assert_eq!(ready["ready"], true, "a warning, not a reason");
     // New streams go over a new connection, which presents the new certificate.
     assert_eq!(connect_from(a, "127.100.9.9", 7000, 5), vec!["db-on-b"; 5]);
     let connections: Vec<String> = agent_b

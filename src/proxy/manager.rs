@@ -373,6 +373,14 @@ impl ProxyManager {
         }
     }
 
+    /// The mesh's identity, inbound address and certificate end, when on.
+    pub fn mesh_status(&self) -> Option<super::tunnel::MeshStatus> {
+        Some(super::tunnel::MeshStatus {
+            mesh: self.context.mesh.clone()?,
+            listen: self.settings.mesh_listen,
+        })
+    }
+
     /// Whether connections are forwarded in the kernel (asked for and
     /// available).
     pub fn kernel_forwarding(&self) -> bool {

@@ -35,6 +35,22 @@ pub struct Mesh {
 /// A peer's connection, made by whoever needs it first while the others wait.
 type PeerSlot = Arc<tokio::sync::Mutex<Option<Peer>>>;
 
+/// What the admin API shows of the mesh, read when asked (a rotation
+/// shows at once, with no pass of the agent's loop in between).
+#[derive(Clone, Debug)]
+pub struct MeshStatus {
+    pub mesh: Arc<Mesh>,
+    pub listen: Option<SocketAddr>,
+}
+
+impl MeshStatus {
+    /// The node's identity and when its certificate expires, now.
+    pub fn credentials(&self) -> (String, std::time::SystemTime) {
+        let current = self.mesh.credentials.current();
+        (current.identity.to_string(), current.expires)
+    }
+}
+
 /// One peer node's connection.
 #[derive(Debug)]
 struct Peer {
