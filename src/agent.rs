@@ -441,6 +441,7 @@ impl Pipeline {
         if let Some(proxy) = &mut self.proxy {
             reload_data_plane(proxy, &routes_dir(&self.config)).await;
             proxy.close_unused_inherited();
+            proxy.start_mesh()?;
             // The last known good table on disk counts as applied (stale).
             self.applied = proxy.listening_count() > 0 || !proxy.failed().is_empty();
         }
@@ -865,6 +866,7 @@ pub async fn run_static(
     succession::adopt(&mut inherited, Some(&mut proxy), dns.as_mut());
     reload_data_plane(&mut proxy, &routes).await;
     proxy.close_unused_inherited();
+    proxy.start_mesh()?;
     let (zone_tx, mut zone_wake) = mpsc::unbounded_channel();
     let _zone_watcher = match &mut dns {
         Some(dns) => {

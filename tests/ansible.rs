@@ -52,6 +52,35 @@ fn the_role_lints_and_applies_idempotently_into_a_temporary_root() {
     assert!(ok, "ansible-lint: {out}");
 
     let root = tempfile::tempdir().unwrap();
+    // Mesh credentials on the controller, as `loopmesh ca` makes them.
+    let certs = home.path().join("certs");
+    let ca = certs.join("ca");
+    for args in [
+        vec![
+            "ca",
+            "init",
+            "--trust-domain",
+            "test.mesh",
+            "--out",
+            ca.to_str().unwrap(),
+        ],
+        vec![
+            "ca",
+            "issue",
+            "--node",
+            "node-1",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--out",
+            certs.to_str().unwrap(),
+        ],
+    ] {
+        let made = Command::new(env!("CARGO_BIN_EXE_loopmesh"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    }
     let inventory = home.path().join("inventory.ini");
     std::fs::write(
         &inventory,
@@ -67,6 +96,11 @@ fn the_role_lints_and_applies_idempotently_into_a_temporary_root() {
         "loopmesh_proxy_kernel_forwarding": true,
         "loopmesh_proxy_kernel_forwarding_max_open": 12,
         "loopmesh_registrar_services": [{"service": "web", "port": 8080, "check": {"http": {"path": "/health"}}}],
+        "loopmesh_node": "node-1",
+        "loopmesh_mesh_cert_src": certs.join("node-1.pem"),
+        "loopmesh_mesh_key_src": certs.join("node-1.key"),
+        "loopmesh_mesh_bundle_src": certs.join("bundle.pem"),
+        "loopmesh_mesh_listen": "10.0.0.5:15008",
     })
     .to_string();
     let inventory = inventory.to_str().unwrap();
@@ -101,6 +135,9 @@ fn the_role_lints_and_applies_idempotently_into_a_temporary_root() {
         "etc/systemd/system/loopmesh-registrar.service",
         "etc/systemd/resolved.conf.d/loopmesh.conf",
         "etc/systemd/system/loopmesh-agent.service.d/kernel-forwarding.conf",
+        "etc/loopmesh/mesh/node.pem",
+        "etc/loopmesh/mesh/node.key",
+        "etc/loopmesh/mesh/bundle.pem",
     ] {
         assert!(root.path().join(file).is_file(), "{file} not installed");
     }
@@ -120,6 +157,23 @@ fn the_role_lints_and_applies_idempotently_into_a_temporary_root() {
     assert!(agent.proxy.kernel_forwarding);
     assert_eq!(agent.proxy.kernel_forwarding_max_open, 12);
     assert_eq!(agent.proxy.loopback_congestion, "cubic");
+    let mesh = agent.mesh.expect("the mesh section, given credentials");
+    assert_eq!(mesh.listen, Some("10.0.0.5:15008".parse().unwrap()));
+    assert_eq!(mesh.cert, root.path().join("etc/loopmesh/mesh/node.pem"));
+    let key = root.path().join("etc/loopmesh/mesh/node.key");
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(
+        key_mode & 0o777,
+        0o640,
+        "the key readable by the agent's group only"
+    );
+    // The files installed are credentials the agent accepts for this node.
+    let installed = loopmesh::proxy::tls::CredentialFiles {
+        cert: root.path().join("etc/loopmesh/mesh/node.pem"),
+        key,
+        bundle: root.path().join("etc/loopmesh/mesh/bundle.pem"),
+    };
+    loopmesh::proxy::tls::Credentials::load(installed, "node-1").unwrap();
     let registrar = root.path().join("etc/loopmesh/registrar.yaml");
     let check = Command::new(env!("CARGO_BIN_EXE_loopmesh"))
         .args(["registrar", "--check", "--config", registrar.to_str().unwrap()])

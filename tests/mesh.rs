@@ -59,6 +59,9 @@ struct Net {
 impl Net {
     fn create(count: usize) -> Net {
         assert_eq!(unsafe { libc::geteuid() }, 0, "network namespaces need root");
+        // One at a time: a /24 is free until its bridge has its address.
+        static CREATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = CREATING.lock().unwrap_or_else(|e| e.into_inner());
         let tag = format!(
             "{:x}{:x}",
             std::process::id() % 0xffff,
@@ -688,6 +691,9 @@ async fn an_http_service_is_balanced_per_request_across_the_tunnel() {
     // Node B serves the service before node A sends it anything (a stream
     // B refuses for a service it does not know yet counts as a failure of
     // the backend, and enough of them eject it).
+    let b_log = agent_b.log.clone();
+    let a_log = agent_a.log.clone();
+    let _explain = Explain(vec![a_log, b_log]);
     eventually("node B to know web", || {
         b.run(&[
             "curl",
@@ -736,4 +742,21 @@ async fn an_http_service_is_balanced_per_request_across_the_tunnel() {
     });
     agent_a.stop();
     drop(agent_b);
+}
+
+/// Prints the agents' logs if the test fails (panics) while it is held.
+struct Explain(Vec<PathBuf>);
+
+impl Drop for Explain {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for log in &self.0 {
+                eprintln!(
+                    "--- {}:\n{}",
+                    log.display(),
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+        }
+    }
 }

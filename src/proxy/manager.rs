@@ -291,20 +291,13 @@ impl ProxyManager {
                 Acceptor::spawn(budget.clone()).map_err(|source| Error::Worker { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mesh = match &settings.mesh {
-            Some(mesh) => {
-                let _on_worker = workers.enter(0);
-                Some(MeshRunning::start(mesh, settings.mesh_listen, &context)?)
-            }
-            None => None,
-        };
         Ok(ProxyManager {
             settings,
             workers,
             kernel,
             context,
             acceptors,
-            mesh,
+            mesh: None,
             running: HashMap::new(),
             wanted: BTreeMap::new(),
             view: ProxyView::default(),
@@ -312,6 +305,24 @@ impl ProxyManager {
             failed: BTreeMap::new(),
             inherited: HashMap::new(),
         })
+    }
+
+    /// Starts the mesh's inbound listener and the watch of its credential
+    /// files (apart from [`ProxyManager::new`], so that `loopmesh check`
+    /// reads the credentials without binding anything).
+    pub fn start_mesh(&mut self) -> Result<(), Error> {
+        let Some(mesh) = self.settings.mesh.clone() else {
+            return Ok(());
+        };
+        if self.mesh.is_none() {
+            let _on_worker = self.workers.enter(0);
+            self.mesh = Some(MeshRunning::start(
+                &mesh,
+                self.settings.mesh_listen,
+                &self.context,
+            )?);
+        }
+        Ok(())
     }
 
     /// Takes a predecessor's listeners: a service bound on one of their
