@@ -424,3 +424,71 @@ fn compile(route: &Route, context: &CompileContext, stats: &HashMap<&str, &Arc<B
     let spec = &route.spec;
     BackendSet::new(backends, spec.balance, spec.outlier, context.node_zone.clone())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::tls::{CredentialFiles, Credentials};
+    use crate::proxy::tunnel::Mesh;
+
+    /// A proxy's context on node-a, with the mesh on in `mode` (`None`: off).
+    fn context(dir: &std::path::Path, mode: Option<TlsMode>) -> CompileContext {
+        let mesh = mode.map(|mode| {
+            crate::ca::init("test.mesh", &dir.join("ca"), 30, false).unwrap();
+            crate::ca::issue(&dir.join("ca"), "node-a", dir, 30, false).unwrap();
+            let files = CredentialFiles {
+                cert: dir.join("node-a.pem"),
+                key: dir.join("node-a.key"),
+                bundle: dir.join("bundle.pem"),
+            };
+            Arc::new(Mesh::new(
+                "node-a",
+                Arc::new(Credentials::load(files, "node-a").unwrap()),
+                mode,
+            ))
+        });
+        CompileContext::new(None, None, None, Destination::Stderr, false, mesh)
+    }
+
+    /// The backends of a route with three instances: node-b's through the
+    /// mesh, node-b's without a mesh address, and one of this node.
+    fn compiled(context: &CompileContext, tls: &str) -> Vec<(String, Option<SocketAddr>)> {
+        let route: Route = serde_json::from_str(&format!(
+            r#"{{"service": "db", "address": "127.100.0.1", "spec": {{"port": 5432 {tls}}}, "backends": {{
+                "meshed": {{"host": "127.0.0.1", "port": 1, "node": "node-b", "mesh": "10.0.0.2:15008"}},
+                "direct": {{"host": "10.0.0.2", "port": 2, "node": "node-b"}},
+                "local": {{"host": "127.0.0.1", "port": 3, "node": "node-a", "mesh": "10.0.0.1:15008"}}}}}}"#
+        ))
+        .unwrap();
+        compile(&route, context, &HashMap::new())
+            .backends()
+            .iter()
+            .map(|b| (b.id.to_string(), b.mesh))
+            .collect()
+    }
+
+    #[test]
+    fn the_mode_decides_which_backends_ride_the_mesh() {
+        let peer: SocketAddr = "10.0.0.2:15008".parse().unwrap();
+        let owned = |list: &[(&str, Option<SocketAddr>)]| -> Vec<(String, Option<SocketAddr>)> {
+            list.iter().map(|(id, mesh)| (id.to_string(), *mesh)).collect()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let permissive = context(dir.path(), Some(TlsMode::Permissive));
+        // Another node's instance with a mesh address goes through it; one
+        // without goes directly; this node's own never tunnels to itself.
+        let expected = owned(&[("direct", None), ("local", None), ("meshed", Some(peer))]);
+        assert_eq!(compiled(&permissive, ""), expected);
+        // required: another node's instance without a mesh address is left out.
+        assert_eq!(
+            compiled(&permissive, r#", "tls": {"mode": "required"}"#),
+            owned(&[("local", None), ("meshed", Some(peer))])
+        );
+        // off: everything directly.
+        let direct = owned(&[("direct", None), ("local", None), ("meshed", None)]);
+        assert_eq!(compiled(&permissive, r#", "tls": {"mode": "off"}"#), direct);
+        // Without the mesh configured on this node, nothing tunnels.
+        let plain = context(dir.path(), None);
+        assert_eq!(compiled(&plain, ""), direct);
+    }
+}
