@@ -17,7 +17,8 @@ use std::task::{Context, Poll};
 pub enum UpstreamBody {
     Streamed {
         inner: Incoming,
-        counted: Arc<AtomicU64>,
+        /// Bytes sent, when the access log wants them.
+        counted: Option<Arc<AtomicU64>>,
     },
     Empty,
 }
@@ -33,7 +34,7 @@ impl Body for UpstreamBody {
         match self.get_mut() {
             UpstreamBody::Streamed { inner, counted } => {
                 let polled = Pin::new(inner).poll_frame(cx);
-                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                if let (Poll::Ready(Some(Ok(frame))), Some(counted)) = (&polled, counted) {
                     if let Some(data) = frame.data_ref() {
                         counted.fetch_add(data.len() as u64, Ordering::Relaxed);
                     }

@@ -19,61 +19,116 @@ pub struct Identity {
     pub trace_id: String,
 }
 
-/// Sets the identity headers of a request about to be forwarded from `client`.
-pub fn stamp(headers: &mut HeaderMap, client: IpAddr) -> Identity {
-    let request_id = match headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok()) {
-        Some(id) if !id.is_empty() => id.to_string(),
-        _ => {
+/// Sets the identity headers of a request about to be forwarded from
+/// `client`; gives the request and trace ids when `keep` (for the access
+/// log: otherwise nothing is copied out). Values are put together on the
+/// stack, one allocation each, as this runs for every request.
+pub fn stamp(headers: &mut HeaderMap, client: IpAddr, keep: bool) -> Option<Identity> {
+    let request_id = match headers.get(&REQUEST_ID).filter(|v| !v.is_empty()) {
+        Some(id) => keep.then(|| String::from_utf8_lossy(id.as_bytes()).into_owned()),
+        None => {
             let id = new_request_id();
-            headers.insert(
-                REQUEST_ID.clone(),
-                HeaderValue::from_str(&id).expect("hex is a valid header value"),
-            );
-            id
+            let kept = keep.then(|| String::from_utf8_lossy(id.as_bytes()).into_owned());
+            headers.insert(REQUEST_ID.clone(), id);
+            kept
         }
     };
     let parent = headers
         .get(&TRACEPARENT)
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_traceparent);
-    let (trace_id, flags) = match parent {
-        Some((trace_id, flags)) => (trace_id.to_string(), flags.to_string()),
+        .and_then(parse_traceparent)
+        .map(|(trace_id, flags)| {
+            let mut ids = [0u8; 34];
+            ids[..32].copy_from_slice(trace_id.as_bytes());
+            ids[32..].copy_from_slice(flags.as_bytes());
+            ids
+        });
+    let traceparent = match &parent {
+        Some(ids) => {
+            let (trace_id, flags) = ids.split_at(32);
+            let (trace_id, flags) = (
+                std::str::from_utf8(trace_id).unwrap_or(""),
+                std::str::from_utf8(flags).unwrap_or(""),
+            );
+            value(format_args!("00-{trace_id}-{:016x}-{flags}", nonzero()))
+        }
         None => {
             // A new trace: whatever tracestate came without a valid parent
             // belongs to nothing.
             headers.remove("tracestate");
-            (format!("{:016x}{:016x}", nonzero(), random()), "00".to_string())
+            value(format_args!(
+                "00-{:016x}{:016x}-{:016x}-00",
+                nonzero(),
+                random(),
+                nonzero()
+            ))
         }
     };
-    let traceparent = format!("00-{trace_id}-{:016x}-{flags}", nonzero());
-    headers.insert(
-        TRACEPARENT.clone(),
-        HeaderValue::from_str(&traceparent).expect("hex is a valid header value"),
-    );
-    append(headers, &X_FORWARDED_FOR, &client.to_string());
-    let node = match client {
-        IpAddr::V4(ip) => ip.to_string(),
-        IpAddr::V6(ip) => format!("\"[{ip}]\""),
-    };
-    append(headers, &FORWARDED, &format!("for={node};proto=http"));
-    Identity { request_id, trace_id }
+    let trace_id = keep.then(|| {
+        traceparent
+            .to_str()
+            .unwrap_or("")
+            .get(3..35)
+            .unwrap_or("")
+            .to_string()
+    });
+    headers.insert(TRACEPARENT.clone(), traceparent);
+    append(headers, &X_FORWARDED_FOR, format_args!("{client}"));
+    match client {
+        IpAddr::V4(ip) => append(headers, &FORWARDED, format_args!("for={ip};proto=http")),
+        IpAddr::V6(ip) => append(headers, &FORWARDED, format_args!("for=\"[{ip}]\";proto=http")),
+    }
+    Some(Identity {
+        request_id: request_id?,
+        trace_id: trace_id?,
+    })
 }
 
-/// Appends `value` to a comma-separated header, folding what is there.
-fn append(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
+/// A header value written on the stack, then copied once.
+fn value(args: std::fmt::Arguments<'_>) -> HeaderValue {
+    struct Stack {
+        bytes: [u8; 160],
+        len: usize,
+    }
+    impl std::fmt::Write for Stack {
+        fn write_str(&mut self, text: &str) -> std::fmt::Result {
+            let end = self.len + text.len();
+            let room = self.bytes.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+            room.copy_from_slice(text.as_bytes());
+            self.len = end;
+            Ok(())
+        }
+    }
+    let mut stack = Stack {
+        bytes: [0; 160],
+        len: 0,
+    };
+    if std::fmt::Write::write_fmt(&mut stack, args).is_ok() {
+        if let Ok(value) = HeaderValue::from_bytes(&stack.bytes[..stack.len]) {
+            return value;
+        }
+    }
+    // Longer than any value made here; never on the data path.
+    HeaderValue::from_str(&args.to_string()).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Appends a value to a comma-separated header, folding what is there.
+fn append(headers: &mut HeaderMap, name: &HeaderName, added: std::fmt::Arguments<'_>) {
     let existing: Vec<&str> = headers
         .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect();
     let folded = if existing.is_empty() {
-        value.to_string()
+        value(added)
     } else {
-        format!("{}, {value}", existing.join(", "))
+        let joined = format!("{}, {added}", existing.join(", "));
+        match HeaderValue::from_str(&joined) {
+            Ok(folded) => folded,
+            Err(_) => return,
+        }
     };
-    if let Ok(folded) = HeaderValue::from_str(&folded) {
-        headers.insert(name.clone(), folded);
-    }
+    headers.insert(name.clone(), folded);
 }
 
 /// A version-00 traceparent's trace id and flags, if it is well formed
@@ -102,18 +157,18 @@ fn nonzero() -> u64 {
 }
 
 /// A random version-4 UUID, the usual shape of a request id.
-fn new_request_id() -> String {
+fn new_request_id() -> HeaderValue {
     let (high, low) = (random(), random());
     let high = (high & !0xf000) | 0x4000;
     let low = (low & !(0b11 << 62)) | (0b10 << 62);
-    format!(
+    value(format_args!(
         "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
         high >> 32,
         (high >> 16) & 0xffff,
         high & 0xffff,
         low >> 48,
         low & 0xffff_ffff_ffff
-    )
+    ))
 }
 
 #[cfg(test)]
@@ -124,7 +179,7 @@ mod tests {
     fn a_request_without_identity_gets_one() {
         let mut headers = HeaderMap::new();
         headers.insert("tracestate", HeaderValue::from_static("orphan=1"));
-        let identity = stamp(&mut headers, "127.0.0.9".parse().unwrap());
+        let identity = stamp(&mut headers, "127.0.0.9".parse().unwrap(), true).unwrap();
         assert_eq!(identity.request_id.len(), 36);
         assert_eq!(headers[&REQUEST_ID], identity.request_id.as_str());
         let traceparent = headers[&TRACEPARENT].to_str().unwrap();
@@ -143,7 +198,8 @@ mod tests {
         headers.insert("tracestate", HeaderValue::from_static("congo=t61rcWkgMzE"));
         headers.insert("x-request-id", HeaderValue::from_static("abc"));
         headers.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        let identity = stamp(&mut headers, "127.0.0.9".parse().unwrap());
+        assert!(stamp(&mut headers.clone(), "127.0.0.9".parse().unwrap(), false).is_none());
+        let identity = stamp(&mut headers, "127.0.0.9".parse().unwrap(), true).unwrap();
         assert_eq!(identity.request_id, "abc");
         assert_eq!(identity.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         let traceparent = headers["traceparent"].to_str().unwrap();

@@ -253,17 +253,25 @@ impl Drop for OnBackend {
     }
 }
 
+/// What only the access log needs: copied out of a request only when it
+/// will be written.
+struct Logged {
+    path: Box<str>,
+    identity: Identity,
+}
+
 /// Everything recorded when a request's exchange ends.
 struct Exchange {
     state: Arc<ServiceState>,
     started: Instant,
     method: Method,
-    path: Box<str>,
-    identity: Identity,
+    /// What the access log says of the request, when it is written.
+    logged: Option<Logged>,
     status: u16,
     upstream: Option<Box<str>>,
     retries: u32,
-    bytes_in: Arc<AtomicU64>,
+    /// Request body bytes sent upstream (counted for the access log only).
+    bytes_in: Option<Arc<AtomicU64>>,
     /// Returned to its pool when the response was read to the end.
     checkout: Option<Checkout>,
     _on_backend: Option<OnBackend>,
@@ -282,21 +290,21 @@ impl Finish for Exchange {
         let metrics = self.state.shared.http_metrics();
         metrics.requests[usize::from(self.status / 100).clamp(1, 5) - 1].increment(1);
         metrics.duration.record(elapsed.as_secs_f64());
-        if http.access_log || self.state.context.access_log_all {
+        if let Some(logged) = &self.logged {
             if let Some(log) = self.state.context.access_log() {
                 log.write(access_log::Line {
                     service: self.state.name(),
                     method: self.method.as_str(),
-                    path: &self.path,
+                    path: &logged.path,
                     status: self.status,
                     duration: elapsed,
                     upstream: self.upstream.as_deref(),
-                    bytes_in: self.bytes_in.load(Ordering::Relaxed),
+                    bytes_in: self.bytes_in.as_ref().map_or(0, |n| n.load(Ordering::Relaxed)),
                     bytes_out,
                     complete,
                     retries: self.retries,
-                    request_id: &self.identity.request_id,
-                    trace_id: &self.identity.trace_id,
+                    request_id: &logged.identity.request_id,
+                    trace_id: &logged.identity.trace_id,
                 });
             }
         }
@@ -503,15 +511,18 @@ async fn handle(mut request: Request<Incoming>, client: &Client) -> Response<Res
     let upgrade = wants_upgrade(&request);
     let headers = request.headers_mut();
     strip_hop_by_hop(headers, upgrade);
-    let identity = identity::stamp(headers, client.peer.ip());
-    let path: Box<str> = request.uri().path().into();
-    let bytes_in = Arc::new(AtomicU64::new(0));
+    let logging = http.access_log || state.context.access_log_all;
+    let identity = identity::stamp(headers, client.peer.ip(), logging);
+    let logged = identity.map(|identity| Logged {
+        path: request.uri().path().into(),
+        identity,
+    });
+    let bytes_in = logging.then(|| Arc::new(AtomicU64::new(0)));
     let mut exchange = Exchange {
         state: state.clone(),
         started,
         method: request.method().clone(),
-        path,
-        identity,
+        logged,
         status: 0,
         upstream: None,
         retries: 0,
@@ -540,7 +551,10 @@ async fn handle(mut request: Request<Incoming>, client: &Client) -> Response<Res
         return refuse(Refusal::NoHealthyBackend, Some(exchange));
     };
     let key = request_hash(http, request.headers(), client.peer);
-    let replayable = !upgrade && is_idempotent(request.method()) && request.body().is_end_stream();
+    let replayable = http.retry.attempts > 0
+        && !upgrade
+        && is_idempotent(request.method())
+        && request.body().is_end_stream();
     let (parts, body) = request.into_parts();
     let mut upstream = Request::from_parts(
         parts,
