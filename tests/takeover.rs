@@ -31,6 +31,27 @@ struct Node {
     dns: SocketAddr,
 }
 
+/// A failing test shows every agent's log of the node (a successor that
+/// never serves says why there, if anywhere).
+impl Drop for Node {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .map(|dir| dir.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        logs.sort();
+        for log in logs.iter().filter(|p| p.extension().is_some_and(|e| e == "log")) {
+            eprintln!(
+                "--- {}:\n{}",
+                log.display(),
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+    }
+}
+
 impl Node {
     fn new(etcd: &Etcd, extra: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
