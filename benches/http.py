@@ -55,7 +55,8 @@ target/release/loopmesh, or $CARGO_TARGET_DIR/release/loopmesh),
 LOOPMESH_BENCH_ROUNDS (3), LOOPMESH_BENCH_SECONDS (8, c=1 and open loop
 half of it but at least 4), LOOPMESH_BENCH_ONLY (any of
 rps,c1,h2,open,reload; default all), LOOPMESH_BENCH_RATE (open-loop
-req/s), LOOPMESH_BENCH_OHA (path of oha).
+req/s), LOOPMESH_BENCH_OHA (path of oha), LOOPMESH_BENCH_LD_PRELOAD (an
+experiment: LD_PRELOAD for the loopmesh agent only, e.g. another malloc).
 """
 
 import os
@@ -87,6 +88,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _target_dir = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 BIN = os.environ.get("LOOPMESH_BENCH_BIN", os.path.join(_target_dir, "release", "loopmesh"))
 OHA = os.environ.get("LOOPMESH_BENCH_OHA") or shutil.which("oha") or os.path.expanduser("~/.cargo/bin/oha")
+# An experiment: another malloc for loopmesh alone, e.g. /usr/lib/x86_64-linux-gnu/libjemalloc.so.2.
+PRELOAD = os.environ.get("LOOPMESH_BENCH_LD_PRELOAD", "")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 # Each proxy listens on its own loopback address; the backend on 127.0.0.1.
@@ -248,6 +251,8 @@ http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 600s;
                 f"admin: {{enabled: true, listen: '127.0.0.1:{self.admin_port}'}}\n"
             )
         env = dict(os.environ, RUST_LOG="warn")
+        if PRELOAD:
+            env["LD_PRELOAD"] = PRELOAD
         cmd = [BIN, "agent", "--config", config, "--static", "--state-dir", state]
         proc = self.spawn(cmd, 1, env=env)
         for port in (H1_PORT, H2UP_PORT, SPLIT_PORT):
@@ -669,7 +674,7 @@ def report(results, idle_rss, reloads, metrics, rate, load_before, load_after, n
     def fmt(x, spec):
         return "—" if x != x else format(x, spec)
 
-    layout = "load generators + backend on cpu0, proxies on cpu1" if PIN else "unpinned"
+    layout = ("load generators + backend on cpu0, proxies on cpu1" if PIN else "unpinned") + (f", loopmesh with LD_PRELOAD={PRELOAD}" if PRELOAD else "")
     print(f"\nL7 HTTP benchmark, {ROUNDS} interleaved rounds of {SECONDS}s, layout: {layout}, one worker per proxy")
     print(f"load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     foreign, wall, busiest = noise
