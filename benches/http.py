@@ -80,6 +80,10 @@ import http.client  # noqa: E402
 import urllib.request  # noqa: E402
 
 ROUNDS = int(os.environ.get("LOOPMESH_BENCH_ROUNDS", "3"))
+# A section run while other processes took more than this share of the
+# machine is left out and run again, up to MAX_ROUNDS rounds in all.
+MAX_FOREIGN = float(os.environ.get("LOOPMESH_BENCH_MAX_FOREIGN", "0.05"))
+MAX_ROUNDS = int(os.environ.get("LOOPMESH_BENCH_MAX_ROUNDS", str(3 * ROUNDS)))
 SECONDS = int(os.environ.get("LOOPMESH_BENCH_SECONDS", "8"))
 PIN = bool(os.environ.get("LOOPMESH_BENCH_PIN"))
 ONLY = set(filter(None, os.environ.get("LOOPMESH_BENCH_ONLY", "rps,c1,h2,open,reload").split(",")))
@@ -365,10 +369,15 @@ class NoiseMonitor:
     that end between two samples lose their last half second."""
 
     def __init__(self):
-        self.seen = {}  # pid -> (start time, ticks at first sight, ticks at last sight, comm)
+        self.ticks = {}  # pid -> (start time, ticks at the last sample)
+        self.total = 0  # foreign ticks since the first sample
+        self.by_comm = {}
+        self.lock = threading.Lock()
         self.stop_flag = threading.Event()
         self.started = time.time()
         self.first = True
+        self.last_mark = (self.started, 0)
+        self.sample()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
@@ -385,35 +394,44 @@ class NoiseMonitor:
             comm = head.split("(", 1)[1]
             procs[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]), fields[19], comm)
         me = os.getpid()
-        for pid, (ppid, ticks, start, comm) in procs.items():
-            ancestor, hops = pid, 0
-            while ancestor not in (0, 1, 2, me) and hops < 64:
-                ancestor, hops = procs.get(ancestor, (0,))[0], hops + 1
-            if ancestor in (2, me) or pid in (me, 2):
-                continue
-            first = self.seen.get(pid)
-            if first and first[0] == start:
-                self.seen[pid] = (start, first[1], ticks, comm)
-            else:
-                # Started since the first sample: all its CPU counts.
-                self.seen[pid] = (start, ticks if self.first else 0, ticks, comm)
-        self.first = False
+        with self.lock:
+            for pid, (ppid, ticks, start, comm) in procs.items():
+                ancestor, hops = pid, 0
+                while ancestor not in (0, 1, 2, me) and hops < 64:
+                    ancestor, hops = procs.get(ancestor, (0,))[0], hops + 1
+                if ancestor in (2, me) or pid in (me, 2):
+                    continue
+                seen = self.ticks.get(pid)
+                if seen and seen[0] == start:
+                    grew = ticks - seen[1]
+                else:
+                    # Started since the first sample: all its CPU counts.
+                    grew = 0 if self.first else ticks
+                self.ticks[pid] = (start, ticks)
+                self.total += grew
+                self.by_comm[comm] = self.by_comm.get(comm, 0) + grew
+            self.first = False
 
     def run(self):
-        while not self.stop_flag.is_set():
+        while not self.stop_flag.wait(0.5):
             self.sample()
-            self.stop_flag.wait(0.5)
+
+    def mark(self):
+        """The share of the machine other processes took since the last mark."""
+        self.sample()
+        with self.lock:
+            now, total = time.time(), self.total
+            then, before = self.last_mark
+            self.last_mark = (now, total)
+        return (total - before) / TICKS / max(now - then, 1e-3) / os.cpu_count()
 
     def stop(self):
         """(foreign CPU-seconds, wall seconds, the busiest foreign commands)."""
         self.stop_flag.set()
         self.thread.join()
         self.sample()
-        by_comm = {}
-        for start, first, last, comm in self.seen.values():
-            by_comm[comm] = by_comm.get(comm, 0) + (last - first) / TICKS
-        busy = sorted(((v, k) for k, v in by_comm.items() if v >= 0.5), reverse=True)[:4]
-        return sum(by_comm.values()), time.time() - self.started, busy
+        busy = sorted(((v / TICKS, k) for k, v in self.by_comm.items() if v / TICKS >= 0.5), reverse=True)[:4]
+        return self.total / TICKS, time.time() - self.started, busy
 
 
 # --- load generators ------------------------------------------------------
@@ -544,49 +562,44 @@ def main():
 
         results = {name: {} for name in h2}
 
-        def record(name, key, value):
-            results[name].setdefault(key, []).append(value)
+        # Sections (HTTP/1.1, HTTP/2) during which other processes took more
+        # than MAX_FOREIGN of the machine are left out and run again.
+        clean = {"h1": 0, "h2": 0}
+        wanted = {"h1": ROUNDS if ONLY & {"rps", "c1", "open"} else 0, "h2": ROUNDS if "h2" in ONLY else 0}
+        noisy = {"h1": [], "h2": []}
+        attempt = 0
+        while any(clean[k] < wanted[k] for k in clean) and attempt < MAX_ROUNDS:
+            attempt += 1
+            for section in ("h1", "h2"):
+                if clean[section] >= wanted[section]:
+                    continue
+                pending = {name: {} for name in results}
 
-        for rnd in range(ROUNDS):
-            for name in h1:
-                if "rps" in ONLY:
-                    before = cpu_seconds(pids[name])
-                    r = wrk(h1[name], 50, SECONDS)
-                    cpu = cpu_seconds(pids[name]) - before
-                    record(name, "rps50", r["rps"])
-                    record(name, "p99_50", r["p99"])
-                    record(name, "errors", r["errors"])
-                    if pids[name]:
-                        record(name, "cpu50", cpu / SECONDS)
-                        record(name, "req_per_cpu_s", r["requests"] / cpu if cpu > 0 else float("nan"))
-                        record(name, "rss_loaded", rss_mib(pids[name]))
-                if "c1" in ONLY:
-                    r1 = wrk(h1[name], 1, max(4, SECONDS // 2))
-                    record(name, "p50_1", r1["p50"])
-                    record(name, "p99_1", r1["p99"])
-                    record(name, "errors", r1["errors"])
-                if "open" in ONLY:
-                    o = oha(h1[name], max(4, SECONDS // 2), rate)
-                    record(name, "open_p50", o["p50"])
-                    record(name, "open_p99", o["p99"])
-                    record(name, "open_p999", o["p999"])
-                    record(name, "open_rps", o["rps"])
-                    record(name, "errors", o["errors"])
-            for name in h2 if "h2" in ONLY else ():
-                before = cpu_seconds(pids[name])
-                r = h2load(h2[name], SECONDS)
-                cpu = cpu_seconds(pids[name]) - before
-                record(name, "h2_rps", r["rps"])
-                record(name, "h2_mean", r["mean"])
-                record(name, "h2_errors", r["errors"])
-                if pids[name]:
-                    record(name, "h2_req_per_cpu_s", r["requests"] / cpu if cpu > 0 else float("nan"))
-            print(f"round {rnd + 1}/{ROUNDS} done", file=sys.stderr)
+                def record(name, key, value):
+                    pending[name].setdefault(key, []).append(value)
+
+                monitor.mark()
+                if section == "h1":
+                    run_h1_section(h1, pids, rate, record)
+                else:
+                    run_h2_section(h2, pids, record)
+                foreign = monitor.mark()
+                if foreign > MAX_FOREIGN:
+                    noisy[section].append(foreign)
+                    print(f"{section} section of round {attempt}: other processes took {100 * foreign:.0f}% of the machine, left out", file=sys.stderr)
+                    continue
+                clean[section] += 1
+                for name, values in pending.items():
+                    for key, v in values.items():
+                        results[name].setdefault(key, []).extend(v)
+            print(f"round {attempt} done (clean: HTTP/1.1 {clean['h1']}/{wanted['h1']}, HTTP/2 {clean['h2']}/{wanted['h2']})", file=sys.stderr)
 
         reloads = {}
         if "reload" in ONLY:
             for name in ADDRS:
+                monitor.mark()
                 reloads[name] = split_under_load(setup, name)
+                reloads[name]["foreign"] = monitor.mark()
             metrics = setup.loopmesh_metrics()
         else:
             metrics = ""
@@ -594,7 +607,46 @@ def main():
         setup.stop()
     load_after = os.getloadavg()
     noise = monitor.stop()
-    report(results, idle_rss, reloads, metrics, rate, load_before, load_after, noise)
+    report(results, idle_rss, reloads, metrics, rate, load_before, load_after, noise, noisy, attempt)
+
+
+def run_h1_section(h1, pids, rate, record):
+    for name in h1:
+        if "rps" in ONLY:
+            before = cpu_seconds(pids[name])
+            r = wrk(h1[name], 50, SECONDS)
+            cpu = cpu_seconds(pids[name]) - before
+            record(name, "rps50", r["rps"])
+            record(name, "p99_50", r["p99"])
+            record(name, "errors", r["errors"])
+            if pids[name]:
+                record(name, "cpu50", cpu / SECONDS)
+                record(name, "req_per_cpu_s", r["requests"] / cpu if cpu > 0 else float("nan"))
+                record(name, "rss_loaded", rss_mib(pids[name]))
+        if "c1" in ONLY:
+            r1 = wrk(h1[name], 1, max(4, SECONDS // 2))
+            record(name, "p50_1", r1["p50"])
+            record(name, "p99_1", r1["p99"])
+            record(name, "errors", r1["errors"])
+        if "open" in ONLY:
+            o = oha(h1[name], max(4, SECONDS // 2), rate)
+            record(name, "open_p50", o["p50"])
+            record(name, "open_p99", o["p99"])
+            record(name, "open_p999", o["p999"])
+            record(name, "open_rps", o["rps"])
+            record(name, "errors", o["errors"])
+
+
+def run_h2_section(h2, pids, record):
+    for name in h2:
+        before = cpu_seconds(pids[name])
+        r = h2load(h2[name], SECONDS)
+        cpu = cpu_seconds(pids[name]) - before
+        record(name, "h2_rps", r["rps"])
+        record(name, "h2_mean", r["mean"])
+        record(name, "h2_errors", r["errors"])
+        if pids[name]:
+            record(name, "h2_req_per_cpu_s", r["requests"] / cpu if cpu > 0 else float("nan"))
 
 
 def split_under_load(setup, name):
@@ -644,7 +696,7 @@ def v1_share(host, port, n):
     return v1 / n
 
 
-def report(results, idle_rss, reloads, metrics, rate, load_before, load_after, noise):
+def report(results, idle_rss, reloads, metrics, rate, load_before, load_after, noise, noisy, attempts):
     names = [n for n in results if results[n]]
 
     def kept(name, key):
@@ -675,7 +727,7 @@ def report(results, idle_rss, reloads, metrics, rate, load_before, load_after, n
         return "—" if x != x else format(x, spec)
 
     layout = ("load generators + backend on cpu0, proxies on cpu1" if PIN else "unpinned") + (f", loopmesh with LD_PRELOAD={PRELOAD}" if PRELOAD else "")
-    print(f"\nL7 HTTP benchmark, {ROUNDS} interleaved rounds of {SECONDS}s, layout: {layout}, one worker per proxy")
+    print(f"\nL7 HTTP benchmark, {ROUNDS} clean interleaved rounds of {SECONDS}s wanted ({attempts} run), layout: {layout}, one worker per proxy")
     print(f"load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     foreign, wall, busiest = noise
     print(
@@ -683,6 +735,9 @@ def report(results, idle_rss, reloads, metrics, rate, load_before, load_after, n
         f"({100 * foreign / wall / os.cpu_count():.1f}% of the machine)"
         + (": " + ", ".join(f"{comm} {cpu:.1f}" for cpu, comm in busiest) if busiest else "")
     )
+    for section, shares in noisy.items():
+        if shares:
+            print(f"{section} sections left out for other processes' CPU: {len(shares)} ({', '.join(f'{100 * x:.0f}%' for x in shares)} of the machine)")
     for key in ("rps50", "h2_rps"):
         d = results["direct"].get(key, [])
         if len(d) >= 3:
@@ -737,11 +792,11 @@ def report(results, idle_rss, reloads, metrics, rate, load_before, load_after, n
             )
     if reloads:
         print("\nSplit changes under keep-alive load: wrk -t1 -c50 for 10 s, 100 changes at 10/s (v1 95% ↔ 50%)\n")
-        print("| target | how the split changes | changes | requests | req/s | socket errors | non-2xx | v1 share after, 95/5 set |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| target | how the split changes | changes | requests | req/s | socket errors | non-2xx | v1 share after, 95/5 set | others' CPU |")
+        print("|---|---|---|---|---|---|---|---|---|")
         how = {"loopmesh": "route file rewritten (static mode)", "haproxy": "config rewritten + SIGUSR2 (-W reload)", "nginx": "config rewritten + HUP"}
         for name, r in reloads.items():
-            print(f"| {name} | {how[name]} | {r['changes']} | {r['requests']} | {r['rps']:.0f} | {r['socket_errors']} | {r['non2xx']} | {100 * r['v1_share']:.1f}% |")
+            print(f"| {name} | {how[name]} | {r['changes']} | {r['requests']} | {r['rps']:.0f} | {r['socket_errors']} | {r['non2xx']} | {100 * r['v1_share']:.1f}% | {100 * r['foreign']:.0f}% |")
         wanted = ("loopmesh_http_requests_total", "loopmesh_http_retries_total", "loopmesh_http_refused_total", "loopmesh_proxy_ejections_total", "loopmesh_proxy_reloads_total")
         counts = [line for line in metrics.splitlines() if line.startswith(wanted) and not line.endswith(" 0")]
         if counts:
