@@ -83,7 +83,7 @@ ROUNDS = int(os.environ.get("LOOPMESH_BENCH_ROUNDS", "3"))
 # A section run while other processes took more than this share of the
 # machine is left out and run again, up to MAX_ROUNDS rounds in all.
 MAX_FOREIGN = float(os.environ.get("LOOPMESH_BENCH_MAX_FOREIGN", "0.05"))
-MAX_ROUNDS = int(os.environ.get("LOOPMESH_BENCH_MAX_ROUNDS", str(3 * ROUNDS)))
+MAX_ROUNDS = int(os.environ.get("LOOPMESH_BENCH_MAX_ROUNDS", str(2 * ROUNDS)))
 SECONDS = int(os.environ.get("LOOPMESH_BENCH_SECONDS", "8"))
 PIN = bool(os.environ.get("LOOPMESH_BENCH_PIN"))
 ONLY = set(filter(None, os.environ.get("LOOPMESH_BENCH_ONLY", "rps,c1,h2,open,reload").split(",")))
@@ -516,6 +516,8 @@ def oha(url, seconds, rate, conns=50):
 
 
 def main():
+    # A plain kill (or the end of a session) still stops the servers started here.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     if not os.path.exists(BIN):
         sys.exit(f"no loopmesh binary at {BIN}: cargo build --release (or set LOOPMESH_BENCH_BIN)")
     for tool in ("wrk", "haproxy", "nginx", "taskset") + (("h2load",) if "h2" in ONLY else ()):
@@ -567,6 +569,8 @@ def main():
         clean = {"h1": 0, "h2": 0}
         wanted = {"h1": ROUNDS if ONLY & {"rps", "c1", "open"} else 0, "h2": ROUNDS if "h2" in ONLY else 0}
         noisy = {"h1": [], "h2": []}
+        shares = {"h1": [], "h2": []}
+        results_all = {name: {} for name in h2}
         attempt = 0
         while any(clean[k] < wanted[k] for k in clean) and attempt < MAX_ROUNDS:
             attempt += 1
@@ -584,6 +588,10 @@ def main():
                 else:
                     run_h2_section(h2, pids, record)
                 foreign = monitor.mark()
+                for name, values in pending.items():
+                    for key, v in values.items():
+                        results_all[name].setdefault(key, []).extend(v)
+                shares[section].append(foreign)
                 if foreign > MAX_FOREIGN:
                     noisy[section].append(foreign)
                     print(f"{section} section of round {attempt}: other processes took {100 * foreign:.0f}% of the machine, left out", file=sys.stderr)
@@ -607,7 +615,15 @@ def main():
         setup.stop()
     load_after = os.getloadavg()
     noise = monitor.stop()
-    report(results, idle_rss, reloads, metrics, rate, load_before, load_after, noise, noisy, attempt)
+    # A section with fewer clean rounds than asked for is reported over all
+    # its rounds, and said so.
+    fallback = [section for section in clean if clean[section] < wanted[section]]
+    h2_keys = ("h2_rps", "h2_mean", "h2_errors", "h2_req_per_cpu_s")
+    for name in results:
+        for key, values in results_all[name].items():
+            if ("h2" if key in h2_keys else "h1") in fallback:
+                results[name][key] = values
+    report(results, idle_rss, reloads, metrics, rate, load_before, load_after, noise, noisy, attempt, shares, fallback)
 
 
 def run_h1_section(h1, pids, rate, record):
@@ -696,7 +712,7 @@ def v1_share(host, port, n):
     return v1 / n
 
 
-def report(results, idle_rss, reloads, metrics, rate, load_before, load_after, noise, noisy, attempts):
+def report(results, idle_rss, reloads, metrics, rate, load_before, load_after, noise, noisy, attempts, shares, fallback):
     names = [n for n in results if results[n]]
 
     def kept(name, key):
@@ -735,9 +751,10 @@ def report(results, idle_rss, reloads, metrics, rate, load_before, load_after, n
         f"({100 * foreign / wall / os.cpu_count():.1f}% of the machine)"
         + (": " + ", ".join(f"{comm} {cpu:.1f}" for cpu, comm in busiest) if busiest else "")
     )
-    for section, shares in noisy.items():
-        if shares:
-            print(f"{section} sections left out for other processes' CPU: {len(shares)} ({', '.join(f'{100 * x:.0f}%' for x in shares)} of the machine)")
+    for section in ("h1", "h2"):
+        if shares[section]:
+            kept = "ALL rounds kept (too few clean ones)" if section in fallback else f"{len(noisy[section])} left out (over {100 * MAX_FOREIGN:.0f}%)"
+            print(f"{section} sections, other processes' share of the machine per round: {', '.join(f'{100 * x:.0f}%' for x in shares[section])}; {kept}")
     for key in ("rps50", "h2_rps"):
         d = results["direct"].get(key, [])
         if len(d) >= 3:
