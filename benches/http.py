@@ -623,7 +623,13 @@ def main():
         for key, values in results_all[name].items():
             if ("h2" if key in h2_keys else "h1") in fallback:
                 results[name][key] = values
-    report(results, idle_rss, reloads, metrics, rate, load_before, load_after, noise, noisy, attempt, shares, fallback)
+    args = (results, idle_rss, reloads, metrics, rate, load_before, load_after, noise, noisy, attempt, shares, fallback)
+    # The raw figures, so that a report can be made again from them.
+    raw = os.path.join(tempfile.gettempdir(), f"loopmesh-http-bench-{os.getpid()}.json")
+    with open(raw, "w") as f:
+        json.dump(args, f)
+    print(f"raw figures: {raw} (report(*json.load(f)) prints the tables again)", file=sys.stderr)
+    report(*args)
 
 
 def run_h1_section(h1, pids, rate, record):
@@ -753,8 +759,8 @@ def report(results, idle_rss, reloads, metrics, rate, load_before, load_after, n
     )
     for section in ("h1", "h2"):
         if shares[section]:
-            kept = "ALL rounds kept (too few clean ones)" if section in fallback else f"{len(noisy[section])} left out (over {100 * MAX_FOREIGN:.0f}%)"
-            print(f"{section} sections, other processes' share of the machine per round: {', '.join(f'{100 * x:.0f}%' for x in shares[section])}; {kept}")
+            what = "ALL rounds kept (too few clean ones)" if section in fallback else f"{len(noisy[section])} left out (over {100 * MAX_FOREIGN:.0f}%)"
+            print(f"{section} sections, other processes' share of the machine per round: {', '.join(f'{100 * x:.0f}%' for x in shares[section])}; {what}")
     for key in ("rps50", "h2_rps"):
         d = results["direct"].get(key, [])
         if len(d) >= 3:
