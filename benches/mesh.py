@@ -38,10 +38,17 @@ Needs root (`ip netns`), wrk, iperf3, haproxy, nginx, stunnel4, and
 
 LOOPMESH_BENCH_ROUNDS (3), LOOPMESH_BENCH_SECONDS (8: the c=50 run; the
 others take half), LOOPMESH_BENCH_ONLY (rps,c1,churn,bulk),
+LOOPMESH_BENCH_OUT (a file for the raw per-round results, JSON),
 LOOPMESH_BENCH_BIN (the loopmesh binary), LOOPMESH_BENCH_PERF=DIR (after
 the rounds, `perf record -g` both agents under c=50 and under churn load,
 into DIR). Namespaces and the bridge are removed at the end, also on
 failure or SIGINT/SIGTERM.
+
+House rules built in: no measurement while another benchmark
+(benches/{http,l4,scale,restart,dns}.py) runs — the script waits, polling
+every 30 s, and throws away and repeats a round during which one was seen;
+a round where direct (c=50) moved more than 10% from its median is left
+out of the medians (the raw output keeps every round).
 """
 
 import json
@@ -60,6 +67,7 @@ SECONDS = int(os.environ.get("LOOPMESH_BENCH_SECONDS", "8"))
 PIN = bool(os.environ.get("LOOPMESH_BENCH_PIN"))
 ONLY = set(filter(None, os.environ.get("LOOPMESH_BENCH_ONLY", "rps,c1,churn,bulk").split(",")))
 PERF_DIR = os.environ.get("LOOPMESH_BENCH_PERF")
+OUT = os.environ.get("LOOPMESH_BENCH_OUT")  # a file for the raw per-round results (JSON)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("LOOPMESH_BENCH_BIN", os.path.join(ROOT, "target", "release", "loopmesh"))
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -395,16 +403,32 @@ def iperf(net, host, port, seconds):
     return end["bits_per_second"] / 1e9, end["bytes"]
 
 
+def other_benchmark_running():
+    return subprocess.run(["pgrep", "-f", OTHER_BENCHES], capture_output=True).returncode == 0
+
+
 def measure(net, setup, rounds):
+    """`rounds` clean rounds: a round during which another benchmark was
+    seen running (before any target or at its end) is thrown away and run
+    again once the other has finished."""
     results = {name: {} for name in TARGETS}
-
-    def record(name, key, value):
-        results[name].setdefault(key, []).append(value)
-
     short = max(3, SECONDS // 2)
-    for rnd in range(rounds):
+    done = attempts = 0
+    while done < rounds:
+        attempts += 1
+        if attempts > 3 * rounds:
+            raise RuntimeError("too many rounds disturbed by other benchmarks")
         wait_for_other_benchmarks()
+        this = {name: {} for name in TARGETS}
+        disturbed = False
+
+        def record(name, key, value):
+            this[name][key] = this[name].get(key, 0) + value if key == "errors" else value
+
         for name in TARGETS:
+            if other_benchmark_running():
+                disturbed = True
+                break
             host, port, ihost, iport = setup.target[name]
             sides = setup.pids.get(name, {})
             pids = list(sides.values())
@@ -442,27 +466,55 @@ def measure(net, setup, rounds):
                 record(name, "bulk1", gbps)
                 if pids:
                     record(name, "cpu_s_per_gb", spent / (nbytes / 1e9))
-        print(f"round {rnd + 1}/{rounds} done ({uptime()})", file=sys.stderr)
+        if disturbed or other_benchmark_running():
+            print(f"round thrown away: another benchmark ran during it ({uptime()})", file=sys.stderr)
+            continue
+        done += 1
+        for name in TARGETS:
+            for key, value in this[name].items():
+                results[name].setdefault(key, []).append(value)
+        print(f"round {done}/{rounds} done ({uptime()})", file=sys.stderr)
     return results
 
 
+def keep_steady_rounds(results):
+    """The protocol: drop a round where direct (c=50 req/s) moved more than
+    10% from its median over rounds. Returns the kept results and a note."""
+    direct = results["direct"].get("rps50", [])
+    if len(direct) < 3:
+        return results, "no round dropped"
+    mid = statistics.median(direct)
+    keep = [i for i, v in enumerate(direct) if abs(v - mid) <= 0.10 * mid]
+    dropped = [i + 1 for i in range(len(direct)) if i not in keep]
+    kept = {name: {key: [v[i] for i in keep] for key, v in keys.items()} for name, keys in results.items()}
+    note = f"dropped round(s) {dropped}: direct c=50 more than 10% from its median" if dropped else "no round dropped"
+    return kept, note
+
+
 def profile(net, setup, out_dir):
-    """perf record -g of both agents under keep-alive c=50 and under churn."""
+    """perf record -g of both agents under keep-alive c=50, churn and bulk."""
     os.makedirs(out_dir, exist_ok=True)
-    host, port, _, _ = setup.target["loopmesh-mtls"]
+    host, port, ihost, iport = setup.target["loopmesh-mtls"]
     sides = setup.pids["loopmesh-mtls"]
-    for load, extra, conns in (("c50", (), 50), ("churn", ("-H", "Connection: close"), 20)):
+    url = f"http://{host}:{port}/"
+    loads = {
+        "c50": lambda: wrk(net, url, 50, SECONDS),
+        "churn": lambda: wrk(net, url, 20, SECONDS, ("-H", "Connection: close")),
+        "bulk": lambda: iperf(net, ihost, iport, SECONDS),
+    }
+    for load, go in loads.items():
         perfs = [subprocess.Popen(["perf", "record", "-g", "-F", "999", "-p", str(pid), "-o",
                                    os.path.join(out_dir, f"{load}-{node}.data"), "--", "sleep", str(SECONDS)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for node, pid in sides.items()]
-        wrk(net, f"http://{host}:{port}/", conns, SECONDS, extra)
+        go()
         for p in perfs:
             p.wait()
-    print(f"perf data in {out_dir}", file=sys.stderr)
+    print(f"perf data in {out_dir} (perf report -i {out_dir}/c50-a.data --no-children)", file=sys.stderr)
 
 
-def report(results, started, ended):
+def report(all_results, started, ended):
+    results, note = keep_steady_rounds(all_results)
     def values(name, key):
         return results[name].get(key, [])
 
@@ -488,7 +540,7 @@ def report(results, started, ended):
     d = values("direct", "rps50")
     if d:
         spread = (max(d) - min(d)) / statistics.median(d)
-        print(f"direct c=50 moved {spread * 100:.0f}% across rounds (min-max over median)\n")
+        print(f"direct c=50 moved {spread * 100:.0f}% across the kept rounds (min-max over median); {note}\n")
     print("Medians over rounds (range); ratios are medians of the per-round ratios. CPU: the proxy processes of both nodes"
           " (loopmesh-plain: agent A alone, one proxy hop).\n")
     print("| target | req/s c=50 (range) | ×direct | ×HAProxy | p99 c=50 ms | req per CPU-s (range) | ×HAProxy | CPU µs/req A / B |")
@@ -514,8 +566,8 @@ def report(results, started, ended):
               f"| {fmt(med(name, 'conn_per_cpu_s'), '.0f')} | {fmt(ratio(name, 'conn_per_cpu_s', 'haproxy-mtls'), '.2f')} "
               f"| {sum(values(name, 'churn_errors'))} | {fmt(med(name, 'bulk1'), '.2f')} ({fmt(blo, '.2f')}-{fmt(bhi, '.2f')}) "
               f"| {fmt(ratio(name, 'bulk1', 'direct'), '.2f')} | {fmt(med(name, 'cpu_s_per_gb'), '.2f')} |")
-    print("\nraw per-round values:")
-    print(json.dumps(results, indent=None, sort_keys=True))
+    print("\nraw per-round values (every round, dropped ones too):")
+    print(json.dumps(all_results, indent=None, sort_keys=True))
 
 
 def main():
@@ -554,6 +606,9 @@ def main():
         if setup:
             setup.stop()
         net.destroy()
+    if OUT:
+        with open(OUT, "w") as f:
+            json.dump({"pinned": PIN, "seconds": SECONDS, "started": started, "ended": ended, "results": results}, f)
     report(results, started, ended)
 
 
