@@ -45,8 +45,9 @@ into DIR). Namespaces and the bridge are removed at the end, also on
 failure or SIGINT/SIGTERM.
 
 House rules built in: no measurement while another benchmark
-(benches/{http,l4,scale,restart,dns}.py) runs — the script waits, polling
-every 30 s, and throws away and repeats a round during which one was seen;
+(benches/{http,l4,scale,restart,dns}.py) or build (rustc) runs — the
+script waits, polling every 30 s, and throws away and repeats a round
+during which one was seen;
 a round where direct (c=50) moved more than 10% from its median is left
 out of the medians (the raw output keeps every round).
 """
@@ -97,12 +98,18 @@ def run(cmd, check=True):
     return out.stdout
 
 
+def other_benchmark_running():
+    """Another benchmark, or a build (rustc), running on the machine."""
+    return any(subprocess.run(cmd, capture_output=True).returncode == 0
+               for cmd in (["pgrep", "-f", OTHER_BENCHES], ["pgrep", "-x", "rustc"]))
+
+
 def wait_for_other_benchmarks():
-    """The house rule: no measurement while another benchmark runs."""
+    """The house rule: no measurement while another benchmark (or a build) runs."""
     said = False
-    while subprocess.run(["pgrep", "-f", OTHER_BENCHES], capture_output=True).returncode == 0:
+    while other_benchmark_running():
         if not said:
-            print("another benchmark is running; waiting (polling every 30 s)", file=sys.stderr)
+            print(f"another benchmark (or a build) is running; waiting, polling every 30 s ({uptime()})", file=sys.stderr)
             said = True
         time.sleep(30)
 
@@ -401,10 +408,6 @@ def iperf(net, host, port, seconds):
     out = run(net.wrap("a", ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-J"], 0), check=False)
     end = json.loads(out)["end"]["sum_received"]
     return end["bits_per_second"] / 1e9, end["bytes"]
-
-
-def other_benchmark_running():
-    return subprocess.run(["pgrep", "-f", OTHER_BENCHES], capture_output=True).returncode == 0
 
 
 def measure(net, setup, rounds):
