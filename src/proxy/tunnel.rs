@@ -21,6 +21,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
 
+/// How often an idle peer connection is checked with a PING.
+const PEER_PING: Duration = Duration::from_secs(30);
+/// How long a PING may go unanswered before the connection is given up.
+const PEER_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// The node's side of the mesh, shared by every service.
 #[derive(Debug)]
 pub struct Mesh {
@@ -193,7 +198,14 @@ impl Mesh {
             .connect(name, stream)
             .await
             .map_err(|err| failed(format!("mesh: TLS with {node} at {peer}: {err}")))?;
+        // PINGs while idle: a peer that went away (a node lost without a
+        // FIN) closes the connection within a minute, and the next stream
+        // makes a new one.
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(PEER_PING)
+            .keep_alive_timeout(PEER_PING_TIMEOUT)
+            .keep_alive_while_idle(true)
             .handshake(TokioIo::new(tls))
             .await
             .map_err(failed)?;
