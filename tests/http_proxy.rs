@@ -1115,3 +1115,28 @@ async fn a_route_may_send_to_another_service_and_a_slow_try_is_retried() {
     assert!(slow.hits("GET") >= 1, "round robin tried the slow backend");
     mesh.agent.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_with_no_other_backend_left_is_neither_made_nor_counted() {
+    let only = Backend::start("only").await;
+    let web = service_addr();
+    let mesh = Mesh::start("");
+    mesh.route("web", web, json!({}), &[(&only, &[])]);
+    let mut client = connected(web).await;
+    only.forget_hits();
+    only.status.store(503, Ordering::SeqCst);
+    for _ in 0..10 {
+        assert_eq!(client.get(web, "/", &[]).await.status(), 503);
+    }
+    assert_eq!(only.hits("GET"), 10, "each request sent once");
+    common::eventually_metrics(
+        mesh.agent.admin.unwrap(),
+        "the 503s counted, no retry",
+        &[
+            "loopmesh_http_requests_total{service=\"web\",code_class=\"5xx\"} 10",
+            "loopmesh_http_retries_total{service=\"web\"} 0",
+        ],
+    )
+    .await;
+    mesh.agent.stop();
+}

@@ -106,15 +106,16 @@ struct Client {
 }
 
 /// Hop-by-hop headers, which concern one connection and are not forwarded.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
+/// Names made once (a `&str` would be parsed again at every removal).
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
 ];
 
 /// Removes the hop-by-hop headers, and those `Connection` names; an upgrade
@@ -139,7 +140,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("trailers"));
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     if trailers {
@@ -608,7 +609,11 @@ async fn handle(mut request: Request<Incoming>, client: &Client) -> Response<Res
         let outcome = attempt(&target, backends, index, request, upgrade, per_try.min(remaining)).await;
         tried.push(index);
         let retry_statuses = &http.retry.statuses;
-        let may_retry = |exchange: &Exchange| exchange.retries < http.retry.attempts;
+        // A retry needs attempts left and another backend to send to; only
+        // then is it taken from the budget and counted.
+        let may_retry = |exchange: &Exchange, tried: &[usize]| {
+            exchange.retries < http.retry.attempts && backends.pick_among(key, tried, among).is_ok()
+        };
         match outcome {
             Attempt::Answered(response, checkout) => {
                 let status = response.status();
@@ -620,8 +625,7 @@ async fn handle(mut request: Request<Incoming>, client: &Client) -> Response<Res
                 }
                 if retry_statuses.contains(&status.as_u16())
                     && outgoing.replay.is_some()
-                    && may_retry(&exchange)
-                    && backends.pick_among(key, &tried, among).is_ok()
+                    && may_retry(&exchange, &tried)
                     && shared
                         .retry_budget
                         .try_retry(http.retry.budget_percent, http.retry.min_per_second)
@@ -646,7 +650,7 @@ async fn handle(mut request: Request<Incoming>, client: &Client) -> Response<Res
                 last = refusal;
                 outgoing.request = request;
                 // It never reached a backend: safe to send elsewhere, whatever the method.
-                if may_retry(&exchange)
+                if may_retry(&exchange, &tried)
                     && shared
                         .retry_budget
                         .try_retry(http.retry.budget_percent, http.retry.min_per_second)
@@ -665,7 +669,7 @@ async fn handle(mut request: Request<Incoming>, client: &Client) -> Response<Res
                     refusal
                 };
                 if outgoing.replay.is_some()
-                    && may_retry(&exchange)
+                    && may_retry(&exchange, &tried)
                     && shared
                         .retry_budget
                         .try_retry(http.retry.budget_percent, http.retry.min_per_second)
