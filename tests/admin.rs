@@ -12,16 +12,6 @@ async fn get_json(addr: SocketAddr, path: &str) -> Option<(u16, serde_json::Valu
     Some((status, serde_json::from_str(&body).ok()?))
 }
 
-fn agent_config(dir: &std::path::Path, etcd: &Etcd) -> std::path::PathBuf {
-    let config = dir.join("agent.yaml");
-    let text = format!(
-        "store: {{etcd: {{endpoints: [{}], retry_max: 200ms}}}}\nstate_dir: state\n",
-        etcd.endpoint()
-    );
-    std::fs::write(&config, text).unwrap();
-    config
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_reports_readiness_routes_catalog_files_and_metrics() {
     let etcd = Etcd::start();
@@ -53,7 +43,7 @@ async fn the_agent_reports_readiness_routes_catalog_files_and_metrics() {
         .unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let config = agent_config(dir.path(), &etcd);
+    let config = common::agent_config(dir.path(), &etcd, "");
     let agent = Loopmesh::spawn(&["agent", "--config", config.to_str().unwrap()], dir.path());
     let admin = agent.admin.unwrap();
 

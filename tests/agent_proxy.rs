@@ -24,7 +24,7 @@ async fn a_change_reaches_the_data_plane_as_that_services_route_alone() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = agent_config(dir.path(), &etcd, "");
+    let config = common::agent_config(dir.path(), &etcd, "");
     let agent = Loopmesh::spawn(&["agent", "--config", config.to_str().unwrap()], dir.path());
     let (one, two, other) = (backend("one").await, backend("two").await, backend("other").await);
     let (changing, quiet) = (service_addr(), service_addr());
@@ -72,17 +72,6 @@ fn service_addr() -> SocketAddr {
         .unwrap()
 }
 
-/// An agent config on `etcd` in `dir`, plus `extra` YAML.
-fn agent_config(dir: &Path, etcd: &Etcd, extra: &str) -> std::path::PathBuf {
-    let config = dir.join("agent.yaml");
-    let store = format!(
-        "store: {{etcd: {{endpoints: [{}], retry_max: 200ms}}}}\n",
-        etcd.endpoint()
-    );
-    std::fs::write(&config, format!("{store}state_dir: state\n{extra}")).unwrap();
-    config
-}
-
 fn instance(addr: SocketAddr) -> String {
     format!(r#"{{"host": "{}", "port": {}}}"#, addr.ip(), addr.port())
 }
@@ -92,7 +81,7 @@ async fn a_service_written_to_etcd_is_reachable_and_a_removed_one_drains() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = agent_config(dir.path(), &etcd, "proxy: {drain_timeout: 30s}\n");
+    let config = common::agent_config(dir.path(), &etcd, "proxy: {drain_timeout: 30s}\n");
     let _agent = Loopmesh::spawn(&["agent", "--config", config.to_str().unwrap()], dir.path());
 
     let (one, two) = (backend("one").await, backend("two").await);
@@ -316,7 +305,7 @@ async fn an_agent_started_with_etcd_down_serves_its_last_routing_table() {
     let mut etcd = Etcd::start();
     let mut client = etcd.client().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = agent_config(dir.path(), &etcd, "");
+    let config = common::agent_config(dir.path(), &etcd, "");
     let one = backend("one").await;
     let svc = service_addr();
     client
@@ -390,7 +379,7 @@ async fn a_service_on_the_agents_own_admin_or_dns_address_is_refused_and_the_nod
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = agent_config(dir.path(), &etcd, "");
+    let config = common::agent_config(dir.path(), &etcd, "");
     let agent = Loopmesh::spawn(&["agent", "--config", config.to_str().unwrap()], dir.path());
     let (admin, dns) = (agent.admin.unwrap(), agent.dns.unwrap());
     let svc = service_addr();

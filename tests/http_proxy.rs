@@ -1031,15 +1031,7 @@ async fn an_http_policy_written_to_etcd_routes_requests() {
     let (v1, v2) = (Backend::start("v1").await, Backend::start("v2").await);
     let web = service_addr();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("agent.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "store: {{etcd: {{endpoints: [{}]}}}}\nstate_dir: state\n",
-            etcd.endpoint()
-        ),
-    )
-    .unwrap();
+    let config = common::agent_config(dir.path(), &etcd, "");
     let agent = Loopmesh::spawn(&["agent", "--config", config.to_str().unwrap()], dir.path());
     store
         .put("/loopmesh/addresses/web", web.ip().to_string(), None)

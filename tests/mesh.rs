@@ -170,8 +170,8 @@ impl Certificates {
     }
 }
 
-/// A backend in a node that listens on the node's 127.0.0.1 only: says its
-/// id on a line, then echoes.
+/// A backend process in a node, on the node's 127.0.0.1 only (the echo
+/// backend says its id on a line, then echoes).
 struct EchoBackend {
     child: Child,
     port: u16,
@@ -199,8 +199,13 @@ while True:
 
 impl EchoBackend {
     fn start(node: &Node, id: &str) -> EchoBackend {
+        EchoBackend::run(node, ECHO, id)
+    }
+
+    /// Runs `script` (a Python server that prints its port first) in `node`.
+    fn run(node: &Node, script: &str, id: &str) -> EchoBackend {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &node.ns, "python3", "-c", ECHO, id])
+            .args(["netns", "exec", &node.ns, "python3", "-c", script, id])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -297,34 +302,93 @@ fn metric_value(text: &str, line_start: &str) -> Option<f64> {
         .and_then(|value| value.parse().ok())
 }
 
+/// Two nodes on a bridge, etcd on the bridge, the mesh's certificates, and
+/// an agent on each (node B's inbound listener up).
+struct TwoNodes {
+    net: Net,
+    etcd: Etcd,
+    store: etcd_client::Client,
+    dir: tempfile::TempDir,
+    certs: Certificates,
+    agent_a: Loopmesh,
+    agent_b: Loopmesh,
+}
+
+impl TwoNodes {
+    async fn start() -> TwoNodes {
+        let net = Net::create(2);
+        let etcd = Etcd::start_on(net.gateway);
+        let store = etcd.client().await;
+        let dir = tempfile::tempdir().unwrap();
+        let certs = Certificates::new(&dir.path().join("certs"), "test.mesh", &["node-a", "node-b"]);
+        let agent_a = agent(&net.nodes[0], "node-a", &etcd, &certs, dir.path());
+        let agent_b = agent(&net.nodes[1], "node-b", &etcd, &certs, dir.path());
+        agent_b.wait_log("mesh: inbound listener on");
+        TwoNodes {
+            net,
+            etcd,
+            store,
+            dir,
+            certs,
+            agent_a,
+            agent_b,
+        }
+    }
+}
+
+/// Puts service `service` at `address` with `spec`, its instances the
+/// given ports on node B's 127.0.0.1, reached through B's mesh address (the
+/// service last, so the first render has every instance).
+async fn register_on_b(
+    b: &Node,
+    store: &mut etcd_client::Client,
+    service: &str,
+    address: &str,
+    spec: &str,
+    instances: &[(&str, u16)],
+) {
+    store
+        .put(format!("/loopmesh/addresses/{service}"), address, None)
+        .await
+        .unwrap();
+    for (id, port) in instances {
+        let instance = format!(
+            "{{host: 127.0.0.1, port: {port}, node: node-b, mesh: '{}:15008'}}",
+            b.ip
+        );
+        store
+            .put(format!("/loopmesh/instances/{service}/{id}"), instance, None)
+            .await
+            .unwrap();
+    }
+    store
+        .put(format!("/loopmesh/services/{service}"), spec, None)
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_app_reaches_a_loopback_only_backend_of_another_node_through_one_mtls_tunnel() {
-    let net = Net::create(2);
+    let TwoNodes {
+        net,
+        etcd: _etcd,
+        mut store,
+        dir,
+        certs,
+        agent_a,
+        agent_b,
+    } = TwoNodes::start().await;
     let (a, b) = (&net.nodes[0], &net.nodes[1]);
-    let etcd = Etcd::start_on(net.gateway);
-    let mut store = etcd.client().await;
-    let dir = tempfile::tempdir().unwrap();
-    let certs = Certificates::new(&dir.path().join("certs"), "test.mesh", &["node-a", "node-b"]);
     let backend = EchoBackend::start(b, "db-on-b");
-    let agent_a = agent(a, "node-a", &etcd, &certs, dir.path());
-    let agent_b = agent(b, "node-b", &etcd, &certs, dir.path());
-    agent_b.wait_log("mesh: inbound listener on");
-    store
-        .put("/loopmesh/addresses/db", "127.100.9.9", None)
-        .await
-        .unwrap();
-    let instance = format!(
-        "{{host: 127.0.0.1, port: {}, node: node-b, mesh: '{}:15008'}}",
-        backend.port, b.ip
-    );
-    store
-        .put("/loopmesh/instances/db/b1", instance, None)
-        .await
-        .unwrap();
-    store
-        .put("/loopmesh/services/db", "{port: 7000}", None)
-        .await
-        .unwrap();
+    register_on_b(
+        b,
+        &mut store,
+        "db",
+        "127.100.9.9",
+        "{port: 7000}",
+        &[("b1", backend.port)],
+    )
+    .await;
 
     // The app in node A finds the service by name and reaches the backend
     // that listens on node B's loopback only.
@@ -504,32 +568,26 @@ except Exception as e:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rotated_certificates_keep_open_streams_and_new_streams_present_the_new_one() {
-    let net = Net::create(2);
+    let TwoNodes {
+        net,
+        etcd: _etcd,
+        mut store,
+        dir,
+        certs,
+        agent_a,
+        agent_b,
+    } = TwoNodes::start().await;
     let (a, b) = (&net.nodes[0], &net.nodes[1]);
-    let etcd = Etcd::start_on(net.gateway);
-    let mut store = etcd.client().await;
-    let dir = tempfile::tempdir().unwrap();
-    let certs = Certificates::new(&dir.path().join("certs"), "test.mesh", &["node-a", "node-b"]);
     let backend = EchoBackend::start(b, "db-on-b");
-    let agent_a = agent(a, "node-a", &etcd, &certs, dir.path());
-    let agent_b = agent(b, "node-b", &etcd, &certs, dir.path());
-    agent_b.wait_log("mesh: inbound listener on");
-    store
-        .put("/loopmesh/addresses/db", "127.100.9.9", None)
-        .await
-        .unwrap();
-    let instance = format!(
-        "{{host: 127.0.0.1, port: {}, node: node-b, mesh: '{}:15008'}}",
-        backend.port, b.ip
-    );
-    store
-        .put("/loopmesh/instances/db/b1", instance, None)
-        .await
-        .unwrap();
-    store
-        .put("/loopmesh/services/db", "{port: 7000}", None)
-        .await
-        .unwrap();
+    register_on_b(
+        b,
+        &mut store,
+        "db",
+        "127.100.9.9",
+        "{port: 7000}",
+        &[("b1", backend.port)],
+    )
+    .await;
     eventually("node A to reach db on node B", || {
         (connect_from(a, "127.100.9.9", 7000, 1) == ["db-on-b"]).then_some(())
     });
@@ -638,56 +696,32 @@ server.serve_forever()
 "#;
 
 fn http_backend(node: &Node, id: &str) -> EchoBackend {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &node.ns, "python3", "-c", HTTP_BACKEND, id])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    use std::io::BufRead;
-    std::io::BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    EchoBackend {
-        port: line.trim().parse().expect("the backend's port"),
-        child,
-    }
+    EchoBackend::run(node, HTTP_BACKEND, id)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_http_service_is_balanced_per_request_across_the_tunnel() {
-    let net = Net::create(2);
+    let TwoNodes {
+        net,
+        etcd: _etcd,
+        mut store,
+        dir,
+        certs: _,
+        agent_a,
+        agent_b,
+    } = TwoNodes::start().await;
     let (a, b) = (&net.nodes[0], &net.nodes[1]);
-    let etcd = Etcd::start_on(net.gateway);
-    let mut store = etcd.client().await;
-    let dir = tempfile::tempdir().unwrap();
-    let certs = Certificates::new(&dir.path().join("certs"), "test.mesh", &["node-a", "node-b"]);
     let (one, two) = (http_backend(b, "one"), http_backend(b, "two"));
-    let agent_a = agent(a, "node-a", &etcd, &certs, dir.path());
-    let agent_b = agent(b, "node-b", &etcd, &certs, dir.path());
-    agent_b.wait_log("mesh: inbound listener on");
-    store
-        .put("/loopmesh/addresses/web", "127.100.9.10", None)
-        .await
-        .unwrap();
-    for (id, backend) in [("one", &one), ("two", &two)] {
-        let instance = format!(
-            "{{host: 127.0.0.1, port: {}, node: node-b, mesh: '{}:15008'}}",
-            backend.port, b.ip
-        );
-        store
-            .put(format!("/loopmesh/instances/web/{id}"), instance, None)
-            .await
-            .unwrap();
-    }
-    store
-        .put(
-            "/loopmesh/services/web",
-            "{port: 8080, protocol: http, balance: round_robin}",
-            None,
-        )
-        .await
-        .unwrap();
+    let spec = "{port: 8080, protocol: http, balance: round_robin}";
+    register_on_b(
+        b,
+        &mut store,
+        "web",
+        "127.100.9.10",
+        spec,
+        &[("one", one.port), ("two", two.port)],
+    )
+    .await;
     // Node B serves the service before node A sends it anything (a stream
     // B refuses for a service it does not know yet counts as a failure of
     // the backend, and enough of them eject it).
@@ -728,12 +762,7 @@ async fn an_http_service_is_balanced_per_request_across_the_tunnel() {
     let said = b
         .run(&[binary, "reload", "--state-dir", state.to_str().unwrap()])
         .unwrap();
-    let successor: u32 = said
-        .trim()
-        .strip_prefix("reloaded: pid ")
-        .and_then(|rest| rest.strip_suffix(" serves now"))
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("{said}"));
+    let successor = common::reloaded_pid(&said).unwrap_or_else(|| panic!("{said}"));
     let _successor = common::Adopted(successor);
     eventually("node A to reach web through B's new agent", || {
         a.run(&["curl", "-sf", url])

@@ -185,15 +185,7 @@ async fn instances_are_listed_and_set_to_maintenance_and_routes_shown() {
 
     // A node's routes, from its agent.
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("agent.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "store: {{etcd: {{endpoints: [{}]}}}}\nstate_dir: state\n",
-            etcd.endpoint()
-        ),
-    )
-    .unwrap();
+    let config = common::agent_config(dir.path(), &etcd, "");
     let agent = Loopmesh::spawn(&["agent", "--config", config.to_str().unwrap()], dir.path());
     let admin = agent.admin.unwrap().to_string();
     let shown = eventually("the agent's routes", || {

@@ -618,12 +618,26 @@ pub fn reload(args: &[&str]) -> Result<u32, String> {
     if !ok {
         return Err(stderr);
     }
-    stdout
-        .trim()
+    reloaded_pid(&stdout).ok_or(stdout)
+}
+
+/// An agent config on `etcd` in `dir` (state in `dir/state`), plus `extra` YAML.
+pub fn agent_config(dir: &Path, etcd: &Etcd, extra: &str) -> PathBuf {
+    let config = dir.join("agent.yaml");
+    let store = format!(
+        "store: {{etcd: {{endpoints: [{}], retry_max: 200ms}}}}\n",
+        etcd.endpoint()
+    );
+    std::fs::write(&config, format!("{store}state_dir: state\n{extra}")).unwrap();
+    config
+}
+
+/// The successor's pid in what `loopmesh reload` printed.
+pub fn reloaded_pid(said: &str) -> Option<u32> {
+    said.trim()
         .strip_prefix("reloaded: pid ")
         .and_then(|rest| rest.strip_suffix(" serves now"))
         .and_then(|pid| pid.parse().ok())
-        .ok_or(stdout)
 }
 
 /// A TCP backend on a fresh loopback address that writes `id` and a

@@ -433,10 +433,7 @@ async fn attempt(
         let mut stale = 0;
         loop {
             // Pending while it waits for a connection (a free slot, a dial).
-            let waiting = pending.fetch_add(1, Ordering::Relaxed) + 1;
-            let counted = scopeguard(|| {
-                pending.fetch_sub(1, Ordering::Relaxed);
-            });
+            let (counted, waiting) = super::Held::count(pending);
             if http
                 .max_pending_requests
                 .is_some_and(|max| waiting > u64::from(max))
@@ -473,19 +470,6 @@ async fn attempt(
         Ok(attempt) => attempt,
         Err(_) => Attempt::Failed(Refusal::PerTryTimeout),
     }
-}
-
-/// Runs `f` when dropped.
-fn scopeguard(f: impl FnOnce()) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
-    }
-    Guard(Some(f))
 }
 
 /// Says once when a backend is ejected for repeated failures.

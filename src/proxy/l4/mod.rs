@@ -34,6 +34,18 @@ fn now_millis() -> u64 {
     now.tv_sec as u64 * 1000 + now.tv_nsec as u64 / 1_000_000
 }
 
+/// Resolves once `last` (a [`now_millis`] stamp, moved on by the copy) is
+/// `limit` in the past: the idle clock of both copies.
+async fn idle_for(last: &AtomicU64, limit: Duration) {
+    loop {
+        let quiet = Duration::from_millis(now_millis().saturating_sub(last.load(Ordering::Relaxed)));
+        if quiet >= limit {
+            return;
+        }
+        tokio::time::sleep(limit - quiet).await;
+    }
+}
+
 /// Serves one accepted connection to the end. L4 has nothing to say when a
 /// drain is signaled: the connection runs on until it ends by itself or the
 /// drain's deadline forces it closed.
@@ -83,16 +95,7 @@ async fn copy_tunneled(
         inner: tunnel,
         last: last.clone(),
     };
-    let idle_limit = state.spec.idle_timeout;
-    let idle = async {
-        loop {
-            let quiet = Duration::from_millis(now_millis().saturating_sub(last.load(Ordering::Relaxed)));
-            if quiet >= idle_limit {
-                return;
-            }
-            tokio::time::sleep(idle_limit - quiet).await;
-        }
-    };
+    let idle = idle_for(&last, state.spec.idle_timeout);
     tokio::select! {
         result = tokio::io::copy_bidirectional(&mut client, &mut tunnel) => {
             if let Ok((to_backend, to_client)) = result {
@@ -185,15 +188,7 @@ async fn copy(
                 splice::relay(&upstream, &client, &ended, touch, &watches[1])
             )
         };
-        let idle = async {
-            loop {
-                let quiet = Duration::from_millis(now_millis().saturating_sub(last.load(Ordering::Relaxed)));
-                if quiet >= idle_limit {
-                    return;
-                }
-                tokio::time::sleep(idle_limit - quiet).await;
-            }
-        };
+        let idle = idle_for(&last, idle_limit);
         // Ready when both directions wait for data with nothing held and
         // have carried enough, and the proxy is not busy; the relays change
         // that only when this task polls them, so it needs no waker of its
