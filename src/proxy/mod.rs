@@ -1,19 +1,22 @@
 //! The in-process proxy: one listener per service on its loopback address.
 //!
-//! The layout, bottom up; L7 (`http/`) and mTLS (`tls/`, the mesh's
-//! inbound listener) join it at the marked places without rewiring:
+//! The layout, bottom up:
 //! - [`drain`]: the two-phase drain (signal, then force at a deadline) that
 //!   listeners and connections watch.
 //! - [`balance`]: backend sets, policies, outlier ejection, fed by the
 //!   outcome of every connection.
-//! - [`connect`]: dial a backend with a timeout, try others (tunnels dial
-//!   here too, later).
+//! - [`tls`]: the node's mesh credentials and identities, allow lists.
+//! - [`tunnel`]: outbound through the mesh: CONNECT streams in one mTLS
+//!   connection per peer node.
+//! - [`connect`]: dial a backend with a timeout, directly or through a
+//!   tunnel, trying others on failure.
 //! - [`l4`]: the TCP relay and its plaintext fast paths (splice, kernel
 //!   forwarding), which only TCP services take.
 //! - [`service`]: a service's state, compiled from its route.
 //! - [`http`]: L7 for `protocol: http` services: per-request routing,
 //!   balancing, pooled upstream connections, retries, access log.
 //! - [`listener`]: bind, accept, dispatch on the service's protocol.
+//! - [`inbound`]: the mesh's listener, where other nodes' tunnels arrive.
 //! - [`manager`]: the pure [`plan`] from running to wanted, and
 //!   [`ProxyManager`], which applies it per change.
 //!
