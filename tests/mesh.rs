@@ -755,8 +755,15 @@ async fn an_http_service_is_balanced_per_request_across_the_tunnel() {
         Some(1.0),
         "{seen_by_b}"
     );
-    // Node B's agent replaced by `loopmesh reload` (its successor binds the
-    // inbound listener beside it): A's next connection reaches web again.
+    // Node B's agent replaced by `loopmesh reload`: its successor takes the
+    // inbound listening socket over (the same socket, so nothing waiting in
+    // its backlog is lost), and A's next connection reaches web again.
+    let listening = b.run(&["ss", "-Hltne", "sport = :15008"]).unwrap();
+    let inode = listening
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("ino:"))
+        .unwrap_or_else(|| panic!("B's inbound listener in ss: {listening}"))
+        .to_string();
     let binary = env!("CARGO_BIN_EXE_loopmesh");
     let state = dir.path().join("node-b");
     let said = b
@@ -764,6 +771,12 @@ async fn an_http_service_is_balanced_per_request_across_the_tunnel() {
         .unwrap();
     let successor = common::reloaded_pid(&said).unwrap_or_else(|| panic!("{said}"));
     let _successor = common::Adopted(successor);
+    let socket = format!("socket:[{inode}]");
+    let holds_it = std::fs::read_dir(format!("/proc/{successor}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .any(|target| target.to_str() == Some(socket.as_str()));
+    assert!(holds_it, "the successor holds B's inbound listener ({socket})");
     eventually("node A to reach web through B's new agent", || {
         a.run(&["curl", "-sf", url])
             .ok()
