@@ -266,12 +266,20 @@ fn connect_from(node: &Node, host: &str, port: u16, count: u32) -> Vec<String> {
 }
 
 /// An agent of `node` named `name`, on `etcd`, with the mesh on.
-fn agent(node: &Node, name: &str, etcd: &Etcd, certs: &Certificates, dir: &Path) -> Loopmesh {
+/// `mesh_extra` is added to its `mesh` section (`idle_timeout: 1s, `).
+fn agent(
+    node: &Node,
+    name: &str,
+    etcd: &Etcd,
+    certs: &Certificates,
+    dir: &Path,
+    mesh_extra: &str,
+) -> Loopmesh {
     let config = dir.join(format!("{name}.yaml"));
     std::fs::write(
         &config,
         format!(
-            "node: {name}\nstore: {{etcd: {{endpoints: [{}], retry_max: 200ms}}}}\nstate_dir: {}\nmesh: {{listen: '{}:15008', cert: {}, key: {}, bundle: {}}}\n",
+            "node: {name}\nstore: {{etcd: {{endpoints: [{}], retry_max: 200ms}}}}\nstate_dir: {}\nmesh: {{{mesh_extra}listen: '{}:15008', cert: {}, key: {}, bundle: {}}}\n",
             etcd.endpoint(),
             dir.join(name).display(),
             node.ip,
@@ -316,13 +324,18 @@ struct TwoNodes {
 
 impl TwoNodes {
     async fn start() -> TwoNodes {
+        TwoNodes::start_with("").await
+    }
+
+    /// With `a_mesh_extra` in node A's `mesh` section.
+    async fn start_with(a_mesh_extra: &str) -> TwoNodes {
         let net = Net::create(2);
         let etcd = Etcd::start_on(net.gateway);
         let store = etcd.client().await;
         let dir = tempfile::tempdir().unwrap();
         let certs = Certificates::new(&dir.path().join("certs"), "test.mesh", &["node-a", "node-b"]);
-        let agent_a = agent(&net.nodes[0], "node-a", &etcd, &certs, dir.path());
-        let agent_b = agent(&net.nodes[1], "node-b", &etcd, &certs, dir.path());
+        let agent_a = agent(&net.nodes[0], "node-a", &etcd, &certs, dir.path(), a_mesh_extra);
+        let agent_b = agent(&net.nodes[1], "node-b", &etcd, &certs, dir.path(), "");
         agent_b.wait_log("mesh: inbound listener on");
         TwoNodes {
             net,
@@ -694,6 +707,78 @@ server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 print(server.server_address[1], flush=True)
 server.serve_forever()
 "#;
+
+/// A client in a node that holds one connection to `host:port` open for
+/// 2 s (twice node A's idle timeout in the test below), opens a second one
+/// then, and checks an echo on both; prints both ids.
+const HOLDING_CLIENT: &str = r#"
+import socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+def open_one():
+    c = socket.create_connection((host, port), timeout=5)
+    f = c.makefile("rb")
+    return c, f, f.readline().decode().strip()
+def echoes(c, f):
+    c.sendall(b"ping\n")
+    return f.readline() == b"ping\n"
+held, held_f, first = open_one()
+time.sleep(2)
+other, other_f, second = open_one()
+print(first if echoes(held, held_f) else "-", second if echoes(other, other_f) else "-")
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_connection_idle_past_its_timeout_is_closed_and_a_busy_one_is_kept() {
+    let TwoNodes {
+        net,
+        etcd: _etcd,
+        mut store,
+        dir: _dir,
+        certs: _,
+        agent_a,
+        agent_b,
+    } = TwoNodes::start_with("idle_timeout: 1s, ").await;
+    let (a, b) = (&net.nodes[0], &net.nodes[1]);
+    let backend = EchoBackend::start(b, "db-on-b");
+    register_on_b(
+        b,
+        &mut store,
+        "db",
+        "127.100.9.11",
+        "{port: 7000}",
+        &[("b1", backend.port)],
+    )
+    .await;
+    eventually("node A to reach db on node B", || {
+        (connect_from(a, "127.100.9.11", 7000, 1) == ["db-on-b"]).then_some(())
+    });
+    let inbound = |agent: &Loopmesh| {
+        metric_value(&metrics(b, agent), "loopmesh_mesh_inbound_connections_total").unwrap_or(0.0)
+    };
+    let before = inbound(&agent_b);
+    // A stream held open past the idle timeout keeps its connection: a
+    // second stream opened then rides the same one.
+    let both = a
+        .run(&["python3", "-c", HOLDING_CLIENT, "127.100.9.11", "7000"])
+        .unwrap();
+    assert_eq!(both.trim(), "db-on-b db-on-b");
+    assert_eq!(
+        inbound(&agent_b),
+        before,
+        "no new TLS connection while a stream was open"
+    );
+    // Left without streams, A closes it (B sees no connection on 15008),
+    // and the next stream makes a new one.
+    eventually("node A to close the idle peer connection", || {
+        b.run(&["ss", "-Htn", "state", "established", "( sport = :15008 )"])
+            .ok()
+            .filter(|sockets| sockets.trim().is_empty())
+    });
+    assert_eq!(connect_from(a, "127.100.9.11", 7000, 1), ["db-on-b"]);
+    assert_eq!(inbound(&agent_b), before + 1.0);
+    agent_a.stop();
+    drop(agent_b);
+}
 
 fn http_backend(node: &Node, id: &str) -> EchoBackend {
     EchoBackend::run(node, HTTP_BACKEND, id)

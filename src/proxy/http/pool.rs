@@ -89,7 +89,7 @@ impl<T: hyper::rt::Read + hyper::rt::Write + Send + Unpin> Io for T {}
 pub fn io(upstream: super::super::connect::Upstream) -> Box<dyn Io> {
     match upstream {
         super::super::connect::Upstream::Tcp(stream) => Box::new(TokioIo::new(stream)),
-        super::super::connect::Upstream::Tunnel(stream) => Box::new(stream.into_inner()),
+        super::super::connect::Upstream::Tunnel(stream) => Box::new(TokioIo::new(stream)),
     }
 }
 
