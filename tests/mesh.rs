@@ -265,6 +265,76 @@ fn connect_from(node: &Node, host: &str, port: u16, count: u32) -> Vec<String> {
     .collect()
 }
 
+/// A CONNECT stream to the inbound listener at `inbound` (node B's) as
+/// node A, from this test's own rustls and hyper client: `authority`, and
+/// `service` in `x-loopmesh-service` when given. Says the status and then
+/// the first line the target sent, or the refusal's reason.
+async fn connect_stream(
+    certs: &Certificates,
+    inbound: std::net::SocketAddr,
+    authority: &str,
+    service: Option<&str>,
+) -> String {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::AsyncBufReadExt;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(certs.bundle()).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain = CertificateDer::pem_file_iter(certs.cert("node-a"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(certs.key("node-a")).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("node-b").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let mut request = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .uri(authority);
+    if let Some(service) = service {
+        request = request.header("x-loopmesh-service", service);
+    }
+    let request = request
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    if status != 200 {
+        let reason = response
+            .headers()
+            .get("x-loopmesh-error")
+            .map_or("", |v| v.to_str().unwrap());
+        return format!("{status} {reason}");
+    }
+    let upgraded = hyper::upgrade::on(response).await.unwrap();
+    let mut line = String::new();
+    tokio::io::BufReader::new(hyper_util::rt::TokioIo::new(upgraded))
+        .read_line(&mut line)
+        .await
+        .unwrap();
+    format!("{status} {}", line.trim())
+}
+
 /// An agent of `node` named `name`, on `etcd`, with the mesh on.
 /// `mesh_extra` is added to its `mesh` section (`idle_timeout: 1s, `).
 fn agent(
@@ -512,6 +582,28 @@ async fn an_app_reaches_a_loopback_only_backend_of_another_node_through_one_mtls
         "405",
         "the mesh's own certificate: in, but only CONNECT is served"
     );
+    // A CONNECT stream names its target as ip:port with the service in a
+    // header (as the proxy dials) or as service:port; nothing this node
+    // does not host is reachable.
+    let inbound_addr = std::net::SocketAddr::from((b.ip, 15008));
+    let target = format!("127.0.0.1:{}", backend.port);
+    let by_name = format!("db:{}", backend.port);
+    for (authority, service, answer) in [
+        (target.as_str(), Some("db"), "200 db-on-b"),
+        (by_name.as_str(), None, "200 db-on-b"),
+        (by_name.as_str(), Some("db"), "200 db-on-b"),
+        (target.as_str(), None, "400 no_service"),
+        (by_name.as_str(), Some("web"), "400 bad_target"),
+        ("db:1", None, "404 not_hosted_here"),
+        ("127.0.0.1:22", Some("db"), "404 not_hosted_here"),
+        ("nothing:7000", None, "404 not_hosted_here"),
+    ] {
+        assert_eq!(
+            connect_stream(&certs, inbound_addr, authority, service).await,
+            answer,
+            "CONNECT {authority} ({service:?})"
+        );
+    }
 
     // An allow list without node A: refused at B, counted, said once.
     store
