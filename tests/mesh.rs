@@ -889,7 +889,7 @@ async fn an_http_service_is_balanced_per_request_across_the_tunnel() {
     } = TwoNodes::start().await;
     let (a, b) = (&net.nodes[0], &net.nodes[1]);
     let (one, two) = (http_backend(b, "one"), http_backend(b, "two"));
-    let spec = "{port: 8080, protocol: http, balance: round_robin}";
+    let spec = "{port: 8080, protocol: http, balance: round_robin, http: {access_log: true, pool_idle_timeout: 500ms}}";
     register_on_b(
         b,
         &mut store,
@@ -931,6 +931,26 @@ async fn an_http_service_is_balanced_per_request_across_the_tunnel() {
         metric_value(&seen_by_b, "loopmesh_mesh_inbound_connections_total"),
         Some(1.0),
         "{seen_by_b}"
+    );
+    // Both ends log (to their stderr here): A each request, B each stream
+    // (once it ends: A's pooled upstream connection idles out) with the
+    // identity of the node that opened it.
+    let stream = eventually("B to log the stream's end", || {
+        std::fs::read_to_string(&agent_b.log)
+            .unwrap()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|line| line["kind"] == "mesh_inbound")
+    });
+    assert_eq!(stream["service"], "web", "{stream}");
+    assert_eq!(stream["caller"], "spiffe://test.mesh/node/node-a", "{stream}");
+    assert!(stream["bytes_out"].as_u64().unwrap() > 0, "{stream}");
+    let a_lines = std::fs::read_to_string(&agent_a.log).unwrap();
+    assert!(
+        a_lines
+            .lines()
+            .any(|line| line.contains("\"kind\":\"http\"") && line.contains("\"service\":\"web\"")),
+        "{a_lines}"
     );
     // Node B's agent replaced by `loopmesh reload`: its successor takes the
     // inbound listening socket over (the same socket, so nothing waiting in

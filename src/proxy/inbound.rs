@@ -11,16 +11,20 @@
 //! list admits only the callers it names.
 
 use super::drain;
+use super::http::access_log::StreamLine;
 use super::service::CompileContext;
 use super::tls::identity::allowed;
 use super::tls::{credentials::peer_identity, Credentials, NodeIdentity};
+use super::tunnel::{COPY_BUFFER, TLS_READ_BUFFER};
 use http_body_util::Empty;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -78,6 +82,7 @@ pub async fn serve(
 /// One peer's connection: handshake, identity, then its streams.
 async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, mut drain: drain::Watch) {
     let acceptor = tokio_rustls::TlsAcceptor::from(shared.credentials.current().server.clone());
+    let stream = tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, stream);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
@@ -110,7 +115,9 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, mu
         let shared = shared.clone();
         hyper::service::service_fn(move |request| {
             let (shared, caller) = (shared.clone(), caller.clone());
-            async move { Ok::<_, std::convert::Infallible>(stream_to_target(request, &shared, &caller).await) }
+            async move {
+                Ok::<_, std::convert::Infallible>(stream_to_target(request, &shared, &caller, peer).await)
+            }
         })
     };
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -154,6 +161,7 @@ async fn stream_to_target(
     mut request: Request<Incoming>,
     shared: &Shared,
     caller: &NodeIdentity,
+    peer: SocketAddr,
 ) -> Response<Empty<Bytes>> {
     if request.method() != Method::CONNECT {
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "connect_only");
@@ -216,13 +224,80 @@ async fn stream_to_target(
     };
     let _ = backend.set_nodelay(true);
     let upgrade = hyper::upgrade::on(&mut request);
-    let service = state.shared.name.clone();
+    let logged = (state.spec.http.access_log || state.context.access_log_all).then(|| caller_id.clone());
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
-        let mut backend = backend;
-        metrics::counter!("loopmesh_mesh_inbound_streams_total", "service" => service.to_string())
+        metrics::counter!("loopmesh_mesh_inbound_streams_total", "service" => state.name().to_string())
             .increment(1);
-        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut backend).await;
+        let started = std::time::Instant::now();
+        let mut backend = Counted {
+            inner: backend,
+            written: 0,
+            read: 0,
+        };
+        // Counted on the way, not from the copy's result: a stream the
+        // caller resets (its pooled connection closing) ends in an error.
+        let _ = tokio::io::copy_bidirectional_with_sizes(
+            &mut TokioIo::new(upgraded),
+            &mut backend,
+            COPY_BUFFER,
+            COPY_BUFFER,
+        )
+        .await;
+        if let (Some(caller), Some(log)) = (logged, state.context.access_log()) {
+            let (bytes_in, bytes_out) = (backend.written, backend.read);
+            log.write_stream(StreamLine {
+                service: state.name(),
+                caller: &caller,
+                peer,
+                target,
+                duration: started.elapsed(),
+                bytes_in,
+                bytes_out,
+            });
+        }
     });
     Response::new(Empty::new())
+}
+
+/// A backend connection that counts the bytes through it.
+struct Counted {
+    inner: TcpStream,
+    written: u64,
+    read: u64,
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(written)) = polled {
+            self.written += written as u64;
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

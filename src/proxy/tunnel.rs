@@ -24,6 +24,13 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
+/// Buffer of each direction of a tunneled stream's copy: TLS records carry
+/// up to 16 KiB, and a bulk stream moves in fewer, larger writes.
+pub const COPY_BUFFER: usize = 64 * 1024;
+/// Read buffer under a mesh connection's TLS: rustls reads 4 KiB a time
+/// from what it is given, so a bulk stream would cost a syscall per 4 KiB.
+pub const TLS_READ_BUFFER: usize = 64 * 1024;
+
 /// How often an idle peer connection is checked with a PING.
 const PEER_PING: Duration = Duration::from_secs(30);
 /// How long a PING may go unanswered before the connection is given up.
@@ -297,7 +304,7 @@ impl Mesh {
             .map_err(|_| failed(format!("mesh: node name {node:?} is not a DNS name")))?;
         let connector = tokio_rustls::TlsConnector::from(credentials.client.clone());
         let tls = connector
-            .connect(name, stream)
+            .connect(name, tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, stream))
             .await
             .map_err(|err| failed(format!("mesh: TLS with {node} at {peer}: {err}")))?;
         // PINGs while idle: a peer that went away (a node lost without a
