@@ -732,6 +732,7 @@ fn new_proxy(config: &AgentConfig) -> Result<ProxyManager, crate::proxy::Error> 
                 Arc::new(credentials),
                 mesh.default_mode,
                 mesh.idle_timeout,
+                mesh.max_streams_per_connection,
             )))
         }
         None => None,

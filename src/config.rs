@@ -360,6 +360,14 @@ pub struct MeshConfig {
     /// closed (the next stream makes a new one).
     #[serde(default = "default_mesh_idle_timeout", with = "crate::duration")]
     pub idle_timeout: Duration,
+    /// Streams one connection to a peer carries at once; past that a
+    /// second connection is made (1 to 4096, what the inbound listener takes).
+    #[serde(default = "default_mesh_max_streams")]
+    pub max_streams_per_connection: u32,
+}
+
+fn default_mesh_max_streams() -> u32 {
+    1000
 }
 
 fn default_mesh_idle_timeout() -> Duration {
@@ -653,6 +661,16 @@ impl AgentConfig {
                         ),
                     ));
                 }
+            }
+            let max = crate::proxy::tunnel::INBOUND_MAX_STREAMS;
+            if !(1..=max).contains(&mesh.max_streams_per_connection) {
+                return Err(invalid(
+                    "mesh.max_streams_per_connection",
+                    format!(
+                        "{} must be 1 to {max} (what a node's inbound listener takes on one connection)",
+                        mesh.max_streams_per_connection
+                    ),
+                ));
             }
         }
         Ok(())

@@ -872,6 +872,68 @@ async fn a_peer_connection_idle_past_its_timeout_is_closed_and_a_busy_one_is_kep
     drop(agent_b);
 }
 
+/// A client in a node that opens `count` connections to `host:port`, all
+/// held at once (each has read its id line), then checks an echo on each;
+/// prints how many answered.
+const MANY_AT_ONCE: &str = r#"
+import socket, sys
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+held = []
+for i in range(count):
+    c = socket.create_connection((host, port), timeout=10)
+    f = c.makefile("rb")
+    if f.readline().strip():
+        held.append((c, f))
+ok = 0
+for c, f in held:
+    c.sendall(b"ping\n")
+    ok += f.readline() == b"ping\n"
+print(ok)
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_past_a_connections_limit_go_on_a_second_connection() {
+    let TwoNodes {
+        net,
+        etcd: _etcd,
+        mut store,
+        dir: _dir,
+        certs: _,
+        agent_a,
+        agent_b,
+    } = TwoNodes::start_with("max_streams_per_connection: 300, ").await;
+    let (a, b) = (&net.nodes[0], &net.nodes[1]);
+    let backend = EchoBackend::start(b, "db-on-b");
+    register_on_b(
+        b,
+        &mut store,
+        "db",
+        "127.100.9.12",
+        "{port: 7000}",
+        &[("b1", backend.port)],
+    )
+    .await;
+    eventually("node A to reach db on node B", || {
+        (connect_from(a, "127.100.9.12", 7000, 1) == ["db-on-b"]).then_some(())
+    });
+    let inbound =
+        || metric_value(&metrics(b, &agent_b), "loopmesh_mesh_inbound_connections_total").unwrap_or(0.0);
+    let before = inbound();
+    // 450 at once: 300 on the first connection (more than the 200 streams
+    // hyper's server takes by default), the rest on a second one.
+    let answered = a
+        .run(&["python3", "-c", MANY_AT_ONCE, "127.100.9.12", "7000", "450"])
+        .unwrap();
+    assert_eq!(answered.trim(), "450");
+    assert_eq!(
+        inbound(),
+        before + 1.0,
+        "one more TLS connection for the streams past 300"
+    );
+    agent_a.stop();
+    drop(agent_b);
+}
+
 fn http_backend(node: &Node, id: &str) -> EchoBackend {
     EchoBackend::run(node, HTTP_BACKEND, id)
 }

@@ -15,7 +15,7 @@ use super::http::access_log::StreamLine;
 use super::service::CompileContext;
 use super::tls::identity::allowed;
 use super::tls::{credentials::peer_identity, Credentials, NodeIdentity};
-use super::tunnel::{COPY_BUFFER, TLS_READ_BUFFER};
+use super::tunnel::{COPY_BUFFER, INBOUND_MAX_STREAMS, TLS_READ_BUFFER};
 use http_body_util::Empty;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
@@ -121,6 +121,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, mu
         })
     };
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .max_concurrent_streams(INBOUND_MAX_STREAMS)
         .serve_connection(TokioIo::new(tls), service);
     tokio::pin!(connection);
     let finished = tokio::select! {

@@ -446,6 +446,7 @@ mod tests {
                 Arc::new(Credentials::load(files, "node-a").unwrap()),
                 mode,
                 std::time::Duration::from_secs(600),
+                1000,
             ))
         });
         CompileContext::new(None, None, None, Destination::Stderr, false, mesh)

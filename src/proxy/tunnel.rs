@@ -46,11 +46,17 @@ pub struct Mesh {
     pub default_mode: TlsMode,
     /// A peer connection without streams for this long is closed.
     idle_timeout: Duration,
+    /// Streams one peer connection carries at once before another is made.
+    max_streams: usize,
     peers: Mutex<HashMap<(SocketAddr, Box<str>), PeerSlot>>,
 }
 
-/// A peer's connection, made by whoever needs it first while the others wait.
-type PeerSlot = Arc<tokio::sync::Mutex<Option<Peer>>>;
+/// The most streams the inbound listener takes on one connection (hyper's
+/// default, 200, would hold the 201st application connection of a peer).
+pub const INBOUND_MAX_STREAMS: u32 = 4096;
+
+/// A peer's connections, made by whoever needs one while the others wait.
+type PeerSlot = Arc<tokio::sync::Mutex<Vec<Peer>>>;
 
 /// What the admin API shows of the mesh, read when asked (a rotation
 /// shows at once, with no pass of the agent's loop in between).
@@ -96,6 +102,10 @@ impl Streams {
             idle_since: 0.into(),
             made: Instant::now(),
         }
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
     }
 
     fn elapsed_ms(&self) -> u64 {
@@ -173,26 +183,16 @@ impl Mesh {
         credentials: Arc<Credentials>,
         default_mode: TlsMode,
         idle_timeout: Duration,
+        max_streams: u32,
     ) -> Mesh {
         Mesh {
             node: node.to_string(),
             credentials,
             default_mode,
             idle_timeout,
+            max_streams: max_streams.max(1) as usize,
             peers: Mutex::default(),
         }
-    }
-
-    /// Peer connections open now.
-    pub fn peer_connections(&self) -> usize {
-        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        peers
-            .values()
-            .filter(|peer| {
-                peer.try_lock()
-                    .map_or(true, |p| p.as_ref().is_some_and(|p| !p.sender.is_closed()))
-            })
-            .count()
     }
 
     /// Opens a stream to `target` (an instance of `service` that `node`
@@ -230,15 +230,16 @@ impl Mesh {
             .entry((peer, node.into()))
             .or_default()
             .clone();
-        let sender = {
-            // One connection per peer: whoever finds none makes it while
-            // the others wait for it.
+        let (mut sender, open) = {
+            // Streams go on the first connection with room; whoever finds
+            // none makes one while the others wait for it. Connections
+            // made with replaced credentials leave the list (new streams
+            // present the new certificate) and carry their streams to the end.
             let watched = Arc::downgrade(&slot);
-            let mut slot = slot.lock().await;
+            let mut peers = slot.lock().await;
             let credentials = self.credentials.current();
-            let usable = slot
-                .as_ref()
-                .filter(|p| !p.sender.is_closed() && Arc::ptr_eq(&p.made_with, &credentials));
+            peers.retain(|p| !p.sender.is_closed() && Arc::ptr_eq(&p.made_with, &credentials));
+            let usable = peers.iter().find(|p| p.streams.open() < self.max_streams);
             match usable {
                 Some(existing) => (existing.sender.clone(), OpenStream::new(&existing.streams)),
                 None => {
@@ -246,7 +247,7 @@ impl Mesh {
                     let streams = Arc::new(Streams::new());
                     let open = OpenStream::new(&streams);
                     tokio::spawn(close_when_idle(watched, streams.clone(), self.idle_timeout));
-                    *slot = Some(Peer {
+                    peers.push(Peer {
                         sender: sender.clone(),
                         made_with: credentials,
                         streams,
@@ -255,7 +256,6 @@ impl Mesh {
                 }
             }
         };
-        let (mut sender, open) = sender;
         sender.ready().await.map_err(failed)?;
         let request = Request::builder()
             .method(Method::CONNECT)
@@ -328,9 +328,9 @@ impl Mesh {
 
 /// Closes a peer connection once it has carried no stream for
 /// `idle_timeout` (its slot lets go of it: the connection ends when no
-/// sender is left), unless it was replaced or closed meanwhile.
+/// sender is left), unless it left the slot or closed meanwhile.
 async fn close_when_idle(
-    slot: std::sync::Weak<tokio::sync::Mutex<Option<Peer>>>,
+    slot: std::sync::Weak<tokio::sync::Mutex<Vec<Peer>>>,
     streams: Arc<Streams>,
     idle_timeout: Duration,
 ) {
@@ -338,15 +338,15 @@ async fn close_when_idle(
     loop {
         tokio::time::sleep(period).await;
         let Some(slot) = slot.upgrade() else { return };
-        let mut slot = slot.lock().await;
-        let Some(peer) = slot.as_ref().filter(|peer| Arc::ptr_eq(&peer.streams, &streams)) else {
+        let mut peers = slot.lock().await;
+        let Some(at) = peers.iter().position(|peer| Arc::ptr_eq(&peer.streams, &streams)) else {
             return;
         };
-        if peer.sender.is_closed() {
+        if peers[at].sender.is_closed() {
             return;
         }
         if streams.idle_for().is_some_and(|idle| idle >= idle_timeout) {
-            *slot = None;
+            peers.swap_remove(at);
             return;
         }
     }
