@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 /// A per-node service mesh: etcd catalog, rendered routes, loopback DNS and proxy.
 #[derive(Debug, Parser)]
-#[command(name = "loopmesh", version, about)]
+#[command(name = "loopmesh", version = crate::version::VERSION, about)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -91,6 +91,20 @@ pub enum Command {
     Ca {
         #[command(subcommand)]
         verb: CaVerb,
+    },
+    /// Print the shell completion script for bash, zsh or fish (the Debian
+    /// package installs them).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages, loopmesh(1) and one per subcommand, into a
+    /// directory (used to build the package).
+    #[command(hide = true)]
+    Man {
+        /// The directory (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
 }
 
@@ -460,6 +474,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     report.removed.len(),
                     report.unchanged
                 );
+            }
+            Command::Completions { shell } => crate::manual::print_completion(shell)?,
+            Command::Man { out } => {
+                for page in crate::manual::write_man_pages(&out)? {
+                    println!("wrote {}", page.display());
+                }
             }
         }
         Ok(())

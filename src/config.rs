@@ -769,18 +769,36 @@ pub fn validate_zone_name(zone: &str) -> Result<(), String> {
     }
 }
 
-/// The machine's hostname, or `localhost` if it cannot be read.
+/// The machine's hostname, or `localhost` if it cannot be read. From
+/// gethostname(2), not /proc/sys/kernel/hostname: the registrar's unit
+/// hides /proc/sys (`ProcSubset=pid`), and every node defaulting to
+/// `localhost` would give all of them the same instance ids.
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|name| name.trim().to_string())
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "localhost".into())
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let name = match unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } {
+        0 => {
+            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+            String::from_utf8_lossy(&buf[..end]).trim().to_string()
+        }
+        _ => String::new(),
+    };
+    if name.is_empty() {
+        "localhost".into()
+    } else {
+        name
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hostname_is_the_kernels_without_reading_proc() {
+        let proc = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(hostname(), proc.trim());
+    }
 
     fn parse(text: &str) -> Result<AgentConfig, String> {
         let dir = tempfile::tempdir().unwrap();

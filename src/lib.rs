@@ -22,7 +22,8 @@
 //! - [`agent`]: the control loop tying store, catalog and render together.
 //! - [`ca`]: `loopmesh ca`, a small CA making the node certificates of
 //!   mTLS between nodes for fleets without one.
-//! - [`cli`]: the `loopmesh` command line.
+//! - [`cli`]: the `loopmesh` command line; [`manual`] its man pages and
+//!   shell completions, [`version`] what `--version` says.
 
 pub mod addresses;
 pub mod admin;
@@ -36,6 +37,7 @@ pub mod dns;
 pub mod duration;
 pub mod http;
 pub mod limits;
+pub mod manual;
 pub mod memory;
 pub mod names;
 pub mod ops;
@@ -50,4 +52,5 @@ pub mod store;
 pub mod succession;
 pub mod systemd;
 pub mod takeover;
+pub mod version;
 pub mod yaml;

@@ -64,6 +64,14 @@ fn systemd_analyze_verify_accepts_the_units_and_rejects_a_broken_one() {
     let (ok, complaints) = verify(&units);
     assert!(ok, "systemd-analyze verify: {complaints}");
 
+    // The HAProxy recipe's reload pair (README, "Recipes").
+    let haproxy: Vec<PathBuf> = ["loopmesh-haproxy-reload.path", "loopmesh-haproxy-reload.service"]
+        .iter()
+        .map(|unit| repo().join("systemd/haproxy").join(unit))
+        .collect();
+    let (ok, complaints) = verify(&haproxy);
+    assert!(ok, "systemd-analyze verify on the HAProxy recipe: {complaints}");
+
     let broken = dir.path().join("loopmesh-broken.service");
     let text = std::fs::read_to_string(&units[0])
         .unwrap()
@@ -88,8 +96,17 @@ fn the_units_carry_the_promised_hardening() {
             "PrivateTmp=yes",
             "StateDirectory=loopmesh",
             "ConfigurationDirectory=loopmesh",
+            "PrivateMounts=yes",
+            "RemoveIPC=yes",
+            "SystemCallFilter=@system-service\n",
+            "SystemCallFilter=~@privileged @resources\n",
+            "SystemCallErrorNumber=EPERM",
         ] {
-            assert!(text.lines().any(|l| l.starts_with(line)), "{unit} lacks {line}");
+            let found = match line.strip_suffix('\n') {
+                Some(whole) => text.lines().any(|l| l == whole),
+                None => text.lines().any(|l| l.starts_with(line)),
+            };
+            assert!(found, "{unit} lacks {line}");
         }
     }
     let agent = std::fs::read_to_string(repo().join("systemd/loopmesh-agent.service")).unwrap();
@@ -115,6 +132,20 @@ fn the_units_carry_the_promised_hardening() {
         registrar.contains("\nCapabilityBoundingSet=\n"),
         "the registrar needs no capability"
     );
+    for line in ["ProtectProc=invisible", "ProcSubset=pid"] {
+        assert!(registrar.lines().any(|l| l == line), "the registrar lacks {line}");
+    }
+    // On the file catalog the registrar writes its instances there.
+    let catalog = loopmesh::config::StoreConfig::default().catalog_dir;
+    let writable = format!("ReadWritePaths=-{}", catalog.display());
+    assert!(
+        registrar.lines().any(|l| l == writable),
+        "the registrar lacks {writable}"
+    );
+    assert!(
+        !registrar.contains("SystemCallFilter=@chown"),
+        "only the agent chowns (template resources)"
+    );
     let resolved = std::fs::read_to_string(repo().join("systemd/resolved.conf.d/loopmesh.conf")).unwrap();
     let defaults = loopmesh::config::DnsConfig::default();
     assert!(
@@ -122,6 +153,50 @@ fn the_units_carry_the_promised_hardening() {
         "the drop-in points at the default DNS address"
     );
     assert!(resolved.contains(&format!("Domains=~{}\n", defaults.zone.trim_end_matches('.'))));
+}
+
+/// The overall exposure `systemd-analyze security --offline=yes` gives a
+/// unit file (0 to 10, lower is better).
+fn exposure(unit: &Path) -> f64 {
+    let output = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(unit)
+        .current_dir(unit.parent().unwrap())
+        .output()
+        .expect("systemd-analyze runs (apt-get install systemd)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .find(|line| line.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no overall exposure for {}: {text}", unit.display()));
+    let figure = line
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    figure.parse().unwrap_or_else(|_| panic!("{line}"))
+}
+
+#[test]
+fn the_units_are_no_more_exposed_than_the_readme_records() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for unit in copy_units(dir.path()) {
+        let name = unit.file_name().unwrap().to_string_lossy().into_owned();
+        let needle = format!("| `{name}` | ");
+        let recorded: f64 = readme
+            .lines()
+            .filter_map(|line| line.strip_prefix(&needle))
+            .find_map(|rest| rest.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("README records no exposure for {name} (a line starting {needle:?})"));
+        let measured = exposure(&unit);
+        assert!(
+            measured <= recorded,
+            "{name}: systemd-analyze security says {measured}, the README {recorded}"
+        );
+    }
 }
 
 /// Receives notify messages until one contains `wanted`.

@@ -659,3 +659,14 @@ pub async fn id_echo_backend(id: &str) -> SocketAddr {
     });
     addr
 }
+
+/// The path of `tool` on PATH; fails the test naming the Debian package
+/// that provides it (CI installs it: a test never passes without its tool).
+pub fn require_tool(tool: &str, package: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(tool))
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| panic!("{tool} is not installed: apt-get install -y {package}"))
+}
