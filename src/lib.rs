@@ -22,7 +22,10 @@
 //! - [`agent`]: the control loop tying store, catalog and render together.
 //! - [`ca`]: `loopmesh ca`, a small CA making the node certificates of
 //!   mTLS between nodes for fleets without one.
-//! - [`cli`]: the `loopmesh` command line.
+//! - [`cli`]: the `loopmesh` command line; [`ops`] its verbs on etcd and
+//!   on an agent's admin API.
+//! - [`admin`]: the admin API, with the [`status_page`]; [`logging`]:
+//!   stderr or the journal, the filter changed at run time.
 
 pub mod addresses;
 pub mod admin;
@@ -36,6 +39,7 @@ pub mod dns;
 pub mod duration;
 pub mod http;
 pub mod limits;
+pub mod logging;
 pub mod memory;
 pub mod names;
 pub mod ops;
@@ -46,6 +50,7 @@ pub mod render;
 pub mod routing;
 pub mod signal;
 pub mod state;
+pub mod status_page;
 pub mod store;
 pub mod succession;
 pub mod systemd;
