@@ -325,19 +325,20 @@ async fn logging(request: Request<Incoming>, peer: SocketAddr) -> Response<Full<
         .flat_map(|query| query.split('&'))
         .find_map(|pair| pair.strip_prefix("level="))
         .map(String::from);
-    let body =
-        match Limited::new(request.into_body(), LOGGING_BODY_LIMIT)
-            .collect()
-            .await
-        {
-            Ok(body) => String::from_utf8_lossy(&body.to_bytes()).trim().to_string(),
-            Err(err) => return text(
+    let body = match Limited::new(request.into_body(), LOGGING_BODY_LIMIT)
+        .collect()
+        .await
+    {
+        Ok(body) => String::from_utf8_lossy(&body.to_bytes()).trim().to_string(),
+        Err(err) => {
+            return text(
                 StatusCode::BAD_REQUEST,
                 format!(
                     "cannot read the filter (at most {LOGGING_BODY_LIMIT} bytes): {err}; the filter stays\n"
                 ),
-            ),
-        };
+            )
+        }
+    };
     let before = crate::logging::filter().unwrap_or_default();
     let result = match (level, body.strip_prefix("level=")) {
         (Some(level), _) => crate::logging::set_level(&level),
