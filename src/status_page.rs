@@ -176,7 +176,10 @@ pub fn render(status: &dyn Status, endpoints: &[(&str, &str)]) -> String {
         .into_iter()
         .flatten()
         .filter(|(name, value)| {
-            !matches!(name.as_str(), "ready" | "reasons") && !value.is_object() && !value.is_array()
+            !matches!(name.as_str(), "ready" | "reasons")
+                && !value.is_object()
+                && !value.is_array()
+                && !value.is_null()
         })
         .map(|(name, value)| format!("{}: {}", escape(name), escape(&plain(value))))
         .collect();
