@@ -615,12 +615,8 @@ async fn a_config_store_section_reaches_an_etcd_with_tls_and_a_password() {
         .put("/mesh/services/secure", "port: 443", None)
         .await
         .unwrap();
-    client.user_add("root", "root-secret", None).await.unwrap();
-    client.user_grant_role("root", "root").await.unwrap();
-    client.auth_enable().await.unwrap();
-
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("password"), "root-secret\n").unwrap();
+    common::enable_root_password(&mut client, dir.path()).await;
     let store = |endpoint: &str, password: &str| {
         format!(
             "store:\n  prefix: /mesh\n  etcd:\n    endpoints: [{endpoint}]\n    username: root\n    {password}\n    tls: {{ca_file: {}, cert_file: {}, key_file: {}}}\n",

@@ -154,16 +154,25 @@ mod tests {
         move |name| vars.iter().find(|(n, _)| *n == name).map(|(_, v)| v.to_string())
     }
 
-    fn config(text: &str) -> tempfile::TempDir {
+    /// A directory holding `agent.yaml` with `text`, and that file's path.
+    fn config(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("agent.yaml"), text).unwrap();
-        dir
+        let path = dir.path().join("agent.yaml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    /// `--config path` and nothing else.
+    fn only(path: &Path) -> Given<'_> {
+        Given {
+            config: Some(path),
+            ..Given::default()
+        }
     }
 
     #[test]
     fn the_flag_wins_then_loopmesh_etcd_then_etcdctl_endpoints_then_the_config() {
-        let dir = config("store: {prefix: /mesh, etcd: {endpoints: [\"http://10.0.0.9:2379\"], username: u, password: p}}\nstate_dir: state\ntemplates: []\n");
-        let path = dir.path().join("agent.yaml");
+        let (_dir, path) = config("store: {prefix: /mesh, etcd: {endpoints: [\"http://10.0.0.9:2379\"], username: u, password: p}}\nstate_dir: state\ntemplates: []\n");
         let both = env(&[
             (LOOPMESH_ETCD, "http://10.0.0.1:2379, http://10.0.0.2:2379"),
             (ETCDCTL_ENDPOINTS, "10.0.0.3:2379"),
@@ -183,10 +192,7 @@ mod tests {
         );
         assert_eq!(target.prefix, "/mesh", "the prefix from the config");
 
-        let no_flag = Given {
-            config: Some(&path),
-            ..Given::default()
-        };
+        let no_flag = only(&path);
         let target = resolve(&no_flag, &both).unwrap();
         assert_eq!(
             target.etcd.endpoints,
@@ -219,12 +225,9 @@ mod tests {
 
     #[test]
     fn config_paths_resolve_against_its_directory_and_tls_makes_bare_endpoints_https() {
-        let dir = config("store: {etcd: {endpoints: [\"https://e:2379\"], tls: {ca_file: ca.pem}}}\n");
-        let path = dir.path().join("agent.yaml");
-        let given = Given {
-            config: Some(&path),
-            ..Given::default()
-        };
+        let (dir, path) =
+            config("store: {etcd: {endpoints: [\"https://e:2379\"], tls: {ca_file: ca.pem}}}\n");
+        let given = only(&path);
         let target = resolve(&given, env(&[(ETCDCTL_ENDPOINTS, "e2:2379")])).unwrap();
         assert_eq!(target.etcd.endpoints, ["https://e2:2379"]);
         assert_eq!(target.etcd.tls.unwrap().ca_file, dir.path().join("ca.pem"));
@@ -239,12 +242,8 @@ mod tests {
             "{err}"
         );
 
-        let dir = config("store: {catalog_dir: catalog}\n");
-        let path = dir.path().join("agent.yaml");
-        let given = Given {
-            config: Some(&path),
-            ..Given::default()
-        };
+        let (_dir, path) = config("store: {catalog_dir: catalog}\n");
+        let given = only(&path);
         let err = resolve(&given, env(&[])).unwrap_err().to_string();
         assert!(err.contains("agent.yaml: its store has no etcd section"), "{err}");
 
@@ -256,12 +255,8 @@ mod tests {
             "store.etcd.endpoints from LOOPMESH_ETCD: \"10.0.0.1:2379\" is not a URL like http://127.0.0.1:2379; nothing done"
         );
 
-        let dir = config("store: {etcd: {endpoints: [\"http://e:2379\"], bogus: 1}}\n");
-        let path = dir.path().join("agent.yaml");
-        let given = Given {
-            config: Some(&path),
-            ..Given::default()
-        };
+        let (_dir, path) = config("store: {etcd: {endpoints: [\"http://e:2379\"], bogus: 1}}\n");
+        let given = only(&path);
         let err = resolve(&given, env(&[])).unwrap_err().to_string();
         assert!(err.contains("agent.yaml") && err.contains("bogus"), "{err}");
     }

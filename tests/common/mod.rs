@@ -630,6 +630,19 @@ pub async fn register_service(
         .unwrap();
 }
 
+/// Turns etcd's authentication on with the user `root`, whose password
+/// is [`ROOT_PASSWORD`], also written to `dir/password` for a config's
+/// `password_file`. The client is spent: etcd wants credentials from now.
+pub async fn enable_root_password(client: &mut etcd_client::Client, dir: &Path) {
+    client.user_add("root", ROOT_PASSWORD, None).await.unwrap();
+    client.user_grant_role("root", "root").await.unwrap();
+    client.auth_enable().await.unwrap();
+    std::fs::write(dir.join("password"), format!("{ROOT_PASSWORD}\n")).unwrap();
+}
+
+/// The password of [`enable_root_password`].
+pub const ROOT_PASSWORD: &str = "root-secret";
+
 /// Runs `loopmesh reload <args>`: the pid that serves now, or the error.
 #[allow(dead_code)]
 pub fn reload(args: &[&str]) -> Result<u32, String> {
