@@ -3,11 +3,12 @@
 //! mesh's trust bundle, then HTTP/2, each CONNECT stream one application
 //! connection to a backend this node hosts.
 //!
-//! A stream names its target as `ip:port` and its service in
-//! `x-loopmesh-service`; only an instance of that service registered by
-//! this node (its `node` is this node) at that address is reachable (never
-//! an arbitrary address: the listener is no open relay), and a service with
-//! an `allow` list admits only the callers it names.
+//! A stream names its target as `ip:port` with its service in
+//! `x-loopmesh-service` (as this proxy dials), or as `service:port`, the
+//! instance on that port; only an instance of that service registered by
+//! this node (its `node` is this node) is reachable (never an arbitrary
+//! address: the listener is no open relay), and a service with an `allow`
+//! list admits only the callers it names.
 
 use super::drain;
 use super::service::CompileContext;
@@ -128,6 +129,15 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, mu
     }
 }
 
+/// What a CONNECT stream asks for, among this node's instances of its service.
+#[derive(Clone, Copy)]
+enum Target {
+    /// `ip:port`, with the service in `x-loopmesh-service`.
+    Address(SocketAddr),
+    /// `service:port`: the instance on that port.
+    Port(u16),
+}
+
 /// An answer without a body, with why.
 fn refuse(status: StatusCode, reason: &'static str) -> Response<Empty<Bytes>> {
     let mut response = Response::new(Empty::new());
@@ -148,31 +158,39 @@ async fn stream_to_target(
     if request.method() != Method::CONNECT {
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "connect_only");
     }
-    let Some(target) = request
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-    else {
-        return refuse(StatusCode::BAD_REQUEST, "bad_target");
-    };
-    let Some(service) = request
+    let named = request
         .headers()
         .get(SERVICE_HEADER)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return refuse(StatusCode::BAD_REQUEST, "no_service");
+        .map(|v| v.to_str().unwrap_or_default());
+    let Some(authority) = request.uri().authority() else {
+        return refuse(StatusCode::BAD_REQUEST, "bad_target");
+    };
+    let (service, wanted) = match (authority.as_str().parse::<SocketAddr>(), named) {
+        (Ok(addr), Some(service)) => (service, Target::Address(addr)),
+        (Ok(_), None) => return refuse(StatusCode::BAD_REQUEST, "no_service"),
+        (Err(_), named) => match authority.port_u16() {
+            Some(port) if named.is_none_or(|named| named == authority.host()) => {
+                (authority.host(), Target::Port(port))
+            }
+            _ => return refuse(StatusCode::BAD_REQUEST, "bad_target"),
+        },
     };
     let Some(state) = shared.context.directory.find(service) else {
         return refuse(StatusCode::NOT_FOUND, "not_hosted_here");
     };
-    let hosted = state.backends().is_ok_and(|set| {
+    let hosted = state.backends().ok().and_then(|set| {
         set.backends()
             .iter()
-            .any(|b| b.addr == Some(target) && b.node.as_ref().is_some_and(|n| n.as_str() == shared.node))
+            .filter(|b| b.node.as_ref().is_some_and(|n| n.as_str() == shared.node))
+            .filter_map(|b| b.addr)
+            .find(|addr| match wanted {
+                Target::Address(wanted) => *addr == wanted,
+                Target::Port(port) => addr.port() == port,
+            })
     });
-    if !hosted {
+    let Some(target) = hosted else {
         return refuse(StatusCode::NOT_FOUND, "not_hosted_here");
-    }
+    };
     let caller_id = caller.to_string();
     let allow = &state.spec.allow;
     if !allow.is_empty() && !allow.iter().any(|pattern| allowed(pattern, &caller_id)) {
