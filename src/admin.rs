@@ -1,12 +1,14 @@
 //! The admin HTTP server of the agent and the registrar, on a loopback
-//! address: `/metrics` (Prometheus), `/live`, `/ready`, and JSON views of
-//! what the process is doing (routes, catalog, rendered files, instances).
+//! address: `/` (the endpoints, or a status page for a browser),
+//! `/metrics` (Prometheus), `/live`, `/ready`, `/logging` (the log filter,
+//! changed at run time as Envoy's `/logging` does) and JSON views of what
+//! the process is doing (routes, catalog, rendered files, instances).
 //!
 //! Plain hyper HTTP/1.1; everything it shows is read when asked, from state
 //! the daemon publishes (`Status`), so a scrape never waits on the daemon.
 
 use crate::limits::{ConnectionBudget, ADMIN_CONNECTIONS};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -30,9 +32,25 @@ pub trait Status: Send + Sync + 'static {
     fn ready(&self) -> (bool, serde_json::Value);
     /// The JSON view at `path` (`/routes`, `/catalog`...), if there is one.
     fn view(&self, path: &str) -> Option<serde_json::Value>;
-    /// The paths [`Status::view`] answers, for the index.
-    fn views(&self) -> &'static [&'static str];
+    /// The paths [`Status::view`] answers, each with what it shows, for
+    /// the index.
+    fn views(&self) -> &'static [(&'static str, &'static str)];
 }
+
+/// The endpoints every daemon serves, with what they do, for the index.
+const BUILT_IN: [(&str, &str); 5] = [
+    ("/", "this list; for a browser (Accept: text/html), the status page"),
+    ("/metrics", "Prometheus metrics"),
+    ("/live", "200 while the process runs"),
+    ("/ready", "200 once ready, else 503; the JSON body says why"),
+    (
+        "/logging",
+        "the log filter; POST ?level=LEVEL, or a filter (RUST_LOG syntax) as the body, changes it (loopback peers only)",
+    ),
+];
+
+/// The largest `/logging` body read: a filter is a line.
+const LOGGING_BODY_LIMIT: usize = 4096;
 
 /// Histogram buckets in seconds: 50 µs to 10 s, for connect, DNS, render
 /// and check latencies alike.
@@ -154,17 +172,15 @@ async fn run(
         }
     };
     fd.store(listener.as_raw_fd(), Ordering::Release);
-    tracing::info!(
-        "admin: listening on http://{addr} (/metrics /live /ready {})",
-        status.views().join(" ")
-    );
+    let paths: Vec<&str> = endpoints(status.as_ref()).iter().map(|(path, _)| *path).collect();
+    tracing::info!("admin: listening on http://{addr} ({})", paths.join(" "));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop.signaled() => break,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(err) => {
                 // Out of file descriptors and the like: back off, do not spin.
                 tracing::warn!("admin: accept failed: {err}");
@@ -183,8 +199,8 @@ async fn run(
         let (metrics, status) = (metrics.clone(), status.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let response = respond(&request, &metrics, status.as_ref());
-                async move { Ok::<_, Infallible>(response) }
+                let (metrics, status) = (metrics.clone(), status.clone());
+                async move { Ok::<_, Infallible>(respond(request, peer, &metrics, status.as_ref()).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -197,15 +213,47 @@ async fn run(
     fd.store(-1, Ordering::Release);
 }
 
-fn respond(
-    request: &Request<Incoming>,
+/// Every endpoint of a daemon with what it does: the built-in ones, then
+/// its views.
+fn endpoints(status: &dyn Status) -> Vec<(&'static str, &'static str)> {
+    let mut all = BUILT_IN.to_vec();
+    all.extend_from_slice(status.views());
+    all
+}
+
+async fn respond(
+    request: Request<Incoming>,
+    peer: SocketAddr,
     metrics: &PrometheusHandle,
     status: &dyn Status,
 ) -> Response<Full<Bytes>> {
+    if request.uri().path() == "/logging" {
+        return logging(request, peer).await;
+    }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
     }
     match request.uri().path() {
+        "/" if accepts_html(&request) => {
+            let mut response = text(
+                StatusCode::OK,
+                crate::status_page::render(status, &endpoints(status)),
+            );
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            response
+        }
+        "/" => {
+            let all = endpoints(status);
+            let width = all.iter().map(|(path, _)| path.len()).max().unwrap_or(0);
+            let index: String = all
+                .iter()
+                .map(|(path, what)| format!("{path:width$}  {what}\n"))
+                .collect();
+            text(StatusCode::OK, index)
+        }
         "/metrics" => {
             let mut response = text(StatusCode::OK, metrics.render());
             response.headers_mut().insert(
@@ -227,8 +275,7 @@ fn respond(
         path => match status.view(path) {
             Some(body) => json(StatusCode::OK, &body),
             None => {
-                let mut endpoints = vec!["/metrics", "/live", "/ready"];
-                endpoints.extend(status.views());
+                let endpoints: Vec<&str> = endpoints(status).iter().map(|(path, _)| *path).collect();
                 json(
                     StatusCode::NOT_FOUND,
                     &serde_json::json!({"error": format!("no endpoint {path}"), "endpoints": endpoints}),
@@ -236,6 +283,78 @@ fn respond(
             }
         },
     }
+}
+
+/// Whether the client asked for HTML (a browser does; curl does not).
+fn accepts_html(request: &Request<Incoming>) -> bool {
+    request
+        .headers()
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .any(|value| value.to_str().is_ok_and(|v| v.contains("text/html")))
+}
+
+/// `/logging`: GET gives the filter in force; POST or PUT sets it from
+/// `?level=LEVEL` or from the body (a filter in RUST_LOG syntax, or
+/// `level=LEVEL`). Only from loopback: the admin address may be bound
+/// wider for `/metrics`, but the log level is the node operator's. A bad
+/// level or filter is refused (400, one line) and the old one stays.
+async fn logging(request: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    if !peer.ip().to_canonical().is_loopback() {
+        return text(
+            StatusCode::FORBIDDEN,
+            format!("/logging answers loopback peers only, not {}\n", peer.ip()),
+        );
+    }
+    let answer = |result: Result<String, crate::logging::LoggingError>| match result {
+        Ok(filter) => text(StatusCode::OK, format!("{filter}\n")),
+        Err(err @ crate::logging::LoggingError::NotSetUp) => {
+            text(StatusCode::SERVICE_UNAVAILABLE, format!("{err}\n"))
+        }
+        Err(err) => text(StatusCode::BAD_REQUEST, format!("{err}\n")),
+    };
+    match *request.method() {
+        Method::GET | Method::HEAD => return answer(crate::logging::filter()),
+        Method::POST | Method::PUT => {}
+        _ => return text(StatusCode::METHOD_NOT_ALLOWED, "only GET, POST or PUT\n".into()),
+    }
+    let level = request
+        .uri()
+        .query()
+        .into_iter()
+        .flat_map(|query| query.split('&'))
+        .find_map(|pair| pair.strip_prefix("level="))
+        .map(String::from);
+    let body = match Limited::new(request.into_body(), LOGGING_BODY_LIMIT)
+        .collect()
+        .await
+    {
+        Ok(body) => String::from_utf8_lossy(&body.to_bytes()).trim().to_string(),
+        Err(err) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "cannot read the filter (at most {LOGGING_BODY_LIMIT} bytes): {err}; the filter stays\n"
+                ),
+            )
+        }
+    };
+    let before = crate::logging::filter().unwrap_or_default();
+    let result = match (level, body.strip_prefix("level=")) {
+        (Some(level), _) => crate::logging::set_level(&level),
+        (None, Some(level)) => crate::logging::set_level(level.trim()),
+        (None, None) if body.is_empty() => Err(crate::logging::LoggingError::Filter {
+            filter: String::new(),
+            reason: "give ?level=LEVEL or a filter as the body".to_string(),
+            current: before.clone(),
+        }),
+        (None, None) => crate::logging::set_filter(&body),
+    };
+    if let Ok(now) = &result {
+        // At warn, so the change is seen unless the new filter hides warnings.
+        tracing::warn!("admin: log filter changed from {before:?} to {now:?} by {peer}");
+    }
+    answer(result)
 }
 
 fn text(code: StatusCode, body: String) -> Response<Full<Bytes>> {

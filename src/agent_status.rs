@@ -196,7 +196,20 @@ impl Status for AgentStatus {
         }
     }
 
-    fn views(&self) -> &'static [&'static str] {
-        &["/routes", "/catalog", "/files"]
+    fn views(&self) -> &'static [(&'static str, &'static str)] {
+        &[
+            (
+                "/routes",
+                "every service: address, listener, backends with state and traffic (JSON)",
+            ),
+            (
+                "/catalog",
+                "node, store, revision, stale, refused keys, the zone served (JSON)",
+            ),
+            (
+                "/files",
+                "the rendered files and the last render's failures (JSON)",
+            ),
+        ]
     }
 }

@@ -1,11 +1,14 @@
 //! Command line: `loopmesh agent | check | render --once | registrar | set-state | ca`.
 //!
 //! Flag names follow the contract in DESIGN.md; they override the config
-//! file. Errors reach the operator as one line and a non-zero exit.
+//! file. Errors reach the operator as one line and a non-zero exit status
+//! that says what kind of failure it was ([`exit_code`]).
 
 use crate::agent::{self, Pipeline};
 use crate::config::{AgentConfig, Overrides};
-use crate::ops::Ops;
+use crate::ops::endpoints::{self, EndpointsError};
+use crate::ops::output::{self, Output};
+use crate::ops::{Ops, OpsError};
 use crate::registrar::config::{parse_state, RegistrarConfig};
 use crate::registrar::Registrar;
 use anyhow::Context;
@@ -15,6 +18,7 @@ use std::path::PathBuf;
 /// A per-node service mesh: etcd catalog, rendered routes, loopback DNS and proxy.
 #[derive(Debug, Parser)]
 #[command(name = "loopmesh", version = crate::version::VERSION, about)]
+#[command(after_help = EXIT_STATUS)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -67,9 +71,14 @@ pub enum Command {
     },
     /// Show a node's routes (from its agent's admin API).
     Routes {
-        /// The agent's admin address.
-        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9901")]
-        admin: std::net::SocketAddr,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// A node's readiness, then each backend with its state and traffic
+    /// (from its agent's admin API; the same as its status page).
+    Status {
+        #[command(flatten)]
+        node: NodeArgs,
     },
     /// Put one of this node's instances in maintenance or draining (or back up):
     /// writes the registrar's flag file, which the running registrar follows.
@@ -153,15 +162,92 @@ fn days(text: &str) -> Result<u32, String> {
     }
 }
 
-/// Where the ops verbs find etcd.
+/// The exit statuses, in `--help` and the man page.
+const EXIT_STATUS: &str = "Exit status:
+  0  success
+  1  failure: input or a config refused, or a command that failed
+  2  usage: an unknown flag or argument, or no etcd endpoints given
+  3  not found: the service, instance or key does not exist
+  4  unavailable: etcd or the agent's admin API could not be reached or
+     refused the request (connection, TLS, credentials, timeout)";
+
+/// Success (0).
+pub const EXIT_OK: u8 = 0;
+/// A failure of any other kind (1).
+pub const EXIT_FAILURE: u8 = 1;
+/// Usage (2): clap's own status for a bad command line, and no endpoints.
+pub const EXIT_USAGE: u8 = 2;
+/// Not found (3).
+pub const EXIT_NOT_FOUND: u8 = 3;
+/// Unavailable (4).
+pub const EXIT_UNAVAILABLE: u8 = 4;
+
+/// The exit status for an error, by its kind (see [`EXIT_STATUS`]).
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if let Some(EndpointsError::None) = cause.downcast_ref::<EndpointsError>() {
+            return EXIT_USAGE;
+        }
+        if let Some(err) = cause.downcast_ref::<OpsError>() {
+            return match err {
+                OpsError::Missing { .. } => EXIT_NOT_FOUND,
+                OpsError::Admin { .. } => EXIT_UNAVAILABLE,
+                OpsError::Store(crate::store::StoreError::Credentials { .. }) => EXIT_FAILURE,
+                OpsError::Store(_) => EXIT_UNAVAILABLE,
+                OpsError::Endpoints(EndpointsError::None) => EXIT_USAGE,
+                _ => EXIT_FAILURE,
+            };
+        }
+    }
+    EXIT_FAILURE
+}
+
+/// Where the ops verbs find etcd. Endpoints: --etcd, else LOOPMESH_ETCD,
+/// else ETCDCTL_ENDPOINTS, else the --config file's store.etcd.
 #[derive(Debug, Args)]
 pub struct EtcdArgs {
-    /// etcd endpoints, comma-separated.
+    /// etcd endpoints, comma-separated [default: $LOOPMESH_ETCD, else
+    /// $ETCDCTL_ENDPOINTS, else the --config file's].
     #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',', global = true)]
     pub etcd: Option<Vec<String>>,
-    /// Key prefix.
-    #[arg(long, value_name = "P", default_value = "/loopmesh", global = true)]
-    pub prefix: String,
+    /// Key prefix [default: the --config file's, else /loopmesh].
+    #[arg(long, value_name = "P", global = true)]
+    pub prefix: Option<String>,
+    /// An agent or registrar config whose store section (etcd endpoints,
+    /// TLS, credentials, prefix) to use.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    /// The etcd these flags, the environment and the config name.
+    fn ops(self) -> anyhow::Result<Ops> {
+        let given = endpoints::Given {
+            etcd: self.etcd,
+            prefix: self.prefix,
+            config: self.config.as_deref(),
+        };
+        let target = endpoints::resolve(&given, |name| std::env::var(name).ok()).map_err(OpsError::from)?;
+        Ok(Ops::new(target)?)
+    }
+}
+
+/// Where `routes` and `status` find the agent, and how they print.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// The agent's admin address.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9901")]
+    pub admin: std::net::SocketAddr,
+    #[command(flatten)]
+    pub output: OutputArg,
+}
+
+/// `-o table|json` of the listing verbs.
+#[derive(Debug, Args)]
+pub struct OutputArg {
+    /// table: aligned columns for people; json: one document for scripts.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+    pub output: Output,
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,10 +262,19 @@ pub enum ServiceVerb {
         #[arg(long, value_name = "FILE", conflicts_with = "value")]
         file: Option<PathBuf>,
     },
-    /// Print a service definition.
-    Get { name: String },
+    /// Print a service definition as stored (-o: its row as in list, or JSON).
+    Get {
+        name: String,
+        /// table: the row of `service list`; json: the row, the stored
+        /// value and the definition with its defaults [default: the value as stored].
+        #[arg(short = 'o', long = "output", value_enum)]
+        output: Option<Output>,
+    },
     /// List services with port, address and instance count.
-    List,
+    List {
+        #[command(flatten)]
+        output: OutputArg,
+    },
     /// Delete a service definition (its instances and address stay).
     Delete { name: String },
 }
@@ -187,7 +282,11 @@ pub enum ServiceVerb {
 #[derive(Debug, Subcommand)]
 pub enum InstanceVerb {
     /// List instances (of one service, or all) with their state.
-    List { service: Option<String> },
+    List {
+        service: Option<String>,
+        #[command(flatten)]
+        output: OutputArg,
+    },
     /// Set an instance's state: up, draining or maintenance. A registrar's
     /// instance (under a lease) is refused: use `loopmesh set-state` on its node.
     SetState {
@@ -308,28 +407,6 @@ impl AgentArgs {
     }
 }
 
-/// The log filter without `RUST_LOG`.
-const DEFAULT_LOG_FILTER: &str = "info,hickory_server=warn,hickory_proto=warn,hickory_net=warn";
-
-/// hickory's crates at warn, ahead of a configured level (later directives win).
-const HICKORY_AT_WARN: &str = "hickory_server=warn,hickory_proto=warn,hickory_net=warn";
-
-/// Sets up logging: `RUST_LOG` wins, else the config's `log_level`, else
-/// info; plain text for journald. hickory-server logs every DNS response at
-/// info, so its crates start at warn unless the level names them.
-pub fn init_logging(level: Option<&str>) {
-    let configured = level.map(|level| format!("{HICKORY_AT_WARN},{level}"));
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(configured.as_deref().unwrap_or(DEFAULT_LOG_FILTER))
-    });
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_target(false)
-        .try_init();
-}
-
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     // The daemons' configs may set the level; load them first (again below).
@@ -340,7 +417,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Registrar(args) if !args.check => args.load()?.log_level,
         _ => None,
     };
-    init_logging(level.as_deref());
+    crate::logging::init(level.as_deref());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -381,7 +458,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             Command::Service { verb, etcd } => {
-                let ops = Ops::new(etcd.etcd, &etcd.prefix)?;
+                let ops = etcd.ops()?;
                 let out = match verb {
                     ServiceVerb::Put { name, value, file } => {
                         let value = match (value, file) {
@@ -392,16 +469,22 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         };
                         format!("put {}\n", ops.put_service(&name, &value).await?)
                     }
-                    ServiceVerb::Get { name } => ops.get_service(&name).await?,
-                    ServiceVerb::List => ops.list_services().await?,
+                    ServiceVerb::Get { name, output } => {
+                        output::service(&ops.get_service(&name).await?, output)
+                    }
+                    ServiceVerb::List { output } => {
+                        output::services(&ops.service_rows().await?, output.output)
+                    }
                     ServiceVerb::Delete { name } => format!("deleted {}\n", ops.delete_service(&name).await?),
                 };
                 print!("{}", ensure_newline(out));
             }
             Command::Instance { verb, etcd } => {
-                let ops = Ops::new(etcd.etcd, &etcd.prefix)?;
+                let ops = etcd.ops()?;
                 let out = match verb {
-                    InstanceVerb::List { service } => ops.list_instances(service.as_deref()).await?,
+                    InstanceVerb::List { service, output } => {
+                        output::instances(&ops.instance_rows(service.as_deref()).await?, output.output)
+                    }
                     InstanceVerb::SetState {
                         service,
                         id,
@@ -417,7 +500,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 print!("{}", ensure_newline(out));
             }
-            Command::Routes { admin } => print!("{}", crate::ops::show_routes(admin).await?),
+            Command::Routes { node } => {
+                let routes = crate::ops::node::fetch(node.admin, "/routes", false).await?;
+                print!("{}", output::routes(&routes, node.output.output));
+            }
+            Command::Status { node } => {
+                let ready = crate::ops::node::fetch(node.admin, "/ready", true).await?;
+                let routes = crate::ops::node::fetch(node.admin, "/routes", false).await?;
+                print!("{}", output::status(&ready, &routes, node.output.output));
+            }
             Command::Registrar(args) if args.check => {
                 let backends = args.load()?.backends()?;
                 println!("ok: registrar config and {} backend(s) are valid", backends.len());

@@ -22,8 +22,11 @@
 //! - [`agent`]: the control loop tying store, catalog and render together.
 //! - [`ca`]: `loopmesh ca`, a small CA making the node certificates of
 //!   mTLS between nodes for fleets without one.
-//! - [`cli`]: the `loopmesh` command line; [`manual`] its man pages and
-//!   shell completions, [`version`] what `--version` says.
+//! - [`cli`]: the `loopmesh` command line; [`ops`] its verbs on etcd and
+//!   on an agent's admin API; [`manual`] its man pages and shell
+//!   completions, [`version`] what `--version` says.
+//! - [`admin`]: the admin API, with the [`status_page`]; [`logging`]:
+//!   stderr or the journal, the filter changed at run time.
 
 pub mod addresses;
 pub mod admin;
@@ -37,6 +40,7 @@ pub mod dns;
 pub mod duration;
 pub mod http;
 pub mod limits;
+pub mod logging;
 pub mod manual;
 pub mod memory;
 pub mod names;
@@ -48,6 +52,7 @@ pub mod render;
 pub mod routing;
 pub mod signal;
 pub mod state;
+pub mod status_page;
 pub mod store;
 pub mod succession;
 pub mod systemd;

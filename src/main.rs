@@ -8,8 +8,8 @@ fn main() -> std::process::ExitCode {
     match loopmesh::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("loopmesh: {}", one_line(&err));
-            std::process::ExitCode::FAILURE
+            eprintln!("{}", loopmesh::logging::error_line(&one_line(&err)));
+            std::process::ExitCode::from(loopmesh::cli::exit_code(&err))
         }
     }
 }

@@ -491,3 +491,107 @@ fn a_duplicate_instance_id_names_both_files() {
         "{stderr}"
     );
 }
+
+/// `<device>:<inode>` of a file, as systemd names the journal stream.
+fn stream_identity(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).unwrap();
+    format!("{}:{}", meta.dev(), meta.ino())
+}
+
+/// Whether `line` holds an RFC 3339 date (`2024-05-01T`), as the plain
+/// format's timestamp starts.
+fn has_timestamp(line: &str) -> bool {
+    let bytes = line.as_bytes();
+    bytes.windows(11).any(|w| {
+        w.iter().enumerate().all(|(i, b)| match i {
+            4 | 7 => *b == b'-',
+            10 => *b == b'T',
+            _ => b.is_ascii_digit(),
+        })
+    })
+}
+
+/// A static agent with no zone (it logs an error about it) whose stderr is
+/// `log`, with JOURNAL_STREAM naming `stream`'s file; its log once the
+/// error is in it and it stopped.
+fn static_agent_log(dir: &Path, log: &Path, stream: &Path) -> String {
+    let stderr = std::fs::File::create(log).unwrap();
+    let admin = std::net::TcpListener::bind((common::unique_ip(), 0))
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let state = dir.join(format!("state-{}", admin.ip()));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_loopmesh"))
+        .args(["agent", "--static", "--state-dir", state.to_str().unwrap()])
+        .args(["--admin-listen", &admin.to_string()])
+        .args(["--dns-listen", &common::dns_addr().to_string()])
+        .env_remove("RUST_LOG")
+        .env("JOURNAL_STREAM", stream_identity(stream))
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    eventually("the missing zone logged", || {
+        read(log).filter(|text| text.contains("cannot read zone file"))
+    });
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    read(log).unwrap_or_default()
+}
+
+#[test]
+fn lines_for_the_journal_carry_their_priority_and_no_timestamp() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("journal.log");
+    let text = static_agent_log(dir.path(), &journal, &journal);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<3>ERROR dns: cannot read zone file")),
+        "an error at priority 3: {text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<6>INFO agent ") && l.contains("in static mode")),
+        "info at priority 6: {text}"
+    );
+    assert!(
+        lines.iter().all(|l| {
+            let priority = l.strip_prefix('<').and_then(|rest| rest.split_once('>'));
+            priority.is_some_and(|(n, _)| n.parse::<u8>().is_ok_and(|n| n <= 7))
+        }),
+        "every line has a priority: {text}"
+    );
+    assert!(
+        !lines.iter().any(|l| has_timestamp(l)),
+        "journald stamps lines itself: {text}"
+    );
+
+    // JOURNAL_STREAM inherited by a process whose stderr goes elsewhere:
+    // the plain format.
+    let elsewhere = dir.path().join("elsewhere.log");
+    let text = static_agent_log(dir.path(), &elsewhere, &journal);
+    assert!(
+        text.lines().all(|l| has_timestamp(l) && !l.starts_with('<')),
+        "{text}"
+    );
+    assert!(text.contains(" ERROR dns: cannot read zone file"), "{text}");
+
+    // A command's last line, its error, too.
+    let log = dir.path().join("command.log");
+    let stderr = std::fs::File::create(&log).unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_loopmesh"))
+        .args(["service", "list"])
+        .env_remove("LOOPMESH_ETCD")
+        .env_remove("ETCDCTL_ENDPOINTS")
+        .env("JOURNAL_STREAM", stream_identity(&log))
+        .stderr(stderr)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(2));
+    let said = read(&log).unwrap();
+    assert!(said.starts_with("<3>loopmesh: no etcd endpoints"), "{said}");
+}

@@ -54,12 +54,8 @@ async fn user_and_password_from_a_file() {
         .put("/loopmesh/services/authed", "port: 80", None)
         .await
         .unwrap();
-    client.user_add("root", "root-secret", None).await.unwrap();
-    client.user_grant_role("root", "root").await.unwrap();
-    client.auth_enable().await.unwrap();
-
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("password"), "root-secret\n").unwrap();
+    common::enable_root_password(&mut client, dir.path()).await;
     let block = format!(
         "    endpoints: [{}]\n    username: root\n    password_file: password\n",
         etcd.endpoint()

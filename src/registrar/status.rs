@@ -52,7 +52,7 @@ impl Status for RegistrarStatus {
         (path == "/instances").then(|| serde_json::Value::Array(self.current().instances))
     }
 
-    fn views(&self) -> &'static [&'static str] {
-        &["/instances"]
+    fn views(&self) -> &'static [(&'static str, &'static str)] {
+        &[("/instances", "each backend: key, health, flagged state (JSON)")]
     }
 }

@@ -341,15 +341,36 @@ pub async fn eventually_metrics(admin: SocketAddr, what: &str, lines: &[&str]) -
 
 /// A plain HTTP/1.1 GET: the status code and body, if the server answered.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let (status, _, body) = http_request(addr, "GET", path, &[], "").await?;
+    Some((status, body))
+}
+
+/// A plain HTTP/1.1 request with extra headers and a body: the status
+/// code, the response head (status line and headers) and the body.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Option<(u16, String, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() {
+        request.push_str(&format!("content-length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await.ok()?;
     let status = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_string();
-    Some((status, body))
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    Some((status, head.to_string(), body.to_string()))
 }
 
 /// A UDP port free on a fresh loopback address (so TCP is free there too).
@@ -608,6 +629,19 @@ pub async fn register_service(
         .await
         .unwrap();
 }
+
+/// Turns etcd's authentication on with the user `root`, whose password
+/// is [`ROOT_PASSWORD`], also written to `dir/password` for a config's
+/// `password_file`. The client is spent: etcd wants credentials from now.
+pub async fn enable_root_password(client: &mut etcd_client::Client, dir: &Path) {
+    client.user_add("root", ROOT_PASSWORD, None).await.unwrap();
+    client.user_grant_role("root", "root").await.unwrap();
+    client.auth_enable().await.unwrap();
+    std::fs::write(dir.join("password"), format!("{ROOT_PASSWORD}\n")).unwrap();
+}
+
+/// The password of [`enable_root_password`].
+pub const ROOT_PASSWORD: &str = "root-secret";
 
 /// Runs `loopmesh reload <args>`: the pid that serves now, or the error.
 #[allow(dead_code)]

@@ -1,20 +1,29 @@
 //! Operator verbs against the etcd catalog: services (put, get, list,
-//! delete), instances (list, set-state) and a node's routes from its admin
-//! API. Every write is validated with the same parser the agents use, so a
-//! value an agent would refuse never reaches etcd; every listing judges each
-//! key with that parser too, so what an operator sees as a service or an
-//! instance is what the agents serve, and the rest is marked invalid.
+//! delete), instances (list, set-state) and a node's routes and status from
+//! its agent's admin API. Every write is validated with the same parser the
+//! agents use, so a value an agent would refuse never reaches etcd; every
+//! listing judges each key with that parser too, so what an operator sees
+//! as a service or an instance is what the agents serve, and the rest is
+//! marked invalid.
+//!
+//! [`endpoints`] finds etcd (flags, environment, a daemon's config),
+//! [`output`] prints rows as an aligned [`table`] or JSON, [`node`] reads
+//! an agent's admin API.
+
+pub mod endpoints;
+pub mod node;
+pub mod output;
+pub mod table;
 
 use crate::catalog::{
     check_instance_id, check_service_name, parse_address, parse_instance, parse_service, CatalogError,
-    Instance, InstanceState, Key,
+    Instance, InstanceState, Key, ServiceSpec,
 };
-use crate::config::EtcdConfig;
 use crate::registrar::config::parse_state;
 use crate::store::etcd::EtcdStore;
 use crate::store::StoreError;
+use endpoints::{EndpointsError, Target};
 use etcd_client::{GetOptions, PutOptions};
-use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,13 +45,12 @@ pub enum OpsError {
         id: String,
         state: &'static str,
     },
-    #[error(
-        "no etcd endpoints: pass --etcd URL (ops verbs work on etcd; the file catalog is edited as files)"
-    )]
-    NoEtcd,
-    #[error("cannot read the routes from http://{addr}/routes: {reason}")]
+    #[error(transparent)]
+    Endpoints(#[from] EndpointsError),
+    #[error("cannot read http://{addr}{path} (the agent's admin API): {reason}")]
     Admin {
         addr: std::net::SocketAddr,
+        path: &'static str,
         reason: String,
     },
 }
@@ -52,14 +60,23 @@ pub enum OpsError {
 pub struct ServiceRow {
     /// The name as it appears in the key (possibly one agents refuse).
     pub service: String,
-    /// The port of the definition agents would serve, or why they refuse
-    /// the key (its name or its value).
-    pub port: Result<u16, String>,
+    /// The definition agents would serve, or why they refuse the key (its
+    /// name or its value).
+    pub definition: Result<ServiceSpec, String>,
     /// The service's address key: absent, the address, or why agents refuse
     /// it. Always absent for a refused name: no key belongs to it.
     pub address: Option<Result<Ipv4Addr, String>>,
     /// Instances agents accept and refuse; `None` for a refused name.
     pub instances: Option<InstanceCount>,
+}
+
+/// `service get`: the key, its value as stored (what `put --file` takes
+/// back), and the key judged as in `service list`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceDetail {
+    pub key: String,
+    pub value: String,
+    pub row: ServiceRow,
 }
 
 /// How many instance keys of a service agents accept, and refuse.
@@ -106,70 +123,38 @@ fn judge_instance(key: &str, value: &[u8]) -> InstanceRow {
     }
 }
 
-/// A table cell: control characters (a tab or newline in a key or an error)
-/// would break the table's lines and columns, so they become spaces.
-fn cell(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
-}
-
-/// The `service list` table.
-pub fn services_table(rows: &[ServiceRow]) -> String {
-    let mut out = String::from("SERVICE\tPORT\tADDRESS\tINSTANCES\n");
-    for row in rows {
-        let port = match &row.port {
-            Ok(port) => port.to_string(),
-            Err(reason) => format!("invalid: {reason}"),
-        };
-        let address = match &row.address {
-            None => "-".to_string(),
-            Some(Ok(addr)) => addr.to_string(),
-            Some(Err(reason)) => format!("invalid: {reason}"),
-        };
-        let instances = match row.instances {
-            None => "-".to_string(),
-            Some(InstanceCount { valid, invalid: 0 }) => valid.to_string(),
-            Some(InstanceCount { valid, invalid }) => format!("{valid} (+{invalid} invalid)"),
-        };
-        let _ = writeln!(
-            out,
-            "{}\t{}\t{}\t{instances}",
-            cell(&row.service),
-            cell(&port),
-            cell(&address)
-        );
-    }
-    out
-}
-
-/// The `instance list` table; a refused key says why in the ADDRESS column
-/// and has `-` in the others, so every line has the same columns.
-pub fn instances_table(rows: &[InstanceRow]) -> String {
-    let mut out = String::from("SERVICE\tINSTANCE\tADDRESS\tNODE\tZONE\tWEIGHT\tSTATE\tMESH\n");
-    for row in rows {
-        let (service, id) = (cell(&row.service), cell(&row.id));
-        let _ = match &row.instance {
-            Ok(i) => writeln!(
-                out,
-                "{service}\t{id}\t{}:{}\t{}\t{}\t{}\t{}\t{}",
-                i.host,
-                i.port,
-                i.node.as_deref().unwrap_or("-"),
-                i.zone.as_deref().unwrap_or("-"),
-                i.weight,
-                i.state.as_str(),
-                // Reached through the mesh at its node's inbound address.
-                i.mesh.map_or_else(|| "-".to_string(), |mesh| mesh.to_string())
-            ),
-            Err(reason) => writeln!(
-                out,
-                "{service}\t{id}\t{}\t-\t-\t-\t-\t-",
-                cell(&format!("invalid: {reason}"))
-            ),
+/// Judges a service key (relative to the prefix, `services/...`), its
+/// value, its address key's value and the judged instance keys (of every
+/// service, or its own) exactly as the agent's catalog does.
+fn judge_service(key: &str, value: &[u8], address: Option<&[u8]>, instances: &[InstanceRow]) -> ServiceRow {
+    let name = key.strip_prefix("services/").unwrap_or(key).to_string();
+    let refused = match Key::parse(key) {
+        Some(Ok(Key::Service(_))) => None,
+        Some(Err(err)) => Some(err.to_string()),
+        Some(Ok(_)) | None => Some(CatalogError::KeyShape.to_string()),
+    };
+    if let Some(reason) = refused {
+        // No address or instance key belongs to a name agents refuse.
+        return ServiceRow {
+            service: name,
+            definition: Err(reason),
+            address: None,
+            instances: None,
         };
     }
-    out
+    let mut count = InstanceCount::default();
+    for row in instances.iter().filter(|row| row.service == name) {
+        match row.instance {
+            Ok(_) => count.valid += 1,
+            Err(_) => count.invalid += 1,
+        }
+    }
+    ServiceRow {
+        definition: parse_service(value).map_err(|err| err.to_string()),
+        service: name,
+        address: address.map(|v| parse_address(v).map_err(|err| err.to_string())),
+        instances: Some(count),
+    }
 }
 
 /// The catalog in etcd, for operators.
@@ -178,11 +163,16 @@ pub struct Ops {
 }
 
 impl Ops {
-    pub fn new(endpoints: Option<Vec<String>>, prefix: &str) -> Result<Ops, OpsError> {
-        let endpoints = endpoints.filter(|e| !e.is_empty()).ok_or(OpsError::NoEtcd)?;
+    /// Works on `target` (see [`endpoints::resolve`]); connects at the first call.
+    pub fn new(target: Target) -> Result<Ops, OpsError> {
         Ok(Ops {
-            store: EtcdStore::new(EtcdConfig::with_endpoints(endpoints), prefix)?,
+            store: EtcdStore::new(target.etcd, &target.prefix)?,
         })
+    }
+
+    /// The full key of a key relative to the prefix.
+    pub fn full_key(&self, relative: &str) -> String {
+        self.store.full_key(relative)
     }
 
     async fn get_raw(&self, relative: &str) -> Result<Option<(Vec<u8>, i64)>, OpsError> {
@@ -232,16 +222,27 @@ impl Ops {
         Ok(key)
     }
 
-    /// A service's definition as stored.
-    pub async fn get_service(&self, name: &str) -> Result<String, OpsError> {
+    /// A service's definition as stored, judged as in `service list`.
+    pub async fn get_service(&self, name: &str) -> Result<ServiceDetail, OpsError> {
         check_service_name(name)?;
-        let key = format!("services/{name}");
-        match self.get_raw(&key).await? {
-            Some((value, _)) => Ok(String::from_utf8_lossy(&value).into_owned()),
-            None => Err(OpsError::Missing {
-                key: self.store.full_key(&key),
-            }),
-        }
+        let relative = format!("services/{name}");
+        let key = self.store.full_key(&relative);
+        let Some((value, _)) = self.get_raw(&relative).await? else {
+            return Err(OpsError::Missing { key });
+        };
+        let address = self.get_raw(&format!("addresses/{name}")).await?;
+        let instances: Vec<InstanceRow> = self
+            .list_raw(&format!("instances/{name}/"))
+            .await?
+            .iter()
+            .map(|(key, value)| judge_instance(key, value))
+            .collect();
+        let row = judge_service(&relative, &value, address.map(|(v, _)| v).as_deref(), &instances);
+        Ok(ServiceDetail {
+            key,
+            value: String::from_utf8_lossy(&value).into_owned(),
+            row,
+        })
     }
 
     /// Every key under `services/`, judged as the agents judge it, with its
@@ -255,49 +256,16 @@ impl Ops {
             .iter()
             .map(|(key, value)| judge_instance(key, value))
             .collect();
-        let rows = services.into_iter().map(|(key, value)| {
-            let name = key.strip_prefix("services/").unwrap_or(&key).to_string();
-            let refused = match Key::parse(&key) {
-                Some(Ok(Key::Service(_))) => None,
-                Some(Err(err)) => Some(err.to_string()),
-                Some(Ok(_)) | None => Some(CatalogError::KeyShape.to_string()),
-            };
-            if let Some(reason) = refused {
-                // No address or instance key belongs to a name agents refuse.
-                return ServiceRow {
-                    service: name,
-                    port: Err(reason),
-                    address: None,
-                    instances: None,
-                };
-            }
+        let rows = services.iter().map(|(key, value)| {
+            let name = key.strip_prefix("services/").unwrap_or(key);
             let address_key = format!("addresses/{name}");
             let address = addresses
                 .iter()
                 .find(|(k, _)| *k == address_key)
-                .map(|(_, v)| parse_address(v).map_err(|err| err.to_string()));
-            let mut count = InstanceCount::default();
-            for row in instances.iter().filter(|row| row.service == name) {
-                match row.instance {
-                    Ok(_) => count.valid += 1,
-                    Err(_) => count.invalid += 1,
-                }
-            }
-            ServiceRow {
-                port: parse_service(&value)
-                    .map(|spec| spec.port)
-                    .map_err(|err| err.to_string()),
-                service: name,
-                address,
-                instances: Some(count),
-            }
+                .map(|(_, v)| v.as_slice());
+            judge_service(key, value, address, &instances)
         });
         Ok(rows.collect())
-    }
-
-    /// Every service with its port, address and instance count, as a table.
-    pub async fn list_services(&self) -> Result<String, OpsError> {
-        Ok(services_table(&self.service_rows().await?))
     }
 
     /// Deletes a service definition (its instances and address stay).
@@ -325,11 +293,6 @@ impl Ops {
             .iter()
             .map(|(key, value)| judge_instance(key, value))
             .collect())
-    }
-
-    /// Instances (of one service, or all) with their state, as a table.
-    pub async fn list_instances(&self, service: Option<&str>) -> Result<String, OpsError> {
-        Ok(instances_table(&self.instance_rows(service).await?))
     }
 
     /// Sets an instance's state in place, keeping its lease.
@@ -390,75 +353,4 @@ impl Ops {
         self.store.timed(kv.put(key.clone(), value, options)).await?;
         Ok(StateSet { key, state, warning })
     }
-}
-
-/// A node's routes from its admin API, as a table.
-pub async fn show_routes(addr: std::net::SocketAddr) -> Result<String, OpsError> {
-    let admin_error = |reason: String| OpsError::Admin { addr, reason };
-    let body = http_get(addr, "/routes").await.map_err(admin_error)?;
-    let routes: serde_json::Value =
-        serde_json::from_str(&body).map_err(|err| admin_error(err.to_string()))?;
-    let mut out = String::from("SERVICE\tLISTEN\tSTATUS\tBACKENDS\n");
-    for route in routes.as_array().into_iter().flatten() {
-        let status = if route["listening"] == true {
-            "listening".to_string()
-        } else {
-            format!("not listening: {}", route["error"].as_str().unwrap_or("?"))
-        };
-        let backends: Vec<String> = route["backends"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|b| {
-                let ejected = if b["ejected"] == true { ",ejected" } else { "" };
-                // Through the mesh: via which node, and the identity it must show.
-                let peer = match (b["mesh"].as_str(), b["peer"].as_str()) {
-                    (Some(mesh), Some(peer)) => format!(",via {mesh} as {peer}"),
-                    _ => String::new(),
-                };
-                format!(
-                    "{}={}:{}({}{ejected}{peer})",
-                    b["id"].as_str().unwrap_or("?"),
-                    b["host"].as_str().unwrap_or("?"),
-                    b["port"],
-                    b["state"].as_str().unwrap_or("?")
-                )
-            })
-            .collect();
-        let _ = writeln!(
-            out,
-            "{}\t{}:{}\t{status}\t{}",
-            route["service"].as_str().unwrap_or("?"),
-            route["address"].as_str().unwrap_or("?"),
-            route["port"],
-            if backends.is_empty() {
-                "-".to_string()
-            } else {
-                backends.join(" ")
-            }
-        );
-    }
-    Ok(out)
-}
-
-/// The body of a GET on the admin API, if it answers 200 within 5 s.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String, String> {
-    use http_body_util::BodyExt;
-    let exchange = async {
-        let response = crate::http::get(&addr.ip().to_string(), addr.port(), path, "loopmesh").await?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|err| err.to_string())?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(format!("status {status}"));
-        }
-        Ok(String::from_utf8_lossy(&body).into_owned())
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(5), exchange)
-        .await
-        .map_err(|_| "no answer within 5s".to_string())?
 }
