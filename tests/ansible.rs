@@ -15,12 +15,13 @@
 //!
 //! What it does not: the package is a fixture built here with `dpkg-deb
 //! --build` in the real package's layout (the test's binary, the
-//! repository's units, a sysusers entry, two conffiles), and into a staged
-//! root the role unpacks it (`dpkg-deb --extract`). The `ansible.builtin.apt`
-//! step that installs it on a real node (maintainer scripts, dpkg's
-//! database) and the systemd steps are linted but not run: without services
-//! the handlers are skipped, so the tests read the reload-or-restart
-//! decision they would act on from the run's output.
+//! repository's units, a sysusers entry, two conffiles, no maintainer
+//! scripts). Into a staged root the role installs it with `dpkg --root`
+//! (the root's own database, conffiles kept on upgrade as on a node), not
+//! with the `ansible.builtin.apt` step a real node runs; that step and the
+//! systemd steps are linted but not run. Without services the handlers are
+//! skipped, so the tests read the reload-or-restart decision they would act
+//! on from the run's output.
 
 mod common;
 
@@ -147,7 +148,6 @@ fn inventory(home: &Path, vars: &str) -> PathBuf {
 /// (/usr/bin/loopmesh, the units in /usr/lib/systemd/system, the sysusers
 /// entry, default configs as conffiles) holding this build's binary and the
 /// repository's units, the agent's with `agent_unit_extra` appended.
-/// /usr/share/doc/loopmesh/fixture-version tells the versions apart.
 fn fixture_deb(dir: &Path, version: &str, agent_unit_extra: &str) -> PathBuf {
     let tree = dir.join(format!("loopmesh-{version}"));
     let put = |path: &str, contents: &str| {
@@ -172,13 +172,14 @@ fn fixture_deb(dir: &Path, version: &str, agent_unit_extra: &str) -> PathBuf {
         "DEBIAN/conffiles",
         "/etc/loopmesh/agent.yaml\n/etc/loopmesh/registrar.yaml\n",
     );
+    // Each version's defaults differ, as a conffile changed upstream does.
     put(
         "etc/loopmesh/agent.yaml",
-        "# the package's default agent config\n",
+        &format!("# the package's default agent config ({version})\n"),
     );
     put(
         "etc/loopmesh/registrar.yaml",
-        "# the package's default registrar config\n",
+        &format!("# the package's default registrar config ({version})\n"),
     );
     put(
         "usr/lib/systemd/system/loopmesh-agent.service",
@@ -192,7 +193,6 @@ fn fixture_deb(dir: &Path, version: &str, agent_unit_extra: &str) -> PathBuf {
         "usr/lib/sysusers.d/loopmesh.conf",
         &unit("loopmesh.sysusers.conf"),
     );
-    put("usr/share/doc/loopmesh/fixture-version", version);
     std::fs::create_dir_all(tree.join("usr/bin")).unwrap();
     std::fs::copy(env!("CARGO_BIN_EXE_loopmesh"), tree.join("usr/bin/loopmesh")).unwrap();
     let deb = dir.join(format!("loopmesh_{version}.deb"));
@@ -339,8 +339,8 @@ async fn the_role_installs_the_package_and_applies_idempotently_into_a_temporary
     }
 
     let path = |file: &str| root.path().join(file);
-    // The package's files, unpacked where dpkg puts them; the units come
-    // from it, none from the role.
+    // The package's files, installed by dpkg; the units come from it, none
+    // from the role.
     assert_eq!(mode(&path("usr/bin/loopmesh")), 0o755);
     let systemd = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("systemd");
     for unit in ["loopmesh-agent.service", "loopmesh-registrar.service"] {
@@ -451,8 +451,16 @@ fn a_new_package_reloads_the_agent_and_a_new_unit_restarts_it() {
         assert!(run.ok, "apply {}: {}", deb.display(), run.out);
         run
     };
-    let installed =
-        || std::fs::read_to_string(root.path().join("usr/share/doc/loopmesh/fixture-version")).unwrap();
+    // The version the staged root's own dpkg database records.
+    let installed = || {
+        let admindir = format!("--admindir={}/var/lib/dpkg", root.path().display());
+        let query = Command::new("dpkg-query")
+            .args([admindir.as_str(), "--show", "--showformat=${Version}", "loopmesh"])
+            .output()
+            .expect("dpkg-query runs (apt-get install dpkg)");
+        String::from_utf8_lossy(&query.stdout).into_owned()
+    };
+    let agent_config = root.path().join("etc/loopmesh/agent.yaml");
 
     // A node from before the package: the role's own binary and unit, which
     // would shadow the package's (PATH, /etc over /usr/lib), go; the agent's
@@ -466,6 +474,7 @@ fn a_new_package_reloads_the_agent_and_a_new_unit_restarts_it() {
         std::fs::write(legacy, "from the role before the package").unwrap();
     }
     let first = apply(&fixture_deb(home.path(), "0.1.0", ""));
+    assert_eq!(installed(), "0.1.0");
     assert!(!root.path().join("usr/local/bin/loopmesh").exists());
     assert!(!root
         .path()
@@ -474,10 +483,25 @@ fn a_new_package_reloads_the_agent_and_a_new_unit_restarts_it() {
     assert_eq!(first.agent_apply(), "restarted");
     first.assert_skipped("Reload or restart loopmesh-agent");
 
-    // A new version with the same units: a reload, the takeover that refuses nothing.
+    // A new version with the same units: a reload, the takeover that
+    // refuses nothing. Its default config changed, but dpkg kept the
+    // role's (the role had nothing to rewrite) and put the default beside it.
+    let config = std::fs::read_to_string(&agent_config).unwrap();
     let upgrade = apply(&fixture_deb(home.path(), "0.1.1", ""));
     assert_eq!(installed(), "0.1.1");
     assert!(upgrade.changed() > 0, "{}", upgrade.out);
+    assert_eq!(
+        upgrade.statuses("Write the agent config (validated by the binary first)"),
+        ["ok"],
+        "{}",
+        upgrade.out
+    );
+    assert_eq!(std::fs::read_to_string(&agent_config).unwrap(), config);
+    assert!(
+        root.path().join("etc/loopmesh/agent.yaml.dpkg-dist").is_file(),
+        "{}",
+        upgrade.out
+    );
     assert_eq!(upgrade.agent_apply(), "reloaded");
     upgrade.assert_skipped("Reload or restart loopmesh-agent");
     upgrade.assert_skipped("Restart loopmesh-registrar");
@@ -536,7 +560,7 @@ fn booleans_given_as_false_by_an_ini_inventory_turn_their_steps_off() {
     assert!(!path("etc/systemd/system/loopmesh-agent.service.d/kernel-forwarding.conf").exists());
     assert_eq!(
         std::fs::read_to_string(path("etc/loopmesh/registrar.yaml")).unwrap(),
-        "# the package's default registrar config\n",
+        "# the package's default registrar config (0.1.0)\n",
         "the registrar's config is the package's"
     );
     // The agent (true) is configured, with the endpoints the text lists.
