@@ -631,3 +631,25 @@ fn every_boolean_variable_is_used_through_the_bool_filter() {
         wrong.join("\n")
     );
 }
+
+/// The role carries its own copy of the kernel forwarding drop-in (a
+/// package's /usr/share/doc may be left out of an image); it grants what
+/// the repository's does.
+#[test]
+fn the_roles_kernel_forwarding_drop_in_grants_what_the_repositorys_does() {
+    let settings = |path: PathBuf| -> Vec<String> {
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+            .lines()
+            .filter(|line| !line.trim().is_empty() && !line.starts_with('#'))
+            .map(str::to_string)
+            .collect()
+    };
+    let ours = settings(ansible_dir().join("roles/loopmesh/files/kernel-forwarding.conf"));
+    let repository = settings(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("systemd/loopmesh-agent.service.d/kernel-forwarding.conf"),
+    );
+    assert!(ours.len() > 1, "{ours:?}");
+    assert_eq!(ours, repository);
+}
