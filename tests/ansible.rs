@@ -1,7 +1,29 @@
-//! The ansible role and rollout playbook: ansible-lint and a syntax check
-//! pass, and applying the role to this machine into a temporary root (the
-//! service steps off) installs everything, then changes nothing the second
-//! time.
+//! The ansible role and rollout playbook, run by the real ansible-core on
+//! this machine with everything staged into a temporary root
+//! (`loopmesh_root`, `loopmesh_manage_services: false`): nothing here
+//! touches the machine's /etc, packages or services.
+//!
+//! What this proves: the role lints clean (production profile); a
+//! check-mode run on a fresh root passes and writes nothing; applied, it
+//! installs the package's files and every file of its own, writes configs
+//! the binary accepts (with etcd TLS and a password, the agent's config
+//! renders from a real etcd that demands both), and changes nothing the
+//! second time; a new package is applied to the agent by reload, a new unit
+//! by restart; booleans given as the text "false" by an INI inventory turn
+//! their steps off; and every use of a boolean variable goes through
+//! `| bool` (ansible-core 2.19 refuses text in a conditional).
+//!
+//! What it does not: the package is a fixture built here with `dpkg-deb
+//! --build` in the real package's layout (the test's binary, the
+//! repository's units, a sysusers entry, two conffiles, no maintainer
+//! scripts). Into a staged root the role installs it with `dpkg --root`
+//! (the root's own database, conffiles kept on upgrade as on a node), not
+//! with the `ansible.builtin.apt` step a real node runs; that step and the
+//! systemd steps are linted but not run. Without services the handlers are
+//! skipped, so the tests read the reload-or-restart decision they would act
+//! on from the run's output.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,51 +32,193 @@ fn ansible_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("ansible")
 }
 
-/// Runs an ansible tool in `ansible/` with its state kept in `home`.
-fn ansible(tool: &str, args: &[&str], home: &Path) -> (bool, String) {
+/// Runs an ansible tool in `ansible/` with all its state kept in `home`.
+fn ansible(tool: &str, args: &[&str], home: &Path) -> Run {
     let output = Command::new(tool)
         .args(args)
         .current_dir(ansible_dir())
         .env("ANSIBLE_HOME", home)
         .env("ANSIBLE_LOCAL_TEMP", home.join("tmp"))
+        .env("ANSIBLE_REMOTE_TEMP", home.join("remote-tmp"))
         .env("ANSIBLE_NOCOLOR", "1")
         .env("ANSIBLE_RETRY_FILES_ENABLED", "0")
         .env("ANSIBLE_ROLES_PATH", ansible_dir().join("roles"))
         .output()
         .unwrap_or_else(|err| panic!("{tool} runs (apt-get install ansible-core ansible-lint): {err}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
+    Run {
+        ok: output.status.success(),
+        out: format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    }
 }
 
-/// `changed=N` of the play recap.
-fn changed(recap: &str) -> u32 {
-    let at = recap.rfind("changed=").expect("a play recap");
-    recap[at + 8..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
+/// What an ansible run printed (the default callback).
+struct Run {
+    ok: bool,
+    out: String,
 }
 
-#[test]
-fn the_role_lints_and_applies_idempotently_into_a_temporary_root() {
-    let home = tempfile::tempdir().unwrap();
-    let (ok, out) = ansible(
-        "ansible-lint",
-        &["--offline", "site.yml", "roles/loopmesh"],
-        home.path(),
-    );
-    assert!(ok, "ansible-lint: {out}");
+impl Run {
+    /// `changed=N` of the play recap.
+    fn changed(&self) -> u32 {
+        let at = self.out.rfind("changed=").expect("a play recap");
+        self.out[at + 8..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
 
-    let root = tempfile::tempdir().unwrap();
-    // Mesh credentials on the controller, as `loopmesh ca` makes them.
-    let certs = home.path().join("certs");
-    let ca = certs.join("ca");
+    /// The output of the task or handler `name` (without the role's
+    /// prefix), if it ran at all.
+    fn block(&self, name: &str) -> Option<&str> {
+        let mut blocks = self
+            .out
+            .split("\nTASK [")
+            .flat_map(|b| b.split("\nRUNNING HANDLER ["));
+        blocks.find(|block| {
+            let header = block.lines().next().unwrap_or_default();
+            let title = header.rsplit_once(']').map_or(header, |(title, _)| title);
+            title.strip_prefix("loopmesh : ").unwrap_or(title) == name
+        })
+    }
+
+    /// The statuses (`ok`, `changed`, `skipping`, `fatal`...) task `name`
+    /// printed; empty if it did not run.
+    fn statuses(&self, name: &str) -> Vec<&str> {
+        self.block(name)
+            .into_iter()
+            .flat_map(str::lines)
+            .filter_map(|line| line.split_once(": [").map(|(status, _)| status))
+            .filter(|status| !status.contains(' '))
+            .collect()
+    }
+
+    /// Asserts task `name` ran and was skipped every time.
+    fn assert_skipped(&self, name: &str) {
+        let statuses = self.statuses(name);
+        assert!(
+            !statuses.is_empty() && statuses.iter().all(|s| *s == "skipping"),
+            "{name:?} should have run and been skipped, got {statuses:?}: {}",
+            self.out
+        );
+    }
+
+    /// How the agent would take this run's changes (`reloaded` or
+    /// `restarted`), as decided for its handler (printed with -v).
+    fn agent_apply(&self) -> &'static str {
+        let block = self
+            .block("Decide how the agent takes its changes")
+            .unwrap_or_else(|| panic!("no decision in: {}", self.out));
+        ["reloaded", "restarted"]
+            .into_iter()
+            .find(|way| block.contains(&format!("\"loopmesh__agent_apply\": \"{way}\"")))
+            .unwrap_or_else(|| panic!("no decision in: {block}"))
+    }
+}
+
+/// Applies site.yml with `inventory` and extra vars (`--check` etc. in `more`).
+fn play(home: &Path, inventory: &Path, vars: &serde_json::Value, more: &[&str]) -> Run {
+    let vars = vars.to_string();
+    let mut args = vec!["-v", "-i", inventory.to_str().unwrap(), "-e", &vars];
+    args.extend_from_slice(more);
+    args.push("site.yml");
+    ansible("ansible-playbook", &args, home)
+}
+
+/// An inventory of this machine (local connection) plus `vars` as an INI
+/// `[loopmesh:vars]` section, where every value is text.
+fn inventory(home: &Path, vars: &str) -> PathBuf {
+    let path = home.join("inventory.ini");
+    std::fs::write(
+        &path,
+        format!(
+            "[loopmesh]\nlocalhost ansible_connection=local ansible_python_interpreter=/usr/bin/python3\n\n[loopmesh:vars]\n{vars}"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A test fixture standing in for the real package: a .deb in its layout
+/// (/usr/bin/loopmesh, the units in /usr/lib/systemd/system, the sysusers
+/// entry, default configs as conffiles) holding this build's binary and the
+/// repository's units, the agent's with `agent_unit_extra` appended.
+fn fixture_deb(dir: &Path, version: &str, agent_unit_extra: &str) -> PathBuf {
+    let tree = dir.join(format!("loopmesh-{version}"));
+    let put = |path: &str, contents: &str| {
+        let path = tree.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, contents).unwrap();
+    };
+    let systemd = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("systemd");
+    let unit = |name: &str| std::fs::read_to_string(systemd.join(name)).unwrap();
+    let arch = Command::new("dpkg")
+        .arg("--print-architecture")
+        .output()
+        .expect("dpkg runs (apt-get install dpkg)");
+    put(
+        "DEBIAN/control",
+        &format!(
+            "Package: loopmesh\nVersion: {version}\nArchitecture: {}\nMaintainer: loopmesh tests <tests@loopmesh.invalid>\nDescription: loopmesh (test fixture)\n",
+            String::from_utf8_lossy(&arch.stdout).trim()
+        ),
+    );
+    put(
+        "DEBIAN/conffiles",
+        "/etc/loopmesh/agent.yaml\n/etc/loopmesh/registrar.yaml\n",
+    );
+    // Each version's defaults differ, as a conffile changed upstream does.
+    put(
+        "etc/loopmesh/agent.yaml",
+        &format!("# the package's default agent config ({version})\n"),
+    );
+    put(
+        "etc/loopmesh/registrar.yaml",
+        &format!("# the package's default registrar config ({version})\n"),
+    );
+    put(
+        "usr/lib/systemd/system/loopmesh-agent.service",
+        &(unit("loopmesh-agent.service") + agent_unit_extra),
+    );
+    put(
+        "usr/lib/systemd/system/loopmesh-registrar.service",
+        &unit("loopmesh-registrar.service"),
+    );
+    put(
+        "usr/lib/sysusers.d/loopmesh.conf",
+        &unit("loopmesh.sysusers.conf"),
+    );
+    std::fs::create_dir_all(tree.join("usr/bin")).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_loopmesh"), tree.join("usr/bin/loopmesh")).unwrap();
+    let deb = dir.join(format!("loopmesh_{version}.deb"));
+    // No compression: the debug binary is large and this is a fixture.
+    let built = Command::new("dpkg-deb")
+        .args(["-Znone", "--root-owner-group", "--build"])
+        .arg(&tree)
+        .arg(&deb)
+        .output()
+        .expect("dpkg-deb runs (apt-get install dpkg)");
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    deb
+}
+
+fn mode(path: &Path) -> u32 {
+    std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path).unwrap().permissions()) & 0o777
+}
+
+/// `loopmesh ca init` and `ca issue` for `node` into `dir`: the node's
+/// mesh certificate, key and the bundle, as an operator makes them.
+fn mesh_credentials(dir: &Path, node: &str) {
+    let ca = dir.join("ca");
     for args in [
         vec![
             "ca",
@@ -68,29 +232,68 @@ fn the_role_lints_and_applies_idempotently_into_a_temporary_root() {
             "ca",
             "issue",
             "--node",
-            "node-1",
+            node,
             "--ca",
             ca.to_str().unwrap(),
             "--out",
-            certs.to_str().unwrap(),
+            dir.to_str().unwrap(),
         ],
     ] {
-        let made = Command::new(env!("CARGO_BIN_EXE_loopmesh"))
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        let (ok, _, stderr) = common::run(&args);
+        assert!(ok, "loopmesh {args:?}: {stderr}");
     }
-    let inventory = home.path().join("inventory.ini");
-    std::fs::write(
-        &inventory,
-        "[loopmesh]\nlocalhost ansible_connection=local ansible_python_interpreter=/usr/bin/python3\n",
-    )
-    .unwrap();
+}
+
+#[test]
+fn the_role_lints_clean_with_the_production_profile() {
+    let home = tempfile::tempdir().unwrap();
+    let lint = ansible(
+        "ansible-lint",
+        &[
+            "--offline",
+            "--nocolor",
+            "--profile",
+            "production",
+            "site.yml",
+            "roles/loopmesh",
+        ],
+        home.path(),
+    );
+    assert!(lint.ok, "ansible-lint: {}", lint.out);
+    let inventory = inventory(home.path(), "");
+    let syntax = ansible(
+        "ansible-playbook",
+        &["--syntax-check", "-i", inventory.to_str().unwrap(), "site.yml"],
+        home.path(),
+    );
+    assert!(syntax.ok, "syntax check: {}", syntax.out);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_role_installs_the_package_and_applies_idempotently_into_a_temporary_root() {
+    // An etcd that demands a client certificate and a password.
+    let etcd = common::Etcd::start_tls();
+    let tls = etcd.tls.as_ref().unwrap();
+    let mut client = etcd.client().await;
+    client
+        .put("/loopmesh/services/web", "port: 8080", None)
+        .await
+        .unwrap();
+    let password = "s3cret-for-the-role";
+    client.user_add("root", password, None).await.unwrap();
+    client.user_grant_role("root", "root").await.unwrap();
+    client.auth_enable().await.unwrap();
+
+    let home = tempfile::tempdir().unwrap();
+    let certs = home.path().join("certs");
+    mesh_credentials(&certs, "node-1");
+    let deb = fixture_deb(home.path(), "0.1.0", "");
+    let root = tempfile::tempdir().unwrap();
+    let inventory = inventory(home.path(), "");
     let vars = serde_json::json!({
         "loopmesh_root": root.path(),
         "loopmesh_manage_services": false,
-        "loopmesh_binary_src": env!("CARGO_BIN_EXE_loopmesh"),
+        "loopmesh_deb_file": deb,
         "loopmesh_registrar_enabled": true,
         "loopmesh_proxy_workers": 3,
         "loopmesh_proxy_kernel_forwarding": true,
@@ -101,87 +304,352 @@ fn the_role_lints_and_applies_idempotently_into_a_temporary_root() {
         "loopmesh_mesh_key_src": certs.join("node-1.key"),
         "loopmesh_mesh_bundle_src": certs.join("bundle.pem"),
         "loopmesh_mesh_listen": "10.0.0.5:15008",
-    })
-    .to_string();
-    let inventory = inventory.to_str().unwrap();
-    let (ok, out) = ansible(
-        "ansible-playbook",
-        &["--syntax-check", "-i", inventory, "site.yml"],
-        home.path(),
+        "loopmesh_etcd_endpoints": [etcd.endpoint()],
+        "loopmesh_etcd_ca_src": tls.ca,
+        "loopmesh_etcd_cert_src": tls.client_cert,
+        "loopmesh_etcd_key_src": tls.client_key,
+        "loopmesh_etcd_username": "root",
+        "loopmesh_etcd_password": password,
+    });
+
+    let check = play(home.path(), &inventory, &vars, &["--check", "--diff"]);
+    assert!(check.ok, "check mode on a fresh root: {}", check.out);
+    assert!(
+        std::fs::read_dir(root.path()).unwrap().next().is_none(),
+        "check mode wrote into the root"
     );
-    assert!(ok, "syntax check: {out}");
 
-    let apply = || {
-        ansible(
-            "ansible-playbook",
-            &["-i", inventory, "-e", &vars, "site.yml"],
-            home.path(),
-        )
-    };
-    let (ok, first) = apply();
-    assert!(ok, "first apply: {first}");
-    assert!(changed(&first) > 0, "the first apply installs: {first}");
-    let (ok, second) = apply();
-    assert!(ok, "second apply: {second}");
-    assert_eq!(changed(&second), 0, "the second apply changes nothing: {second}");
+    let first = play(home.path(), &inventory, &vars, &["--diff"]);
+    assert!(first.ok, "first apply: {}", first.out);
+    assert!(first.changed() > 0, "the first apply installs: {}", first.out);
+    let second = play(home.path(), &inventory, &vars, &["--diff"]);
+    assert!(second.ok, "second apply: {}", second.out);
+    assert_eq!(
+        second.changed(),
+        0,
+        "the second apply changes nothing: {}",
+        second.out
+    );
+    for run in [&check, &first, &second] {
+        assert!(
+            !run.out.contains(password),
+            "the etcd password in the output: {}",
+            run.out
+        );
+    }
 
-    let binary = root.path().join("usr/local/bin/loopmesh");
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&binary).unwrap().permissions());
-    assert_eq!(mode & 0o777, 0o755);
+    let path = |file: &str| root.path().join(file);
+    // The package's files, installed by dpkg; the units come from it, none
+    // from the role.
+    assert_eq!(mode(&path("usr/bin/loopmesh")), 0o755);
+    let systemd = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("systemd");
+    for unit in ["loopmesh-agent.service", "loopmesh-registrar.service"] {
+        assert_eq!(
+            std::fs::read(path(&format!("usr/lib/systemd/system/{unit}"))).unwrap(),
+            std::fs::read(systemd.join(unit)).unwrap()
+        );
+        assert!(
+            !path(&format!("etc/systemd/system/{unit}")).exists(),
+            "{unit} installed by the role"
+        );
+    }
     for file in [
         "etc/loopmesh/agent.yaml",
         "etc/loopmesh/registrar.yaml",
-        "etc/systemd/system/loopmesh-agent.service",
-        "etc/systemd/system/loopmesh-registrar.service",
         "etc/systemd/resolved.conf.d/loopmesh.conf",
         "etc/systemd/system/loopmesh-agent.service.d/kernel-forwarding.conf",
         "etc/loopmesh/mesh/node.pem",
-        "etc/loopmesh/mesh/node.key",
         "etc/loopmesh/mesh/bundle.pem",
+        "etc/loopmesh/etcd/ca.pem",
+        "etc/loopmesh/etcd/client.pem",
     ] {
-        assert!(root.path().join(file).is_file(), "{file} not installed");
+        assert!(path(file).is_file(), "{file} not installed");
     }
-    let resolved =
-        std::fs::read_to_string(root.path().join("etc/systemd/resolved.conf.d/loopmesh.conf")).unwrap();
+    let resolved = std::fs::read_to_string(path("etc/systemd/resolved.conf.d/loopmesh.conf")).unwrap();
     assert!(
         resolved.contains("DNS=127.0.0.153\n") && resolved.contains("Domains=~mesh.internal\n"),
         "{resolved}"
     );
+    // Keys and the password readable by the daemons' group only.
+    for secret in [
+        "etc/loopmesh/mesh/node.key",
+        "etc/loopmesh/etcd/client.key",
+        "etc/loopmesh/etcd/password",
+    ] {
+        assert_eq!(mode(&path(secret)), 0o640, "{secret}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(path("etc/loopmesh/etcd/password")).unwrap(),
+        password
+    );
+
     // The configs it wrote are ones the binary accepts, with the settings given.
-    let agent = loopmesh::config::AgentConfig::load(
-        Some(&root.path().join("etc/loopmesh/agent.yaml")),
-        &loopmesh::config::Overrides::default(),
-    )
-    .unwrap();
+    let overrides = loopmesh::config::Overrides::default();
+    let agent =
+        loopmesh::config::AgentConfig::load(Some(&path("etc/loopmesh/agent.yaml")), &overrides).unwrap();
     assert_eq!(agent.proxy.workers, 3);
     assert!(agent.proxy.kernel_forwarding);
     assert_eq!(agent.proxy.kernel_forwarding_max_open, 12);
     assert_eq!(agent.proxy.loopback_congestion, "cubic");
-    let mesh = agent.mesh.expect("the mesh section, given credentials");
+    let mesh = agent.mesh.as_ref().expect("the mesh section, given credentials");
     assert_eq!(mesh.listen, Some("10.0.0.5:15008".parse().unwrap()));
-    assert_eq!(mesh.cert, root.path().join("etc/loopmesh/mesh/node.pem"));
-    let key = root.path().join("etc/loopmesh/mesh/node.key");
-    let key_mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mesh.cert, path("etc/loopmesh/mesh/node.pem"));
+    let etcd_config = agent.store.etcd.as_ref().expect("the etcd section");
+    assert_eq!(etcd_config.endpoints, vec![etcd.endpoint()]);
+    assert_eq!(etcd_config.username.as_deref(), Some("root"));
+    assert_eq!(etcd_config.password, None, "the password stays out of the config");
     assert_eq!(
-        key_mode & 0o777,
-        0o640,
-        "the key readable by the agent's group only"
+        etcd_config.password_file,
+        Some(path("etc/loopmesh/etcd/password"))
     );
+    let etcd_tls = etcd_config.tls.as_ref().expect("etcd TLS");
+    assert_eq!(etcd_tls.ca_file, path("etc/loopmesh/etcd/ca.pem"));
+    assert_eq!(etcd_tls.cert_file, Some(path("etc/loopmesh/etcd/client.pem")));
+    assert_eq!(etcd_tls.key_file, Some(path("etc/loopmesh/etcd/client.key")));
     // The files installed are credentials the agent accepts for this node.
     let installed = loopmesh::proxy::tls::CredentialFiles {
-        cert: root.path().join("etc/loopmesh/mesh/node.pem"),
-        key,
-        bundle: root.path().join("etc/loopmesh/mesh/bundle.pem"),
+        cert: path("etc/loopmesh/mesh/node.pem"),
+        key: path("etc/loopmesh/mesh/node.key"),
+        bundle: path("etc/loopmesh/mesh/bundle.pem"),
     };
     loopmesh::proxy::tls::Credentials::load(installed, "node-1").unwrap();
-    let registrar = root.path().join("etc/loopmesh/registrar.yaml");
-    let check = Command::new(env!("CARGO_BIN_EXE_loopmesh"))
-        .args(["registrar", "--check", "--config", registrar.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
+    let registrar = path("etc/loopmesh/registrar.yaml");
+    let (ok, _, stderr) = common::run(&["registrar", "--check", "--config", registrar.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    let registrar = loopmesh::registrar::config::RegistrarConfig::load(&registrar, &overrides).unwrap();
+    assert_eq!(registrar.store, agent.store, "both daemons reach the same store");
+    assert_eq!(registrar.mesh, Some("10.0.0.5:15008".parse().unwrap()));
+
+    // The installed etcd credentials work: the agent's config renders the
+    // catalog of the etcd that demands them.
+    let state = home.path().join("state");
+    let config = path("etc/loopmesh/agent.yaml");
+    let (ok, _, stderr) = common::run(&[
+        "render",
+        "--once",
+        "--config",
+        config.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert!(ok, "render with the installed etcd credentials: {stderr}");
+    assert!(state.join("routes/web.json").is_file());
+}
+
+#[test]
+fn a_new_package_reloads_the_agent_and_a_new_unit_restarts_it() {
+    let home = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let inventory = inventory(home.path(), "");
+    let apply = |deb: &Path| {
+        let vars = serde_json::json!({
+            "loopmesh_root": root.path(),
+            "loopmesh_manage_services": false,
+            "loopmesh_deb_file": deb,
+        });
+        let run = play(home.path(), &inventory, &vars, &[]);
+        assert!(run.ok, "apply {}: {}", deb.display(), run.out);
+        run
+    };
+    // The version the staged root's own dpkg database records.
+    let installed = || {
+        let admindir = format!("--admindir={}/var/lib/dpkg", root.path().display());
+        let query = Command::new("dpkg-query")
+            .args([admindir.as_str(), "--show", "--showformat=${Version}", "loopmesh"])
+            .output()
+            .expect("dpkg-query runs (apt-get install dpkg)");
+        String::from_utf8_lossy(&query.stdout).into_owned()
+    };
+    let agent_config = root.path().join("etc/loopmesh/agent.yaml");
+
+    // A node from before the package: the role's own binary and unit, which
+    // would shadow the package's (PATH, /etc over /usr/lib), go; the agent's
+    // unit changes with them, so it restarts.
+    for legacy in [
+        "usr/local/bin/loopmesh",
+        "etc/systemd/system/loopmesh-agent.service",
+    ] {
+        let legacy = root.path().join(legacy);
+        std::fs::create_dir_all(legacy.parent().unwrap()).unwrap();
+        std::fs::write(legacy, "from the role before the package").unwrap();
+    }
+    let first = apply(&fixture_deb(home.path(), "0.1.0", ""));
+    assert_eq!(installed(), "0.1.0");
+    assert!(!root.path().join("usr/local/bin/loopmesh").exists());
+    assert!(!root
+        .path()
+        .join("etc/systemd/system/loopmesh-agent.service")
+        .exists());
+    assert_eq!(first.agent_apply(), "restarted");
+    first.assert_skipped("Reload or restart loopmesh-agent");
+
+    // A new version with the same units: a reload, the takeover that
+    // refuses nothing. Its default config changed, but dpkg kept the
+    // role's (the role had nothing to rewrite) and put the default beside it.
+    let config = std::fs::read_to_string(&agent_config).unwrap();
+    let upgrade = apply(&fixture_deb(home.path(), "0.1.1", ""));
+    assert_eq!(installed(), "0.1.1");
+    assert!(upgrade.changed() > 0, "{}", upgrade.out);
+    assert_eq!(
+        upgrade.statuses("Write the agent config (validated by the binary first)"),
+        ["ok"],
         "{}",
-        String::from_utf8_lossy(&check.stderr)
+        upgrade.out
     );
+    assert_eq!(std::fs::read_to_string(&agent_config).unwrap(), config);
+    assert!(
+        root.path().join("etc/loopmesh/agent.yaml.dpkg-dist").is_file(),
+        "{}",
+        upgrade.out
+    );
+    assert_eq!(upgrade.agent_apply(), "reloaded");
+    upgrade.assert_skipped("Reload or restart loopmesh-agent");
+    upgrade.assert_skipped("Restart loopmesh-registrar");
+
+    // A new version whose agent unit changed: a restart.
+    let new_unit = fixture_deb(home.path(), "0.1.2", "# changed in 0.1.2\n");
+    let upgrade = apply(&new_unit);
+    assert_eq!(installed(), "0.1.2");
+    assert_eq!(upgrade.agent_apply(), "restarted");
+    upgrade.assert_skipped("Reload or restart loopmesh-agent");
+
+    // The same package again: nothing to apply, no handler.
+    let again = apply(&new_unit);
+    assert_eq!(again.changed(), 0, "{}", again.out);
+    assert!(
+        again.block("Reload or restart loopmesh-agent").is_none(),
+        "{}",
+        again.out
+    );
+}
+
+#[test]
+fn booleans_given_as_false_by_an_ini_inventory_turn_their_steps_off() {
+    let home = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let deb = fixture_deb(home.path(), "0.1.0", "");
+    // Everything as text, as an INI inventory's [group:vars] gives it.
+    let inventory = inventory(
+        home.path(),
+        &format!(
+            "loopmesh_root={}\nloopmesh_deb_file={}\nloopmesh_manage_services=false\nloopmesh_resolved_dropin=false\nloopmesh_registrar_enabled=false\nloopmesh_proxy_kernel_forwarding=false\nloopmesh_agent_enabled=true\nloopmesh_etcd_endpoints=[\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\"]\n",
+            root.path().display(),
+            deb.display()
+        ),
+    );
+    let run = play(home.path(), &inventory, &serde_json::json!({}), &[]);
+    assert!(run.ok, "{}", run.out);
+    // No service touched: every step and handler that would was skipped.
+    for step in [
+        "Enable the agent",
+        "Start the agent",
+        "Enable the registrar",
+        "Start the registrar",
+        "Reload or restart loopmesh-agent",
+        "Restart loopmesh-registrar",
+        "Wait until the agent is ready",
+        "Write the registrar config (validated by the binary first)",
+        "Send the mesh zone to the agent through systemd-resolved",
+        "Grant the agent what forwarding in the kernel needs (unit drop-in)",
+    ] {
+        run.assert_skipped(step);
+    }
+    assert!(run.block("Restart systemd-resolved").is_none(), "{}", run.out);
+    let path = |file: &str| root.path().join(file);
+    assert!(!path("etc/systemd/resolved.conf.d/loopmesh.conf").exists());
+    assert!(!path("etc/systemd/system/loopmesh-agent.service.d/kernel-forwarding.conf").exists());
+    assert_eq!(
+        std::fs::read_to_string(path("etc/loopmesh/registrar.yaml")).unwrap(),
+        "# the package's default registrar config (0.1.0)\n",
+        "the registrar's config is the package's"
+    );
+    // The agent (true) is configured, with the endpoints the text lists.
+    let agent = loopmesh::config::AgentConfig::load(
+        Some(&path("etc/loopmesh/agent.yaml")),
+        &loopmesh::config::Overrides::default(),
+    )
+    .unwrap();
+    assert!(!agent.proxy.kernel_forwarding);
+    assert_eq!(
+        agent.store.etcd.expect("etcd").endpoints,
+        vec!["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+    );
+}
+
+/// Every boolean the argument spec declares is used through `| bool`:
+/// an INI inventory gives booleans as text, which is true whatever it says
+/// and which ansible-core 2.19 refuses in a conditional. Mentions in
+/// comments and as `name=`/`name:` (messages, settings) are not uses.
+#[test]
+fn every_boolean_variable_is_used_through_the_bool_filter() {
+    let role = ansible_dir().join("roles/loopmesh");
+    let specs = std::fs::read_to_string(role.join("meta/argument_specs.yml")).unwrap();
+    let specs: serde_json::Value = serde_saphyr::from_str(&specs).unwrap();
+    let options = specs["argument_specs"]["main"]["options"].as_object().unwrap();
+    let booleans: Vec<&String> = options
+        .iter()
+        .filter(|(_, spec)| spec["type"] == "bool")
+        .map(|(name, _)| name)
+        .collect();
+    assert!(booleans.len() >= 5, "{booleans:?}");
+
+    let mut files = vec![ansible_dir().join("site.yml")];
+    for dir in ["tasks", "handlers", "templates", "vars"] {
+        for entry in std::fs::read_dir(role.join(dir)).unwrap() {
+            files.push(entry.unwrap().path());
+        }
+    }
+    let mut uses = 0;
+    let mut wrong = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for (number, line) in text.lines().enumerate() {
+            if line.trim_start().starts_with('#') {
+                continue;
+            }
+            for name in &booleans {
+                for (at, _) in line.match_indices(name.as_str()) {
+                    let before = line[..at].chars().next_back();
+                    let after = &line[at + name.len()..];
+                    let whole = !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+                        && !after.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_');
+                    if !whole || after.starts_with(['=', ':']) {
+                        continue;
+                    }
+                    uses += 1;
+                    if !after.trim_start().starts_with("| bool") {
+                        wrong.push(format!("{}:{}: {}", file.display(), number + 1, line.trim()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(uses > 10, "only {uses} uses found: the scan is broken");
+    assert!(
+        wrong.is_empty(),
+        "booleans used without | bool:\n{}",
+        wrong.join("\n")
+    );
+}
+
+/// The role carries its own copy of the kernel forwarding drop-in (a
+/// package's /usr/share/doc may be left out of an image); it grants what
+/// the repository's does.
+#[test]
+fn the_roles_kernel_forwarding_drop_in_grants_what_the_repositorys_does() {
+    let settings = |path: PathBuf| -> Vec<String> {
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+            .lines()
+            .filter(|line| !line.trim().is_empty() && !line.starts_with('#'))
+            .map(str::to_string)
+            .collect()
+    };
+    let ours = settings(ansible_dir().join("roles/loopmesh/files/kernel-forwarding.conf"));
+    let repository = settings(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("systemd/loopmesh-agent.service.d/kernel-forwarding.conf"),
+    );
+    assert!(ours.len() > 1, "{ours:?}");
+    assert_eq!(ours, repository);
 }
