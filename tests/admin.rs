@@ -148,7 +148,7 @@ async fn the_registrar_reports_its_instances_and_check_metrics() {
     std::fs::write(
         &config,
         format!(
-            "store: {{etcd: {{endpoints: [{}], request_timeout: 500ms, dial_timeout: 500ms}}}}\nlease_ttl: 3s\ndrain_period: 0s\nstate_dir: state\nservices:\n  - {{service: web, host: {}, port: {}, check: {{interval: 100ms, rise: 1, fall: 1}}}}\n",
+            "store: {{etcd: {{endpoints: [{}], request_timeout: 500ms, dial_timeout: 500ms}}}}\nlease_ttl: 3s\ndrain_period: 0s\nstate_dir: state\nmesh: 10.0.0.5:15008\nservices:\n  - {{service: web, host: {}, port: {}, check: {{interval: 100ms, rise: 1, fall: 1}}}}\n",
             etcd.endpoint(),
             addr.ip(),
             addr.port()
@@ -168,6 +168,10 @@ async fn the_registrar_reports_its_instances_and_check_metrics() {
     .await;
     assert_eq!(instances[0]["key"], format!("web/n1-{}", addr.port()));
     assert_eq!(instances[0]["state"], "up");
+    assert_eq!(
+        instances[0]["mesh"], "10.0.0.5:15008",
+        "a loopback backend is reached through the node's mesh address"
+    );
     eventually_async("ready", || async {
         get_json(admin, "/ready").await.filter(|(s, _)| *s == 200)
     })

@@ -174,6 +174,7 @@ impl Registrar {
                 serde_json::json!({
                     "key": backend.key(), "service": backend.service, "id": backend.id,
                     "host": backend.instance.host, "port": backend.instance.port,
+                    "mesh": backend.instance.mesh,
                     "healthy": running.healthy, "state": state.as_str(), "registered": running.healthy,
                 })
             })

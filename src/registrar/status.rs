@@ -53,6 +53,9 @@ impl Status for RegistrarStatus {
     }
 
     fn views(&self) -> &'static [(&'static str, &'static str)] {
-        &[("/instances", "each backend: key, health, flagged state (JSON)")]
+        &[(
+            "/instances",
+            "each backend: key, health, flagged state, mesh address (JSON)",
+        )]
     }
 }
