@@ -13,20 +13,25 @@
 //! their steps off; and every use of a boolean variable goes through
 //! `| bool` (ansible-core 2.19 refuses text in a conditional).
 //!
-//! What it does not: the package is a fixture built here with `dpkg-deb
-//! --build` in the real package's layout (the test's binary, the
-//! repository's units, a sysusers entry, two conffiles, no maintainer
-//! scripts). Into a staged root the role installs it with `dpkg --root`
-//! (the root's own database, conffiles kept on upgrade as on a node), not
-//! with the `ansible.builtin.apt` step a real node runs; that step and the
-//! systemd steps are linted but not run. Without services the handlers are
-//! skipped, so the tests read the reload-or-restart decision they would act
-//! on from the run's output.
+//! The package is the real one: systemd/deb/build-deb (the README's
+//! command) run on this test's own binary, at Debian revisions 1 and 2; an
+//! upgrade that changes the agent's unit and its default config installs a
+//! package derived from the real one (see `altered_release`). Into a
+//! staged root the role installs it with `dpkg --root` (the root's own
+//! database, conffiles kept on upgrade as on a node) and the package's own
+//! maintainer scripts run with DPKG_ROOT set, creating the `loopmesh` user
+//! and its directories in the root; the `ansible.builtin.apt` step a real
+//! node runs and the systemd steps are linted but not run. Without services
+//! the handlers are skipped, so the tests read the reload-or-restart
+//! decision they would act on from the run's output.
 
 mod common;
 
+use common::ok;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Mutex, PoisonError};
 
 fn ansible_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("ansible")
@@ -144,69 +149,75 @@ fn inventory(home: &Path, vars: &str) -> PathBuf {
     path
 }
 
-/// A test fixture standing in for the real package: a .deb in its layout
-/// (/usr/bin/loopmesh, the units in /usr/lib/systemd/system, the sysusers
-/// entry, default configs as conffiles) holding this build's binary and the
-/// repository's units, the agent's with `agent_unit_extra` appended.
-fn fixture_deb(dir: &Path, version: &str, agent_unit_extra: &str) -> PathBuf {
-    let tree = dir.join(format!("loopmesh-{version}"));
-    let put = |path: &str, contents: &str| {
-        let path = tree.join(path);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, contents).unwrap();
+/// The real package at Debian revision `revision`, built once per run of
+/// these tests (in cargo's tmp dir for integration tests).
+fn release(revision: u32) -> PathBuf {
+    static BUILT: Mutex<BTreeMap<u32, PathBuf>> = Mutex::new(BTreeMap::new());
+    // The package's postinst, run by the role's dpkg, creates the user.
+    common::require_tool("systemd-sysusers", "systemd");
+    let mut built = BUILT.lock().unwrap_or_else(PoisonError::into_inner);
+    built
+        .entry(revision)
+        .or_insert_with(|| {
+            let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join("ansible-test")
+                .join(format!("revision-{revision}"));
+            common::build_deb(&out, revision)
+        })
+        .clone()
+}
+
+/// `VERSION-revision`, the version build-deb gives revision `revision`.
+fn version(revision: u32) -> String {
+    format!("{}-{revision}", env!("CARGO_PKG_VERSION"))
+}
+
+/// What this release's agent unit and default agent config end with.
+fn altered(revision: u32) -> String {
+    format!("# changed in {}\n", version(revision))
+}
+
+/// Revision `revision`, derived from the real package of revision 2
+/// (`dpkg-deb -R`, edit, `dpkg-deb -b`) with [`altered`] appended to the
+/// agent's unit and to its default config, and its md5sums redone. Hand
+/// altered because build-deb packages the repository as it is, and the
+/// upgrade where a new unit means a restart and a new default config must
+/// not replace the role's needs a release in which both differ.
+fn altered_release(dir: &Path, revision: u32) -> PathBuf {
+    let tree = dir.join(format!("loopmesh-{}", version(revision)));
+    ok(Command::new("dpkg-deb").arg("-R").arg(release(2)).arg(&tree));
+    let edit = |file: &str, change: &dyn Fn(String) -> String| {
+        let path = tree.join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, change(text)).unwrap();
     };
-    let systemd = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("systemd");
-    let unit = |name: &str| std::fs::read_to_string(systemd.join(name)).unwrap();
-    let arch = Command::new("dpkg")
-        .arg("--print-architecture")
-        .output()
-        .expect("dpkg runs (apt-get install dpkg)");
-    put(
-        "DEBIAN/control",
-        &format!(
-            "Package: loopmesh\nVersion: {version}\nArchitecture: {}\nMaintainer: loopmesh tests <tests@loopmesh.invalid>\nDescription: loopmesh (test fixture)\n",
-            String::from_utf8_lossy(&arch.stdout).trim()
-        ),
-    );
-    put(
-        "DEBIAN/conffiles",
-        "/etc/loopmesh/agent.yaml\n/etc/loopmesh/registrar.yaml\n",
-    );
-    // Each version's defaults differ, as a conffile changed upstream does.
-    put(
-        "etc/loopmesh/agent.yaml",
-        &format!("# the package's default agent config ({version})\n"),
-    );
-    put(
-        "etc/loopmesh/registrar.yaml",
-        &format!("# the package's default registrar config ({version})\n"),
-    );
-    put(
+    edit("DEBIAN/control", &|control| {
+        control.replace(
+            &format!("\nVersion: {}\n", version(2)),
+            &format!("\nVersion: {}\n", version(revision)),
+        )
+    });
+    for file in [
         "usr/lib/systemd/system/loopmesh-agent.service",
-        &(unit("loopmesh-agent.service") + agent_unit_extra),
-    );
-    put(
-        "usr/lib/systemd/system/loopmesh-registrar.service",
-        &unit("loopmesh-registrar.service"),
-    );
-    put(
-        "usr/lib/sysusers.d/loopmesh.conf",
-        &unit("loopmesh.sysusers.conf"),
-    );
-    std::fs::create_dir_all(tree.join("usr/bin")).unwrap();
-    std::fs::copy(env!("CARGO_BIN_EXE_loopmesh"), tree.join("usr/bin/loopmesh")).unwrap();
-    let deb = dir.join(format!("loopmesh_{version}.deb"));
-    // No compression: the debug binary is large and this is a fixture.
-    let built = Command::new("dpkg-deb")
-        .args(["-Znone", "--root-owner-group", "--build"])
+        "etc/loopmesh/agent.yaml",
+    ] {
+        edit(file, &|text| text + &altered(revision));
+    }
+    ok(Command::new("sh")
+        .arg("-c")
+        .arg(r#"cd "$1" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | LC_ALL=C sort -z | xargs -0 md5sum >DEBIAN/md5sums"#)
+        .arg("sh")
+        .arg(&tree));
+    let deb = dir.join(format!("loopmesh_{}.deb", version(revision)));
+    ok(Command::new("dpkg-deb")
+        .args(["--root-owner-group", "-Zgzip", "-z1", "--build"])
         .arg(&tree)
-        .arg(&deb)
-        .output()
-        .expect("dpkg-deb runs (apt-get install dpkg)");
-    assert!(
-        built.status.success(),
-        "{}",
-        String::from_utf8_lossy(&built.stderr)
+        .arg(&deb));
+    let field = ok(Command::new("dpkg-deb").arg("--field").arg(&deb).arg("Version"));
+    assert_eq!(
+        common::stdout(&field).trim(),
+        version(revision),
+        "the altered control"
     );
     deb
 }
@@ -287,7 +298,7 @@ async fn the_role_installs_the_package_and_applies_idempotently_into_a_temporary
     let home = tempfile::tempdir().unwrap();
     let certs = home.path().join("certs");
     mesh_credentials(&certs, "node-1");
-    let deb = fixture_deb(home.path(), "0.1.0", "");
+    let deb = release(1);
     let root = tempfile::tempdir().unwrap();
     let inventory = inventory(home.path(), "");
     let vars = serde_json::json!({
@@ -342,16 +353,28 @@ async fn the_role_installs_the_package_and_applies_idempotently_into_a_temporary
     // The package's files, installed by dpkg; the units come from it, none
     // from the role.
     assert_eq!(mode(&path("usr/bin/loopmesh")), 0o755);
-    let systemd = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("systemd");
     for unit in ["loopmesh-agent.service", "loopmesh-registrar.service"] {
         assert_eq!(
-            std::fs::read(path(&format!("usr/lib/systemd/system/{unit}"))).unwrap(),
-            std::fs::read(systemd.join(unit)).unwrap()
+            std::fs::read_to_string(path(&format!("usr/lib/systemd/system/{unit}"))).unwrap(),
+            common::packaged_unit(unit)
         );
         assert!(
             !path(&format!("etc/systemd/system/{unit}")).exists(),
             "{unit} installed by the role"
         );
+    }
+    // The package's postinst ran under DPKG_ROOT: the loopmesh user
+    // (systemd-sysusers) and its directories (systemd-tmpfiles) are in the
+    // staged root.
+    let passwd = std::fs::read_to_string(path("etc/passwd")).unwrap();
+    let user = passwd
+        .lines()
+        .find(|line| line.starts_with("loopmesh:"))
+        .unwrap_or_else(|| panic!("no loopmesh user in the staged root: {passwd}"));
+    let uid: u32 = user.split(':').nth(2).unwrap().parse().unwrap();
+    for dir in ["var/lib/loopmesh/catalog", "var/lib/loopmesh/registrar"] {
+        let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(path(dir)).unwrap());
+        assert_eq!(owner, uid, "{dir} belongs to {user}");
     }
     for file in [
         "etc/loopmesh/agent.yaml",
@@ -473,8 +496,8 @@ fn a_new_package_reloads_the_agent_and_a_new_unit_restarts_it() {
         std::fs::create_dir_all(legacy.parent().unwrap()).unwrap();
         std::fs::write(legacy, "from the role before the package").unwrap();
     }
-    let first = apply(&fixture_deb(home.path(), "0.1.0", ""));
-    assert_eq!(installed(), "0.1.0");
+    let first = apply(&release(1));
+    assert_eq!(installed(), version(1));
     assert!(!root.path().join("usr/local/bin/loopmesh").exists());
     assert!(!root
         .path()
@@ -483,35 +506,44 @@ fn a_new_package_reloads_the_agent_and_a_new_unit_restarts_it() {
     assert_eq!(first.agent_apply(), "restarted");
     first.assert_skipped("Reload or restart loopmesh-agent");
 
-    // A new version with the same units: a reload, the takeover that
-    // refuses nothing. Its default config changed, but dpkg kept the
-    // role's (the role had nothing to rewrite) and put the default beside it.
+    // A new revision with the same units and defaults: a reload, the
+    // takeover that refuses nothing; the role's config stays as it was.
     let config = std::fs::read_to_string(&agent_config).unwrap();
-    let upgrade = apply(&fixture_deb(home.path(), "0.1.1", ""));
-    assert_eq!(installed(), "0.1.1");
+    let config_kept = |upgrade: &Run| {
+        assert_eq!(
+            upgrade.statuses("Write the agent config (validated by the binary first)"),
+            ["ok"],
+            "the role had nothing to rewrite: {}",
+            upgrade.out
+        );
+        assert_eq!(std::fs::read_to_string(&agent_config).unwrap(), config);
+    };
+    let upgrade = apply(&release(2));
+    assert_eq!(installed(), version(2));
     assert!(upgrade.changed() > 0, "{}", upgrade.out);
-    assert_eq!(
-        upgrade.statuses("Write the agent config (validated by the binary first)"),
-        ["ok"],
-        "{}",
-        upgrade.out
-    );
-    assert_eq!(std::fs::read_to_string(&agent_config).unwrap(), config);
-    assert!(
-        root.path().join("etc/loopmesh/agent.yaml.dpkg-dist").is_file(),
-        "{}",
-        upgrade.out
-    );
+    config_kept(&upgrade);
     assert_eq!(upgrade.agent_apply(), "reloaded");
     upgrade.assert_skipped("Reload or restart loopmesh-agent");
     upgrade.assert_skipped("Restart loopmesh-registrar");
 
-    // A new version whose agent unit changed: a restart.
-    let new_unit = fixture_deb(home.path(), "0.1.2", "# changed in 0.1.2\n");
+    // A new revision whose agent unit changed: a restart. Its default
+    // config changed too, but dpkg kept the role's (the role had nothing to
+    // rewrite) and put the new default beside it.
+    let new_unit = altered_release(home.path(), 3);
     let upgrade = apply(&new_unit);
-    assert_eq!(installed(), "0.1.2");
+    assert_eq!(installed(), version(3));
     assert_eq!(upgrade.agent_apply(), "restarted");
     upgrade.assert_skipped("Reload or restart loopmesh-agent");
+    assert!(
+        std::fs::read_to_string(root.path().join("usr/lib/systemd/system/loopmesh-agent.service"))
+            .unwrap()
+            .ends_with(&altered(3)),
+        "the new unit installed"
+    );
+    config_kept(&upgrade);
+    let dist = std::fs::read_to_string(root.path().join("etc/loopmesh/agent.yaml.dpkg-dist"))
+        .unwrap_or_else(|err| panic!("the new default beside the role's config: {err}\n{}", upgrade.out));
+    assert!(dist.ends_with(&altered(3)), "{dist}");
 
     // The same package again: nothing to apply, no handler.
     let again = apply(&new_unit);
@@ -527,7 +559,7 @@ fn a_new_package_reloads_the_agent_and_a_new_unit_restarts_it() {
 fn booleans_given_as_false_by_an_ini_inventory_turn_their_steps_off() {
     let home = tempfile::tempdir().unwrap();
     let root = tempfile::tempdir().unwrap();
-    let deb = fixture_deb(home.path(), "0.1.0", "");
+    let deb = release(1);
     // Everything as text, as an INI inventory's [group:vars] gives it.
     let inventory = inventory(
         home.path(),
@@ -560,7 +592,8 @@ fn booleans_given_as_false_by_an_ini_inventory_turn_their_steps_off() {
     assert!(!path("etc/systemd/system/loopmesh-agent.service.d/kernel-forwarding.conf").exists());
     assert_eq!(
         std::fs::read_to_string(path("etc/loopmesh/registrar.yaml")).unwrap(),
-        "# the package's default registrar config (0.1.0)\n",
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("systemd/deb/registrar.yaml"))
+            .unwrap(),
         "the registrar's config is the package's"
     );
     // The agent (true) is configured, with the endpoints the text lists.

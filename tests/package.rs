@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{require_tool, run};
+use common::{build_deb, ok, packaged_unit, require_tool, run, stdout};
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -22,49 +22,11 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Runs a command, failing the test with its output unless it succeeds.
-fn ok(command: &mut Command) -> Output {
-    let output = command
-        .output()
-        .unwrap_or_else(|err| panic!("{command:?} does not run: {err}"));
-    assert!(
-        output.status.success(),
-        "{command:?} failed: {}\n{}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 /// The package, built once for every test here (with gzip: the debug
 /// binary is large). It lives in cargo's tmp dir for integration tests.
 fn package() -> &'static Path {
     static PACKAGE: OnceLock<PathBuf> = OnceLock::new();
-    PACKAGE.get_or_init(|| {
-        for (tool, package) in [
-            ("dpkg-deb", "dpkg"),
-            ("dpkg-shlibdeps", "dpkg-dev"),
-            ("strip", "binutils"),
-            ("gzip", "gzip"),
-        ] {
-            require_tool(tool, package);
-        }
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("package-test");
-        let _ = std::fs::remove_dir_all(&out);
-        let built = ok(Command::new(repo().join("systemd/deb/build-deb"))
-            .args(["--fast", "--binary", env!("CARGO_BIN_EXE_loopmesh"), "--out"])
-            .arg(&out));
-        let deb = PathBuf::from(stdout(&built).trim());
-        let arch = stdout(&ok(Command::new("dpkg").arg("--print-architecture")));
-        let name = format!("loopmesh_{}-1_{}.deb", env!("CARGO_PKG_VERSION"), arch.trim());
-        assert_eq!(deb, out.join(name), "the script names the package as Debian does");
-        deb
-    })
+    PACKAGE.get_or_init(|| build_deb(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("package-test"), 1))
 }
 
 /// `dpkg-deb --contents`: path (without the leading `.`) to mode string
@@ -186,12 +148,7 @@ fn the_package_holds_every_file_where_debian_expects_it() {
             text.contains("ExecStart=/usr/bin/loopmesh ") && !text.contains("/usr/local"),
             "{unit}: {text}"
         );
-        let source = std::fs::read_to_string(repo().join("systemd").join(unit)).unwrap();
-        assert_eq!(
-            text,
-            source.replace("/usr/local/bin/loopmesh", "/usr/bin/loopmesh"),
-            "{unit} as in systemd/"
-        );
+        assert_eq!(text, packaged_unit(unit), "{unit} as in systemd/");
         let documentation: Vec<&str> = text
             .lines()
             .filter_map(|line| line.strip_prefix("Documentation="))

@@ -704,3 +704,65 @@ pub fn require_tool(tool: &str, package: &str) -> PathBuf {
         .find(|path| path.is_file())
         .unwrap_or_else(|| panic!("{tool} is not installed: apt-get install -y {package}"))
 }
+
+/// Runs a command, failing the test with its output unless it succeeds.
+pub fn ok(command: &mut Command) -> std::process::Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|err| panic!("{command:?} does not run: {err}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// What a command printed on stdout, as text.
+pub fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The Debian package as operators build it: systemd/deb/build-deb (the
+/// README's command) on this test's own binary, Debian revision
+/// `revision`, into `out` (emptied first). Compressed with gzip (`--fast`):
+/// the debug binary is large. Fails the test naming the apt package of a
+/// missing tool.
+pub fn build_deb(out: &Path, revision: u32) -> PathBuf {
+    for (tool, package) in [
+        ("dpkg-deb", "dpkg"),
+        ("dpkg-shlibdeps", "dpkg-dev"),
+        ("strip", "binutils"),
+        ("gzip", "gzip"),
+    ] {
+        require_tool(tool, package);
+    }
+    let _ = std::fs::remove_dir_all(out);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/deb/build-deb");
+    let built = ok(Command::new(script)
+        .args(["--fast", "--binary", env!("CARGO_BIN_EXE_loopmesh")])
+        .arg("--revision")
+        .arg(revision.to_string())
+        .arg("--out")
+        .arg(out));
+    let deb = PathBuf::from(stdout(&built).trim());
+    let arch = stdout(&ok(Command::new("dpkg").arg("--print-architecture")));
+    let name = format!(
+        "loopmesh_{}-{revision}_{}.deb",
+        env!("CARGO_PKG_VERSION"),
+        arch.trim()
+    );
+    assert_eq!(deb, out.join(name), "the script names the package as Debian does");
+    deb
+}
+
+/// A unit as the package installs it: the repository's (systemd/), which
+/// runs /usr/local/bin/loopmesh, running the packaged /usr/bin/loopmesh.
+pub fn packaged_unit(unit: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd").join(unit);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+        .replace("/usr/local/bin/loopmesh", "/usr/bin/loopmesh")
+}
