@@ -32,11 +32,14 @@ pub trait Status: Send + Sync + 'static {
     fn view(&self, path: &str) -> Option<serde_json::Value>;
     /// The paths [`Status::view`] answers, for the index.
     fn views(&self) -> &'static [&'static str];
+    /// Appends the series kept in the daemon's own state (per service,
+    /// backend or instance) to `/metrics`.
+    fn metrics(&self, _out: &mut crate::telemetry::Exposition<'_>) {}
 }
 
 /// Histogram buckets in seconds: 50 µs to 10 s, for connect, DNS, render
 /// and check latencies alike.
-const BUCKETS: [f64; 16] = [
+pub const BUCKETS: [f64; 16] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
@@ -207,7 +210,8 @@ fn respond(
     }
     match request.uri().path() {
         "/metrics" => {
-            let mut response = text(StatusCode::OK, metrics.render());
+            let body = crate::telemetry::scrape(metrics, |out| status.metrics(out));
+            let mut response = text(StatusCode::OK, body);
             response.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

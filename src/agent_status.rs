@@ -199,4 +199,10 @@ impl Status for AgentStatus {
     fn views(&self) -> &'static [&'static str] {
         &["/routes", "/catalog", "/files"]
     }
+
+    fn metrics(&self, out: &mut crate::telemetry::Exposition<'_>) {
+        if let Some(proxy) = self.current().proxy {
+            proxy.render_metrics(out);
+        }
+    }
 }

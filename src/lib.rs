@@ -22,6 +22,8 @@
 //! - [`agent`]: the control loop tying store, catalog and render together.
 //! - [`ca`]: `loopmesh ca`, a small CA making the node certificates of
 //!   mTLS between nodes for fleets without one.
+//! - [`admin`] and [`telemetry`]: the admin API, and the metrics it
+//!   exports (one table of every metric, HELP included).
 //! - [`cli`]: the `loopmesh` command line.
 
 pub mod addresses;
@@ -50,4 +52,5 @@ pub mod store;
 pub mod succession;
 pub mod systemd;
 pub mod takeover;
+pub mod telemetry;
 pub mod yaml;

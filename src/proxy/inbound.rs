@@ -17,9 +17,8 @@ use http_body_util::Empty;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -37,8 +36,6 @@ struct Shared {
     context: Arc<CompileContext>,
     /// This node's name, as its instances carry it.
     node: String,
-    /// Callers refused, per service, said once each.
-    denied: Mutex<HashSet<(Arc<str>, String)>>,
 }
 
 /// Accepts mesh connections until the drain; then stops accepting, sends
@@ -54,7 +51,6 @@ pub async fn serve(
         credentials,
         context,
         node,
-        denied: Mutex::default(),
     });
     loop {
         let accepted = tokio::select! {
@@ -176,14 +172,7 @@ async fn stream_to_target(
     let caller_id = caller.to_string();
     let allow = &state.spec.allow;
     if !allow.is_empty() && !allow.iter().any(|pattern| allowed(pattern, &caller_id)) {
-        metrics::counter!("loopmesh_mesh_denied_total", "service" => state.name().to_string(), "caller" => caller_id.clone())
-            .increment(1);
-        let first = shared
-            .denied
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((state.shared.name.clone(), caller_id.clone()));
-        if first {
+        if state.shared.metrics().deny(&caller_id) {
             tracing::warn!(
                 "mesh: {caller_id} is not allowed to reach service {} (allow: {}); refused, and counted from now on",
                 state.name(),
@@ -198,12 +187,11 @@ async fn stream_to_target(
     };
     let _ = backend.set_nodelay(true);
     let upgrade = hyper::upgrade::on(&mut request);
-    let service = state.shared.name.clone();
+    let shared = state.shared.clone();
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
         let mut backend = backend;
-        metrics::counter!("loopmesh_mesh_inbound_streams_total", "service" => service.to_string())
-            .increment(1);
+        shared.metrics().inbound_streams.increment(1);
         let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut backend).await;
     });
     Response::new(Empty::new())
