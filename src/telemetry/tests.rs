@@ -99,10 +99,10 @@ fn readme_row(family: &families::Family) -> String {
         Kind::Histogram => "histogram",
     };
     let labels: Vec<String> = family.labels.iter().map(|l| format!("`{l}`")).collect();
+    let labels = if labels.is_empty() { "—".to_string() } else { labels.join(", ") };
     format!(
-        "| `{}` | {kind} | {} | {} | {} |",
+        "| `{}` | {kind} | {labels} | {} | {} |",
         family.name,
-        labels.join(", "),
         family.present.describe(),
         family.help
     )
