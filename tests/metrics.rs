@@ -45,16 +45,19 @@ fn readme_metrics(daemon: Daemon) -> Vec<(String, String)> {
         .filter_map(|line| {
             let cells: Vec<&str> = line.split('|').map(str::trim).collect();
             let name = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+            let present = cells.get(4)?;
             ["counter", "gauge", "histogram"]
                 .contains(cells.get(2)?)
-                .then(|| (name.to_string(), cells.get(4)?.to_string()))
+                .then(|| (name.to_string(), present.to_string()))
         })
         .collect();
     assert!(rows.len() > 50, "the README's metric table is missing: {rows:?}");
     rows.into_iter()
         .filter(|(name, _)| {
             let family = families::ALL.iter().find(|f| f.name == name);
-            family.unwrap_or_else(|| panic!("README lists {name}, unknown to the code")).of(daemon)
+            family
+                .unwrap_or_else(|| panic!("README lists {name}, unknown to the code"))
+                .of(daemon)
         })
         .collect()
 }
@@ -74,10 +77,14 @@ fn value(text: &str, series: &str) -> Option<f64> {
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// `/metrics`, once the admin API answers.
 async fn scrape(admin: SocketAddr) -> String {
-    let (status, text) = http_get(admin, "/metrics").await.expect("the admin API answers");
-    assert_eq!(status, 200, "{text}");
-    text
+    eventually_async("/metrics", || async {
+        let (status, text) = http_get(admin, "/metrics").await?;
+        assert_eq!(status, 200, "{text}");
+        Some(text)
+    })
+    .await
 }
 
 /// Writes a catalog file through a rename, so the agent never reads half.
@@ -133,7 +140,10 @@ async fn dns_query(server: SocketAddr, name: &str) {
 
 /// The service `name` in the file catalog under `catalog`, on `addr`.
 fn put_service(catalog: &Path, name: &str, addr: SocketAddr, protocol: &str) {
-    put(&catalog.join(format!("addresses/{name}.yaml")), &addr.ip().to_string());
+    put(
+        &catalog.join(format!("addresses/{name}.yaml")),
+        &addr.ip().to_string(),
+    );
     put(
         &catalog.join(format!("services/{name}.yaml")),
         &format!("port: {}\nprotocol: {protocol}\n", addr.port()),
@@ -191,16 +201,31 @@ async fn the_agents_metrics_pass_promtool_are_there_from_the_start_and_leave_wit
     for (name, present) in &listed {
         match present.as_str() {
             "start" | "with the DNS server" | "with its listener" => {
-                assert!(has_sample(&text, name), "{name} ({present}) has no sample at start:\n{text}")
+                assert!(
+                    has_sample(&text, name),
+                    "{name} ({present}) has no sample at start:\n{text}"
+                )
             }
             "with mTLS configured" => assert!(!has_sample(&text, name), "{name} without mTLS:\n{text}"),
-            _ => assert!(text.contains(&format!("# HELP {name} ")), "{name} is not listed:\n{text}"),
+            _ => assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} is not listed:\n{text}"
+            ),
         }
     }
-    assert_eq!(value(&text, "loopmesh_proxy_connections_total{service=\"db\"}"), None);
-    let version = format!("loopmesh_build_info{{version=\"{}\",commit=\"", env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        value(&text, "loopmesh_proxy_connections_total{service=\"db\"}"),
+        None
+    );
+    let version = format!(
+        "loopmesh_build_info{{version=\"{}\",commit=\"",
+        env!("CARGO_PKG_VERSION")
+    );
     assert!(text.contains(&version), "{text}");
-    assert!(value(&text, "process_resident_memory_bytes") > Some(0.0), "{text}");
+    assert!(
+        value(&text, "process_resident_memory_bytes") > Some(0.0),
+        "{text}"
+    );
     promtool(&text).unwrap();
 
     // Two services appear, a TCP and an HTTP one: their series are there
@@ -225,13 +250,20 @@ async fn the_agents_metrics_pass_promtool_are_there_from_the_start_and_leave_wit
             continue; // a series per caller, from its first refusal
         }
         assert!(
-            text.lines().any(|line| line.starts_with(name.as_str())
-                && line.contains(&format!("service=\"{service}\""))),
+            text.lines()
+                .any(|line| line.starts_with(name.as_str())
+                    && line.contains(&format!("service=\"{service}\""))),
             "{name} ({present}) has no series for {service} before its first connection:\n{text}"
         );
     }
-    assert_eq!(value(&text, "loopmesh_proxy_connections_total{service=\"db\"}"), Some(0.0));
-    assert!(!text.contains("backend=\""), "no backend is compiled before a connection:\n{text}");
+    assert_eq!(
+        value(&text, "loopmesh_proxy_connections_total{service=\"db\"}"),
+        Some(0.0)
+    );
+    assert!(
+        !text.contains("backend=\""),
+        "no backend is compiled before a connection:\n{text}"
+    );
 
     // Traffic: a TCP connection, an HTTP request, a DNS query.
     let mut stream = tokio::net::TcpStream::connect(db).await.unwrap();
@@ -253,30 +285,51 @@ async fn the_agents_metrics_pass_promtool_are_there_from_the_start_and_leave_wit
             .filter(|line| line.starts_with("loopmesh_dns_queries_total{transport=\"udp\",type=\"A\","))
             .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
             .sum();
-        let bytes = value(&text, &format!("loopmesh_backend_bytes_total{b1},direction=\"to_client\"}}"));
+        let bytes = value(
+            &text,
+            &format!("loopmesh_backend_bytes_total{b1},direction=\"to_client\"}}"),
+        );
         (bytes == Some(7.0) && queries >= 1.0).then_some(text)
     })
     .await;
-    assert_eq!(value(&text, &format!("loopmesh_backend_connections_total{b1}}}")), Some(1.0));
     assert_eq!(
-        value(&text, &format!("loopmesh_backend_bytes_total{b1},direction=\"to_backend\"}}")),
-        Some(4.0)
-    );
-    assert_eq!(
-        value(&text, &format!("loopmesh_backend_connect_errors_total{b1},kind=\"refused\"}}")),
-        Some(0.0)
-    );
-    assert_eq!(
-        value(&text, "loopmesh_backend_requests_total{service=\"web\",backend=\"w1\"}"),
+        value(&text, &format!("loopmesh_backend_connections_total{b1}}}")),
         Some(1.0)
     );
     assert_eq!(
-        value(&text, "loopmesh_http_requests_total{service=\"web\",code_class=\"2xx\"}"),
+        value(
+            &text,
+            &format!("loopmesh_backend_bytes_total{b1},direction=\"to_backend\"}}")
+        ),
+        Some(4.0)
+    );
+    assert_eq!(
+        value(
+            &text,
+            &format!("loopmesh_backend_connect_errors_total{b1},kind=\"refused\"}}")
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(
+            &text,
+            "loopmesh_backend_requests_total{service=\"web\",backend=\"w1\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &text,
+            "loopmesh_http_requests_total{service=\"web\",code_class=\"2xx\"}"
+        ),
         Some(1.0)
     );
     for (name, present) in &listed {
         if present.starts_with("per") && present.ends_with("backend") {
-            assert!(has_sample(&text, name), "{name} ({present}) after a connection:\n{text}");
+            assert!(
+                has_sample(&text, name),
+                "{name} ({present}) after a connection:\n{text}"
+            );
         }
     }
     promtool(&text).unwrap();
@@ -284,9 +337,18 @@ async fn the_agents_metrics_pass_promtool_are_there_from_the_start_and_leave_wit
     let (_, routes) = http_get(admin, "/routes").await.unwrap();
     let routes: serde_json::Value = serde_json::from_str(&routes).unwrap();
     let b1_route = &routes[0]["backends"][0];
-    assert_eq!((routes[0]["service"].as_str(), b1_route["id"].as_str()), (Some("db"), Some("b1")));
+    assert_eq!(
+        (routes[0]["service"].as_str(), b1_route["id"].as_str()),
+        (Some("db"), Some("b1"))
+    );
     assert_eq!(b1_route["connections_total"], 1, "{b1_route}");
-    assert_eq!((b1_route["bytes_to_backend"].as_u64(), b1_route["bytes_to_client"].as_u64()), (Some(4), Some(7)));
+    assert_eq!(
+        (
+            b1_route["bytes_to_backend"].as_u64(),
+            b1_route["bytes_to_client"].as_u64()
+        ),
+        (Some(4), Some(7))
+    );
     assert_eq!(routes[1]["backends"][0]["requests_total"], 1, "{routes}");
 
     // web's backend w1 is replaced by w2; db is deleted. Their series go.
@@ -301,11 +363,17 @@ async fn the_agents_metrics_pass_promtool_are_there_from_the_start_and_leave_wit
     })
     .await;
     assert_eq!(
-        value(&text, "loopmesh_backend_requests_total{service=\"web\",backend=\"w2\"}"),
+        value(
+            &text,
+            "loopmesh_backend_requests_total{service=\"web\",backend=\"w2\"}"
+        ),
         Some(0.0)
     );
     assert_eq!(
-        value(&text, "loopmesh_http_requests_total{service=\"web\",code_class=\"2xx\"}"),
+        value(
+            &text,
+            "loopmesh_http_requests_total{service=\"web\",code_class=\"2xx\"}"
+        ),
         Some(1.0),
         "the service's own counters live on"
     );
@@ -348,9 +416,17 @@ async fn the_registrars_metrics_pass_promtool_and_an_instance_leaves_with_its_fi
     })
     .await;
     for (name, present) in readme_metrics(Daemon::Registrar) {
-        assert!(has_sample(&text, &name), "{name} ({present}) has no sample:\n{text}");
+        assert!(
+            has_sample(&text, &name),
+            "{name} ({present}) has no sample:\n{text}"
+        );
     }
-    assert!(value(&text, &format!("loopmesh_registrar_checks_total{web},result=\"pass\"}}")) >= Some(1.0));
+    assert!(
+        value(
+            &text,
+            &format!("loopmesh_registrar_checks_total{web},result=\"pass\"}}")
+        ) >= Some(1.0)
+    );
     promtool(&text).unwrap();
 
     std::fs::remove_file(&file).unwrap();

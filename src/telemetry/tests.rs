@@ -99,7 +99,11 @@ fn readme_row(family: &families::Family) -> String {
         Kind::Histogram => "histogram",
     };
     let labels: Vec<String> = family.labels.iter().map(|l| format!("`{l}`")).collect();
-    let labels = if labels.is_empty() { "—".to_string() } else { labels.join(", ") };
+    let labels = if labels.is_empty() {
+        "—".to_string()
+    } else {
+        labels.join(", ")
+    };
     format!(
         "| `{}` | {kind} | {labels} | {} | {} |",
         family.name,
