@@ -1,9 +1,10 @@
 //! The proxy's series in `/metrics`, read at scrape time from the
 //! counters each service and backend keeps ([`super::service::ServiceMetrics`],
 //! [`super::balance::BackendStats`]): a service deleted from the view, or a
-//! backend from its set, has no series to render. Every service has its
-//! series from when it appears (zeros until it is used); backends from the
-//! service's first connection, when they are compiled.
+//! backend from its set, has no series to render. A service has its series
+//! from its first use on this node (its first connection, or failure to
+//! bind), all at once, at zero; its backends from when they are compiled
+//! (at that first connection too).
 
 use super::balance::{BackendStats, CONNECT_FAILURES};
 use super::service::ServiceMetrics;
@@ -18,34 +19,34 @@ type Counted<T> = (&'static Family, fn(&T) -> &Counter);
 
 /// Renders the per-service families, then the per-backend ones.
 pub(super) fn render(services: &[Scraped], out: &mut Exposition<'_>) {
-    let all = || services.iter().map(|s| (s.name.as_str(), s.shared.as_ref()));
+    // Only the services used on this node: every node's table lists every
+    // service of the fleet, and most are never used on a given node.
+    let used = || services.iter().filter_map(|s| Some((s, s.shared.used()?)));
+    let all = || used().map(|(s, metrics)| (s.name.as_str(), metrics));
     let http = || {
-        services
-            .iter()
-            .filter(|s| s.protocol == Protocol::Http)
-            .map(|s| (s.name.as_str(), s.shared.http_metrics_now()))
+        used()
+            .filter(|(s, _)| s.protocol == Protocol::Http)
+            .map(|(s, _)| (s.name.as_str(), s.shared.http_metrics_now()))
     };
     let mut family = out.family(&f::PROXY_CONNECTIONS_TOTAL);
-    for (name, shared) in all() {
-        family.value(&[name], shared.metrics_now().connections.get());
+    for (name, metrics) in all() {
+        family.value(&[name], metrics.connections.get());
     }
     let mut family = out.family(&f::PROXY_CONNECTIONS_ACTIVE);
-    for (name, shared) in all() {
-        family.value(&[name], shared.active.load(Ordering::Relaxed));
+    for (s, _) in used() {
+        family.value(&[&s.name], s.shared.active.load(Ordering::Relaxed));
     }
     let mut family = out.family(&f::PROXY_CONNECT_DURATION_SECONDS);
-    for (name, shared) in all() {
-        family.histogram(&[name], &shared.metrics_now().connect_duration);
+    for (name, metrics) in all() {
+        family.histogram(&[name], &metrics.connect_duration);
     }
     let mut family = out.family(&f::PROXY_BYTES_TOTAL);
-    for (name, shared) in all() {
-        let metrics = shared.metrics_now();
+    for (name, metrics) in all() {
         family.value(&[name, "to_backend"], metrics.bytes_to_backend.get());
         family.value(&[name, "to_client"], metrics.bytes_to_client.get());
     }
     let mut family = out.family(&f::PROXY_REFUSED_TOTAL);
-    for (name, shared) in all() {
-        let metrics = shared.metrics_now();
+    for (name, metrics) in all() {
         family.value(&[name, "max_connections"], metrics.refused_max_connections.get());
         family.value(&[name, "no_backend"], metrics.refused_no_backend.get());
         family.value(&[name, "connect_failed"], metrics.refused_connect_failed.get());
@@ -59,13 +60,13 @@ pub(super) fn render(services: &[Scraped], out: &mut Exposition<'_>) {
     ];
     for (family, counter) in counters {
         let mut family = out.family(family);
-        for (name, shared) in all() {
-            family.value(&[name], counter(shared.metrics_now()).get());
+        for (name, metrics) in all() {
+            family.value(&[name], counter(metrics).get());
         }
     }
     let mut family = out.family(&f::MESH_DENIED_TOTAL);
-    for (name, shared) in all() {
-        for (caller, count) in shared.metrics_now().denied() {
+    for (name, metrics) in all() {
+        for (caller, count) in metrics.denied() {
             family.value(&[name, &caller], count);
         }
     }

@@ -25,10 +25,10 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 
 /// What outlives a service's reloads while it listens: counters, and its
-/// metrics, allocated at its first connection (an idle service costs no
-/// memory for them; its series show zeros until then). They are rendered
-/// at scrape time ([`super::ProxyView::render_metrics`]) and leave
-/// `/metrics` with the service.
+/// metrics, allocated at its first use (an idle service costs no memory
+/// and no series: every node's table lists every service of the fleet).
+/// They are rendered at scrape time ([`super::ProxyView::render_metrics`])
+/// and leave `/metrics` with the service.
 #[derive(Debug)]
 pub struct ServiceShared {
     pub name: Arc<str>,
@@ -68,14 +68,13 @@ impl ServiceShared {
         self.metrics.get_or_init(Box::default)
     }
 
-    /// The metrics as they are, zeros if never used (for rendering, which
-    /// must not allocate them).
-    pub fn metrics_now(&self) -> &ServiceMetrics {
-        static UNUSED: LazyLock<ServiceMetrics> = LazyLock::new(ServiceMetrics::default);
-        self.metrics.get().map_or(&UNUSED, |m| m)
+    /// The metrics, if the service has been used on this node (a
+    /// connection, a failure to bind): rendering must not allocate them.
+    pub fn used(&self) -> Option<&ServiceMetrics> {
+        self.metrics.get().map(|m| &**m)
     }
 
-    /// [`ServiceShared::metrics_now`] for the HTTP metrics.
+    /// The HTTP metrics as they are, zeros if no request came yet.
     pub fn http_metrics_now(&self) -> &HttpMetrics {
         static UNUSED: LazyLock<HttpMetrics> = LazyLock::new(HttpMetrics::default);
         self.http_metrics.get().map_or(&UNUSED, |m| m)

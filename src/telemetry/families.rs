@@ -29,15 +29,17 @@ pub enum Present {
     /// In the recorder, registered by the part that knows its labels when
     /// that part starts (the DNS server, the mesh...).
     With(&'static str),
-    /// Rendered at scrape time for every service the proxy has (listening
-    /// or failing to), from its own state: at zero when the service
-    /// appears, gone when it is deleted.
+    /// Rendered at scrape time from the service's own state, for every
+    /// service used on this node: from its first connection (or failure to
+    /// bind), all at once and at zero; gone when the service is deleted.
+    /// Not from when it appears in the table: every node's table lists
+    /// every service of the fleet, and most are never used on a node.
     Service,
     /// As [`Present::Service`], for services with `protocol: http`.
     HttpService,
     /// Rendered at scrape time for every backend of a service in use (its
-    /// backends are compiled at its first connection, all at once): gone
-    /// when the backend or the service is.
+    /// backends are compiled at its first connection, all at once, at
+    /// zero): gone when the backend or the service is.
     Backend,
     /// As [`Present::Backend`], for services with `protocol: http`.
     HttpBackend,
