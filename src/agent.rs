@@ -732,6 +732,7 @@ fn new_proxy(config: &AgentConfig) -> Result<ProxyManager, crate::proxy::Error> 
                 &node,
                 Arc::new(credentials),
                 mesh.default_mode,
+                mesh.idle_timeout,
             )))
         }
         None => None,

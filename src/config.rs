@@ -356,6 +356,14 @@ pub struct MeshConfig {
     /// `tls.mode` of services that do not set one.
     #[serde(default)]
     pub default_mode: crate::policy::TlsMode,
+    /// A connection to a peer node that carries no stream for this long is
+    /// closed (the next stream makes a new one).
+    #[serde(default = "default_mesh_idle_timeout", with = "crate::duration")]
+    pub idle_timeout: Duration,
+}
+
+fn default_mesh_idle_timeout() -> Duration {
+    Duration::from_secs(600)
 }
 
 /// Where the HTTP access log goes and for which services.

@@ -32,6 +32,7 @@ impl Listening<'_> {
                     .into_iter()
                     .map(|(addr, fd)| (Socket::Proxy { addr }, fd)),
             );
+            sockets.extend(proxy.mesh_inbound_fd().map(|fd| (Socket::MeshInbound, fd)));
         }
         if let Some((udp, tcp)) = self.dns.as_deref().and_then(DnsServer::fds) {
             sockets.extend([(Socket::DnsUdp, udp), (Socket::DnsTcp, tcp)]);
@@ -79,6 +80,7 @@ impl Listening<'_> {
 pub fn adopt(inherited: &mut Inherited, proxy: Option<&mut ProxyManager>, dns: Option<&mut DnsServer>) {
     if let Some(proxy) = proxy {
         proxy.adopt(inherited.take_proxy());
+        proxy.adopt_mesh_inbound(inherited.take(Socket::MeshInbound).pop());
     }
     if let Some(dns) = dns {
         if let (Some(udp), Some(tcp)) = (

@@ -5,7 +5,8 @@
 //! Envoy's hot restart and nginx's USR2 binary upgrade. The running agent
 //! listens on a unix socket in its state directory ([`SOCKET_FILE`]). A new
 //! process started with `--takeover` connects and receives every listening
-//! socket (proxy listeners, DNS over UDP and TCP, admin) and the state
+//! socket (proxy listeners, the mesh's inbound listener, DNS over UDP and TCP,
+//! admin) and the state
 //! directory's lock as descriptors (SCM_RIGHTS), starts serving on them, and
 //! says so. Only then does the old process stop accepting: both accept from
 //! the same sockets in between, so no connection finds the port closed and
@@ -73,6 +74,8 @@ pub enum Socket {
     DnsUdp,
     DnsTcp,
     Admin,
+    /// The mesh's inbound listener (`mesh.listen`).
+    MeshInbound,
     /// The state directory's lock file (flock is held by the open file,
     /// which both processes then share).
     Lock,

@@ -1132,3 +1132,123 @@ async fn a_retry_with_no_other_backend_left_is_neither_made_nor_counted() {
     .await;
     mesh.agent.stop();
 }
+
+/// An HTTP/2 backend written frame by frame, to say exactly which streams
+/// it processed: on its first connection it answers the first stream, then
+/// waits for two more, sends a graceful GOAWAY naming the first of those as
+/// the last it processes, answers it with `kept` and closes; every later
+/// connection answers each stream with `fresh`. Returns its address and
+/// the connections it accepted.
+async fn goaway_backend() -> (SocketAddr, Arc<AtomicU64>) {
+    const HEADERS: u8 = 1;
+    const SETTINGS: u8 = 4;
+    const PING: u8 = 6;
+    const GOAWAY: u8 = 7;
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        frame.extend([kind, flags]);
+        frame.extend(stream.to_be_bytes());
+        frame.extend(payload);
+        frame
+    }
+    /// `:status: 200` (HPACK static index 8), then the body, ending the stream.
+    fn answer(stream: u32, body: &str) -> Vec<u8> {
+        let mut bytes = frame(HEADERS, 0x4, stream, &[0x88]);
+        bytes.extend(frame(0, 0x1, stream, body.as_bytes()));
+        bytes
+    }
+    /// Reads frames, answering SETTINGS and PING, until a new stream's HEADERS.
+    async fn next_stream(socket: &mut TcpStream) -> Option<u32> {
+        loop {
+            let mut head = [0u8; 9];
+            socket.read_exact(&mut head).await.ok()?;
+            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let (kind, flags) = (head[3], head[4]);
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; length];
+            socket.read_exact(&mut payload).await.ok()?;
+            match kind {
+                SETTINGS if flags & 0x1 == 0 => socket.write_all(&frame(SETTINGS, 0x1, 0, &[])).await.ok()?,
+                PING if flags & 0x1 == 0 => socket.write_all(&frame(PING, 0x1, 0, &payload)).await.ok()?,
+                HEADERS => return Some(stream),
+                _ => {}
+            }
+        }
+    }
+    let listener = TcpListener::bind((unique_ip(), 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let counting = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let first = counting.fetch_add(1, Ordering::SeqCst) == 0;
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                socket.read_exact(&mut preface).await.ok()?;
+                socket.write_all(&frame(SETTINGS, 0, 0, &[])).await.ok()?;
+                if !first {
+                    while let Some(stream) = next_stream(&mut socket).await {
+                        socket.write_all(&answer(stream, "fresh")).await.ok()?;
+                    }
+                    return None;
+                }
+                let warm = next_stream(&mut socket).await?;
+                socket.write_all(&answer(warm, "warm")).await.ok()?;
+                let kept = next_stream(&mut socket).await?;
+                let _refused = next_stream(&mut socket).await?;
+                let mut goaway = kept.to_be_bytes().to_vec();
+                goaway.extend(0u32.to_be_bytes());
+                socket.write_all(&frame(GOAWAY, 0, 0, &goaway)).await.ok()?;
+                socket.write_all(&answer(kept, "kept")).await.ok()?;
+                // Close once the client has read it all (closing with unread
+                // bytes would reset the connection).
+                socket.shutdown().await.ok()?;
+                while socket.read(&mut [0u8; 1024]).await.ok()? > 0 {}
+                Some(())
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_beyond_an_http2_backends_goaway_is_sent_again_on_a_new_connection() {
+    let (backend, connections) = goaway_backend().await;
+    let grpc = service_addr();
+    let mesh = Mesh::start("");
+    let route = json!({
+        "service": "grpc",
+        "address": grpc.ip().to_string(),
+        "spec": {"port": grpc.port(), "protocol": "http", "http": {"upstream_protocol": "http2"}},
+        "backends": {"only": {"host": backend.ip().to_string(), "port": backend.port()}},
+    });
+    write_atomically(&mesh.routes.join("grpc.json"), &route.to_string());
+    // The first request (the warm one) opens the shared upstream connection.
+    let mut first = connected(grpc).await;
+    let mut second = Client::http1(grpc).await.unwrap();
+    // Both go on that connection at once; the backend processes one.
+    let (a, b) = tokio::join!(first.get(grpc, "/a", &[]), second.get(grpc, "/b", &[]));
+    let mut bodies = vec![a.body().clone(), b.body().clone()];
+    bodies.sort();
+    assert_eq!(
+        (a.status(), b.status()),
+        (StatusCode::OK, StatusCode::OK),
+        "{a:?} {b:?}"
+    );
+    assert_eq!(
+        bodies,
+        ["fresh", "kept"],
+        "the refused stream was answered on a new connection"
+    );
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    common::eventually_metrics(
+        mesh.agent.admin.unwrap(),
+        "no failure, no retry: the backend never processed it",
+        &[
+            "loopmesh_http_requests_total{service=\"grpc\",code_class=\"2xx\"} 3",
+            "loopmesh_http_retries_total{service=\"grpc\"} 0",
+        ],
+    )
+    .await;
+    mesh.agent.stop();
+}

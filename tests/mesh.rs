@@ -265,13 +265,91 @@ fn connect_from(node: &Node, host: &str, port: u16, count: u32) -> Vec<String> {
     .collect()
 }
 
+/// A CONNECT stream to the inbound listener at `inbound` (node B's) as
+/// node A, from this test's own rustls and hyper client: `authority`, and
+/// `service` in `x-loopmesh-service` when given. Says the status and then
+/// the first line the target sent, or the refusal's reason.
+async fn connect_stream(
+    certs: &Certificates,
+    inbound: std::net::SocketAddr,
+    authority: &str,
+    service: Option<&str>,
+) -> String {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::AsyncBufReadExt;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(certs.bundle()).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain = CertificateDer::pem_file_iter(certs.cert("node-a"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(certs.key("node-a")).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("node-b").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let mut request = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .uri(authority);
+    if let Some(service) = service {
+        request = request.header("x-loopmesh-service", service);
+    }
+    let request = request
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    if status != 200 {
+        let reason = response
+            .headers()
+            .get("x-loopmesh-error")
+            .map_or("", |v| v.to_str().unwrap());
+        return format!("{status} {reason}");
+    }
+    let upgraded = hyper::upgrade::on(response).await.unwrap();
+    let mut line = String::new();
+    tokio::io::BufReader::new(hyper_util::rt::TokioIo::new(upgraded))
+        .read_line(&mut line)
+        .await
+        .unwrap();
+    format!("{status} {}", line.trim())
+}
+
 /// An agent of `node` named `name`, on `etcd`, with the mesh on.
-fn agent(node: &Node, name: &str, etcd: &Etcd, certs: &Certificates, dir: &Path) -> Loopmesh {
+/// `mesh_extra` is added to its `mesh` section (`idle_timeout: 1s, `).
+fn agent(
+    node: &Node,
+    name: &str,
+    etcd: &Etcd,
+    certs: &Certificates,
+    dir: &Path,
+    mesh_extra: &str,
+) -> Loopmesh {
     let config = dir.join(format!("{name}.yaml"));
     std::fs::write(
         &config,
         format!(
-            "node: {name}\nstore: {{etcd: {{endpoints: [{}], retry_max: 200ms}}}}\nstate_dir: {}\nmesh: {{listen: '{}:15008', cert: {}, key: {}, bundle: {}}}\n",
+            "node: {name}\nstore: {{etcd: {{endpoints: [{}], retry_max: 200ms}}}}\nstate_dir: {}\nmesh: {{{mesh_extra}listen: '{}:15008', cert: {}, key: {}, bundle: {}}}\n",
             etcd.endpoint(),
             dir.join(name).display(),
             node.ip,
@@ -316,13 +394,18 @@ struct TwoNodes {
 
 impl TwoNodes {
     async fn start() -> TwoNodes {
+        TwoNodes::start_with("").await
+    }
+
+    /// With `a_mesh_extra` in node A's `mesh` section.
+    async fn start_with(a_mesh_extra: &str) -> TwoNodes {
         let net = Net::create(2);
         let etcd = Etcd::start_on(net.gateway);
         let store = etcd.client().await;
         let dir = tempfile::tempdir().unwrap();
         let certs = Certificates::new(&dir.path().join("certs"), "test.mesh", &["node-a", "node-b"]);
-        let agent_a = agent(&net.nodes[0], "node-a", &etcd, &certs, dir.path());
-        let agent_b = agent(&net.nodes[1], "node-b", &etcd, &certs, dir.path());
+        let agent_a = agent(&net.nodes[0], "node-a", &etcd, &certs, dir.path(), a_mesh_extra);
+        let agent_b = agent(&net.nodes[1], "node-b", &etcd, &certs, dir.path(), "");
         agent_b.wait_log("mesh: inbound listener on");
         TwoNodes {
             net,
@@ -499,6 +582,28 @@ async fn an_app_reaches_a_loopback_only_backend_of_another_node_through_one_mtls
         "405",
         "the mesh's own certificate: in, but only CONNECT is served"
     );
+    // A CONNECT stream names its target as ip:port with the service in a
+    // header (as the proxy dials) or as service:port; nothing this node
+    // does not host is reachable.
+    let inbound_addr = std::net::SocketAddr::from((b.ip, 15008));
+    let target = format!("127.0.0.1:{}", backend.port);
+    let by_name = format!("db:{}", backend.port);
+    for (authority, service, answer) in [
+        (target.as_str(), Some("db"), "200 db-on-b"),
+        (by_name.as_str(), None, "200 db-on-b"),
+        (by_name.as_str(), Some("db"), "200 db-on-b"),
+        (target.as_str(), None, "400 no_service"),
+        (by_name.as_str(), Some("web"), "400 bad_target"),
+        ("db:1", None, "404 not_hosted_here"),
+        ("127.0.0.1:22", Some("db"), "404 not_hosted_here"),
+        ("nothing:7000", None, "404 not_hosted_here"),
+    ] {
+        assert_eq!(
+            connect_stream(&certs, inbound_addr, authority, service).await,
+            answer,
+            "CONNECT {authority} ({service:?})"
+        );
+    }
 
     // An allow list without node A: refused at B, counted, said once.
     store
@@ -695,6 +800,78 @@ print(server.server_address[1], flush=True)
 server.serve_forever()
 "#;
 
+/// A client in a node that holds one connection to `host:port` open for
+/// 2 s (twice node A's idle timeout in the test below), opens a second one
+/// then, and checks an echo on both; prints both ids.
+const HOLDING_CLIENT: &str = r#"
+import socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+def open_one():
+    c = socket.create_connection((host, port), timeout=5)
+    f = c.makefile("rb")
+    return c, f, f.readline().decode().strip()
+def echoes(c, f):
+    c.sendall(b"ping\n")
+    return f.readline() == b"ping\n"
+held, held_f, first = open_one()
+time.sleep(2)
+other, other_f, second = open_one()
+print(first if echoes(held, held_f) else "-", second if echoes(other, other_f) else "-")
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_connection_idle_past_its_timeout_is_closed_and_a_busy_one_is_kept() {
+    let TwoNodes {
+        net,
+        etcd: _etcd,
+        mut store,
+        dir: _dir,
+        certs: _,
+        agent_a,
+        agent_b,
+    } = TwoNodes::start_with("idle_timeout: 1s, ").await;
+    let (a, b) = (&net.nodes[0], &net.nodes[1]);
+    let backend = EchoBackend::start(b, "db-on-b");
+    register_on_b(
+        b,
+        &mut store,
+        "db",
+        "127.100.9.11",
+        "{port: 7000}",
+        &[("b1", backend.port)],
+    )
+    .await;
+    eventually("node A to reach db on node B", || {
+        (connect_from(a, "127.100.9.11", 7000, 1) == ["db-on-b"]).then_some(())
+    });
+    let inbound = |agent: &Loopmesh| {
+        metric_value(&metrics(b, agent), "loopmesh_mesh_inbound_connections_total").unwrap_or(0.0)
+    };
+    let before = inbound(&agent_b);
+    // A stream held open past the idle timeout keeps its connection: a
+    // second stream opened then rides the same one.
+    let both = a
+        .run(&["python3", "-c", HOLDING_CLIENT, "127.100.9.11", "7000"])
+        .unwrap();
+    assert_eq!(both.trim(), "db-on-b db-on-b");
+    assert_eq!(
+        inbound(&agent_b),
+        before,
+        "no new TLS connection while a stream was open"
+    );
+    // Left without streams, A closes it (B sees no connection on 15008),
+    // and the next stream makes a new one.
+    eventually("node A to close the idle peer connection", || {
+        b.run(&["ss", "-Htn", "state", "established", "( sport = :15008 )"])
+            .ok()
+            .filter(|sockets| sockets.trim().is_empty())
+    });
+    assert_eq!(connect_from(a, "127.100.9.11", 7000, 1), ["db-on-b"]);
+    assert_eq!(inbound(&agent_b), before + 1.0);
+    agent_a.stop();
+    drop(agent_b);
+}
+
 fn http_backend(node: &Node, id: &str) -> EchoBackend {
     EchoBackend::run(node, HTTP_BACKEND, id)
 }
@@ -712,7 +889,7 @@ async fn an_http_service_is_balanced_per_request_across_the_tunnel() {
     } = TwoNodes::start().await;
     let (a, b) = (&net.nodes[0], &net.nodes[1]);
     let (one, two) = (http_backend(b, "one"), http_backend(b, "two"));
-    let spec = "{port: 8080, protocol: http, balance: round_robin}";
+    let spec = "{port: 8080, protocol: http, balance: round_robin, http: {access_log: true, pool_idle_timeout: 500ms}}";
     register_on_b(
         b,
         &mut store,
@@ -755,8 +932,35 @@ async fn an_http_service_is_balanced_per_request_across_the_tunnel() {
         Some(1.0),
         "{seen_by_b}"
     );
-    // Node B's agent replaced by `loopmesh reload` (its successor binds the
-    // inbound listener beside it): A's next connection reaches web again.
+    // Both ends log (to their stderr here): A each request, B each stream
+    // (once it ends: A's pooled upstream connection idles out) with the
+    // identity of the node that opened it.
+    let stream = eventually("B to log the stream's end", || {
+        std::fs::read_to_string(&agent_b.log)
+            .unwrap()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|line| line["kind"] == "mesh_inbound")
+    });
+    assert_eq!(stream["service"], "web", "{stream}");
+    assert_eq!(stream["caller"], "spiffe://test.mesh/node/node-a", "{stream}");
+    assert!(stream["bytes_out"].as_u64().unwrap() > 0, "{stream}");
+    let a_lines = std::fs::read_to_string(&agent_a.log).unwrap();
+    assert!(
+        a_lines
+            .lines()
+            .any(|line| line.contains("\"kind\":\"http\"") && line.contains("\"service\":\"web\"")),
+        "{a_lines}"
+    );
+    // Node B's agent replaced by `loopmesh reload`: its successor takes the
+    // inbound listening socket over (the same socket, so nothing waiting in
+    // its backlog is lost), and A's next connection reaches web again.
+    let listening = b.run(&["ss", "-Hltne", "sport = :15008"]).unwrap();
+    let inode = listening
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("ino:"))
+        .unwrap_or_else(|| panic!("B's inbound listener in ss: {listening}"))
+        .to_string();
     let binary = env!("CARGO_BIN_EXE_loopmesh");
     let state = dir.path().join("node-b");
     let said = b
@@ -764,6 +968,12 @@ async fn an_http_service_is_balanced_per_request_across_the_tunnel() {
         .unwrap();
     let successor = common::reloaded_pid(&said).unwrap_or_else(|| panic!("{said}"));
     let _successor = common::Adopted(successor);
+    let socket = format!("socket:[{inode}]");
+    let holds_it = std::fs::read_dir(format!("/proc/{successor}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .any(|target| target.to_str() == Some(socket.as_str()));
+    assert!(holds_it, "the successor holds B's inbound listener ({socket})");
     eventually("node A to reach web through B's new agent", || {
         a.run(&["curl", "-sf", url])
             .ok()

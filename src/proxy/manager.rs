@@ -162,29 +162,43 @@ pub struct ProxyManager {
     inherited: HashMap<SocketAddr, Vec<std::net::TcpListener>>,
     /// The mesh's inbound listener and credential watch, when configured.
     mesh: Option<MeshRunning>,
+    /// The inbound listener handed over by a predecessor, used instead of binding.
+    inherited_inbound: Option<TcpListener>,
 }
 
 /// The mesh's moving parts: the inbound listener (draining with the rest
 /// at shutdown) and the watch that reloads the credentials.
 struct MeshRunning {
     inbound: Option<(SocketAddr, drain::Trigger)>,
+    /// The inbound listener's descriptor, for a successor.
+    inbound_fd: Option<RawFd>,
     _watchers: Vec<notify::RecommendedWatcher>,
 }
 
 impl MeshRunning {
-    /// Binds the inbound listener and starts watching the credential files.
+    /// Binds the inbound listener (or takes the one a predecessor handed
+    /// over) and starts watching the credential files.
     fn start(
         mesh: &Arc<Mesh>,
         listen: Option<SocketAddr>,
+        inherited: Option<TcpListener>,
         context: &Arc<CompileContext>,
     ) -> Result<MeshRunning, Error> {
+        let mut inbound_fd = None;
         let inbound = match listen {
             Some(addr) => {
-                // Shared (SO_REUSEPORT) so that a successor taking over
-                // binds beside it; this one closes at the hand-over.
-                let listener = bind(addr, None, true)
-                    .and_then(tokio::net::TcpListener::from_std)
-                    .map_err(|source| Error::Bind { addr, source })?;
+                // The predecessor's socket, so no peer finds the port closed
+                // or loses a connection waiting in its backlog; else a new
+                // one, shared (SO_REUSEPORT) so that it can also start
+                // beside an agent that does not hand this socket over.
+                let inherited = inherited.filter(|listener| listener.local_addr().is_ok_and(|at| at == addr));
+                let listener = match inherited {
+                    Some(listener) => Ok(listener),
+                    None => bind(addr, None, true),
+                }
+                .and_then(tokio::net::TcpListener::from_std)
+                .map_err(|source| Error::Bind { addr, source })?;
+                inbound_fd = Some(listener.as_raw_fd());
                 let (trigger, watch) = drain::channel();
                 tokio::spawn(super::inbound::serve(
                     listener,
@@ -203,6 +217,7 @@ impl MeshRunning {
         let watchers = watch_credentials(mesh.credentials.clone());
         Ok(MeshRunning {
             inbound,
+            inbound_fd,
             _watchers: watchers,
         })
     }
@@ -304,6 +319,7 @@ impl ProxyManager {
             addresses: HashMap::new(),
             failed: BTreeMap::new(),
             inherited: HashMap::new(),
+            inherited_inbound: None,
         })
     }
 
@@ -319,6 +335,7 @@ impl ProxyManager {
             self.mesh = Some(MeshRunning::start(
                 &mesh,
                 self.settings.mesh_listen,
+                self.inherited_inbound.take(),
                 &self.context,
             )?);
         }
@@ -354,6 +371,18 @@ impl ProxyManager {
             );
         }
         self.inherited.clear();
+    }
+
+    /// Takes a predecessor's mesh inbound listener, for [`ProxyManager::start_mesh`].
+    pub fn adopt_mesh_inbound(&mut self, fd: Option<OwnedFd>) {
+        self.inherited_inbound = fd
+            .map(std::net::TcpListener::from)
+            .filter(|listener| listener.set_nonblocking(true).is_ok());
+    }
+
+    /// The mesh inbound listener's descriptor, for a successor.
+    pub fn mesh_inbound_fd(&self) -> Option<RawFd> {
+        self.mesh.as_ref().and_then(|mesh| mesh.inbound_fd)
     }
 
     /// Every listening descriptor, by address, for a successor.

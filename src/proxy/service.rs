@@ -459,6 +459,7 @@ mod tests {
                 "node-a",
                 Arc::new(Credentials::load(files, "node-a").unwrap()),
                 mode,
+                std::time::Duration::from_secs(600),
             ))
         });
         CompileContext::new(None, None, None, Destination::Stderr, false, mesh)

@@ -17,9 +17,19 @@ use rustls::pki_types::ServerName;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
+
+/// Buffer of each direction of a tunneled stream's copy: TLS records carry
+/// up to 16 KiB, and a bulk stream moves in fewer, larger writes.
+pub const COPY_BUFFER: usize = 64 * 1024;
+/// Read buffer under a mesh connection's TLS: rustls reads 4 KiB a time
+/// from what it is given, so a bulk stream would cost a syscall per 4 KiB.
+pub const TLS_READ_BUFFER: usize = 64 * 1024;
 
 /// How often an idle peer connection is checked with a PING.
 const PEER_PING: Duration = Duration::from_secs(30);
@@ -34,6 +44,8 @@ pub struct Mesh {
     pub credentials: Arc<Credentials>,
     /// `tls.mode` of services that do not set it.
     pub default_mode: TlsMode,
+    /// A peer connection without streams for this long is closed.
+    idle_timeout: Duration,
     peers: Mutex<HashMap<(SocketAddr, Box<str>), PeerSlot>>,
 }
 
@@ -64,21 +76,109 @@ struct Peer {
     /// streams go over a new connection that presents the new certificate,
     /// while this one carries its open streams to their end.
     made_with: Arc<Loaded>,
+    /// Its streams open now, and since when it has had none.
+    streams: Arc<Streams>,
 }
 
-/// A stream to a backend through the mesh.
-pub type Tunneled = TokioIo<Upgraded>;
+/// A peer connection's open streams.
+#[derive(Debug)]
+struct Streams {
+    open: std::sync::atomic::AtomicUsize,
+    /// When the last stream ended, in milliseconds since `made`.
+    idle_since: std::sync::atomic::AtomicU64,
+    made: Instant,
+}
+
+impl Streams {
+    fn new() -> Streams {
+        Streams {
+            open: 0.into(),
+            idle_since: 0.into(),
+            made: Instant::now(),
+        }
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        self.made.elapsed().as_millis() as u64
+    }
+
+    /// How long it has had no stream, if it has none now.
+    fn idle_for(&self) -> Option<Duration> {
+        (self.open.load(Ordering::Acquire) == 0).then(|| {
+            Duration::from_millis(
+                self.elapsed_ms()
+                    .saturating_sub(self.idle_since.load(Ordering::Acquire)),
+            )
+        })
+    }
+}
+
+/// Counts a stream open on its peer connection until dropped.
+#[derive(Debug)]
+struct OpenStream(Arc<Streams>);
+
+impl OpenStream {
+    fn new(streams: &Arc<Streams>) -> OpenStream {
+        streams.open.fetch_add(1, Ordering::AcqRel);
+        OpenStream(streams.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.idle_since.store(self.0.elapsed_ms(), Ordering::Release);
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A stream to a backend through the mesh, counted on its peer connection
+/// while it is open.
+#[derive(Debug)]
+pub struct Tunneled {
+    io: TokioIo<Upgraded>,
+    _open: OpenStream,
+}
+
+impl tokio::io::AsyncRead for Tunneled {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Tunneled {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 fn failed(reason: impl std::fmt::Display) -> io::Error {
     io::Error::other(reason.to_string())
 }
 
 impl Mesh {
-    pub fn new(node: &str, credentials: Arc<Credentials>, default_mode: TlsMode) -> Mesh {
+    pub fn new(
+        node: &str,
+        credentials: Arc<Credentials>,
+        default_mode: TlsMode,
+        idle_timeout: Duration,
+    ) -> Mesh {
         Mesh {
             node: node.to_string(),
             credentials,
             default_mode,
+            idle_timeout,
             peers: Mutex::default(),
         }
     }
@@ -130,26 +230,32 @@ impl Mesh {
             .entry((peer, node.into()))
             .or_default()
             .clone();
-        let mut sender = {
+        let sender = {
             // One connection per peer: whoever finds none makes it while
             // the others wait for it.
+            let watched = Arc::downgrade(&slot);
             let mut slot = slot.lock().await;
             let credentials = self.credentials.current();
             let usable = slot
                 .as_ref()
                 .filter(|p| !p.sender.is_closed() && Arc::ptr_eq(&p.made_with, &credentials));
             match usable {
-                Some(existing) => existing.sender.clone(),
+                Some(existing) => (existing.sender.clone(), OpenStream::new(&existing.streams)),
                 None => {
                     let sender = self.connect(peer, node, &credentials).await?;
+                    let streams = Arc::new(Streams::new());
+                    let open = OpenStream::new(&streams);
+                    tokio::spawn(close_when_idle(watched, streams.clone(), self.idle_timeout));
                     *slot = Some(Peer {
                         sender: sender.clone(),
                         made_with: credentials,
+                        streams,
                     });
-                    sender
+                    (sender, open)
                 }
             }
         };
+        let (mut sender, open) = sender;
         sender.ready().await.map_err(failed)?;
         let request = Request::builder()
             .method(Method::CONNECT)
@@ -179,7 +285,10 @@ impl Mesh {
             ));
         }
         let upgraded = hyper::upgrade::on(response).await.map_err(failed)?;
-        Ok(TokioIo::new(upgraded))
+        Ok(Tunneled {
+            io: TokioIo::new(upgraded),
+            _open: open,
+        })
     }
 
     /// A new mTLS connection to a peer node, verified to be `node`.
@@ -195,7 +304,7 @@ impl Mesh {
             .map_err(|_| failed(format!("mesh: node name {node:?} is not a DNS name")))?;
         let connector = tokio_rustls::TlsConnector::from(credentials.client.clone());
         let tls = connector
-            .connect(name, stream)
+            .connect(name, tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, stream))
             .await
             .map_err(|err| failed(format!("mesh: TLS with {node} at {peer}: {err}")))?;
         // PINGs while idle: a peer that went away (a node lost without a
@@ -214,5 +323,31 @@ impl Mesh {
             let _ = connection.await;
         });
         Ok(sender)
+    }
+}
+
+/// Closes a peer connection once it has carried no stream for
+/// `idle_timeout` (its slot lets go of it: the connection ends when no
+/// sender is left), unless it was replaced or closed meanwhile.
+async fn close_when_idle(
+    slot: std::sync::Weak<tokio::sync::Mutex<Option<Peer>>>,
+    streams: Arc<Streams>,
+    idle_timeout: Duration,
+) {
+    let period = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(slot) = slot.upgrade() else { return };
+        let mut slot = slot.lock().await;
+        let Some(peer) = slot.as_ref().filter(|peer| Arc::ptr_eq(&peer.streams, &streams)) else {
+            return;
+        };
+        if peer.sender.is_closed() {
+            return;
+        }
+        if streams.idle_for().is_some_and(|idle| idle >= idle_timeout) {
+            *slot = None;
+            return;
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! The access log: one JSON line per HTTP request, written by a thread of
-//! its own from a bounded queue. The data path never waits for it: when
+//! The access log: one JSON line per HTTP request (and, on the node that
+//! receives them, per mesh stream, with the caller's identity), written by
+//! a thread of its own from a bounded queue. The data path never waits for it: when
 //! the writer lags and the queue is full, the line is dropped and counted
 //! (`loopmesh_http_access_log_dropped_total`).
 
@@ -85,13 +86,66 @@ impl AccessLog {
         })
     }
 
-    /// Queues a line; drops it (counted) if the writer lags.
+    /// Queues a request's line; drops it (counted) if the writer lags.
     pub fn write(&self, line: Line<'_>) {
-        match self.lines.try_send(line.to_json()) {
+        self.queue(line.to_json());
+    }
+
+    /// Queues a mesh stream's line, the same way.
+    pub fn write_stream(&self, line: StreamLine<'_>) {
+        self.queue(line.to_json());
+    }
+
+    fn queue(&self, line: String) {
+        match self.lines.try_send(line) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.increment(1),
         }
     }
+}
+
+/// What one line says of a stream the mesh's inbound listener carried to
+/// a backend of this node.
+pub struct StreamLine<'a> {
+    pub service: &'a str,
+    /// The calling node's identity, from its certificate.
+    pub caller: &'a str,
+    pub peer: std::net::SocketAddr,
+    pub target: std::net::SocketAddr,
+    pub duration: Duration,
+    /// From the caller to the backend.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl StreamLine<'_> {
+    fn to_json(&self) -> String {
+        let mut line = serde_json::json!({
+            "time": now(),
+            "kind": "mesh_inbound",
+            "service": self.service,
+            "caller": self.caller,
+            "peer": self.peer.to_string(),
+            "target": self.target.to_string(),
+            "duration_ms": millis(self.duration),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        })
+        .to_string();
+        line.push('\n');
+        line
+    }
+}
+
+/// Seconds since the epoch, to the millisecond.
+fn now() -> String {
+    let time = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    format!("{}.{:03}", time.as_secs(), time.subsec_millis())
+}
+
+/// Milliseconds to the microsecond.
+fn millis(duration: Duration) -> f64 {
+    (duration.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
 }
 
 fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
@@ -100,14 +154,14 @@ fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
 
 impl Line<'_> {
     fn to_json(&self) -> String {
-        let time = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let mut line = serde_json::json!({
-            "time": format!("{}.{:03}", time.as_secs(), time.subsec_millis()),
+            "time": now(),
+            "kind": "http",
             "service": self.service,
             "method": self.method,
             "path": self.path,
             "status": self.status,
-            "duration_ms": (self.duration.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+            "duration_ms": millis(self.duration),
             "upstream": self.upstream,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,

@@ -51,6 +51,10 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// skip before it counts as a failure.
 const STALE_RETRIES: u32 = 3;
 
+/// Times one request is sent again to a backend that did not process it
+/// (HTTP/2 GOAWAY or REFUSED_STREAM) before that counts as a failure.
+const UNPROCESSED_RESENDS: u32 = 3;
+
 /// The header that says why the proxy answered a request itself.
 pub static ERROR_HEADER: HeaderName = HeaderName::from_static("x-loopmesh-error");
 
@@ -317,8 +321,12 @@ impl Finish for Exchange {
 /// A request made ready to send upstream, and how to send it again.
 struct Outgoing {
     request: Option<Request<UpstreamBody>>,
-    /// The head of a request that may be sent again (idempotent, no body).
+    /// The head of a request without a body, kept to make it again: for a
+    /// retry, or for a stream an HTTP/2 backend did not process.
     replay: Option<(Method, Uri, Version, HeaderMap)>,
+    /// Whether a failure after sending may be retried (idempotent, no body,
+    /// retries allowed).
+    retryable: bool,
 }
 
 impl Outgoing {
@@ -400,12 +408,34 @@ enum Attempt {
     Failed(Refusal),
 }
 
-/// Sends `request` to `backend` within `limit`.
+/// Whether an upstream HTTP/2 stream failed before the backend processed
+/// it (RFC 9113 §8.7): beyond the last stream of a graceful GOAWAY (as
+/// nginx sends after `keepalive_requests`), or reset with REFUSED_STREAM.
+/// A GOAWAY carrying an error is left out: when the connection then closes,
+/// the streams it may have processed fail with that same error.
+fn never_processed(err: &hyper::Error) -> bool {
+    let Some(h2) = std::error::Error::source(err).and_then(|source| source.downcast_ref::<h2::Error>())
+    else {
+        return false;
+    };
+    h2.is_remote()
+        && match h2.reason() {
+            Some(h2::Reason::NO_ERROR) => h2.is_go_away(),
+            Some(h2::Reason::REFUSED_STREAM) => h2.is_reset(),
+            _ => false,
+        }
+}
+
+/// Sends `request` to `backend` within `limit`. A stream the backend did
+/// not process (GOAWAY, REFUSED_STREAM) is not its failure: the request,
+/// made again from `outgoing` if it can be, goes to the same backend on a
+/// new connection, a few times at most.
 async fn attempt(
     state: &ServiceState,
     backends: &BackendSet,
     index: usize,
     request: Request<UpstreamBody>,
+    outgoing: &mut Outgoing,
     upgrade: bool,
     limit: Duration,
 ) -> Attempt {
@@ -433,6 +463,7 @@ async fn attempt(
         let pending = &state.shared.pending;
         let mut request = request;
         let mut stale = 0;
+        let mut unprocessed = 0;
         loop {
             // Pending while it waits for a connection (a free slot, a dial).
             let (counted, waiting) = super::Held::count(pending);
@@ -463,6 +494,14 @@ async fn attempt(
                         request = unsent;
                     }
                     Some(unsent) => return Attempt::NotSent(Some(unsent), Refusal::UpstreamReset),
+                    None if unprocessed < UNPROCESSED_RESENDS && never_processed(err.error()) => {
+                        checkout.retire();
+                        let Some(again) = outgoing.take() else {
+                            return Attempt::Failed(Refusal::UpstreamReset);
+                        };
+                        unprocessed += 1;
+                        request = again;
+                    }
                     None => return Attempt::Failed(Refusal::UpstreamReset),
                 },
             }
@@ -536,10 +575,11 @@ async fn handle(mut request: Request<Incoming>, client: &Client) -> Response<Res
         return refuse(Refusal::NoHealthyBackend, Some(exchange));
     };
     let key = request_hash(http, request.headers(), client.peer);
-    let replayable = http.retry.attempts > 0
-        && !upgrade
-        && is_idempotent(request.method())
-        && request.body().is_end_stream();
+    let bodiless = !upgrade && request.body().is_end_stream();
+    let retryable = bodiless && http.retry.attempts > 0 && is_idempotent(request.method());
+    // An HTTP/2 backend may refuse a stream it never processed (GOAWAY):
+    // any bodiless request can then be made again.
+    let replayable = retryable || (bodiless && http.upstream_protocol == UpstreamProtocol::Http2);
     let (parts, body) = request.into_parts();
     let mut upstream = Request::from_parts(
         parts,
@@ -568,6 +608,7 @@ async fn handle(mut request: Request<Incoming>, client: &Client) -> Response<Res
     let mut outgoing = Outgoing {
         request: Some(upstream),
         replay,
+        retryable,
     };
     let deadline = started + http.request_timeout;
     let per_try = http.per_try_timeout.unwrap_or(http.request_timeout);
@@ -591,7 +632,16 @@ async fn handle(mut request: Request<Incoming>, client: &Client) -> Response<Res
         backend.stats.requests.increment(1);
         let on_backend = OnBackend(backend.stats.clone());
         let sent_at = Instant::now();
-        let outcome = attempt(&target, backends, index, request, upgrade, per_try.min(remaining)).await;
+        let outcome = attempt(
+            &target,
+            backends,
+            index,
+            request,
+            &mut outgoing,
+            upgrade,
+            per_try.min(remaining),
+        )
+        .await;
         tried.push(index);
         let retry_statuses = &http.retry.statuses;
         // A retry needs attempts left and another backend to send to; only
@@ -609,7 +659,7 @@ async fn handle(mut request: Request<Incoming>, client: &Client) -> Response<Res
                     backend.stats.record_success(sent_at.elapsed());
                 }
                 if retry_statuses.contains(&status.as_u16())
-                    && outgoing.replay.is_some()
+                    && outgoing.retryable
                     && may_retry(&exchange, &tried)
                     && shared
                         .retry_budget
@@ -653,7 +703,7 @@ async fn handle(mut request: Request<Incoming>, client: &Client) -> Response<Res
                 } else {
                     refusal
                 };
-                if outgoing.replay.is_some()
+                if outgoing.retryable
                     && may_retry(&exchange, &tried)
                     && shared
                         .retry_budget

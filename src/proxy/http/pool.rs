@@ -20,7 +20,10 @@ use tokio::sync::Notify;
 #[derive(Default)]
 pub struct Pool {
     idle: Mutex<Vec<Idle>>,
-    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    /// The shared HTTP/2 connection, with the number it was given (a
+    /// request that finds it going away retires that one, not a newer one).
+    h2: Mutex<Option<(u64, http2::SendRequest<UpstreamBody>)>>,
+    h2_made: std::sync::atomic::AtomicU64,
     /// Connections open now (idle, busy, or upgraded).
     open: AtomicU32,
     /// Woken when a connection is returned or closes (a request waiting
@@ -56,6 +59,8 @@ pub struct Checkout {
     /// Whether it came from the pool (a failure on a reused connection may
     /// be the server having closed it meanwhile).
     pub reused: bool,
+    /// Which shared HTTP/2 connection it is (0 for HTTP/1.1).
+    h2_number: u64,
 }
 
 /// How a pool is asked for a connection.
@@ -84,7 +89,7 @@ impl<T: hyper::rt::Read + hyper::rt::Write + Send + Unpin> Io for T {}
 pub fn io(upstream: super::super::connect::Upstream) -> Box<dyn Io> {
     match upstream {
         super::super::connect::Upstream::Tcp(stream) => Box::new(TokioIo::new(stream)),
-        super::super::connect::Upstream::Tunnel(stream) => Box::new(stream.into_inner()),
+        super::super::connect::Upstream::Tunnel(stream) => Box::new(TokioIo::new(stream)),
     }
 }
 
@@ -117,17 +122,18 @@ impl Pool {
             }
             if want.protocol == UpstreamProtocol::Http2 {
                 let shared = self.h2.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                if let Some(mut sender) = shared.filter(|s| !s.is_closed()) {
+                if let Some((number, mut sender)) = shared.filter(|(_, s)| !s.is_closed()) {
                     if sender.ready().await.is_ok() {
-                        return Ok(self.checked_out(Sender::Http2(sender), true));
+                        return Ok(self.checked_out(Sender::Http2(sender), true).numbered(number));
                     }
                 }
                 let mut sender = self.connect_http2(want).await?;
-                // The first to connect is shared; a racing second one serves
-                // its own request and closes when done.
-                *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender.clone());
+                // The last to connect is shared; a racing earlier one serves
+                // its own requests and closes when done.
+                let number = self.h2_made.fetch_add(1, Ordering::Relaxed) + 1;
+                *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some((number, sender.clone()));
                 let _ = sender.ready().await;
-                return Ok(self.checked_out(Sender::Http2(sender), false));
+                return Ok(self.checked_out(Sender::Http2(sender), false).numbered(number));
             }
             while let Some(mut idle) = self.take_idle(want.idle_timeout) {
                 if idle.sender.ready().await.is_ok() {
@@ -158,6 +164,7 @@ impl Pool {
             sender,
             pool: Arc::downgrade(self),
             reused,
+            h2_number: 0,
         }
     }
 
@@ -213,6 +220,25 @@ impl Pool {
 }
 
 impl Checkout {
+    fn numbered(mut self, h2_number: u64) -> Checkout {
+        self.h2_number = h2_number;
+        self
+    }
+
+    /// Stops sharing this HTTP/2 connection (the backend is going away from
+    /// it: a GOAWAY or a refused stream), so the next request opens a new
+    /// one while the streams it still carries finish.
+    pub fn retire(&self) {
+        let Some(pool) = self.pool.upgrade() else { return };
+        let mut shared = pool.h2.lock().unwrap_or_else(|e| e.into_inner());
+        if shared
+            .as_ref()
+            .is_some_and(|(number, _)| *number == self.h2_number)
+        {
+            *shared = None;
+        }
+    }
+
     /// Returns an HTTP/1.1 connection whose exchange is complete to the
     /// pool (an HTTP/2 one is shared and needs nothing).
     pub fn give_back(self, idle_timeout: Duration) {

@@ -9,7 +9,7 @@ use super::balance::BackendStats;
 use super::connect::{connect, Upstream};
 use super::drain;
 use super::service::ServiceState;
-use super::tunnel::Tunneled;
+use super::tunnel::{Tunneled, COPY_BUFFER};
 use super::Held;
 use sockmap::{Joined, KernelForwarding};
 use std::io;
@@ -95,7 +95,7 @@ async fn copy_tunneled(
     };
     let idle = idle_for(&last, state.spec.idle_timeout);
     tokio::select! {
-        result = tokio::io::copy_bidirectional(&mut client, &mut tunnel) => {
+        result = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut tunnel, COPY_BUFFER, COPY_BUFFER) => {
             if let Ok((to_backend, to_client)) = result {
                 metrics.bytes(stats, to_backend, to_client);
             }
