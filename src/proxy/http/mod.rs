@@ -198,7 +198,6 @@ fn request_hash(policy: &HttpPolicy, headers: &HeaderMap, client: SocketAddr) ->
     keyed.unwrap_or_else(|| hash_key(&client.ip()))
 }
 
-/// Why the proxy answered a request itself: status and `x-loopmesh-error`.
 /// Why the proxy answered a request itself, as the `x-loopmesh-error`
 /// header and the metrics say it; in the order of [`Refusal`].
 pub const REFUSALS: [&str; 8] = [
@@ -212,6 +211,7 @@ pub const REFUSALS: [&str; 8] = [
     "per_try_timeout",
 ];
 
+/// Why the proxy answered a request itself: status and `x-loopmesh-error`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Refusal {
     NoHealthyBackend,
