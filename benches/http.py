@@ -821,7 +821,7 @@ def report(results, idle_rss, reloads, metrics, rate, load_before, load_after, n
         how = {"loopmesh": "route file rewritten (static mode)", "haproxy": "config rewritten + SIGUSR2 (-W reload)", "nginx": "config rewritten + HUP"}
         for name, r in reloads.items():
             print(f"| {name} | {how[name]} | {r['changes']} | {r['requests']} | {r['rps']:.0f} | {r['socket_errors']} | {r['non2xx']} | {100 * r['v1_share']:.1f}% | {100 * r['foreign']:.0f}% |")
-        wanted = ("loopmesh_http_requests_total", "loopmesh_http_retries_total", "loopmesh_http_refused_total", "loopmesh_proxy_ejections_total", "loopmesh_proxy_reloads_total")
+        wanted = ("loopmesh_http_requests_total", "loopmesh_http_retries_total", "loopmesh_http_refused_total", "loopmesh_backend_ejections_total", "loopmesh_proxy_reloads_total")
         counts = [line for line in metrics.splitlines() if line.startswith(wanted) and not line.endswith(" 0")]
         if counts:
             print("\nloopmesh /metrics at the end (non-zero counters):\n")

@@ -35,6 +35,9 @@ pub trait Status: Send + Sync + 'static {
     /// The paths [`Status::view`] answers, each with what it shows, for
     /// the index.
     fn views(&self) -> &'static [(&'static str, &'static str)];
+    /// Appends the series kept in the daemon's own state (per service,
+    /// backend or instance) to `/metrics`.
+    fn metrics(&self, _out: &mut crate::telemetry::Exposition<'_>) {}
 }
 
 /// The endpoints every daemon serves, with what they do, for the index.
@@ -54,7 +57,7 @@ const LOGGING_BODY_LIMIT: usize = 4096;
 
 /// Histogram buckets in seconds: 50 µs to 10 s, for connect, DNS, render
 /// and check latencies alike.
-const BUCKETS: [f64; 16] = [
+pub const BUCKETS: [f64; 16] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
@@ -255,7 +258,8 @@ async fn respond(
             text(StatusCode::OK, index)
         }
         "/metrics" => {
-            let mut response = text(StatusCode::OK, metrics.render());
+            let body = crate::telemetry::scrape(metrics, |out| status.metrics(out));
+            let mut response = text(StatusCode::OK, body);
             response.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

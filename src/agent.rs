@@ -572,6 +572,7 @@ fn start_admin(
     status: Arc<AgentStatus>,
 ) -> Result<AdminServer, AgentError> {
     let metrics = crate::admin::install_recorder()?;
+    crate::telemetry::register(crate::telemetry::Daemon::Agent);
     let status: Arc<dyn crate::admin::Status> = status;
     let socket = inherited.take(Socket::Admin).pop();
     Ok(AdminServer::start(config.admin.listen, socket, metrics, status))

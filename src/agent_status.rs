@@ -212,4 +212,10 @@ impl Status for AgentStatus {
             ),
         ]
     }
+
+    fn metrics(&self, out: &mut crate::telemetry::Exposition<'_>) {
+        if let Some(proxy) = self.current().proxy {
+            proxy.render_metrics(out);
+        }
+    }
 }

@@ -25,8 +25,10 @@
 //! - [`cli`]: the `loopmesh` command line; [`ops`] its verbs on etcd and
 //!   on an agent's admin API; [`manual`] its man pages and shell
 //!   completions, [`version`] what `--version` says.
-//! - [`admin`]: the admin API, with the [`status_page`]; [`logging`]:
-//!   stderr or the journal, the filter changed at run time.
+//! - [`admin`]: the admin API, with the [`status_page`], and
+//!   [`telemetry`], the metrics it exports (one table of every metric,
+//!   HELP included); [`logging`]: stderr or the journal, the filter
+//!   changed at run time.
 
 pub mod addresses;
 pub mod admin;
@@ -57,5 +59,6 @@ pub mod store;
 pub mod succession;
 pub mod systemd;
 pub mod takeover;
+pub mod telemetry;
 pub mod version;
 pub mod yaml;

@@ -939,7 +939,7 @@ async fn a_backend_answering_5xx_is_ejected_and_a_full_service_sheds_requests() 
     common::eventually_metrics(
         mesh.agent.admin.unwrap(),
         "the ejection counted",
-        &["loopmesh_proxy_ejections_total{service=\"web\",backend=\"sick\"} 1"],
+        &["loopmesh_backend_ejections_total{service=\"web\",backend=\"sick\"} 1"],
     )
     .await;
     // Two requests in flight fill the service; a third is shed at once.

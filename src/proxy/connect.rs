@@ -3,7 +3,7 @@
 //! detection). Directly over TCP, or through the mesh: a stream in the
 //! mTLS tunnel to the backend's node.
 
-use super::balance::{Backend, NoBackend};
+use super::balance::{Backend, NoBackend, CONNECT_FAILURES};
 use super::congestion;
 use super::service::ServiceState;
 use super::tunnel::Tunneled;
@@ -41,8 +41,26 @@ pub enum Upstream {
 }
 
 /// Connects to `backend` of `state`'s service within its connect timeout,
-/// through the mesh if the backend is reached that way.
+/// through the mesh if the backend is reached that way; the outcome is
+/// counted in the backend's stats.
 pub(super) async fn dial(state: &ServiceState, backend: &Backend) -> io::Result<Upstream> {
+    let dialed = dial_uncounted(state, backend).await;
+    let stats = &backend.stats;
+    match &dialed {
+        Ok(_) => stats.connections.increment(1),
+        Err(err) => {
+            let kind = failure_kind(err);
+            let index = CONNECT_FAILURES
+                .iter()
+                .position(|k| *k == kind)
+                .unwrap_or(CONNECT_FAILURES.len() - 1);
+            stats.connect_errors[index].increment(1);
+        }
+    }
+    dialed
+}
+
+async fn dial_uncounted(state: &ServiceState, backend: &Backend) -> io::Result<Upstream> {
     let timeout = state.spec.connect_timeout;
     if let (Some(peer), Some(mesh), Some(target), Some(node)) =
         (backend.mesh, &state.context.mesh, backend.addr, &backend.node)
@@ -58,7 +76,8 @@ pub(super) async fn dial(state: &ServiceState, backend: &Backend) -> io::Result<
     }
 }
 
-/// A connect failure's kind, as the metrics label it.
+/// A connect failure's kind, as the metrics label it (one of
+/// [`CONNECT_FAILURES`]).
 fn failure_kind(err: &io::Error) -> &'static str {
     match err.kind() {
         io::ErrorKind::ConnectionRefused => "refused",
@@ -107,20 +126,11 @@ pub async fn connect(state: &ServiceState, client: SocketAddr) -> Option<(usize,
                 failure_kind(&err)
             }
         };
-        metrics::counter!(
-            "loopmesh_proxy_connect_errors_total",
-            "service" => service.to_string(),
-            "backend" => backend.id.to_string(),
-            "kind" => kind
-        )
-        .increment(1);
         if backends.record_failure(index) {
             tracing::warn!(
                 "service {service}: backend {} ejected after repeated connect failures ({kind})",
                 backend.id
             );
-            metrics::counter!("loopmesh_proxy_ejections_total", "service" => service.to_string(), "backend" => backend.id.to_string())
-                .increment(1);
         }
         tried.push(index);
     }

@@ -20,10 +20,9 @@ use http_body_util::Empty;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -42,8 +41,6 @@ struct Shared {
     context: Arc<CompileContext>,
     /// This node's name, as its instances carry it.
     node: String,
-    /// Callers refused, per service, said once each.
-    denied: Mutex<HashSet<(Arc<str>, String)>>,
 }
 
 /// Accepts mesh connections until the drain; then stops accepting, sends
@@ -59,7 +56,6 @@ pub async fn serve(
         credentials,
         context,
         node,
-        denied: Mutex::default(),
     });
     loop {
         let accepted = tokio::select! {
@@ -203,14 +199,7 @@ async fn stream_to_target(
     let caller_id = caller.to_string();
     let allow = &state.spec.allow;
     if !allow.is_empty() && !allow.iter().any(|pattern| allowed(pattern, &caller_id)) {
-        metrics::counter!("loopmesh_mesh_denied_total", "service" => state.name().to_string(), "caller" => caller_id.clone())
-            .increment(1);
-        let first = shared
-            .denied
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((state.shared.name.clone(), caller_id.clone()));
-        if first {
+        if state.shared.metrics().deny(&caller_id) {
             tracing::warn!(
                 "mesh: {caller_id} is not allowed to reach service {} (allow: {}); refused, and counted from now on",
                 state.name(),
@@ -228,8 +217,7 @@ async fn stream_to_target(
     let logged = (state.spec.http.access_log || state.context.access_log_all).then(|| caller_id.clone());
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
-        metrics::counter!("loopmesh_mesh_inbound_streams_total", "service" => state.name().to_string())
-            .increment(1);
+        state.shared.metrics().inbound_streams.increment(1);
         let started = std::time::Instant::now();
         let mut backend = Counted {
             inner: backend,

@@ -181,9 +181,9 @@ async fn accept_ready(listener: &TcpListener, listening: &Listening, budget: &Co
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
             Err(err) => {
                 // Out of file descriptors and the like: say so, back off briefly.
-                let service = listening.state.current().name().to_string();
-                tracing::warn!("service {service}: accept failed: {err}");
-                metrics::counter!("loopmesh_proxy_accept_errors_total", "service" => service).increment(1);
+                let state = listening.state.current();
+                tracing::warn!("service {}: accept failed: {err}", state.name());
+                state.shared.metrics().accept_errors.increment(1);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 return;
             }

@@ -607,10 +607,12 @@ impl ProxyManager {
     /// service in use stays warm; an idle one compiles at first use).
     fn prepare(&self, name: &str, head: &RouteHead, source: RouteSource) -> Arc<ServiceState> {
         let running = self.running.get(name).map(|running| running.state.current());
-        let shared = running.as_ref().map_or_else(
-            || Arc::new(ServiceShared::new(name)),
-            |state| state.shared.clone(),
-        );
+        // A service that cannot listen keeps its counters too (its bind failures).
+        let shared = running
+            .as_ref()
+            .map(|state| state.shared.clone())
+            .or_else(|| self.wanted.get(name).map(|wanted| wanted.state.shared.clone()))
+            .unwrap_or_else(|| Arc::new(ServiceShared::new(name)));
         let state = ServiceState::new(head, source, shared, self.context.clone());
         if let Some(previous) = running.filter(|state| state.is_compiled()) {
             state.compile_now(&previous);
@@ -682,6 +684,7 @@ impl ProxyManager {
         let entry = self.wanted.get(name).map(|wanted| ServiceView {
             address: wanted.key.addr,
             protocol: wanted.state.spec.protocol,
+            shared: wanted.state.shared.clone(),
             error: self.failed.get(name).cloned(),
             state: self.running.get(name).map(|running| running.state.clone()),
         });
@@ -690,6 +693,7 @@ impl ProxyManager {
 
     /// Starts a service's listeners, or records why it cannot.
     fn bind(&mut self, name: &str, key: RouteKey, state: Arc<ServiceState>, report: &mut ApplyReport) {
+        let shared = state.shared.clone();
         match self.start(key, state) {
             Ok(running) => {
                 self.context.directory.insert(name, running.state.clone());
@@ -704,8 +708,7 @@ impl ProxyManager {
                 if self.failed.get(name) != Some(&reason) {
                     tracing::error!("service {name} not served: {reason}; the other services are unaffected");
                 }
-                metrics::counter!("loopmesh_proxy_bind_failures_total", "service" => name.to_string())
-                    .increment(1);
+                shared.metrics().bind_failures.increment(1);
                 self.failed.insert(name.to_string(), reason);
             }
         }

@@ -19,6 +19,8 @@
 //! - [`inbound`]: the mesh's listener, where other nodes' tunnels arrive.
 //! - [`manager`]: the pure [`plan`] from running to wanted, and
 //!   [`ProxyManager`], which applies it per change.
+//! - [`view`] and [`scrape`]: what the admin API shows of it (`/routes`,
+//!   and the per-service and per-backend series of `/metrics`).
 //!
 //! Connections run on the proxy's own event loops ([`workers`]), each
 //! service listening once per loop.
@@ -32,6 +34,7 @@ pub mod inbound;
 pub mod l4;
 mod listener;
 pub mod manager;
+mod scrape;
 mod service;
 pub mod tls;
 pub mod tunnel;

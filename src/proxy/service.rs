@@ -15,20 +15,25 @@ use super::l4::sockmap::KernelForwarding;
 use crate::catalog::ServiceSpec;
 use crate::policy::TlsMode;
 use crate::routing::{Route, RouteHead};
+use crate::telemetry::{Counter, Gauge, Histogram};
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 
-/// What outlives a service's reloads while it listens: counters, and the
-/// metric handles, registered at its first connection (an idle service
-/// costs no series; 10k idle services would otherwise cost 100k).
+/// What outlives a service's reloads while it listens: counters, and its
+/// metrics, allocated at its first use (an idle service costs no memory
+/// and no series: every node's table lists every service of the fleet).
+/// They are rendered at scrape time ([`super::ProxyView::render_metrics`])
+/// and leave `/metrics` with the service.
 #[derive(Debug)]
 pub struct ServiceShared {
     pub name: Arc<str>,
-    /// Open connections, for the circuit breaker.
+    /// Open connections, for the circuit breaker (and the
+    /// `loopmesh_proxy_connections_active` gauge).
     pub active: AtomicU64,
     /// HTTP requests in flight (`http.max_requests`).
     pub requests: AtomicU64,
@@ -53,89 +58,92 @@ impl ServiceShared {
         }
     }
 
-    /// The service's HTTP metric handles, registered on first use.
+    /// The service's HTTP metrics, allocated on first use.
     pub fn http_metrics(&self) -> &HttpMetrics {
-        self.http_metrics
-            .get_or_init(|| Box::new(HttpMetrics::new(&self.name)))
+        self.http_metrics.get_or_init(Box::default)
     }
 
-    /// The service's metric handles, registered on first use.
+    /// The service's metrics, allocated on first use.
     pub fn metrics(&self) -> &ServiceMetrics {
-        self.metrics
-            .get_or_init(|| Box::new(ServiceMetrics::new(&self.name)))
+        self.metrics.get_or_init(Box::default)
+    }
+
+    /// The metrics, if the service has been used on this node (a
+    /// connection, a failure to bind): rendering must not allocate them.
+    pub fn used(&self) -> Option<&ServiceMetrics> {
+        self.metrics.get().map(|m| &**m)
+    }
+
+    /// The HTTP metrics as they are, zeros if no request came yet.
+    pub fn http_metrics_now(&self) -> &HttpMetrics {
+        static UNUSED: LazyLock<HttpMetrics> = LazyLock::new(HttpMetrics::default);
+        self.http_metrics.get().map_or(&UNUSED, |m| m)
     }
 }
 
-/// A service's metric handles, registered once rather than per connection
-/// (label strings and registry lookups cost more than the copy itself for
-/// short connections).
-#[derive(Debug)]
+/// A service's counters (its open connections are [`ServiceShared::active`]).
+#[derive(Debug, Default)]
 pub struct ServiceMetrics {
-    pub connections: metrics::Counter,
-    pub active: metrics::Gauge,
-    pub connect_duration: metrics::Histogram,
-    pub bytes_to_backend: metrics::Counter,
-    pub bytes_to_client: metrics::Counter,
-    pub refused_max_connections: metrics::Counter,
-    pub refused_no_backend: metrics::Counter,
-    pub refused_connect_failed: metrics::Counter,
-    pub idle_timeouts: metrics::Counter,
-    pub drain_kills: metrics::Counter,
+    pub connections: Counter,
+    pub connect_duration: Histogram,
+    pub bytes_to_backend: Counter,
+    pub bytes_to_client: Counter,
+    pub refused_max_connections: Counter,
+    pub refused_no_backend: Counter,
+    pub refused_connect_failed: Counter,
+    pub idle_timeouts: Counter,
+    pub drain_kills: Counter,
+    pub accept_errors: Counter,
+    pub bind_failures: Counter,
+    /// Streams from peers to this node's backends of the service (mTLS).
+    pub inbound_streams: Counter,
+    /// Inbound streams refused, by caller (rare: a lock will do).
+    denied: Mutex<BTreeMap<String, u64>>,
 }
 
 impl ServiceMetrics {
-    fn new(service: &str) -> Self {
-        let s = service.to_string();
-        let refused = |reason: &'static str| metrics::counter!("loopmesh_proxy_refused_total", "service" => s.clone(), "reason" => reason);
-        ServiceMetrics {
-            connections: metrics::counter!("loopmesh_proxy_connections_total", "service" => s.clone()),
-            active: metrics::gauge!("loopmesh_proxy_connections_active", "service" => s.clone()),
-            connect_duration: metrics::histogram!("loopmesh_proxy_connect_duration_seconds", "service" => s.clone()),
-            bytes_to_backend: metrics::counter!("loopmesh_proxy_bytes_total", "service" => s.clone(), "direction" => "to_backend"),
-            bytes_to_client: metrics::counter!("loopmesh_proxy_bytes_total", "service" => s.clone(), "direction" => "to_client"),
-            refused_max_connections: refused("max_connections"),
-            refused_no_backend: refused("no_backend"),
-            refused_connect_failed: refused("connect_failed"),
-            idle_timeouts: metrics::counter!("loopmesh_proxy_idle_timeouts_total", "service" => s.clone()),
-            drain_kills: metrics::counter!("loopmesh_proxy_drain_kills_total", "service" => s),
+    /// Counts a connection's bytes, for the service and for its backend.
+    pub fn bytes(&self, backend: &BackendStats, to_backend: u64, to_client: u64) {
+        self.bytes_to_backend.increment(to_backend);
+        self.bytes_to_client.increment(to_client);
+        backend.bytes_to_backend.increment(to_backend);
+        backend.bytes_to_client.increment(to_client);
+    }
+
+    /// Counts a refused inbound stream of `caller`; true the first time.
+    pub fn deny(&self, caller: &str) -> bool {
+        let mut denied = self.denied.lock().unwrap_or_else(|e| e.into_inner());
+        match denied.get_mut(caller) {
+            Some(count) => {
+                *count += 1;
+                false
+            }
+            None => {
+                denied.insert(caller.to_string(), 1);
+                true
+            }
         }
+    }
+
+    /// The refused inbound streams by caller.
+    pub fn denied(&self) -> Vec<(String, u64)> {
+        let denied = self.denied.lock().unwrap_or_else(|e| e.into_inner());
+        denied.iter().map(|(caller, n)| (caller.clone(), *n)).collect()
     }
 }
 
-/// A service's HTTP metric handles.
-#[derive(Debug)]
+/// A service's HTTP counters.
+#[derive(Debug, Default)]
 pub struct HttpMetrics {
     /// `loopmesh_http_requests_total` by code class, 1xx to 5xx.
-    pub requests: [metrics::Counter; 5],
-    pub duration: metrics::Histogram,
-    pub retries: metrics::Counter,
+    pub requests: [Counter; 5],
+    pub duration: Histogram,
+    pub retries: Counter,
     /// Upstream connections open (pooled, busy or upgraded).
-    pub upstream_connections: metrics::Gauge,
-    name: Arc<str>,
-}
-
-impl HttpMetrics {
-    fn new(service: &str) -> Self {
-        let class = |class: &'static str| metrics::counter!("loopmesh_http_requests_total", "service" => service.to_string(), "code_class" => class);
-        HttpMetrics {
-            requests: [
-                class("1xx"),
-                class("2xx"),
-                class("3xx"),
-                class("4xx"),
-                class("5xx"),
-            ],
-            duration: metrics::histogram!("loopmesh_http_request_duration_seconds", "service" => service.to_string()),
-            retries: metrics::counter!("loopmesh_http_retries_total", "service" => service.to_string()),
-            upstream_connections: metrics::gauge!("loopmesh_http_upstream_connections", "service" => service.to_string()),
-            name: service.into(),
-        }
-    }
-
-    /// Requests the proxy answered itself, by reason (rare: looked up when needed).
-    pub fn refused(&self, reason: &'static str) -> metrics::Counter {
-        metrics::counter!("loopmesh_http_refused_total", "service" => self.name.to_string(), "reason" => reason)
-    }
+    pub upstream_connections: Gauge,
+    /// Requests the proxy answered itself, by reason
+    /// ([`super::http::REFUSALS`], in its order).
+    pub refused: [Counter; super::http::REFUSALS.len()],
 }
 
 /// A service's current state: what a new connection reads, replaced whole
@@ -314,6 +322,12 @@ impl ServiceState {
     /// Whether the backends are compiled.
     pub fn is_compiled(&self) -> bool {
         self.backends.get().is_some()
+    }
+
+    /// The backends if they are compiled (for views, which must not
+    /// compile them).
+    pub fn compiled_backends(&self) -> Option<&BackendSet> {
+        self.backends.get()?.as_ref().ok()
     }
 
     /// The backends, compiled now if this is the first need. An error says

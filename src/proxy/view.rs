@@ -5,9 +5,10 @@
 //! every pass costs nothing per service, and a change costs its size.
 
 use super::balance::now_nanos;
-use super::service::StateCell;
+use super::service::{ServiceShared, ServiceState, StateCell};
 use super::tls::NodeIdentity;
 use crate::catalog::Protocol;
+use crate::telemetry::{Counter, Exposition};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -26,6 +27,8 @@ pub struct ProxyView {
 pub(super) struct ServiceView {
     pub address: SocketAddr,
     pub protocol: Protocol,
+    /// Its counters, listening or not.
+    pub shared: Arc<ServiceShared>,
     pub error: Option<String>,
     /// The live state while listening.
     pub state: Option<Arc<StateCell>>,
@@ -97,6 +100,12 @@ impl ProxyView {
                                     "zone": b.zone, "state": b.state.as_str(),
                                     "ejected": b.stats.is_ejected(now),
                                     "active_connections": b.stats.active.load(Ordering::Relaxed),
+                                    "connections_total": b.stats.connections.get(),
+                                    "connect_errors": b.stats.connect_errors.iter().map(Counter::get).sum::<u64>(),
+                                    "bytes_to_backend": b.stats.bytes_to_backend.get(),
+                                    "bytes_to_client": b.stats.bytes_to_client.get(),
+                                    "requests_total": (view.protocol == Protocol::Http).then(|| b.stats.requests.get()),
+                                    "ejections_total": b.stats.ejected.get(),
                                     "mesh": peer.as_ref().map(|(mesh, _)| mesh),
                                     "peer": peer.as_ref().map(|(_, identity)| identity),
                                 })
@@ -117,4 +126,32 @@ impl ProxyView {
         });
         serde_json::Value::Array(services.collect())
     }
+
+    /// The series of every service (at zero until it is used) and of
+    /// every backend of the services in use, for `/metrics`
+    /// ([`super::scrape`]).
+    pub fn render_metrics(&self, out: &mut Exposition<'_>) {
+        let services: Vec<Scraped> = {
+            let services = self.services.read().unwrap_or_else(|e| e.into_inner());
+            services
+                .iter()
+                .map(|(name, view)| Scraped {
+                    name: name.clone(),
+                    protocol: view.protocol,
+                    shared: view.shared.clone(),
+                    state: view.state.as_ref().map(|cell| cell.current()),
+                })
+                .collect()
+        };
+        super::scrape::render(&services, out);
+    }
+}
+
+/// One service as a scrape reads it.
+pub(super) struct Scraped {
+    pub name: String,
+    pub protocol: Protocol,
+    pub shared: Arc<ServiceShared>,
+    /// Its state while it listens.
+    pub state: Option<Arc<ServiceState>>,
 }

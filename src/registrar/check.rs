@@ -2,8 +2,10 @@
 //! run on an interval with jitter, turned into up/down by rise and fall.
 
 use super::config::{Backend, CheckKind, HttpCheck};
+use crate::telemetry::{Counter, Histogram};
 use http_body_util::{BodyExt, Limited};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -173,6 +175,15 @@ fn checked_differently(old: &Backend, new: &Backend) -> bool {
     old.check != new.check || old.instance.host != new.instance.host || old.instance.port != new.instance.port
 }
 
+/// One instance's check counters, kept by its checker and shown in the
+/// registrar's `/metrics` while the instance is configured.
+#[derive(Debug, Default)]
+pub struct CheckStats {
+    pub passed: Counter,
+    pub failed: Counter,
+    pub duration: Histogram,
+}
+
 /// Checks the backend in `backends` until its sender is dropped, sending a
 /// [`Flip`] whenever its health changes. The first check runs after a
 /// random part of one interval; the rest every interval ±10%.
@@ -186,14 +197,12 @@ pub async fn run(
     mut backends: watch::Receiver<Backend>,
     generation: u64,
     flips: mpsc::UnboundedSender<Flip>,
+    stats: Arc<CheckStats>,
 ) {
     let mut backend = backends.borrow_and_update().clone();
     let key = backend.key();
     let mut jitter = Jitter::new(&key);
     let mut health = Health::new(backend.check.rise, backend.check.fall);
-    let result_counter = |result: &'static str| metrics::counter!("loopmesh_registrar_checks_total", "service" => backend.service.clone(), "instance" => backend.id.clone(), "result" => result);
-    let (passed_total, failed_total) = (result_counter("pass"), result_counter("fail"));
-    let duration = metrics::histogram!("loopmesh_registrar_check_duration_seconds", "service" => backend.service.clone(), "instance" => backend.id.clone());
     let mut next_check = Instant::now() + backend.check.interval.mul_f64(jitter.next());
     loop {
         tokio::select! {
@@ -213,11 +222,11 @@ pub async fn run(
         }
         let started = Instant::now();
         let result = check_once(&backend).await;
-        duration.record(started.elapsed().as_secs_f64());
+        stats.duration.record(started.elapsed().as_secs_f64());
         match &result {
-            Ok(()) => passed_total.increment(1),
+            Ok(()) => stats.passed.increment(1),
             Err(reason) => {
-                failed_total.increment(1);
+                stats.failed.increment(1);
                 tracing::debug!("{key}: check failed: {reason}");
             }
         }
@@ -309,7 +318,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (edits, backends) = watch::channel(exec_backend("true", 1, 1));
         let (flips_tx, mut flips) = mpsc::unbounded_channel();
-        let checker = tokio::spawn(run(backends, 7, flips_tx));
+        let stats = Arc::new(CheckStats::default());
+        let checker = tokio::spawn(run(backends, 7, flips_tx, stats.clone()));
         let patience = Duration::from_secs(30);
         let mut next_flip = async move || {
             tokio::time::timeout(patience, flips.recv())
@@ -343,6 +353,14 @@ mod tests {
 
         drop(edits);
         checker.await.unwrap();
+        // Counted for /metrics: the first command and the marker passed,
+        // the last one failed.
+        assert!(stats.passed.get() >= 2 && stats.failed.get() >= 1, "{stats:?}");
+        let (buckets, _) = stats.duration.snapshot();
+        assert_eq!(
+            buckets[buckets.len() - 1],
+            stats.passed.get() + stats.failed.get()
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@ use config::{read_flag, Backend, RegistrarConfig};
 use registry::Registry;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -48,6 +49,8 @@ struct Running {
     /// Tells this checker's flips from those of an earlier one of the key.
     generation: u64,
     healthy: bool,
+    /// Its checks' counters, for `/metrics`.
+    checks: Arc<check::CheckStats>,
 }
 
 /// Quiet time after a file event before re-reading (editors write in bursts).
@@ -125,6 +128,7 @@ impl Registrar {
         };
         if self.config.admin.enabled {
             let metrics = crate::admin::install_recorder()?;
+            crate::telemetry::register(crate::telemetry::Daemon::Registrar);
             let shown: std::sync::Arc<dyn crate::admin::Status> = self.status.clone();
             tokio::spawn(crate::admin::serve(self.config.admin.listen, metrics, shown));
         }
@@ -179,11 +183,22 @@ impl Registrar {
                 })
             })
             .collect();
+        let checks = self
+            .running
+            .values()
+            .map(|running| status::Checked {
+                service: running.backend.service.clone(),
+                instance: running.backend.id.clone(),
+                registered: running.healthy,
+                checks: running.checks.clone(),
+            })
+            .collect();
         self.status.publish(status::Published {
             node: self.config.node_name(),
             store: self.registry.describe(),
             settled: self.registry.is_settled(),
             instances,
+            checks,
         });
         self.ready.announce(self.registry.is_settled());
     }
@@ -217,8 +232,6 @@ impl Registrar {
     async fn publish(&mut self, key: &str) {
         let value = self.running.get(key).and_then(|running| {
             let state = self.flags.get(&running.backend.id).copied().unwrap_or_default();
-            metrics::gauge!("loopmesh_registrar_registered", "service" => running.backend.service.clone(), "instance" => running.backend.id.clone())
-                .set(if running.healthy { 1.0 } else { 0.0 });
             running
                 .healthy
                 .then(|| serde_json::to_vec(&running.backend.with_state(state)).expect("instances serialize"))
@@ -326,7 +339,13 @@ impl Registrar {
             );
             let (edits, checked) = watch::channel(backend.clone());
             self.generation += 1;
-            let checker = tokio::spawn(check::run(checked, self.generation, self.flips_tx.clone()));
+            let checks = Arc::new(check::CheckStats::default());
+            let checker = tokio::spawn(check::run(
+                checked,
+                self.generation,
+                self.flips_tx.clone(),
+                checks.clone(),
+            ));
             self.running.insert(
                 key,
                 Running {
@@ -335,6 +354,7 @@ impl Registrar {
                     checker,
                     generation: self.generation,
                     healthy: false,
+                    checks,
                 },
             );
         }

@@ -1,8 +1,10 @@
 //! What the registrar shows through its admin API: readiness and the
 //! instances it checks, with their health and registration.
 
+use super::check::CheckStats;
 use crate::admin::Status;
-use std::sync::Mutex;
+use crate::telemetry::{families, Exposition};
+use std::sync::{Arc, Mutex};
 
 /// The registrar's published state.
 #[derive(Default)]
@@ -17,6 +19,17 @@ pub struct Published {
     /// Every desired registration is in the store.
     pub settled: bool,
     pub instances: Vec<serde_json::Value>,
+    /// Each instance checked, for `/metrics`.
+    pub checks: Vec<Checked>,
+}
+
+/// One instance's metrics.
+#[derive(Clone)]
+pub struct Checked {
+    pub service: String,
+    pub instance: String,
+    pub registered: bool,
+    pub checks: Arc<CheckStats>,
 }
 
 impl RegistrarStatus {
@@ -57,5 +70,24 @@ impl Status for RegistrarStatus {
             "/instances",
             "each backend: key, health, flagged state, mesh address (JSON)",
         )]
+    }
+
+    /// The series of the instances configured now: an instance no longer
+    /// configured has none.
+    fn metrics(&self, out: &mut Exposition<'_>) {
+        let checked = self.current().checks;
+        let mut family = out.family(&families::REGISTRAR_REGISTERED);
+        for c in &checked {
+            family.value(&[&c.service, &c.instance], u8::from(c.registered));
+        }
+        let mut family = out.family(&families::REGISTRAR_CHECKS_TOTAL);
+        for c in &checked {
+            family.value(&[&c.service, &c.instance, "pass"], c.checks.passed.get());
+            family.value(&[&c.service, &c.instance, "fail"], c.checks.failed.get());
+        }
+        let mut family = out.family(&families::REGISTRAR_CHECK_DURATION_SECONDS);
+        for c in &checked {
+            family.histogram(&[&c.service, &c.instance], &c.checks.duration);
+        }
     }
 }

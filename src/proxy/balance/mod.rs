@@ -6,6 +6,7 @@
 //! forgives an ejected backend.
 
 use crate::catalog::{Balance, InstanceState, Label, Outlier};
+use crate::telemetry::Counter;
 use std::cell::Cell;
 use std::ffi::CString;
 use std::hash::{Hash, Hasher};
@@ -21,11 +22,29 @@ pub fn now_nanos() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
-/// Live counters of one backend, kept across reloads.
+/// What a failed connect to a backend is counted as, by kind.
+pub const CONNECT_FAILURES: [&str; 6] = ["refused", "reset", "timeout", "denied", "unreachable", "other"];
+
+/// Live counters of one backend, kept across reloads; the balancer's, and
+/// those `/metrics` and `/routes` show (read when asked, so the data path
+/// pays an atomic add per event, nothing per byte).
 #[derive(Debug, Default)]
 pub struct BackendStats {
-    /// Connections open to it now.
+    /// Connections open to it now (TCP), or requests in flight (HTTP).
     pub active: AtomicU64,
+    /// Connections made to it: per client connection (TCP), or upstream
+    /// connections opened (HTTP).
+    pub connections: Counter,
+    /// Failed connects, by kind ([`CONNECT_FAILURES`], in its order).
+    pub connect_errors: [Counter; CONNECT_FAILURES.len()],
+    /// Bytes copied to and from it (TCP services), counted as each
+    /// connection ends.
+    pub bytes_to_backend: Counter,
+    pub bytes_to_client: Counter,
+    /// HTTP requests sent to it, each attempt.
+    pub requests: Counter,
+    /// Times it was ejected.
+    pub ejected: Counter,
     /// Peak-EWMA of connect latency, in nanoseconds (0: no sample yet).
     ewma_nanos: AtomicU64,
     ewma_stamp: AtomicU64,
@@ -82,6 +101,7 @@ impl BackendStats {
     }
 
     fn eject(&self, length: Duration) {
+        self.ejected.increment(1);
         self.consecutive_failures.store(0, Ordering::Relaxed);
         self.ejections.fetch_add(1, Ordering::Relaxed);
         self.ejected_until

@@ -76,7 +76,6 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, cell: Arc<StateCell>, mu
     }
     drop(state);
     metrics.connections.increment(1);
-    metrics.active.increment(1.0);
     let conn = Arc::new(Client { cell, peer });
     let service = hyper::service::service_fn(move |request| {
         let conn = conn.clone();
@@ -100,7 +99,6 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, cell: Arc<StateCell>, mu
             () = drain.forced() => metrics.drain_kills.increment(1),
         }
     }
-    metrics.active.decrement(1.0);
 }
 
 /// One client connection, as its requests see it.
@@ -200,6 +198,19 @@ fn request_hash(policy: &HttpPolicy, headers: &HeaderMap, client: SocketAddr) ->
     keyed.unwrap_or_else(|| hash_key(&client.ip()))
 }
 
+/// Why the proxy answered a request itself, as the `x-loopmesh-error`
+/// header and the metrics say it; in the order of [`Refusal`].
+pub const REFUSALS: [&str; 8] = [
+    "no_healthy_backend",
+    "no_such_service",
+    "max_requests",
+    "max_pending_requests",
+    "connect_failed",
+    "upstream_reset",
+    "request_timeout",
+    "per_try_timeout",
+];
+
 /// Why the proxy answered a request itself: status and `x-loopmesh-error`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Refusal {
@@ -226,16 +237,7 @@ impl Refusal {
     }
 
     fn reason(self) -> &'static str {
-        match self {
-            Refusal::NoHealthyBackend => "no_healthy_backend",
-            Refusal::NoSuchService => "no_such_service",
-            Refusal::MaxRequests => "max_requests",
-            Refusal::MaxPendingRequests => "max_pending_requests",
-            Refusal::ConnectFailed => "connect_failed",
-            Refusal::UpstreamReset => "upstream_reset",
-            Refusal::RequestTimeout => "request_timeout",
-            Refusal::PerTryTimeout => "per_try_timeout",
-        }
+        REFUSALS[self as usize]
     }
 }
 
@@ -387,7 +389,7 @@ fn refuse(refusal: Refusal, exchange: Option<Exchange>) -> Response<ResponseBody
     let finish = exchange.map(|mut exchange| {
         exchange.status = refusal.status().as_u16();
         let metrics = exchange.state.shared.http_metrics();
-        metrics.refused(refusal.reason()).increment(1);
+        metrics.refused[refusal as usize].increment(1);
         Box::new(exchange) as Box<dyn Finish>
     });
     let mut response = Response::new(ResponseBody::local(format!("{}\n", refusal.reason()), finish));
@@ -520,8 +522,6 @@ fn record_failure(state: &ServiceState, backends: &BackendSet, index: usize, why
             state.name(),
             backend.id
         );
-        metrics::counter!("loopmesh_proxy_ejections_total", "service" => state.name().to_string(), "backend" => backend.id.to_string())
-            .increment(1);
     }
 }
 
@@ -629,6 +629,7 @@ async fn handle(mut request: Request<Incoming>, client: &Client) -> Response<Res
         }
         let backend = &backends.backends()[index];
         backend.stats.active.fetch_add(1, Ordering::Relaxed);
+        backend.stats.requests.increment(1);
         let on_backend = OnBackend(backend.stats.clone());
         let sent_at = Instant::now();
         let outcome = attempt(

@@ -72,7 +72,7 @@ pub struct Want<'a> {
     pub upgrade: bool,
     pub connect: &'a (dyn Fn() -> ConnectFuture<'a> + Send + Sync),
     /// The service's gauge of upstream connections open.
-    pub gauge: &'a metrics::Gauge,
+    pub gauge: &'a crate::telemetry::Gauge,
 }
 
 /// Dials the backend: the stream, or why not. Boxed only when a
@@ -267,19 +267,19 @@ async fn sweep(pool: Weak<Pool>, idle_timeout: Duration) {
 }
 
 /// Counts an open connection until its connection task ends.
-struct OpenGuard(Weak<Pool>, metrics::Gauge);
+struct OpenGuard(Weak<Pool>, crate::telemetry::Gauge);
 
 impl OpenGuard {
-    fn new(pool: &Arc<Pool>, gauge: &metrics::Gauge) -> OpenGuard {
+    fn new(pool: &Arc<Pool>, gauge: &crate::telemetry::Gauge) -> OpenGuard {
         pool.open.fetch_add(1, Ordering::Relaxed);
-        gauge.increment(1.0);
+        gauge.increment(1);
         OpenGuard(Arc::downgrade(pool), gauge.clone())
     }
 }
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.1.decrement(1.0);
+        self.1.decrement(1);
         if let Some(pool) = self.0.upgrade() {
             pool.open.fetch_sub(1, Ordering::Relaxed);
             pool.freed.notify_one();

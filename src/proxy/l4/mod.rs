@@ -5,6 +5,7 @@
 pub mod sockmap;
 pub mod splice;
 
+use super::balance::BackendStats;
 use super::connect::{connect, Upstream};
 use super::drain;
 use super::service::ServiceState;
@@ -62,10 +63,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, state: Arc<ServiceState>
     }
     metrics.connections.increment(1);
     let _open = state.kernel().map(|kernel| KernelForwarding::open(kernel));
-    let gauge = &metrics.active;
-    gauge.increment(1.0);
     let Some((index, upstream)) = connect(&state, peer).await else {
-        gauge.decrement(1.0);
         return;
     };
     let Ok(backends) = state.backends() else { return };
@@ -74,11 +72,10 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, state: Arc<ServiceState>
     // The client socket inherited TCP_NODELAY from the listener; the
     // upstream got it when it was dialed.
     match upstream {
-        Upstream::Tcp(upstream) => copy(client, upstream, &state, &mut drain).await,
+        Upstream::Tcp(upstream) => copy(client, upstream, &state, &backend.stats, &mut drain).await,
         // Through the mesh: no splice or kernel forwarding into TLS.
-        Upstream::Tunnel(tunnel) => copy_tunneled(client, tunnel, &state, &mut drain).await,
+        Upstream::Tunnel(tunnel) => copy_tunneled(client, tunnel, &state, &backend.stats, &mut drain).await,
     }
-    gauge.decrement(1.0);
 }
 
 /// Copies between a client and a stream through the mesh until both are
@@ -87,6 +84,7 @@ async fn copy_tunneled(
     mut client: TcpStream,
     tunnel: Tunneled,
     state: &ServiceState,
+    stats: &BackendStats,
     drain: &mut drain::Watch,
 ) {
     let metrics = state.shared.metrics();
@@ -99,8 +97,7 @@ async fn copy_tunneled(
     tokio::select! {
         result = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut tunnel, COPY_BUFFER, COPY_BUFFER) => {
             if let Ok((to_backend, to_client)) = result {
-                metrics.bytes_to_backend.increment(to_backend);
-                metrics.bytes_to_client.increment(to_client);
+                metrics.bytes(stats, to_backend, to_client);
             }
         }
         () = idle => metrics.idle_timeouts.increment(1),
@@ -170,6 +167,7 @@ async fn copy(
     mut client: TcpStream,
     mut upstream: TcpStream,
     state: &ServiceState,
+    stats: &BackendStats,
     drain: &mut drain::Watch,
 ) {
     let metrics = state.shared.metrics();
@@ -220,8 +218,7 @@ async fn copy(
             biased;
             result = copy => {
                 if let Ok((to_backend, to_client)) = result {
-                    metrics.bytes_to_backend.increment(to_backend);
-                    metrics.bytes_to_client.increment(to_client);
+                    metrics.bytes(stats, to_backend, to_client);
                 }
                 false
             }
@@ -240,15 +237,14 @@ async fn copy(
         };
         // Dropping the copy mid-wait left every byte not yet read in the
         // sockets, where the join picks it up.
-        metrics
-            .bytes_to_backend
-            .increment(watches[0].bytes.load(Ordering::Relaxed));
-        metrics
-            .bytes_to_client
-            .increment(watches[1].bytes.load(Ordering::Relaxed));
+        metrics.bytes(
+            stats,
+            watches[0].bytes.load(Ordering::Relaxed),
+            watches[1].bytes.load(Ordering::Relaxed),
+        );
         match hand_over(&forwarding, client, upstream) {
             Handover::Joined(sockets, joined) => {
-                return forward_in_kernel(sockets, joined, state, drain).await
+                return forward_in_kernel(sockets, joined, state, stats, drain).await
             }
             // Copied in user space to the end (no second try).
             Handover::Declined(again_client, again_upstream) => {
@@ -297,6 +293,7 @@ async fn forward_in_kernel(
     sockets: Sockets,
     mut joined: Joined,
     state: &ServiceState,
+    stats: &BackendStats,
     drain: &mut drain::Watch,
 ) {
     let metrics = state.shared.metrics();
@@ -351,8 +348,7 @@ async fn forward_in_kernel(
     }
     let to_backend = joined.forwarded(sockmap::CLIENT).unwrap_or(0) + written[sockmap::UPSTREAM];
     let to_client = joined.forwarded(sockmap::UPSTREAM).unwrap_or(0) + written[sockmap::CLIENT];
-    metrics.bytes_to_backend.increment(to_backend);
-    metrics.bytes_to_client.increment(to_client);
+    metrics.bytes(stats, to_backend, to_client);
     // Out of the maps first, then closed.
     drop(joined);
     drop(sockets);
