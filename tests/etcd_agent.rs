@@ -460,14 +460,19 @@ async fn state_json_follows_outages_and_refused_keys_and_each_condition_is_logge
     })
     .await;
 
-    // An outage: state.json, /ready and the metric say stale together, and
-    // the condition is logged once however often the store is retried.
+    // An outage: state.json, /ready and the metric all say stale (each as
+    // soon as it is written or published: state.json may lead /ready by a
+    // moment), and the condition is logged once however often the store is
+    // retried.
     etcd.stop();
     node.until("state.json says stale during the outage", |n| {
         state_json(n)["stale"] == true
     })
     .await;
-    assert_eq!(ready_body(&agent).await["stale"], true);
+    eventually_async("/ready says stale", || async {
+        (ready_body(&agent).await["stale"] == true).then_some(())
+    })
+    .await;
     common::eventually_metrics(
         agent.admin.unwrap(),
         "stale in the metrics",
