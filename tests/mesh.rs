@@ -800,6 +800,17 @@ print(server.server_address[1], flush=True)
 server.serve_forever()
 "#;
 
+/// Service `db` at `address` (port 7000), its instance an echo backend on
+/// node B's loopback, once node A reaches it.
+async fn db_on_b(a: &Node, b: &Node, store: &mut etcd_client::Client, address: &str) -> EchoBackend {
+    let backend = EchoBackend::start(b, "db-on-b");
+    register_on_b(b, store, "db", address, "{port: 7000}", &[("b1", backend.port)]).await;
+    eventually("node A to reach db on node B", || {
+        (connect_from(a, address, 7000, 1) == ["db-on-b"]).then_some(())
+    });
+    backend
+}
+
 /// A client in a node that holds one connection to `host:port` open for
 /// 2 s (twice node A's idle timeout in the test below), opens a second one
 /// then, and checks an echo on both; prints both ids.
@@ -821,33 +832,14 @@ print(first if echoes(held, held_f) else "-", second if echoes(other, other_f) e
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_peer_connection_idle_past_its_timeout_is_closed_and_a_busy_one_is_kept() {
-    let TwoNodes {
-        net,
-        etcd: _etcd,
-        mut store,
-        dir: _dir,
-        certs: _,
-        agent_a,
-        agent_b,
-    } = TwoNodes::start_with("idle_timeout: 1s, ").await;
-    let (a, b) = (&net.nodes[0], &net.nodes[1]);
-    let backend = EchoBackend::start(b, "db-on-b");
-    register_on_b(
-        b,
-        &mut store,
-        "db",
-        "127.100.9.11",
-        "{port: 7000}",
-        &[("b1", backend.port)],
-    )
-    .await;
-    eventually("node A to reach db on node B", || {
-        (connect_from(a, "127.100.9.11", 7000, 1) == ["db-on-b"]).then_some(())
-    });
+    let mut nodes = TwoNodes::start_with("idle_timeout: 1s, ").await;
+    let (a, b) = (&nodes.net.nodes[0], &nodes.net.nodes[1]);
+    let _backend = db_on_b(a, b, &mut nodes.store, "127.100.9.11").await;
+    let agent_b = &nodes.agent_b;
     let inbound = |agent: &Loopmesh| {
         metric_value(&metrics(b, agent), "loopmesh_mesh_inbound_connections_total").unwrap_or(0.0)
     };
-    let before = inbound(&agent_b);
+    let before = inbound(agent_b);
     // A stream held open past the idle timeout keeps its connection: a
     // second stream opened then rides the same one.
     let both = a
@@ -855,7 +847,7 @@ async fn a_peer_connection_idle_past_its_timeout_is_closed_and_a_busy_one_is_kep
         .unwrap();
     assert_eq!(both.trim(), "db-on-b db-on-b");
     assert_eq!(
-        inbound(&agent_b),
+        inbound(agent_b),
         before,
         "no new TLS connection while a stream was open"
     );
@@ -867,9 +859,8 @@ async fn a_peer_connection_idle_past_its_timeout_is_closed_and_a_busy_one_is_kep
             .filter(|sockets| sockets.trim().is_empty())
     });
     assert_eq!(connect_from(a, "127.100.9.11", 7000, 1), ["db-on-b"]);
-    assert_eq!(inbound(&agent_b), before + 1.0);
-    agent_a.stop();
-    drop(agent_b);
+    assert_eq!(inbound(agent_b), before + 1.0);
+    nodes.agent_a.stop();
 }
 
 /// A client in a node that opens `count` connections to `host:port`, all
@@ -893,31 +884,12 @@ print(ok)
 
 #[tokio::test(flavor = "multi_thread")]
 async fn streams_past_a_connections_limit_go_on_a_second_connection() {
-    let TwoNodes {
-        net,
-        etcd: _etcd,
-        mut store,
-        dir: _dir,
-        certs: _,
-        agent_a,
-        agent_b,
-    } = TwoNodes::start_with("max_streams_per_connection: 300, ").await;
-    let (a, b) = (&net.nodes[0], &net.nodes[1]);
-    let backend = EchoBackend::start(b, "db-on-b");
-    register_on_b(
-        b,
-        &mut store,
-        "db",
-        "127.100.9.12",
-        "{port: 7000}",
-        &[("b1", backend.port)],
-    )
-    .await;
-    eventually("node A to reach db on node B", || {
-        (connect_from(a, "127.100.9.12", 7000, 1) == ["db-on-b"]).then_some(())
-    });
+    let mut nodes = TwoNodes::start_with("max_streams_per_connection: 300, ").await;
+    let (a, b) = (&nodes.net.nodes[0], &nodes.net.nodes[1]);
+    let _backend = db_on_b(a, b, &mut nodes.store, "127.100.9.12").await;
+    let agent_b = &nodes.agent_b;
     let inbound =
-        || metric_value(&metrics(b, &agent_b), "loopmesh_mesh_inbound_connections_total").unwrap_or(0.0);
+        || metric_value(&metrics(b, agent_b), "loopmesh_mesh_inbound_connections_total").unwrap_or(0.0);
     let before = inbound();
     // 450 at once: 300 on the first connection (more than the 200 streams
     // hyper's server takes by default), the rest on a second one.
@@ -930,8 +902,7 @@ async fn streams_past_a_connections_limit_go_on_a_second_connection() {
         before + 1.0,
         "one more TLS connection for the streams past 300"
     );
-    agent_a.stop();
-    drop(agent_b);
+    nodes.agent_a.stop();
 }
 
 fn http_backend(node: &Node, id: &str) -> EchoBackend {
