@@ -18,7 +18,8 @@ direct is left out of that figure (and said so).
 Measured per round and target:
   rps   HTTP/1.1 keep-alive, wrk -t1 -c50: req/s, p99, and requests per
         CPU-second of the proxy process(es) (utime+stime from
-        /proc/<pid>/stat before and after the run)
+        /proc/<pid>/stat before and after the run), and that CPU per
+        request split into user and kernel time
   c1    wrk -t1 -c1: p50/p99; the added latency is p50 minus direct's
   h2    h2load -c10 -m10 -t1 (HTTP/2 prior knowledge, h2c): req/s and
         requests per CPU-second; the proxies speak HTTP/1.1 to the backend
@@ -636,15 +637,21 @@ def main():
 def run_h1_section(h1, pids, rate, record):
     for name in h1:
         if "rps" in ONLY:
-            before = cpu_seconds(pids[name])
+            before = cpu_ticks(pids[name])
             r = wrk(h1[name], 50, SECONDS)
-            cpu = cpu_seconds(pids[name]) - before
+            after = cpu_ticks(pids[name])
+            user, system = ((after[i] - before[i]) / TICKS for i in (0, 1))
+            cpu = user + system
             record(name, "rps50", r["rps"])
             record(name, "p99_50", r["p99"])
             record(name, "errors", r["errors"])
             if pids[name]:
                 record(name, "cpu50", cpu / SECONDS)
                 record(name, "req_per_cpu_s", r["requests"] / cpu if cpu > 0 else float("nan"))
+                # Where a request's CPU goes: user space against the kernel
+                # (the four syscalls of a proxied request cost the same to all).
+                record(name, "user_us", 1e6 * user / r["requests"] if r["requests"] else float("nan"))
+                record(name, "kernel_us", 1e6 * system / r["requests"] if r["requests"] else float("nan"))
                 record(name, "rss_loaded", rss_mib(pids[name]))
         if "c1" in ONLY:
             r1 = wrk(h1[name], 1, max(4, SECONDS // 2))
@@ -789,6 +796,8 @@ def report(results, idle_rss, reloads, metrics, rate, load_before, load_after, n
                 f"| {fmt(idle_rss.get(name, float('nan')), '.1f')} / {fmt(med(name, 'rss_loaded'), '.1f')} "
                 f"| {sum(results[name].get('errors', []))} |"
             )
+        print("\nCPU per request at c=50, user / kernel µs (median): " + "; ".join(
+            f"{n} {fmt(med(n, 'user_us'), '.1f')} / {fmt(med(n, 'kernel_us'), '.1f')}" for n in h1names if results[n].get("user_us")))
         print("\nc=1 per round, p50 ms: " + "; ".join(f"{n} {', '.join(f'{x:.3f}' for x in results[n].get('p50_1', []))}" for n in h1names))
     if results["direct"].get("open_p99"):
         print(f"\nOpen loop at {rate} req/s (oha -c50 -q {rate} --latency-correction)\n")
