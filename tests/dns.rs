@@ -232,7 +232,7 @@ async fn every_record_type_over_udp_and_tcp_and_answers_follow_etcd() {
         .await
         .unwrap();
     etcd_client
-        .put("/loopmesh/services/api", "port: 9090", None)
+        .put("/loopmesh/services/api", "port: 7090", None)
         .await
         .unwrap();
     wait_for_a(dns, "api.mesh.internal.", &[Ipv4Addr::new(127, 100, 42, 2)]).await;
