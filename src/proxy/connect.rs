@@ -45,7 +45,7 @@ pub enum Upstream {
 /// counted in the backend's stats.
 pub(super) async fn dial(state: &ServiceState, backend: &Backend) -> io::Result<Upstream> {
     let dialed = dial_uncounted(state, backend).await;
-    let stats = &backend.stats;
+    let stats = backend.stats.traffic();
     match &dialed {
         Ok(_) => stats.connections.increment(1),
         Err(err) => {

@@ -6,7 +6,7 @@
 //! bind), all at once, at zero; its backends from when they are compiled
 //! (at that first connection too).
 
-use super::balance::{BackendStats, CONNECT_FAILURES};
+use super::balance::{BackendTraffic, CONNECT_FAILURES};
 use super::service::ServiceMetrics;
 use super::view::Scraped;
 use crate::catalog::Protocol;
@@ -107,14 +107,14 @@ fn render_backends(out: &mut Exposition<'_>, services: &[Scraped]) {
                 .map(move |backend| (s.name.as_str(), s.protocol, &*backend.id, &*backend.stats))
         })
     };
-    let counters: [Counted<BackendStats>; 2] = [
+    let counters: [Counted<BackendTraffic>; 2] = [
         (&f::BACKEND_CONNECTIONS_TOTAL, |s| &s.connections),
         (&f::BACKEND_EJECTIONS_TOTAL, |s| &s.ejected),
     ];
     for (family, counter) in counters {
         let mut family = out.family(family);
         for (service, _, id, stats) in backends() {
-            family.value(&[service, id], counter(stats).get());
+            family.value(&[service, id], counter(stats.traffic_now()).get());
         }
     }
     let mut family = out.family(&f::BACKEND_ACTIVE);
@@ -124,20 +124,21 @@ fn render_backends(out: &mut Exposition<'_>, services: &[Scraped]) {
     let mut family = out.family(&f::BACKEND_BYTES_TOTAL);
     for (service, protocol, id, stats) in backends() {
         if protocol == Protocol::Tcp {
-            family.value(&[service, id, "to_backend"], stats.bytes_to_backend.get());
-            family.value(&[service, id, "to_client"], stats.bytes_to_client.get());
+            let traffic = stats.traffic_now();
+            family.value(&[service, id, "to_backend"], traffic.bytes_to_backend.get());
+            family.value(&[service, id, "to_client"], traffic.bytes_to_client.get());
         }
     }
     let mut family = out.family(&f::BACKEND_CONNECT_ERRORS_TOTAL);
     for (service, _, id, stats) in backends() {
-        for (kind, counter) in CONNECT_FAILURES.iter().zip(&stats.connect_errors) {
+        for (kind, counter) in CONNECT_FAILURES.iter().zip(&stats.traffic_now().connect_errors) {
             family.value(&[service, id, kind], counter.get());
         }
     }
     let mut family = out.family(&f::BACKEND_REQUESTS_TOTAL);
     for (service, protocol, id, stats) in backends() {
         if protocol == Protocol::Http {
-            family.value(&[service, id], stats.requests.get());
+            family.value(&[service, id], stats.traffic_now().requests.get());
         }
     }
 }

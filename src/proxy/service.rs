@@ -106,6 +106,7 @@ impl ServiceMetrics {
     pub fn bytes(&self, backend: &BackendStats, to_backend: u64, to_client: u64) {
         self.bytes_to_backend.increment(to_backend);
         self.bytes_to_client.increment(to_client);
+        let backend = backend.traffic();
         backend.bytes_to_backend.increment(to_backend);
         backend.bytes_to_client.increment(to_client);
     }

@@ -25,13 +25,33 @@ pub fn now_nanos() -> u64 {
 /// What a failed connect to a backend is counted as, by kind.
 pub const CONNECT_FAILURES: [&str; 6] = ["refused", "reset", "timeout", "denied", "unreachable", "other"];
 
-/// Live counters of one backend, kept across reloads; the balancer's, and
-/// those `/metrics` and `/routes` show (read when asked, so the data path
-/// pays an atomic add per event, nothing per byte).
+/// Live counters of one backend, kept across reloads: the balancer's, and
+/// its traffic, which `/metrics` and `/routes` show.
 #[derive(Debug, Default)]
 pub struct BackendStats {
     /// Connections open to it now (TCP), or requests in flight (HTTP).
     pub active: AtomicU64,
+    /// Its traffic counters, allocated at its first use: every node's table
+    /// holds every backend of the fleet (a million at 100k), most never used
+    /// here, and each would otherwise carry them (the memory target of
+    /// 10k services x 10 backends has no room for 9 MB of zeros).
+    traffic: OnceLock<Box<BackendTraffic>>,
+    /// Peak-EWMA of connect latency, in nanoseconds (0: no sample yet).
+    ewma_nanos: AtomicU64,
+    ewma_stamp: AtomicU64,
+    consecutive_failures: AtomicU32,
+    /// Ejected until this `now_nanos()` instant (0: not ejected).
+    ejected_until: AtomicU64,
+    /// Ejections in a row; sets the next ejection's length.
+    ejections: AtomicU32,
+    /// Upstream HTTP connections to it (unused by TCP services).
+    pub pool: Arc<crate::proxy::http::pool::Pool>,
+}
+
+/// What went to and from one backend (read when asked, so the data path
+/// pays an atomic add per event, nothing per byte).
+#[derive(Debug, Default)]
+pub struct BackendTraffic {
     /// Connections made to it: per client connection (TCP), or upstream
     /// connections opened (HTTP).
     pub connections: Counter,
@@ -45,17 +65,11 @@ pub struct BackendStats {
     pub requests: Counter,
     /// Times it was ejected.
     pub ejected: Counter,
-    /// Peak-EWMA of connect latency, in nanoseconds (0: no sample yet).
-    ewma_nanos: AtomicU64,
-    ewma_stamp: AtomicU64,
-    consecutive_failures: AtomicU32,
-    /// Ejected until this `now_nanos()` instant (0: not ejected).
-    ejected_until: AtomicU64,
-    /// Ejections in a row; sets the next ejection's length.
-    ejections: AtomicU32,
-    /// Upstream HTTP connections to it (unused by TCP services).
-    pub pool: Arc<crate::proxy::http::pool::Pool>,
 }
+
+/// The counters of a backend not used yet: all zero.
+static UNUSED_TRAFFIC: std::sync::LazyLock<BackendTraffic> =
+    std::sync::LazyLock::new(BackendTraffic::default);
 
 /// Decay time of the latency EWMA.
 const EWMA_DECAY: Duration = Duration::from_secs(10);
@@ -100,8 +114,18 @@ impl BackendStats {
         Some(length)
     }
 
+    /// Its traffic counters, to count with (allocated now if need be).
+    pub fn traffic(&self) -> &BackendTraffic {
+        self.traffic.get_or_init(Box::default)
+    }
+
+    /// Its traffic counters as they are, to read (zeros if never used).
+    pub fn traffic_now(&self) -> &BackendTraffic {
+        self.traffic.get().map_or(&UNUSED_TRAFFIC, |t| t)
+    }
+
     fn eject(&self, length: Duration) {
-        self.ejected.increment(1);
+        self.traffic().ejected.increment(1);
         self.consecutive_failures.store(0, Ordering::Relaxed);
         self.ejections.fetch_add(1, Ordering::Relaxed);
         self.ejected_until

@@ -629,7 +629,7 @@ async fn handle(mut request: Request<Incoming>, client: &Client) -> Response<Res
         }
         let backend = &backends.backends()[index];
         backend.stats.active.fetch_add(1, Ordering::Relaxed);
-        backend.stats.requests.increment(1);
+        backend.stats.traffic().requests.increment(1);
         let on_backend = OnBackend(backend.stats.clone());
         let sent_at = Instant::now();
         let outcome = attempt(
