@@ -13,6 +13,7 @@ one first.
 
 import ctypes
 import importlib
+import json
 import os
 import re
 import signal
@@ -199,6 +200,19 @@ def write_atomically(path, text):
     with open(staged, "w") as f:
         f.write(text)
     os.rename(staged, path)
+
+
+def write_tcp_route(routes, name, addr, port, backend):
+    """A loopmesh route file for static mode (in the `routes` dir): TCP
+    service `name` on addr:port (connect timeout 1 s, idle 600 s, one retry)
+    to one backend `b1`, `backend` being its JSON object (host, port, ...)."""
+    route = {
+        "service": name, "address": addr,
+        "spec": {"port": port, "connect_timeout": "1s", "idle_timeout": "600s", "retries": 1},
+        "backends": {"b1": backend},
+    }
+    with open(os.path.join(routes, f"{name}.json"), "w") as f:
+        json.dump(route, f)
 
 
 # ---------------------------------------------------------------- wrk

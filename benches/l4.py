@@ -18,6 +18,11 @@ share cpu1. LOOPMESH_BENCH_KERNEL=1 runs loopmesh with
 proxy.kernel_forwarding (needs root).
 """
 
+# First: benchlib loads the standard library's `http`, which benches/http.py
+# (on this script's path) is named like.
+from benchlib import (PIN, children, cpu_seconds, free_port, parse_wrk, pinned, rss_mib, stop_procs, wait_port,
+                      write_atomically, write_tcp_route)
+
 import json
 import os
 import shutil
@@ -27,11 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-
-# First: it loads the standard library's `http`, which benches/http.py shadows.
-from benchlib import PIN, children, cpu_seconds, free_port, parse_wrk, pinned, rss_mib, stop_procs, wait_port, write_atomically
-
-import urllib.request  # noqa: E402
+import urllib.request
 
 ROUNDS = int(os.environ.get("LOOPMESH_BENCH_ROUNDS", "3"))
 SECONDS = int(os.environ.get("LOOPMESH_BENCH_SECONDS", "8"))
@@ -58,13 +59,7 @@ def idle_addrs(target):
 
 def write_route(routes, name, addr, port, backend_port):
     """A loopmesh route file: `name` on addr:port to one backend on 127.0.0.1."""
-    route = {
-        "service": name, "address": addr,
-        "spec": {"port": port, "connect_timeout": "1s", "idle_timeout": "600s", "retries": 1},
-        "backends": {"b1": {"host": "127.0.0.1", "port": backend_port}},
-    }
-    with open(os.path.join(routes, f"{name}.json"), "w") as f:
-        json.dump(route, f)
+    write_tcp_route(routes, name, addr, port, {"host": "127.0.0.1", "port": backend_port})
 
 
 def write_agent_config(path, workers, kernel=False, max_open=None):
