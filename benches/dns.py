@@ -30,37 +30,19 @@ import sys
 import tempfile
 import time
 
+from benchlib import PIN, pid_cpu_seconds, pid_rss_mib, pinned
+
 BIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "release", "loopmesh")
 ROUNDS = int(os.environ.get("LOOPMESH_BENCH_ROUNDS", "3"))
 SECONDS = int(os.environ.get("LOOPMESH_BENCH_SECONDS", "8"))
 NAMES = [int(n) for n in os.environ.get("LOOPMESH_BENCH_NAMES", "100,10000").split(",")]
 RATE = int(os.environ.get("LOOPMESH_BENCH_RATE", "20000"))
-PIN = bool(os.environ.get("LOOPMESH_BENCH_PIN"))
 PORT = 5353
 ADDRS = {"loopmesh": "127.211.0.1", "dnsmasq": "127.211.0.2", "unbound": "127.211.0.3"}
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def pinned(cmd, cpu):
-    return ["taskset", "-c", str(cpu), *cmd] if PIN else cmd
 
 
 def address(i):
     return f"127.100.{i // 250}.{i % 250 + 1}"
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def dnsperf(addr, queries, extra):
@@ -157,7 +139,7 @@ def measure(names):
 
     try:
         for name, proc in servers.procs.items():
-            record(name, "rss_idle", rss_mib(proc.pid))
+            record(name, "rss_idle", pid_rss_mib(proc.pid))
         # Warm-up, not recorded: lets every server (and unbound's start-up
         # work on the same CPU) settle before the first measured round.
         for addr in ADDRS.values():
@@ -165,9 +147,9 @@ def measure(names):
         for rnd in range(ROUNDS):
             for name, addr in ADDRS.items():
                 pid = servers.procs[name].pid
-                before = cpu_seconds(pid)
+                before = pid_cpu_seconds(pid)
                 out = dnsperf(addr, servers.queries, ["-l", str(SECONDS), "-q", "100", "-c", "4"])
-                cpu = cpu_seconds(pid) - before
+                cpu = pid_cpu_seconds(pid) - before
                 qps = float(re.search(r"Queries per second:\s+([\d.]+)", out).group(1))
                 done = int(re.search(r"Queries completed:\s+(\d+)", out).group(1))
                 record(name, "qps", qps)
@@ -181,7 +163,7 @@ def measure(names):
                 if latencies:
                     record(name, "p50", latencies[len(latencies) // 2] * 1e3)
                     record(name, "p99", latencies[int(len(latencies) * 0.99)] * 1e3)
-                record(name, "rss_loaded", rss_mib(pid))
+                record(name, "rss_loaded", pid_rss_mib(pid))
             print(f"{names} names: round {rnd + 1}/{ROUNDS} done", file=sys.stderr)
     finally:
         servers.stop()

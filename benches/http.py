@@ -71,7 +71,6 @@ import json  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -80,13 +79,21 @@ import time  # noqa: E402
 import http.client  # noqa: E402
 import urllib.request  # noqa: E402
 
+# The shared helpers (benches/benchlib.py): this directory on the path just
+# for that import, after `http` and `urllib` are the standard library's.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import (  # noqa: E402
+    PIN, TICKS, children, cpu_seconds, cpu_ticks, free_port, parse_wrk as _parse_wrk, pinned, rss_mib, stop_procs, wait_port,
+    write_atomically,
+)
+del sys.path[0]
+
 ROUNDS = int(os.environ.get("LOOPMESH_BENCH_ROUNDS", "3"))
 # A section run while other processes took more than this share of the
 # machine is left out and run again, up to MAX_ROUNDS rounds in all.
 MAX_FOREIGN = float(os.environ.get("LOOPMESH_BENCH_MAX_FOREIGN", "0.05"))
 MAX_ROUNDS = int(os.environ.get("LOOPMESH_BENCH_MAX_ROUNDS", str(2 * ROUNDS)))
 SECONDS = int(os.environ.get("LOOPMESH_BENCH_SECONDS", "8"))
-PIN = bool(os.environ.get("LOOPMESH_BENCH_PIN"))
 ONLY = set(filter(None, os.environ.get("LOOPMESH_BENCH_ONLY", "rps,c1,h2,open,reload").split(",")))
 RATE = int(os.environ.get("LOOPMESH_BENCH_RATE", "0"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,7 +102,6 @@ BIN = os.environ.get("LOOPMESH_BENCH_BIN", os.path.join(_target_dir, "release", 
 OHA = os.environ.get("LOOPMESH_BENCH_OHA") or shutil.which("oha") or os.path.expanduser("~/.cargo/bin/oha")
 # An experiment: another malloc for loopmesh alone, e.g. /usr/lib/x86_64-linux-gnu/libjemalloc.so.2.
 PRELOAD = os.environ.get("LOOPMESH_BENCH_LD_PRELOAD", "")
-TICKS = os.sysconf("SC_CLK_TCK")
 
 # Each proxy listens on its own loopback address; the backend on 127.0.0.1.
 ADDRS = {"loopmesh": "127.100.250.10", "haproxy": "127.100.250.11", "nginx": "127.100.250.12"}
@@ -103,71 +109,6 @@ H1_PORT = 8080  # HTTP/1.1 (loopmesh: HTTP/1.1 and HTTP/2, detected per connecti
 H2_PORT = 8081  # HTTP/2 prior knowledge (HAProxy `proto h2`, nginx `http2`); loopmesh: same service as 8080
 H2UP_PORT = 8082  # HTTP/2 to the proxy and from the proxy to the backend (loopmesh, HAProxy)
 SPLIT_PORT = 8090  # the service whose split changes 10 times a second
-
-
-def free_port(host="127.0.0.1"):
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def pinned(cmd, cpu):
-    return (["taskset", "-c", str(cpu)] + cmd) if PIN else cmd
-
-
-def wait_port(host, port, timeout=20.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"{host}:{port} never accepted")
-
-
-def cpu_ticks(pids):
-    """(user, system) clock ticks of `pids` (a gone process counts nothing)."""
-    user = system = 0
-    for pid in pids:
-        try:
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-            user += int(fields[11])
-            system += int(fields[12])
-        except OSError:
-            pass
-    return user, system
-
-
-def cpu_seconds(pids):
-    return sum(cpu_ticks(pids)) / TICKS
-
-
-def rss_mib(pids):
-    total = 0.0
-    for pid in pids:
-        try:
-            for line in open(f"/proc/{pid}/status"):
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
-        except OSError:
-            pass
-    return total
-
-
-def children(pid):
-    try:
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
-    except OSError:
-        return []
-
-
-def write_atomically(path, text):
-    staged = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    with open(staged, "w") as f:
-        f.write(text)
-    os.rename(staged, path)
 
 
 def write_route(routes, name, addr, port, backends, http=None):
@@ -353,13 +294,7 @@ http {{
         return [proc.pid] + children(proc.pid)
 
     def stop(self):
-        for proc in self.procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_procs(self.procs)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -439,28 +374,8 @@ class NoiseMonitor:
 
 
 def parse_wrk(out):
-    def pct(p):
-        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
-        if not m:
-            return float("nan")
-        value, unit = float(m.group(1)), m.group(2)
-        return value * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
-
-    socket_errors = 0
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if m:
-        socket_errors = sum(int(x) for x in m.groups())
-    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    non2xx = int(m.group(1)) if m else 0
-    return {
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "p50": pct(50),
-        "p99": pct(99),
-        "socket_errors": socket_errors,
-        "non2xx": non2xx,
-        "errors": socket_errors + non2xx,
-        "requests": int(re.search(r"(\d+) requests in", out).group(1)),
-    }
+    """wrk's figures; a percentile wrk did not print is NaN."""
+    return _parse_wrk(out, missing_percentile_nan=True)
 
 
 def wrk(url, conns, seconds):

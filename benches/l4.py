@@ -18,12 +18,15 @@ share cpu1. LOOPMESH_BENCH_KERNEL=1 runs loopmesh with
 proxy.kernel_forwarding (needs root).
 """
 
+# First: benchlib loads the standard library's `http`, which benches/http.py
+# (on this script's path) is named like.
+from benchlib import (PIN, children, cpu_seconds, free_port, parse_wrk, pinned, rss_mib, stop_procs, wait_port,
+                      write_atomically, write_tcp_route)
+
 import json
 import os
-import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,7 +36,6 @@ import urllib.request
 
 ROUNDS = int(os.environ.get("LOOPMESH_BENCH_ROUNDS", "3"))
 SECONDS = int(os.environ.get("LOOPMESH_BENCH_SECONDS", "8"))
-PIN = bool(os.environ.get("LOOPMESH_BENCH_PIN"))
 WORKERS = int(os.environ.get("LOOPMESH_BENCH_WORKERS", "1"))
 KERNEL = bool(os.environ.get("LOOPMESH_BENCH_KERNEL"))
 # A subset for quick iterations: any of rps,c1,churn,bulk,reload (default all).
@@ -41,7 +43,6 @@ ONLY = set(filter(None, os.environ.get("LOOPMESH_BENCH_ONLY", "rps,c1,churn,bulk
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Another build to compare, e.g. the previous commit's (default: this tree's release build).
 BIN = os.environ.get("LOOPMESH_BENCH_BIN", os.path.join(ROOT, "target", "release", "loopmesh"))
-TICKS = os.sysconf("SC_CLK_TCK")
 
 # Each target listens on its own loopback address; backends on 127.0.0.1.
 ADDRS = {"loopmesh": "127.100.250.10", "haproxy": "127.100.250.11", "nginx": "127.100.250.12"}
@@ -56,62 +57,9 @@ def idle_addrs(target):
     return [f"127.{net}.{i // 250}.{i % 250 + 1}" for i in range(IDLE_SERVICES)]
 
 
-def free_port(host="127.0.0.1"):
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def pinned(cmd, cpu):
-    return (["taskset", "-c", str(cpu)] + cmd) if PIN else cmd
-
-
-def wait_port(host, port, timeout=20.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"{host}:{port} never accepted")
-
-
-def cpu_ticks(pids):
-    """(user, system) clock ticks of `pids` (a gone process counts nothing)."""
-    user = system = 0
-    for pid in pids:
-        try:
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-            user += int(fields[11])
-            system += int(fields[12])
-        except OSError:
-            pass
-    return user, system
-
-
-def machine_busy_ticks():
-    """Clock ticks all CPUs spent busy (not idle or waiting on I/O): the
-    whole cost of a request, the load generator, backend, proxy and the
-    kernel's own threads (where forwarding in the kernel runs) together."""
-    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
-    idle, iowait = fields[3], fields[4]
-    return sum(fields[:8]) - idle - iowait
-
-
-def cpu_seconds(pids):
-    return sum(cpu_ticks(pids)) / TICKS
-
-
 def write_route(routes, name, addr, port, backend_port):
     """A loopmesh route file: `name` on addr:port to one backend on 127.0.0.1."""
-    route = {
-        "service": name, "address": addr,
-        "spec": {"port": port, "connect_timeout": "1s", "idle_timeout": "600s", "retries": 1},
-        "backends": {"b1": {"host": "127.0.0.1", "port": backend_port}},
-    }
-    with open(os.path.join(routes, f"{name}.json"), "w") as f:
-        json.dump(route, f)
+    write_tcp_route(routes, name, addr, port, {"host": "127.0.0.1", "port": backend_port})
 
 
 def write_agent_config(path, workers, kernel=False, max_open=None):
@@ -121,26 +69,6 @@ def write_agent_config(path, workers, kernel=False, max_open=None):
         settings += f", kernel_forwarding_max_open: {max_open}"
     with open(path, "w") as f:
         f.write(f"proxy: {{{settings}}}\n")
-
-
-def rss_mib(pids):
-    total = 0.0
-    for pid in pids:
-        try:
-            for line in open(f"/proc/{pid}/status"):
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
-        except OSError:
-            pass
-    return total
-
-
-def children(pid):
-    try:
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
-    except OSError:
-        return []
 
 
 class Setup:
@@ -250,35 +178,15 @@ stream {{
         return [proc.pid] + children(proc.pid)
 
     def stop(self):
-        for proc in self.procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_procs(self.procs)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def wrk(url, conns, seconds, extra=()):
     cmd = pinned(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", *extra, url], 0)
     out = subprocess.run(cmd, capture_output=True, text=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-
-    def pct(p):
-        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
-        value, unit = float(m.group(1)), m.group(2)
-        return value * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
-
-    errors = 0
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if m:
-        errors += sum(int(x) for x in m.groups())
-    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if m:
-        errors += int(m.group(1))
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    return {"rps": rps, "p50": pct(50), "p99": pct(99), "errors": errors, "requests": total}
+    r = parse_wrk(out)
+    return {key: r[key] for key in ("rps", "p50", "p99", "errors", "requests")}
 
 
 def iperf(host, port, seconds, streams):
@@ -401,10 +309,7 @@ def reload_under_load(setup, name, target, extra):
                 "b1": {"host": "127.0.0.1", "port": setup.http_port, "weight": 1 + n % 7},
                 **({"b2": {"host": "127.0.0.1", "port": setup.http_port}} if n % 2 else {}),
             }
-            staged = os.path.join(setup.routes, ".bench-http.json.tmp")
-            with open(staged, "w") as f:
-                json.dump(route, f)
-            os.rename(staged, path)
+            write_atomically(path, json.dumps(route))
         elif name == "haproxy":
             setup.write_haproxy(weight=1 + n % 7)
             os.kill(setup.haproxy_master, signal.SIGUSR2)
@@ -413,14 +318,9 @@ def reload_under_load(setup, name, target, extra):
             os.kill(setup.nginx_master, signal.SIGHUP)
         time.sleep(0.1)
     out = wrk_proc.communicate()[0]
-    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {
-        "requests": int(re.search(r"(\d+) requests in", out).group(1)),
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "socket_errors": sum(int(x) for x in errors.groups()) if errors else 0,
-        "non2xx": int(non2xx.group(1)) if non2xx else 0,
-    }
+    # Without --latency: no percentiles.
+    r = parse_wrk(out, missing_percentile_nan=True)
+    return {key: r[key] for key in ("requests", "rps", "socket_errors", "non2xx")}
 
 
 if __name__ == "__main__":

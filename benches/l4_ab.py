@@ -28,7 +28,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import l4  # noqa: E402  (the setup, wrk and /proc helpers)
+import l4  # noqa: E402  (the setup, wrk, route and agent config)
+from benchlib import PIN, TICKS, cpu_ticks, machine_busy_ticks, wait_port  # noqa: E402
 
 ROUNDS = int(os.environ.get("LOOPMESH_AB_ROUNDS", "7"))
 SECONDS = int(os.environ.get("LOOPMESH_AB_SECONDS", "4"))
@@ -64,7 +65,7 @@ def start_variant(setup, index, spec):
     cmd = [binary, "agent", "--config", config, "--static", "--state-dir", os.path.join(home, "state"),
            "--admin-listen", f"{addr}:9901", "--dns-listen", f"{addr}:5353"]
     proc = setup.spawn(cmd, 1, env=env)
-    l4.wait_port(addr, 8080)
+    wait_port(addr, 8080)
     return name, (f"{addr}:8080", [proc.pid])
 
 
@@ -75,7 +76,7 @@ def start_floor(setup):
     subprocess.run(["gcc", "-O2", "-pthread", "-o", binary, source], check=True)
     addr = "127.100.252.99"
     proc = setup.spawn([binary, addr, "8080", "127.0.0.1", str(setup.http_port)], 1)
-    l4.wait_port(addr, 8080)
+    wait_port(addr, 8080)
     return f"{addr}:8080", [proc.pid]
 
 
@@ -97,20 +98,20 @@ def main():
         results = {name: {"rps": [], "per_cpu": [], "user": [], "p50": [], "machine": []} for name in targets}
         for rnd in range(ROUNDS):
             for name, (addr, pids) in targets.items():
-                before, busy = l4.cpu_ticks(pids), l4.machine_busy_ticks()
+                before, busy = cpu_ticks(pids), machine_busy_ticks()
                 run = l4.wrk(f"http://{addr}/", CONNS, SECONDS, EXTRA)
-                busy = l4.machine_busy_ticks() - busy
-                user, system = (a - b for a, b in zip(l4.cpu_ticks(pids), before))
+                busy = machine_busy_ticks() - busy
+                user, system = (a - b for a, b in zip(cpu_ticks(pids), before))
                 result = results[name]
                 result["rps"].append(run["rps"])
                 result["p50"].append(run["p50"])
-                result["machine"].append(busy / l4.TICKS / max(run["requests"], 1) * 1e6)
+                result["machine"].append(busy / TICKS / max(run["requests"], 1) * 1e6)
                 # A proxy forwarding in the kernel spends next to nothing itself.
                 if pids and user + system >= 10:
-                    result["per_cpu"].append(run["requests"] / max((user + system) / l4.TICKS, 1e-9))
+                    result["per_cpu"].append(run["requests"] / max((user + system) / TICKS, 1e-9))
                     result["user"].append(user / max(user + system, 1))
             print(f"round {rnd + 1}/{ROUNDS} done", file=sys.stderr)
-        layout = "wrk + backend on cpu0, proxies on cpu1" if l4.PIN else "unpinned"
+        layout = "wrk + backend on cpu0, proxies on cpu1" if PIN else "unpinned"
         print(f"\n{ROUNDS} interleaved rounds of {SECONDS}s, c={CONNS}{' (close)' if EXTRA else ''}, {layout}\n")
         print("| target | req/s | ×HAProxy | req per CPU-s | ×HAProxy | user share | machine CPU µs/req | p50 ms | added p50 µs |")
         print("|---|---|---|---|---|---|---|---|---|")

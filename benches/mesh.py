@@ -54,7 +54,6 @@ out of the medians (the raw output keeps every round).
 
 import json
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -63,15 +62,15 @@ import sys
 import tempfile
 import time
 
+from benchlib import PIN, cpu_seconds, parse_wrk, rss_mib, stop_procs, write_tcp_route
+
 ROUNDS = int(os.environ.get("LOOPMESH_BENCH_ROUNDS", "3"))
 SECONDS = int(os.environ.get("LOOPMESH_BENCH_SECONDS", "8"))
-PIN = bool(os.environ.get("LOOPMESH_BENCH_PIN"))
 ONLY = set(filter(None, os.environ.get("LOOPMESH_BENCH_ONLY", "rps,c1,churn,bulk").split(",")))
 PERF_DIR = os.environ.get("LOOPMESH_BENCH_PERF")
 OUT = os.environ.get("LOOPMESH_BENCH_OUT")  # a file for the raw per-round results (JSON)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("LOOPMESH_BENCH_BIN", os.path.join(ROOT, "target", "release", "loopmesh"))
-TICKS = os.sysconf("SC_CLK_TCK")
 OTHER_BENCHES = r"benches/(http|l4|scale|restart|dns)\.py"
 
 TARGETS = ["direct", "loopmesh-plain", "loopmesh-mtls", "haproxy-mtls", "stunnel-mtls"]
@@ -116,35 +115,6 @@ def wait_for_other_benchmarks():
 
 def uptime():
     return run(["uptime"]).strip()
-
-
-def cpu_seconds(pids):
-    """CPU (user + system) of `pids`, all their threads, in seconds."""
-    ticks = 0
-    for pid in pids:
-        try:
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])
-        except OSError:
-            pass
-    return ticks / TICKS
-
-
-def rss_mib(pids):
-    total = 0.0
-    for pid in pids:
-        try:
-            for line in open(f"/proc/{pid}/status"):
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
-        except OSError:
-            pass
-    return total
-
-
-def children(pid):
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
 
 
 class Net:
@@ -259,15 +229,6 @@ http {{ access_log off; keepalive_requests 1000000;
             self.wait_port("b", host, HTTP_PORT)
             self.wait_port("b", host, IPERF_PORT)
 
-    def route(self, routes, name, addr, port, backend):
-        route = {
-            "service": name, "address": addr,
-            "spec": {"port": port, "connect_timeout": "1s", "idle_timeout": "600s", "retries": 1},
-            "backends": {"b1": backend},
-        }
-        with open(os.path.join(routes, f"{name}.json"), "w") as f:
-            json.dump(route, f)
-
     def start_loopmesh(self):
         b = self.net.ip["b"]
         mesh_at = f"{b}:{MESH_PORT}"
@@ -280,15 +241,15 @@ http {{ access_log off; keepalive_requests 1000000;
             # B's inbound listener admits only instances of services it
             # knows that are its own.
             addr = FRONT["loopmesh-mtls"]
-            self.route(routes, "bench-http", addr, SVC_HTTP,
-                       {"host": "127.0.0.1", "port": HTTP_PORT, "node": "node-b", "mesh": mesh_at})
-            self.route(routes, "bench-iperf", addr, SVC_IPERF,
-                       {"host": "127.0.0.1", "port": IPERF_PORT, "node": "node-b", "mesh": mesh_at})
+            write_tcp_route(routes, "bench-http", addr, SVC_HTTP,
+                            {"host": "127.0.0.1", "port": HTTP_PORT, "node": "node-b", "mesh": mesh_at})
+            write_tcp_route(routes, "bench-iperf", addr, SVC_IPERF,
+                            {"host": "127.0.0.1", "port": IPERF_PORT, "node": "node-b", "mesh": mesh_at})
             if node == "a":
                 # Plain: the backend on B's bridge address, no mesh address: dialed directly.
                 addr = FRONT["loopmesh-plain"]
-                self.route(routes, "plain-http", addr, SVC_HTTP, {"host": b, "port": HTTP_PORT})
-                self.route(routes, "plain-iperf", addr, SVC_IPERF, {"host": b, "port": IPERF_PORT})
+                write_tcp_route(routes, "plain-http", addr, SVC_HTTP, {"host": b, "port": HTTP_PORT})
+                write_tcp_route(routes, "plain-iperf", addr, SVC_IPERF, {"host": b, "port": IPERF_PORT})
             listen = f"listen: '{mesh_at}', " if node == "b" else ""
             config = os.path.join(self.dir, f"agent-{node}.yaml")
             with open(config, "w") as f:
@@ -369,39 +330,15 @@ defaults
                 raise RuntimeError(f"{name}: got {out!r} through http://{host}:{port}/; logs: {logs}")
 
     def stop(self):
-        for proc in self.procs:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except OSError:
-                pass
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_procs(self.procs)
         self.procs = []
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def wrk(net, url, conns, seconds, extra=()):
     out = run(net.wrap("a", ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", *extra, url], 0), check=False)
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-
-    def pct(p):
-        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
-        value, unit = float(m.group(1)), m.group(2)
-        return value * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
-
-    errors = 0
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if m:
-        errors += sum(int(x) for x in m.groups())
-    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if m:
-        errors += int(m.group(1))
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    return {"rps": rps, "p50": pct(50), "p99": pct(99), "errors": errors, "requests": total}
+    r = parse_wrk(out)
+    return {key: r[key] for key in ("rps", "p50", "p99", "errors", "requests")}
 
 
 def iperf(net, host, port, seconds):

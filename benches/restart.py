@@ -93,7 +93,6 @@ Needs: wrk, haproxy, nginx-light, libnginx-mod-stream (Debian).
 """
 
 import collections
-import ctypes
 import hashlib
 import json
 import os
@@ -111,6 +110,9 @@ import tempfile
 import threading
 import time
 
+import benchlib
+from benchlib import PIN, PROCS, free_port, pinned, spawn, stop_procs, write_tcp_route
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("LOOPMESH_BENCH_BIN") or os.path.join(
     os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "loopmesh")
@@ -121,7 +123,6 @@ DRAIN = int(os.environ.get("LOOPMESH_BENCH_DRAIN", "15"))
 LEAD = float(os.environ.get("LOOPMESH_BENCH_LEAD", "1.5"))
 TAIL = float(os.environ.get("LOOPMESH_BENCH_TAIL", "1"))
 KEEPALIVE_REQUESTS = int(os.environ.get("LOOPMESH_BENCH_KEEPALIVE_REQUESTS", "100"))
-PIN = bool(os.environ.get("LOOPMESH_BENCH_PIN"))
 KEEP = bool(os.environ.get("LOOPMESH_BENCH_KEEP"))
 ALL_TARGETS = ["lm-reload", "lm-restart", "haproxy", "nginx-upgrade", "nginx-hup"]
 TARGETS = [t for t in os.environ.get("LOOPMESH_BENCH_TARGETS", ",".join(ALL_TARGETS)).split(",") if t]
@@ -143,20 +144,11 @@ CONNECT_TIMEOUT = READ_TIMEOUT = 3.0
 STREAM_CHUNK, STREAM_PERIOD = 4096, 0.005
 CPU_LOAD, CPU_PROXY = 0, 1
 
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def die_with_parent():
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def now():
     return time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process
-
-
-def pinned(cmd, cpu):
-    return ["taskset", "-c", str(cpu), *cmd] if PIN else cmd
 
 
 # ---------------------------------------------------------------- clients
@@ -336,16 +328,8 @@ def echo_server(port):
 
 # ---------------------------------------------------------------- processes
 
-PROCS = []  # Popen objects started by the driver
+# PROCS (benchlib): the Popen objects started by the driver, with spawn().
 PIDS = set()  # every proxy process seen, for the clean-up
-
-
-def spawn(cmd, cpu, **kw):
-    kw.setdefault("stdout", subprocess.DEVNULL)
-    kw.setdefault("stderr", subprocess.DEVNULL)
-    proc = subprocess.Popen(pinned(cmd, cpu), preexec_fn=die_with_parent, **kw)
-    PROCS.append(proc)
-    return proc
 
 
 def alive(pid):
@@ -451,21 +435,8 @@ def wait_for(pred, timeout, step=0.001):
 
 
 def wait_port(host, port, timeout=20.0):
-    def try_connect():
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-    if not wait_for(try_connect, timeout, 0.002):
-        raise RuntimeError(f"{host}:{port} never accepted")
-    return now()
-
-
-def free_port(host="127.0.0.1"):
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """Until host:port accepts, tried every 2 ms; now() when it did."""
+    return benchlib.wait_port(host, port, timeout, step=0.002)
 
 
 def read_pid(path):
@@ -509,6 +480,22 @@ class Target:
         pid = wait_for(found, timeout)
         return None if pid in (None, -1) else pid
 
+    def new_worker_on(self, sig):
+        """`sig` to the master (HAProxy, nginx), then until a new worker of
+        it holds the listener: the restart's record."""
+        old = set(children_of(self.master)) | self.workers
+        issued = now()
+        os.kill(self.master, sig)
+        new = self.await_new_holder(lambda: [self.master], old)
+        serving = now() if new else None
+        rec = {"issued": issued, "serving": serving, "done": serving or now(), "ok": bool(new)}
+        if new:
+            self.workers.add(new)
+            PIDS.add(new)
+        else:
+            rec["note"] = "no new worker holding the listener within 10 s"
+        return rec
+
 
 class Loopmesh(Target):
     def __init__(self, name, bench, rnd, takeover):
@@ -519,13 +506,7 @@ class Loopmesh(Target):
         os.makedirs(routes)
         for service, port, backend in (("bench-http", HTTP_PORT, bench.http_port),
                                        ("bench-echo", ECHO_PORT, bench.echo_port)):
-            route = {
-                "service": service, "address": self.addr,
-                "spec": {"port": port, "connect_timeout": "1s", "idle_timeout": "600s", "retries": 1},
-                "backends": {"b1": {"host": "127.0.0.1", "port": backend}},
-            }
-            with open(os.path.join(routes, f"{service}.json"), "w") as f:
-                json.dump(route, f)
+            write_tcp_route(routes, service, self.addr, port, {"host": "127.0.0.1", "port": backend})
         self.config = os.path.join(self.dir, "agent.yaml")
         with open(self.config, "w") as f:
             f.write(f"proxy: {{workers: 1, drain_timeout: {DRAIN}s, kernel_forwarding: false}}\n")
@@ -630,18 +611,7 @@ listen echo
         PIDS.update(self.workers)
 
     def restart(self):
-        old = set(children_of(self.master)) | self.workers
-        issued = now()
-        os.kill(self.master, signal.SIGUSR2)
-        new = self.await_new_holder(lambda: [self.master], old)
-        serving = now() if new else None
-        rec = {"issued": issued, "serving": serving, "done": serving or now(), "ok": bool(new)}
-        if new:
-            self.workers.add(new)
-            PIDS.add(new)
-        else:
-            rec["note"] = "no new worker holding the listener within 10 s"
-        return rec
+        return self.new_worker_on(signal.SIGUSR2)
 
     def processes(self):
         return [self.master] + children_of(self.master)
@@ -695,18 +665,7 @@ stream {{
         return self.binary_upgrade() if self.upgrade else self.hup()
 
     def hup(self):
-        old = set(children_of(self.master)) | self.workers
-        issued = now()
-        os.kill(self.master, signal.SIGHUP)
-        new = self.await_new_holder(lambda: [self.master], old)
-        serving = now() if new else None
-        rec = {"issued": issued, "serving": serving, "done": serving or now(), "ok": bool(new)}
-        if new:
-            self.workers.add(new)
-            PIDS.add(new)
-        else:
-            rec["note"] = "no new worker holding the listener within 10 s"
-        return rec
+        return self.new_worker_on(signal.SIGHUP)
 
     def binary_upgrade(self):
         old = self.master
@@ -999,7 +958,7 @@ def main():
         sys.exit(f"unknown targets {unknown}; choose from {ALL_TARGETS}")
     # Orphans (a loopmesh successor after its parent exits, nginx's masters)
     # are reparented here, so they can be waited for and reaped.
-    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
+    benchlib.libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
     if PIN:
         os.sched_setaffinity(0, {CPU_LOAD})
     signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt(f"signal {s}")))
@@ -1024,15 +983,7 @@ def main():
                       f"serving ms {[round(v, 1) for v in r['serving_ms']]}; "
                       f"processes left 0.5 s after the load: {r['processes_after_load']}", file=sys.stderr)
     finally:
-        for proc in PROCS:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in PROCS:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_procs(PROCS, timeout=10)
         kill_pids([p for p in PIDS if alive(p)], signal.SIGKILL, timeout=5)
         reap_adopted()
         if not KEEP:

@@ -63,8 +63,11 @@ DNS-off runs). Needs: etcd (Debian etcd-server, 3.4: the v3 JSON gateway),
 haproxy.
 """
 
+# First: benchlib loads the standard library's `http`, which benches/http.py
+# (on this script's path) is named like.
+from benchlib import PIN, PROCS, free_port, pid_cpu_seconds, spawn, stop_procs
+
 import base64
-import ctypes
 import datetime
 import http.client
 import json
@@ -95,7 +98,6 @@ CHANGES = int(os.environ.get("LOOPMESH_BENCH_CHANGES", "200"))
 EDITS = int(os.environ.get("LOOPMESH_BENCH_EDITS", "1000"))
 STARTS = max(1, int(os.environ.get("LOOPMESH_BENCH_STARTS", "3")))
 TMP = os.environ.get("LOOPMESH_BENCH_TMP", "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp")
-PIN = bool(os.environ.get("LOOPMESH_BENCH_PIN"))
 BREAKDOWN = os.environ.get("LOOPMESH_BENCH_BREAKDOWN", "1") != "0"
 PART_EDITS = 200  # edits on each agent with parts switched off (CPU per edit)
 PREFIX = "/loopmesh/"
@@ -107,26 +109,17 @@ SETTLE = 1.0  # seconds between ready and reading memory
 # service (status for the admin API), ~10 ms at 10k services.
 ROUND_SETTLE = float(os.environ.get("LOOPMESH_BENCH_ROUND_SETTLE_MS", "50")) / 1000
 PROBE_INTERVAL = float(os.environ.get("LOOPMESH_BENCH_PROBE_MS", "1")) / 1000
-TICKS = os.sysconf("SC_CLK_TCK")
 # Services get addresses from 127.NET.0.0 up (40 /16s at most).
 NET = int(os.environ.get("LOOPMESH_BENCH_NET", "120"))
 ETCD_IP, DNS_IP, ADMIN_IP = "127.77.0.1", "127.77.0.2", "127.77.0.3"
 
-# Everything started, for the clean-up (also on failure and Ctrl-C).
-PROCS = []
+# Everything started (spawn() keeps the processes in PROCS), for the
+# clean-up (also on failure and Ctrl-C).
 DIRS = []
 
 
 def cleanup():
-    for proc in PROCS:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in PROCS:
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_procs(PROCS, timeout=15)
     PROCS.clear()
     for d in DIRS:
         shutil.rmtree(d, ignore_errors=True)
@@ -135,26 +128,6 @@ def cleanup():
 
 def on_signal(signum, _frame):
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def die_with_parent():
-    """Child side of every spawn: SIGKILL when this script dies, even by SIGKILL."""
-    _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def pinned(cmd, cpu):
-    return ["taskset", "-c", str(cpu), *cmd] if PIN else cmd
-
-
-def spawn(cmd, cpu, **kw):
-    kw.setdefault("stdout", subprocess.DEVNULL)
-    kw.setdefault("stderr", subprocess.DEVNULL)
-    proc = subprocess.Popen(pinned(cmd, cpu), preexec_fn=die_with_parent, **kw)
-    PROCS.append(proc)
-    return proc
 
 
 def stop(proc, timeout=60):
@@ -176,12 +149,6 @@ def mkdtemp(tag):
     d = tempfile.mkdtemp(prefix=f"loopmesh-scale-{tag}-", dir=TMP)
     DIRS.append(d)
     return d
-
-
-def free_port(host):
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def b64(s):
@@ -240,12 +207,6 @@ def memory(pid):
 
 def fds(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def listening(ip, port):
@@ -658,7 +619,7 @@ def edit(etcd, agent, rng, n, count):
     """`count` instance value edits (weight, zone, tags, state), single puts
     ~5 ms apart over random services; waits until the agent has them.
     Returns the agent's CPU seconds meanwhile, the seconds taken, the last revision."""
-    cpu_before = cpu_seconds(agent.pid)
+    cpu_before = pid_cpu_seconds(agent.pid)
     t = time.perf_counter()
     last_rev = 0
     for e in range(count):
@@ -673,7 +634,7 @@ def edit(etcd, agent, rng, n, count):
         last_rev = etcd.put(f"{PREFIX}instances/{name_of(i)}/i{j}", instance_value(i, j, **extra))
         time.sleep(0.005)
     agent.wait_revision(last_rev)
-    return cpu_seconds(agent.pid) - cpu_before, time.perf_counter() - t, last_rev
+    return pid_cpu_seconds(agent.pid) - cpu_before, time.perf_counter() - t, last_rev
 
 
 def measure(n):
@@ -709,7 +670,7 @@ def measure(n):
         time.sleep(SETTLE)
         mems.append(memory(agent.pid))
         r["fds"] = fds(agent.pid)
-        cpu_sync.append(cpu_seconds(agent.pid))
+        cpu_sync.append(pid_cpu_seconds(agent.pid))
         print(f"[{n}] start {rnd + 1}/{STARTS}: agent ready in {ready:.2f} s (READY=1 {notified or float('nan'):.2f} s), RSS {mems[-1]['rss']:.1f} MiB; "
               f"HAProxy {took:.2f} s, RSS {mem['rss']:.1f} MiB", file=sys.stderr)
         if rnd < STARTS - 1:
@@ -720,7 +681,7 @@ def measure(n):
     # Write → traffic.
     old = IdBackend("old")
     watch = Watch(etcd)
-    cpu_before = cpu_seconds(agent.pid)
+    cpu_before = pid_cpu_seconds(agent.pid)
     rounds = []
     try:
         for k in range(CHANGES):
@@ -757,7 +718,7 @@ def measure(n):
     finally:
         watch.close()
         old.close()
-    r["cpu_rounds"] = cpu_seconds(agent.pid) - cpu_before
+    r["cpu_rounds"] = pid_cpu_seconds(agent.pid) - cpu_before
     time.sleep(SETTLE)
     r["mem_rounds"] = memory(agent.pid)
 
@@ -766,7 +727,7 @@ def measure(n):
     time.sleep(SETTLE)
     r["mem_edits"] = memory(agent.pid)
     r["fds_end"] = fds(agent.pid)
-    r["cpu_total"] = cpu_seconds(agent.pid)
+    r["cpu_total"] = pid_cpu_seconds(agent.pid)
     r["stop_s"] = agent.stop()
 
     logged = agent.log_times()
