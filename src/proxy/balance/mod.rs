@@ -31,10 +31,10 @@ pub const CONNECT_FAILURES: [&str; 6] = ["refused", "reset", "timeout", "denied"
 pub struct BackendStats {
     /// Connections open to it now (TCP), or requests in flight (HTTP).
     pub active: AtomicU64,
-    /// Its traffic counters, allocated at its first use: every node's table
-    /// holds every backend of the fleet (a million at 100k), most never used
-    /// here, and each would otherwise carry them (the memory target of
-    /// 10k services x 10 backends has no room for 9 MB of zeros).
+    /// Its traffic counters, allocated at its first use: a service's
+    /// backends are compiled together at its first connection, and under a
+    /// hash or zone policy many of them may never be dialed from this node
+    /// (88 bytes of zeros each otherwise).
     traffic: OnceLock<Box<BackendTraffic>>,
     /// Peak-EWMA of connect latency, in nanoseconds (0: no sample yet).
     ewma_nanos: AtomicU64,
