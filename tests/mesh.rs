@@ -683,19 +683,7 @@ async fn rotated_certificates_keep_open_streams_and_new_streams_present_the_new_
         agent_b,
     } = TwoNodes::start().await;
     let (a, b) = (&net.nodes[0], &net.nodes[1]);
-    let backend = EchoBackend::start(b, "db-on-b");
-    register_on_b(
-        b,
-        &mut store,
-        "db",
-        "127.100.9.9",
-        "{port: 7000}",
-        &[("b1", backend.port)],
-    )
-    .await;
-    eventually("node A to reach db on node B", || {
-        (connect_from(a, "127.100.9.9", 7000, 1) == ["db-on-b"]).then_some(())
-    });
+    let _backend = db_on_b(a, b, &mut store, "127.100.9.9").await;
     // A stream opened on the first certificate.
     let stop = dir.path().join("stop");
     let mut stream = Command::new("ip")

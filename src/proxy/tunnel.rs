@@ -4,6 +4,7 @@
 //! stream, not a handshake; a broken or closed peer connection is made
 //! again at the next stream.
 
+use super::balance::now_nanos;
 use super::inbound::SERVICE_HEADER;
 use super::tls::{Credentials, Loaded};
 use crate::policy::TlsMode;
@@ -21,7 +22,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpStream;
 
 /// Buffer of each direction of a tunneled stream's copy: TLS records carry
@@ -87,38 +88,22 @@ struct Peer {
 }
 
 /// A peer connection's open streams.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Streams {
     open: std::sync::atomic::AtomicUsize,
-    /// When the last stream ended, in milliseconds since `made`.
+    /// When the last stream ended, on the proxy's clock ([`now_nanos`]).
     idle_since: std::sync::atomic::AtomicU64,
-    made: Instant,
 }
 
 impl Streams {
-    fn new() -> Streams {
-        Streams {
-            open: 0.into(),
-            idle_since: 0.into(),
-            made: Instant::now(),
-        }
-    }
-
     fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
     }
 
-    fn elapsed_ms(&self) -> u64 {
-        self.made.elapsed().as_millis() as u64
-    }
-
     /// How long it has had no stream, if it has none now.
     fn idle_for(&self) -> Option<Duration> {
-        (self.open.load(Ordering::Acquire) == 0).then(|| {
-            Duration::from_millis(
-                self.elapsed_ms()
-                    .saturating_sub(self.idle_since.load(Ordering::Acquire)),
-            )
+        (self.open() == 0).then(|| {
+            Duration::from_nanos(now_nanos().saturating_sub(self.idle_since.load(Ordering::Acquire)))
         })
     }
 }
@@ -136,7 +121,7 @@ impl OpenStream {
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0.idle_since.store(self.0.elapsed_ms(), Ordering::Release);
+        self.0.idle_since.store(now_nanos(), Ordering::Release);
         self.0.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -244,7 +229,10 @@ impl Mesh {
                 Some(existing) => (existing.sender.clone(), OpenStream::new(&existing.streams)),
                 None => {
                     let sender = self.connect(peer, node, &credentials).await?;
-                    let streams = Arc::new(Streams::new());
+                    let streams = Arc::new(Streams {
+                        idle_since: now_nanos().into(),
+                        ..Streams::default()
+                    });
                     let open = OpenStream::new(&streams);
                     tokio::spawn(close_when_idle(watched, streams.clone(), self.idle_timeout));
                     peers.push(Peer {
