@@ -15,8 +15,9 @@
 //! - [`addresses`]: the loopback address pool and stable first picks.
 //! - [`render`]: tera templates, template resources, atomic file sync.
 //! - [`routing`]: the rendered routing table's format and validation.
-//! - [`proxy`]: the L4 proxy: a listener per service, hot-swapped backends,
-//!   balancing, outlier ejection, drain.
+//! - [`proxy`]: the L4/L7 proxy: a listener per service, hot-swapped
+//!   backends, balancing, outlier ejection, drain; HTTP routes and retries;
+//!   mTLS between nodes (tunnels out, an inbound listener).
 //! - [`limits`]: the file-descriptor budget per purpose (admin, proxy).
 //! - [`state`]: the last-known-good record.
 //! - [`agent`]: the control loop tying store, catalog and render together.

@@ -6,8 +6,8 @@
 //! - [`balance`]: backend sets, policies, outlier ejection, fed by the
 //!   outcome of every connection.
 //! - [`tls`]: the node's mesh credentials and identities, allow lists.
-//! - [`tunnel`]: outbound through the mesh: CONNECT streams in one mTLS
-//!   connection per peer node.
+//! - [`tunnel`]: outbound through the mesh: CONNECT streams in pooled mTLS
+//!   connections per peer node (one, more past a stream limit; closed idle).
 //! - [`connect`]: dial a backend with a timeout, directly or through a
 //!   tunnel, trying others on failure.
 //! - [`l4`]: the TCP relay and its plaintext fast paths (splice, kernel

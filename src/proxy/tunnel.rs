@@ -1,8 +1,9 @@
 //! Outbound through the mesh: application connections to an instance of
 //! another node ride HTTP/2 CONNECT streams inside one mTLS connection per
-//! peer node, as ztunnel's HBONE. A new application connection costs a
-//! stream, not a handshake; a broken or closed peer connection is made
-//! again at the next stream.
+//! peer node, as ztunnel's HBONE (another past `max_streams_per_connection`
+//! streams at once). A new application connection costs a stream, not a
+//! handshake; a broken or closed peer connection is made again at the next
+//! stream, and one without streams for `idle_timeout` closes.
 
 use super::balance::now_nanos;
 use super::inbound::SERVICE_HEADER;
