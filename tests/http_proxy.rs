@@ -426,7 +426,9 @@ async fn a_keep_alive_client_is_balanced_per_request_over_every_backend() {
             "round robin: 60 requests over 3 backends"
         );
     }
-    // Over pooled connections: one a backend, reused, for requests one at a time.
+    // Over pooled connections, reused for requests one at a time: one a
+    // backend for the HTTP/1.1 client's requests (the fast path's own pool)
+    // and one for the HTTP/2 client's (hyper's).
     let metrics = common::eventually_metrics(
         mesh.agent.admin.unwrap(),
         "the requests counted",
@@ -434,7 +436,7 @@ async fn a_keep_alive_client_is_balanced_per_request_over_every_backend() {
     )
     .await;
     assert!(
-        metrics.contains("loopmesh_http_upstream_connections{service=\"web\"} 3\n"),
+        metrics.contains("loopmesh_http_upstream_connections{service=\"web\"} 6\n"),
         "{metrics}"
     );
     // Backends that speak HTTP/2: one multiplexed connection each.

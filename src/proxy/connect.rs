@@ -40,6 +40,52 @@ pub enum Upstream {
     Tunnel(Tunneled),
 }
 
+impl tokio::io::AsyncRead for Upstream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tcp(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
+            Upstream::Tunnel(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Upstream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Tcp(stream) => std::pin::Pin::new(stream).poll_write(cx, buf),
+            Upstream::Tunnel(stream) => std::pin::Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tcp(stream) => std::pin::Pin::new(stream).poll_flush(cx),
+            Upstream::Tunnel(stream) => std::pin::Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tcp(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
+            Upstream::Tunnel(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+}
+
 /// Connects to `backend` of `state`'s service within its connect timeout,
 /// through the mesh if the backend is reached that way; the outcome is
 /// counted in the backend's stats.

@@ -155,6 +155,27 @@ impl Watch {
     pub fn is_signaled(&self) -> bool {
         self.shared.phase.load(Ordering::Acquire) >= DRAINING
     }
+
+    /// A look at the drain's phase that does not hold the work open (for
+    /// code that cannot borrow the watch while it waits on it).
+    pub fn probe(&self) -> Probe {
+        Probe {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Whether a drain has started, without being a [`Watch`].
+#[derive(Debug, Clone)]
+pub struct Probe {
+    shared: Arc<Shared>,
+}
+
+impl Probe {
+    /// Whether the drain has started.
+    pub fn is_signaled(&self) -> bool {
+        self.shared.phase.load(Ordering::Acquire) >= DRAINING
+    }
 }
 
 #[cfg(test)]

@@ -21,62 +21,45 @@ pub struct Identity {
 
 /// Sets the identity headers of a request about to be forwarded from
 /// `client`; gives the request and trace ids when `keep` (for the access
-/// log: otherwise nothing is copied out). Values are put together on the
-/// stack, one allocation each, as this runs for every request.
+/// log: otherwise nothing is copied out).
 pub fn stamp(headers: &mut HeaderMap, client: IpAddr, keep: bool) -> Option<Identity> {
-    let request_id = match headers.get(&REQUEST_ID).filter(|v| !v.is_empty()) {
+    let mut scratch = Vec::with_capacity(64);
+    let incoming_id = headers.get(&REQUEST_ID).filter(|v| !v.is_empty());
+    let request_id = match incoming_id {
         Some(id) => keep.then(|| String::from_utf8_lossy(id.as_bytes()).into_owned()),
         None => {
-            let id = new_request_id();
-            let kept = keep.then(|| String::from_utf8_lossy(id.as_bytes()).into_owned());
-            headers.insert(REQUEST_ID.clone(), id);
+            write_request_id(&mut scratch);
+            let kept = keep.then(|| String::from_utf8_lossy(&scratch).into_owned());
+            if let Ok(id) = HeaderValue::from_bytes(&scratch) {
+                headers.insert(REQUEST_ID.clone(), id);
+            }
             kept
         }
     };
-    let parent = headers
-        .get(&TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_traceparent)
-        .map(|(trace_id, flags)| {
-            let mut ids = [0u8; 34];
-            ids[..32].copy_from_slice(trace_id.as_bytes());
-            ids[32..].copy_from_slice(flags.as_bytes());
-            ids
-        });
-    let traceparent = match &parent {
-        Some(ids) => {
-            let (trace_id, flags) = ids.split_at(32);
-            let (trace_id, flags) = (
-                std::str::from_utf8(trace_id).unwrap_or(""),
-                std::str::from_utf8(flags).unwrap_or(""),
-            );
-            value(format_args!("00-{trace_id}-{:016x}-{flags}", nonzero()))
+    scratch.clear();
+    let continued = write_traceparent(&mut scratch, headers.get(&TRACEPARENT).map(HeaderValue::as_bytes));
+    if !continued {
+        // A new trace: whatever tracestate came without a valid parent
+        // belongs to nothing.
+        headers.remove("tracestate");
+    }
+    let trace_id = keep.then(|| trace_id(&scratch).to_string());
+    if let Ok(traceparent) = HeaderValue::from_bytes(&scratch) {
+        headers.insert(TRACEPARENT.clone(), traceparent);
+    }
+    for (name, write) in [
+        (&X_FORWARDED_FOR, write_forwarded_for as fn(&mut Vec<u8>, IpAddr)),
+        (&FORWARDED, write_forwarded),
+    ] {
+        scratch.clear();
+        for existing in headers.get_all(name) {
+            scratch.extend_from_slice(existing.as_bytes());
+            scratch.extend_from_slice(b", ");
         }
-        None => {
-            // A new trace: whatever tracestate came without a valid parent
-            // belongs to nothing.
-            headers.remove("tracestate");
-            value(format_args!(
-                "00-{:016x}{:016x}-{:016x}-00",
-                nonzero(),
-                random(),
-                nonzero()
-            ))
+        write(&mut scratch, client);
+        if let Ok(folded) = HeaderValue::from_bytes(&scratch) {
+            headers.insert(name.clone(), folded);
         }
-    };
-    let trace_id = keep.then(|| {
-        traceparent
-            .to_str()
-            .unwrap_or("")
-            .get(3..35)
-            .unwrap_or("")
-            .to_string()
-    });
-    headers.insert(TRACEPARENT.clone(), traceparent);
-    append(headers, &X_FORWARDED_FOR, format_args!("{client}"));
-    match client {
-        IpAddr::V4(ip) => append(headers, &FORWARDED, format_args!("for={ip};proto=http")),
-        IpAddr::V6(ip) => append(headers, &FORWARDED, format_args!("for=\"[{ip}]\";proto=http")),
     }
     Some(Identity {
         request_id: request_id?,
@@ -84,51 +67,48 @@ pub fn stamp(headers: &mut HeaderMap, client: IpAddr, keep: bool) -> Option<Iden
     })
 }
 
-/// A header value written on the stack, then copied once.
-fn value(args: std::fmt::Arguments<'_>) -> HeaderValue {
-    struct Stack {
-        bytes: [u8; 160],
-        len: usize,
-    }
-    impl std::fmt::Write for Stack {
-        fn write_str(&mut self, text: &str) -> std::fmt::Result {
-            let end = self.len + text.len();
-            let room = self.bytes.get_mut(self.len..end).ok_or(std::fmt::Error)?;
-            room.copy_from_slice(text.as_bytes());
-            self.len = end;
-            Ok(())
-        }
-    }
-    let mut stack = Stack {
-        bytes: [0; 160],
-        len: 0,
+/// Writes the `traceparent` this hop sends: the incoming trace with a new
+/// span id, or a new trace when `incoming` is absent or malformed. Says
+/// whether the incoming trace was continued (its `tracestate` stays).
+pub fn write_traceparent(out: &mut Vec<u8>, incoming: Option<&[u8]>) -> bool {
+    use std::io::Write;
+    let parent = incoming
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(parse_traceparent);
+    let _ = match parent {
+        Some((trace_id, flags)) => write!(out, "00-{trace_id}-{:016x}-{flags}", nonzero()),
+        None => write!(
+            out,
+            "00-{:016x}{:016x}-{:016x}-00",
+            nonzero(),
+            random(),
+            nonzero()
+        ),
     };
-    if std::fmt::Write::write_fmt(&mut stack, args).is_ok() {
-        if let Ok(value) = HeaderValue::from_bytes(&stack.bytes[..stack.len]) {
-            return value;
-        }
-    }
-    // Longer than any value made here; never on the data path.
-    HeaderValue::from_str(&args.to_string()).unwrap_or_else(|_| HeaderValue::from_static(""))
+    parent.is_some()
 }
 
-/// Appends a value to a comma-separated header, folding what is there.
-fn append(headers: &mut HeaderMap, name: &HeaderName, added: std::fmt::Arguments<'_>) {
-    let existing: Vec<&str> = headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let folded = if existing.is_empty() {
-        value(added)
-    } else {
-        let joined = format!("{}, {added}", existing.join(", "));
-        match HeaderValue::from_str(&joined) {
-            Ok(folded) => folded,
-            Err(_) => return,
-        }
+/// The trace id of a traceparent [`write_traceparent`] wrote.
+pub fn trace_id(traceparent: &[u8]) -> &str {
+    traceparent
+        .get(3..35)
+        .and_then(|id| std::str::from_utf8(id).ok())
+        .unwrap_or("")
+}
+
+/// Writes this hop's element of `x-forwarded-for`.
+pub fn write_forwarded_for(out: &mut Vec<u8>, client: IpAddr) {
+    use std::io::Write;
+    let _ = write!(out, "{client}");
+}
+
+/// Writes this hop's element of `forwarded` (RFC 7239).
+pub fn write_forwarded(out: &mut Vec<u8>, client: IpAddr) {
+    use std::io::Write;
+    let _ = match client {
+        IpAddr::V4(ip) => write!(out, "for={ip};proto=http"),
+        IpAddr::V6(ip) => write!(out, "for=\"[{ip}]\";proto=http"),
     };
-    headers.insert(name.clone(), folded);
 }
 
 /// A version-00 traceparent's trace id and flags, if it is well formed
@@ -156,19 +136,21 @@ fn nonzero() -> u64 {
     random() | 1
 }
 
-/// A random version-4 UUID, the usual shape of a request id.
-fn new_request_id() -> HeaderValue {
+/// Writes a random version-4 UUID, the usual shape of a request id.
+pub fn write_request_id(out: &mut Vec<u8>) {
+    use std::io::Write;
     let (high, low) = (random(), random());
     let high = (high & !0xf000) | 0x4000;
     let low = (low & !(0b11 << 62)) | (0b10 << 62);
-    value(format_args!(
+    let _ = write!(
+        out,
         "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
         high >> 32,
         (high >> 16) & 0xffff,
         high & 0xffff,
         low >> 48,
         low & 0xffff_ffff_ffff
-    ))
+    );
 }
 
 #[cfg(test)]

@@ -11,6 +11,9 @@
 //! Bodies stream both ways ([`body`]); upgrades (WebSocket) become a plain
 //! relay after the 101.
 //!
+//! The common HTTP/1.1 request takes a fast path without hyper ([`h1`]);
+//! a connection that asks for anything else is handed to hyper.
+//!
 //! At a drain, HTTP/2 clients get a GOAWAY and HTTP/1.1 ones a
 //! `Connection: close` on their next response; requests in flight finish,
 //! up to the deadline.
@@ -18,6 +21,7 @@
 pub mod access_log;
 mod body;
 mod budget;
+mod h1;
 mod identity;
 pub mod pool;
 pub mod route;
@@ -77,6 +81,9 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, cell: Arc<StateCell>, mu
     drop(state);
     metrics.connections.increment(1);
     let conn = Arc::new(Client { cell, peer });
+    let Some(handover) = h1::serve(client, &conn, &mut drain).await else {
+        return;
+    };
     let service = hyper::service::service_fn(move |request| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(request, &conn).await) }
@@ -86,7 +93,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, cell: Arc<StateCell>, mu
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(handover), service);
     tokio::pin!(connection);
     let finished = tokio::select! {
         _ = connection.as_mut() => true,
@@ -176,25 +183,37 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// The value of cookie `name` in a request's `Cookie` headers.
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(key, _)| *key == name)
+/// The value of cookie `name` in one `Cookie` header's value.
+fn cookie<'a>(value: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    value
+        .split(|&b| b == b';')
+        .map(<[u8]>::trim_ascii)
+        .filter_map(|pair| {
+            let at = pair.iter().position(|&b| b == b'=')?;
+            Some((&pair[..at], &pair[at + 1..]))
+        })
+        .find(|(key, _)| *key == name.as_bytes())
         .map(|(_, value)| value)
 }
 
 /// What consistent hashing keeps together for this request.
-fn request_hash(policy: &HttpPolicy, headers: &HeaderMap, client: SocketAddr) -> u64 {
-    let keyed = match &policy.hash_on {
-        Some(HashOn::Header(name)) => headers.get(name.as_str()).map(|v| hash_key(v.as_bytes())),
-        Some(HashOn::Cookie(name)) => cookie(headers, name).map(hash_key),
-        None => None,
-    };
+fn request_hash(policy: &HttpPolicy, request: &impl route::Head, client: SocketAddr) -> u64 {
+    let mut keyed = None;
+    match &policy.hash_on {
+        Some(HashOn::Header(name)) => {
+            request.any_header(name.as_str(), &mut |value| {
+                keyed = Some(hash_key(value));
+                true
+            });
+        }
+        Some(HashOn::Cookie(name)) => {
+            request.any_header("cookie", &mut |value| {
+                keyed = cookie(value, name).map(hash_key);
+                keyed.is_some()
+            });
+        }
+        None => {}
+    }
     keyed.unwrap_or_else(|| hash_key(&client.ip()))
 }
 
@@ -426,6 +445,17 @@ fn never_processed(err: &hyper::Error) -> bool {
         }
 }
 
+/// Dials `backend` of `state`'s service for its pool.
+fn dial<'a>(state: &'a ServiceState, backend: &'a super::balance::Backend) -> pool::ConnectFuture<'a> {
+    Box::pin(async move {
+        match super::connect::dial(state, backend).await {
+            Ok(upstream) => Ok(upstream),
+            Err(err) if err.kind() == std::io::ErrorKind::TimedOut => Err(ConnectError::Timeout),
+            Err(_) => Err(ConnectError::Refused),
+        }
+    })
+}
+
 /// Sends `request` to `backend` within `limit`. A stream the backend did
 /// not process (GOAWAY, REFUSED_STREAM) is not its failure: the request,
 /// made again from `outgoing` if it can be, goes to the same backend on a
@@ -441,15 +471,7 @@ async fn attempt(
 ) -> Attempt {
     let http = &state.spec.http;
     let backend = &backends.backends()[index];
-    let connect = move || -> pool::ConnectFuture<'_> {
-        Box::pin(async move {
-            match super::connect::dial(state, backend).await {
-                Ok(upstream) => Ok(pool::io(upstream)),
-                Err(err) if err.kind() == std::io::ErrorKind::TimedOut => Err(ConnectError::Timeout),
-                Err(_) => Err(ConnectError::Refused),
-            }
-        })
-    };
+    let connect = move || dial(state, backend);
     let want = Want {
         protocol: http.upstream_protocol,
         max_connections: http.max_connections_per_backend,
@@ -574,7 +596,7 @@ async fn handle(mut request: Request<Incoming>, client: &Client) -> Response<Res
     let Ok(backends) = target.backends() else {
         return refuse(Refusal::NoHealthyBackend, Some(exchange));
     };
-    let key = request_hash(http, request.headers(), client.peer);
+    let key = request_hash(http, &request, client.peer);
     let bodiless = !upgrade && request.body().is_end_stream();
     let retryable = bodiless && http.retry.attempts > 0 && is_idempotent(request.method());
     // An HTTP/2 backend may refuse a stream it never processed (GOAWAY):
@@ -782,6 +804,7 @@ fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use route::Head;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut headers = HeaderMap::new();
@@ -796,10 +819,19 @@ mod tests {
 
     #[test]
     fn a_cookie_is_found_among_several_headers_and_pairs() {
-        let h = headers(&[("cookie", "a=1; session=abc"), ("cookie", "b=2")]);
-        assert_eq!(cookie(&h, "session"), Some("abc"));
-        assert_eq!(cookie(&h, "b"), Some("2"));
-        assert_eq!(cookie(&h, "sess"), None);
+        let mut request = Request::new(());
+        *request.headers_mut() = headers(&[("cookie", "a=1; session=abc"), ("cookie", "b=2")]);
+        let found = |name: &str| {
+            let mut found = None;
+            request.any_header("cookie", &mut |value| {
+                found = cookie(value, name).map(<[u8]>::to_vec);
+                found.is_some()
+            });
+            found
+        };
+        assert_eq!(found("session").as_deref(), Some(&b"abc"[..]));
+        assert_eq!(found("b").as_deref(), Some(&b"2"[..]));
+        assert_eq!(found("sess"), None);
     }
 
     #[test]
@@ -810,12 +842,13 @@ mod tests {
         };
         let (one, two): (SocketAddr, SocketAddr) =
             ("127.0.0.1:1".parse().unwrap(), "127.0.0.2:1".parse().unwrap());
-        let with = headers(&[("cookie", "session=abc")]);
+        let mut with = Request::new(());
+        *with.headers_mut() = headers(&[("cookie", "session=abc")]);
         assert_eq!(
             request_hash(&policy, &with, one),
             request_hash(&policy, &with, two)
         );
-        let without = HeaderMap::new();
+        let without = Request::new(());
         assert_ne!(
             request_hash(&policy, &without, one),
             request_hash(&policy, &without, two)

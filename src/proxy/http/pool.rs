@@ -30,6 +30,27 @@ pub struct Pool {
     /// for a connection slot tries again).
     freed: Notify,
     sweeping: AtomicBool,
+    /// Idle connections of the HTTP/1.1 fast path ([`super::h1`]): plain
+    /// streams it reads and writes itself, without hyper.
+    raw_idle: Mutex<Vec<RawIdle>>,
+}
+
+/// A connection the HTTP/1.1 fast path drives itself; counted open until
+/// dropped (which closes it).
+pub struct Raw {
+    pub io: super::super::connect::Upstream,
+    /// Bytes read past the end of the last response (none, on a healthy
+    /// keep-alive connection), and the buffer the next one is read into.
+    pub buf: bytes::BytesMut,
+    /// Whether it came from the pool (a failure before any response byte
+    /// may be the server having closed it meanwhile).
+    pub reused: bool,
+    _open: OpenGuard,
+}
+
+struct RawIdle {
+    raw: Raw,
+    since: Instant,
 }
 
 impl std::fmt::Debug for Pool {
@@ -77,8 +98,9 @@ pub struct Want<'a> {
 
 /// Dials the backend: the stream, or why not. Boxed only when a
 /// connection is made, not per request.
-pub type ConnectFuture<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Box<dyn Io>, ConnectError>> + Send + 'a>>;
+pub type ConnectFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<super::super::connect::Upstream, ConnectError>> + Send + 'a>,
+>;
 
 /// A connection to a backend as hyper drives it: TCP, or a mesh stream.
 pub trait Io: hyper::rt::Read + hyper::rt::Write + Send + Unpin {}
@@ -153,6 +175,65 @@ impl Pool {
         }
     }
 
+    /// A connection for the HTTP/1.1 fast path: an idle one still open, or
+    /// a new one if the backend has a free connection slot; otherwise waits
+    /// for one to be returned or to close.
+    pub async fn checkout_raw(self: &Arc<Self>, want: &Want<'_>) -> Result<Raw, ConnectError> {
+        loop {
+            if let Some(raw) = self.take_raw_idle(want.idle_timeout) {
+                return Ok(raw);
+            }
+            if self.open() < want.max_connections.max(1) {
+                let open = OpenGuard::new(self, want.gauge);
+                let io = (want.connect)().await?;
+                return Ok(Raw {
+                    io,
+                    buf: bytes::BytesMut::new(),
+                    reused: false,
+                    _open: open,
+                });
+            }
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if !self.raw_idle.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+                || self.open() < want.max_connections.max(1)
+            {
+                continue;
+            }
+            freed.await;
+        }
+    }
+
+    /// Returns a fast-path connection whose exchange is complete.
+    pub fn give_back_raw(self: &Arc<Self>, mut raw: Raw, idle_timeout: Duration) {
+        raw.reused = true;
+        self.raw_idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(RawIdle {
+                raw,
+                since: Instant::now(),
+            });
+        self.freed.notify_one();
+        if !self.sweeping.swap(true, Ordering::AcqRel) {
+            tokio::spawn(sweep(Arc::downgrade(self), idle_timeout));
+        }
+    }
+
+    /// The most recently returned idle fast-path connection that is still
+    /// open: one the backend closed meanwhile reads as closed at once.
+    fn take_raw_idle(&self, idle_timeout: Duration) -> Option<Raw> {
+        let mut idle = self.raw_idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(conn) = idle.pop() {
+            let mut raw = conn.raw;
+            if conn.since.elapsed() < idle_timeout && still_open(&mut raw.io) {
+                return Some(raw);
+            }
+        }
+        None
+    }
+
     fn take_idle(&self, idle_timeout: Duration) -> Option<Idle> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.retain(|conn| conn.since.elapsed() < idle_timeout && !conn.sender.is_closed());
@@ -173,7 +254,7 @@ impl Pool {
         want: &Want<'_>,
         upgrade: bool,
     ) -> Result<Checkout, ConnectError> {
-        let stream = (want.connect)().await?;
+        let stream = io((want.connect)().await?);
         let (sender, connection) = http1::Builder::new()
             .handshake(stream)
             .await
@@ -194,7 +275,7 @@ impl Pool {
         self: &Arc<Self>,
         want: &Want<'_>,
     ) -> Result<http2::SendRequest<UpstreamBody>, ConnectError> {
-        let stream = (want.connect)().await?;
+        let stream = io((want.connect)().await?);
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .handshake(stream)
             .await
@@ -250,6 +331,17 @@ impl Checkout {
     }
 }
 
+/// Whether an idle connection is still open: reading it without waiting
+/// finds nothing yet. End of stream, an error, or bytes nobody asked for
+/// all mean it cannot carry another request.
+fn still_open(io: &mut super::super::connect::Upstream) -> bool {
+    use tokio::io::AsyncRead;
+    let mut byte = [0u8; 1];
+    let mut buf = tokio::io::ReadBuf::new(&mut byte);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    std::pin::Pin::new(io).poll_read(&mut cx, &mut buf).is_pending()
+}
+
 /// Closes idle connections past the idle timeout, while the pool lives and
 /// has idle connections.
 async fn sweep(pool: Weak<Pool>, idle_timeout: Duration) {
@@ -259,7 +351,9 @@ async fn sweep(pool: Weak<Pool>, idle_timeout: Duration) {
         let Some(pool) = pool.upgrade() else { return };
         let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.retain(|conn| conn.since.elapsed() < idle_timeout && !conn.sender.is_closed());
-        if idle.is_empty() {
+        let mut raw = pool.raw_idle.lock().unwrap_or_else(|e| e.into_inner());
+        raw.retain(|conn| conn.since.elapsed() < idle_timeout);
+        if idle.is_empty() && raw.is_empty() {
             pool.sweeping.store(false, Ordering::Release);
             return;
         }

@@ -7,6 +7,34 @@ use crate::policy::{HttpPolicy, RouteMatch};
 use crate::proxy::balance::{random, BackendSet};
 use hyper::Request;
 
+/// What routing and hashing read of a request: the hyper path's
+/// [`Request`] and the HTTP/1.1 fast path's parsed head alike.
+pub trait Head {
+    fn method(&self) -> &str;
+    /// The path, without the query.
+    fn path(&self) -> &str;
+    /// Whether any `name` header's value passes `test` (names are
+    /// lowercase; stops at the first that does).
+    fn any_header(&self, name: &str, test: &mut dyn FnMut(&[u8]) -> bool) -> bool;
+}
+
+impl<B> Head for Request<B> {
+    fn method(&self) -> &str {
+        Request::method(self).as_str()
+    }
+
+    fn path(&self) -> &str {
+        self.uri().path()
+    }
+
+    fn any_header(&self, name: &str, test: &mut dyn FnMut(&[u8]) -> bool) -> bool {
+        self.headers()
+            .get_all(name)
+            .iter()
+            .any(|value| test(value.as_bytes()))
+    }
+}
+
 /// Where a request goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -71,7 +99,7 @@ impl Routes {
 
     /// Where `request` goes: the first matching rule's target, drawn by
     /// weight; every backend if no rule matches.
-    pub fn choose<B>(&self, request: &Request<B>) -> &Target {
+    pub fn choose(&self, request: &impl Head) -> &Target {
         let Some(rule) = self.rules.iter().find(|rule| matches(&rule.matches, request)) else {
             return &ALL;
         };
@@ -86,8 +114,8 @@ impl Routes {
     }
 }
 
-fn matches<B>(rule: &RouteMatch, request: &Request<B>) -> bool {
-    let path = request.uri().path();
+fn matches(rule: &RouteMatch, request: &impl Head) -> bool {
+    let path = request.path();
     rule.path_exact.as_deref().is_none_or(|exact| path == exact)
         && rule
             .path_prefix
@@ -96,14 +124,11 @@ fn matches<B>(rule: &RouteMatch, request: &Request<B>) -> bool {
         && rule
             .method
             .as_deref()
-            .is_none_or(|method| request.method().as_str() == method)
-        && rule.headers.iter().all(|(name, value)| {
-            request
-                .headers()
-                .get_all(name.as_str())
-                .iter()
-                .any(|got| got.as_bytes() == value.as_bytes())
-        })
+            .is_none_or(|method| request.method() == method)
+        && rule
+            .headers
+            .iter()
+            .all(|(name, value)| request.any_header(name.as_str(), &mut |got| got == value.as_bytes()))
 }
 
 #[cfg(test)]

@@ -1,0 +1,1066 @@
+//! The HTTP/1.1 fast path: the common request (HTTP/1.1 both ways, a
+//! body of known length that fits in memory, no upgrade, no `Expect`)
+//! proxied without hyper. The head is parsed with httparse in the
+//! connection's read buffer and forwarded as bytes, hop-by-hop headers
+//! left out and the identity headers written in; the upstream connection
+//! is a plain pooled stream driven by the request's own task; the
+//! response head is rewritten the same way and its body relayed as it
+//! comes, its end found from its framing (length, chunked, or close).
+//!
+//! The same semantics as the hyper path in [`super`]: routes, per-request
+//! balancing and hashing, retries within the budget, timeouts, outlier
+//! ejection, request limits, identity headers, metrics and access log, a
+//! drain's `Connection: close`. Whatever else a connection asks for (HTTP/2,
+//! HTTP/1.0, a chunked or large request body, an upgrade, `Expect`, a head
+//! httparse refuses, an HTTP/2 upstream) hands the connection, with what
+//! was read of it, to hyper for the rest of its life.
+
+use super::identity::{self, Identity};
+use super::route::{Head, Target};
+use super::{
+    is_idempotent, record_failure, request_hash, Client, Exchange, Finish, InFlight, Logged, OnBackend,
+    Refusal, HEADER_READ_TIMEOUT, STALE_RETRIES,
+};
+use crate::policy::UpstreamProtocol;
+use crate::proxy::balance::{BackendSet, NoBackend};
+use crate::proxy::drain;
+use crate::proxy::http::pool::{Raw, Want};
+use crate::proxy::service::ServiceState;
+use bytes::{Buf, BytesMut};
+use hyper::Method;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Largest request head plus body the fast path holds in memory; a larger
+/// one goes to hyper, which streams it.
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// Largest response head read; a larger one is a bad response (502).
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// Headers per head the fast path parses; more go to hyper (requests) or
+/// are a bad response.
+const MAX_HEADERS: usize = 64;
+
+/// What one read asks room for.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// What the fast path leaves to hyper: the client connection, and the
+/// bytes read from it that hyper must read first.
+pub(super) struct Handover {
+    pub client: TcpStream,
+    pub read: BytesMut,
+}
+
+impl tokio::io::AsyncRead for Handover {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.read.is_empty() {
+            return std::pin::Pin::new(&mut this.client).poll_read(cx, buf);
+        }
+        let n = this.read.len().min(buf.remaining());
+        buf.put_slice(&this.read[..n]);
+        this.read.advance(n);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for Handover {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().client).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().client).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.client.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().client).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().client).poll_shutdown(cx)
+    }
+}
+
+/// Serves a client connection's HTTP/1.1 requests until it closes (`None`)
+/// or asks for something only hyper does (the connection, handed over).
+pub(super) async fn serve(
+    mut client: TcpStream,
+    conn: &Client,
+    drain: &mut drain::Watch,
+) -> Option<Handover> {
+    let probe = drain.probe();
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        if buf.is_empty() {
+            if drain.is_signaled() {
+                return None;
+            }
+            tokio::select! {
+                read = client.read_buf(&mut buf) => if !matches!(read, Ok(n) if n > 0) {
+                    return None;
+                },
+                () = drain.signaled() => return None,
+            }
+        }
+        let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+        let request = loop {
+            match Request::read(&buf, conn) {
+                Read::Complete(request) => break request,
+                Read::Hyper => return Some(Handover { client, read: buf }),
+                Read::Partial => {}
+            }
+            buf.reserve(READ_CHUNK);
+            match tokio::time::timeout_at(deadline, client.read_buf(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return None,
+            }
+        };
+        buf.advance(request.len);
+        let state = request.state.clone();
+        let metrics = state.shared.metrics();
+        let keep_alive = tokio::select! {
+            keep_alive = forward(&mut client, request, &probe) => keep_alive,
+            () = drain.forced() => {
+                metrics.drain_kills.increment(1);
+                return None;
+            }
+        };
+        if !keep_alive {
+            return None;
+        }
+    }
+}
+
+/// How far a request has been read.
+enum Read {
+    Complete(Request),
+    Partial,
+    Hyper,
+}
+
+/// A request read whole and made ready to forward.
+struct Request {
+    /// Bytes of the client's buffer it took (head and body).
+    len: usize,
+    /// What goes upstream: the rewritten head and the body.
+    bytes: Vec<u8>,
+    state: Arc<ServiceState>,
+    /// Where the route sends it (`None`: to a service this node does not know).
+    target: Option<Arc<ServiceState>>,
+    among: Option<Vec<usize>>,
+    key: u64,
+    method: Method,
+    head_request: bool,
+    bodiless: bool,
+    /// The client said `Connection: close`.
+    close: bool,
+    logged: Option<Logged>,
+    body_len: u64,
+}
+
+/// A request head as httparse gave it: what routing and hashing read.
+struct Parsed<'a> {
+    method: &'a str,
+    path: &'a str,
+    headers: &'a [httparse::Header<'a>],
+}
+
+impl Head for Parsed<'_> {
+    fn method(&self) -> &str {
+        self.method
+    }
+
+    fn path(&self) -> &str {
+        self.path.split_once('?').map_or(self.path, |(path, _)| path)
+    }
+
+    fn any_header(&self, name: &str, test: &mut dyn FnMut(&[u8]) -> bool) -> bool {
+        self.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .any(|h| test(h.value))
+    }
+}
+
+/// Hop-by-hop headers of a request: never forwarded (RFC 9110 7.6.1).
+const REQUEST_HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Hop-by-hop headers of a response. `Transfer-Encoding` and `Trailer`
+/// stay: the body is relayed in the framing they describe.
+const RESPONSE_HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "upgrade",
+];
+
+/// The comma-separated tokens of a header value, trimmed.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
+}
+
+/// Whether header `name` is one of `names` or named by `Connection`.
+fn dropped(name: &str, names: &[&str], connection: &[&[u8]]) -> bool {
+    names.iter().any(|n| name.eq_ignore_ascii_case(n))
+        || connection.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
+}
+
+fn header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes a folded list header: the values it came with, then this hop's.
+fn folded(
+    out: &mut Vec<u8>,
+    parsed: &Parsed<'_>,
+    name: &str,
+    write: fn(&mut Vec<u8>, std::net::IpAddr),
+    client: std::net::IpAddr,
+) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    for h in parsed
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(name))
+    {
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b", ");
+    }
+    write(out, client);
+    out.extend_from_slice(b"\r\n");
+}
+
+impl Request {
+    /// Parses what `buf` holds of the next request and, once it is whole
+    /// and the fast path takes it, routes it and writes what goes upstream.
+    fn read(buf: &[u8], conn: &Client) -> Read {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut headers);
+        let head_len = match parsed.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST => return Read::Partial,
+            _ => return Read::Hyper,
+        };
+        let (Some(method), Some(path), Some(1)) = (parsed.method, parsed.path, parsed.version) else {
+            return Read::Hyper;
+        };
+        let parsed = Parsed {
+            method,
+            path,
+            headers: parsed.headers,
+        };
+        // What the fast path cannot take, and the framing of the body.
+        let mut body_len: Option<u64> = None;
+        let mut connection: Vec<&[u8]> = Vec::new();
+        let (mut close, mut trailers, mut has_host, mut request_id) = (false, false, false, false);
+        let mut traceparent = None;
+        for h in parsed.headers {
+            let name = h.name;
+            if name.eq_ignore_ascii_case("content-length") {
+                let Some(len) = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                else {
+                    return Read::Hyper;
+                };
+                if body_len.is_some_and(|seen| seen != len) {
+                    return Read::Hyper;
+                }
+                body_len = Some(len);
+            } else if name.eq_ignore_ascii_case("transfer-encoding")
+                || name.eq_ignore_ascii_case("upgrade")
+                || name.eq_ignore_ascii_case("expect")
+            {
+                return Read::Hyper;
+            } else if name.eq_ignore_ascii_case("connection") {
+                for token in tokens(h.value) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"upgrade") {
+                        return Read::Hyper;
+                    }
+                    connection.push(token);
+                }
+            } else if name.eq_ignore_ascii_case("te") {
+                trailers |= tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
+            } else if name.eq_ignore_ascii_case("host") {
+                has_host = true;
+            } else if name.eq_ignore_ascii_case("x-request-id") {
+                request_id |= !h.value.is_empty();
+            } else if name.eq_ignore_ascii_case("traceparent") {
+                traceparent = Some(h.value);
+            }
+        }
+        let body_len = body_len.unwrap_or(0);
+        if method == "CONNECT" || !path.starts_with('/') {
+            return Read::Hyper;
+        }
+        let Some(end) = usize::try_from(body_len)
+            .ok()
+            .and_then(|len| head_len.checked_add(len))
+            .filter(|end| *end <= MAX_REQUEST)
+        else {
+            return Read::Hyper;
+        };
+        if buf.len() < end {
+            return Read::Partial;
+        }
+        let state = conn.cell.current();
+        let http = &state.spec.http;
+        if http.upstream_protocol != UpstreamProtocol::Http1 {
+            return Read::Hyper;
+        }
+        let (target, among) = match state.routes().map(|routes| routes.choose(&parsed)) {
+            Some(Target::Service(name)) => (state.context.directory.find(name), None),
+            Some(Target::Backends(among)) => (Some(state.clone()), among.clone()),
+            None => (Some(state.clone()), None),
+        };
+        if target
+            .as_ref()
+            .is_some_and(|target| target.spec.http.upstream_protocol != UpstreamProtocol::Http1)
+        {
+            return Read::Hyper;
+        }
+        let key = request_hash(http, &parsed, conn.peer);
+        // The head that goes upstream.
+        let mut bytes = Vec::with_capacity(end + 256);
+        bytes.extend_from_slice(method.as_bytes());
+        bytes.push(b' ');
+        bytes.extend_from_slice(path.as_bytes());
+        bytes.extend_from_slice(b" HTTP/1.1\r\n");
+        let mut traceparent_value = Vec::with_capacity(55);
+        let continued = identity::write_traceparent(&mut traceparent_value, traceparent);
+        for h in parsed.headers {
+            let name = h.name;
+            let replaced = ["traceparent", "x-forwarded-for", "forwarded"]
+                .iter()
+                .any(|n| name.eq_ignore_ascii_case(n))
+                || (!continued && name.eq_ignore_ascii_case("tracestate"))
+                || (!request_id && name.eq_ignore_ascii_case("x-request-id"));
+            if !replaced && !dropped(name, &REQUEST_HOP_BY_HOP, &connection) {
+                header(&mut bytes, name, h.value);
+            }
+        }
+        if !has_host {
+            header(&mut bytes, "host", state.address.to_string().as_bytes());
+        }
+        if trailers {
+            header(&mut bytes, "te", b"trailers");
+        }
+        let logging = http.access_log || state.context.access_log_all;
+        let mut made_id = Vec::new();
+        if !request_id {
+            identity::write_request_id(&mut made_id);
+            header(&mut bytes, "x-request-id", &made_id);
+        }
+        header(&mut bytes, "traceparent", &traceparent_value);
+        let ip = conn.peer.ip();
+        folded(
+            &mut bytes,
+            &parsed,
+            "x-forwarded-for",
+            identity::write_forwarded_for,
+            ip,
+        );
+        folded(&mut bytes, &parsed, "forwarded", identity::write_forwarded, ip);
+        bytes.extend_from_slice(b"\r\n");
+        bytes.extend_from_slice(&buf[head_len..end]);
+        let logged = logging.then(|| {
+            let request_id = if request_id {
+                let mut id = None;
+                parsed.any_header("x-request-id", &mut |v| {
+                    id = Some(String::from_utf8_lossy(v).into_owned());
+                    !v.is_empty()
+                });
+                id.unwrap_or_default()
+            } else {
+                String::from_utf8_lossy(&made_id).into_owned()
+            };
+            Logged {
+                path: parsed.path().into(),
+                identity: Identity {
+                    request_id,
+                    trace_id: identity::trace_id(&traceparent_value).to_string(),
+                },
+            }
+        });
+        let method = Method::from_bytes(method.as_bytes()).unwrap_or(Method::GET);
+        Read::Complete(Request {
+            len: end,
+            bytes,
+            head_request: method == Method::HEAD,
+            bodiless: body_len == 0,
+            close,
+            logged,
+            body_len,
+            state,
+            target,
+            among,
+            key,
+            method,
+        })
+    }
+}
+
+/// Proxies one request and writes its response; says whether the client
+/// connection may carry another.
+async fn forward(client: &mut TcpStream, request: Request, drain: &drain::Probe) -> bool {
+    let started = Instant::now();
+    let state = request.state.clone();
+    let shared = state.shared.clone();
+    let http = &state.spec.http;
+    let in_flight = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut exchange = Exchange {
+        state: state.clone(),
+        started,
+        method: request.method.clone(),
+        logged: request.logged,
+        status: 0,
+        upstream: None,
+        retries: 0,
+        bytes_in: None,
+        checkout: None,
+        _on_backend: None,
+        _in_flight: InFlight(shared.clone()),
+    };
+    if exchange.logged.is_some() {
+        exchange.bytes_in = Some(Arc::new(AtomicU64::new(request.body_len)));
+    }
+    let close = request.close;
+    if http.max_requests.is_some_and(|max| in_flight > u64::from(max)) {
+        return refuse(client, Refusal::MaxRequests, exchange, close, drain).await;
+    }
+    shared.retry_budget.request();
+    let Some(target) = request.target.clone() else {
+        return refuse(client, Refusal::NoSuchService, exchange, close, drain).await;
+    };
+    let Ok(backends) = target.backends() else {
+        return refuse(client, Refusal::NoHealthyBackend, exchange, close, drain).await;
+    };
+    let among = request.among.as_deref();
+    let retryable = request.bodiless && http.retry.attempts > 0 && is_idempotent(&request.method);
+    let deadline = started + http.request_timeout;
+    let per_try = http.per_try_timeout.unwrap_or(http.request_timeout);
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last = Refusal::NoHealthyBackend;
+    loop {
+        let index = match backends.pick_among(request.key, &tried, among) {
+            Ok(index) => index,
+            Err(NoBackend::NoneUp) => {
+                return refuse(client, Refusal::NoHealthyBackend, exchange, close, drain).await
+            }
+            Err(NoBackend::Exhausted) => return refuse(client, last, exchange, close, drain).await,
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return refuse(client, Refusal::RequestTimeout, exchange, close, drain).await;
+        }
+        let backend = &backends.backends()[index];
+        backend.stats.active.fetch_add(1, Ordering::Relaxed);
+        backend.stats.traffic().requests.increment(1);
+        let on_backend = OnBackend(backend.stats.clone());
+        let sent_at = Instant::now();
+        let outcome = attempt(
+            &target,
+            backends,
+            index,
+            &request.bytes,
+            request.head_request,
+            request.bodiless && is_idempotent(&request.method),
+            per_try.min(remaining),
+        )
+        .await;
+        tried.push(index);
+        let may_retry = |exchange: &Exchange, tried: &[usize]| {
+            exchange.retries < http.retry.attempts && backends.pick_among(request.key, tried, among).is_ok()
+        };
+        let budget = || {
+            shared
+                .retry_budget
+                .try_retry(http.retry.budget_percent, http.retry.min_per_second)
+        };
+        match outcome {
+            Outcome::Answered(raw, response) => {
+                let failed = response.status >= 500;
+                if failed {
+                    record_failure(&target, backends, index, &response.status.to_string());
+                } else {
+                    backend.stats.record_success(sent_at.elapsed());
+                }
+                if http.retry.statuses.contains(&response.status)
+                    && retryable
+                    && may_retry(&exchange, &tried)
+                    && budget()
+                {
+                    // The answer nobody will see: its connection closes.
+                    drop(raw);
+                    exchange.retries += 1;
+                    shared.http_metrics().retries.increment(1);
+                    super::backoff(http, exchange.retries, deadline).await;
+                    continue;
+                }
+                exchange.status = response.status;
+                exchange.upstream = Some(backend.id.clone());
+                exchange._on_backend = Some(on_backend);
+                let close = close || drain.is_signaled() || response.framing == Framing::Close;
+                return relay(client, raw, response, exchange, close, backend).await;
+            }
+            Outcome::NotSent(refusal) => {
+                if refusal == Refusal::MaxPendingRequests {
+                    return refuse(client, refusal, exchange, close, drain).await;
+                }
+                record_failure(&target, backends, index, refusal.reason());
+                last = refusal;
+                // It never reached a backend: safe to send elsewhere, whatever the method.
+                if may_retry(&exchange, &tried) && budget() {
+                    exchange.retries += 1;
+                    shared.http_metrics().retries.increment(1);
+                    continue;
+                }
+                return refuse(client, refusal, exchange, close, drain).await;
+            }
+            Outcome::Failed(refusal) => {
+                record_failure(&target, backends, index, refusal.reason());
+                last = if refusal == Refusal::PerTryTimeout && Instant::now() >= deadline {
+                    Refusal::RequestTimeout
+                } else {
+                    refusal
+                };
+                if retryable && may_retry(&exchange, &tried) && budget() {
+                    exchange.retries += 1;
+                    shared.http_metrics().retries.increment(1);
+                    super::backoff(http, exchange.retries, deadline).await;
+                    continue;
+                }
+                return refuse(client, last, exchange, close, drain).await;
+            }
+        }
+    }
+}
+
+/// How a response's body ends (RFC 9112 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked,
+    /// At the end of the connection.
+    Close,
+}
+
+/// A response head read from a backend, rewritten for the client (without
+/// its final blank line: `Connection: close` may still be added).
+struct Response {
+    status: u16,
+    head: Vec<u8>,
+    framing: Framing,
+    /// Whether the backend keeps the connection open after it.
+    keep_alive: bool,
+}
+
+/// How one attempt went.
+enum Outcome {
+    Answered(Raw, Response),
+    /// Never reached the backend.
+    NotSent(Refusal),
+    Failed(Refusal),
+}
+
+/// Sends `bytes` to backend `index` and reads its response head, within
+/// `limit`. A pooled connection the backend closed before answering (the
+/// keep-alive race) is replaced by a new one for a request that can be
+/// sent twice (`replayable`).
+async fn attempt(
+    state: &ServiceState,
+    backends: &BackendSet,
+    index: usize,
+    bytes: &[u8],
+    head_request: bool,
+    replayable: bool,
+    limit: Duration,
+) -> Outcome {
+    let http = &state.spec.http;
+    let backend = &backends.backends()[index];
+    let connect = move || super::dial(state, backend);
+    let want = Want {
+        protocol: UpstreamProtocol::Http1,
+        max_connections: http.max_connections_per_backend,
+        idle_timeout: http.pool_idle_timeout,
+        upgrade: false,
+        connect: &connect,
+        gauge: &state.shared.http_metrics().upstream_connections,
+    };
+    let pool = &backend.stats.pool;
+    let exchange = async {
+        let mut stale = 0;
+        loop {
+            let pending = &state.shared.pending;
+            let (counted, waiting) = crate::proxy::Held::count(pending);
+            if http
+                .max_pending_requests
+                .is_some_and(|max| waiting > u64::from(max))
+            {
+                return Outcome::NotSent(Refusal::MaxPendingRequests);
+            }
+            let raw = pool.checkout_raw(&want).await;
+            drop(counted);
+            let Ok(mut raw) = raw else {
+                return Outcome::NotSent(Refusal::ConnectFailed);
+            };
+            if raw.io.write_all(bytes).await.is_err() {
+                if raw.reused && stale < STALE_RETRIES {
+                    stale += 1;
+                    continue;
+                }
+                return Outcome::Failed(Refusal::UpstreamReset);
+            }
+            match read_response(&mut raw, head_request).await {
+                Ok(response) => return Outcome::Answered(raw, response),
+                Err(Nothing) if raw.reused && replayable && stale < STALE_RETRIES => stale += 1,
+                Err(_) => return Outcome::Failed(Refusal::UpstreamReset),
+            }
+        }
+    };
+    match tokio::time::timeout(limit, exchange).await {
+        Ok(outcome) => outcome,
+        Err(_) => Outcome::Failed(Refusal::PerTryTimeout),
+    }
+}
+
+/// Why no response head was read.
+#[derive(Debug, PartialEq, Eq)]
+enum BadResponse {
+    /// The connection ended before any byte of a response.
+    Nothing,
+    /// It ended part way, or what came is not HTTP/1.x.
+    Broken,
+}
+use BadResponse::Nothing;
+
+/// Reads a response head into `raw.buf` (skipping interim 1xx responses)
+/// and rewrites it for the client; `raw.buf` keeps what follows the head.
+async fn read_response(raw: &mut Raw, head_request: bool) -> Result<Response, BadResponse> {
+    let mut any = false;
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut headers);
+        match parsed.parse(&raw.buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let status = parsed.code.unwrap_or(0);
+                if (100..200).contains(&status) {
+                    if status == 101 {
+                        return Err(BadResponse::Broken);
+                    }
+                    raw.buf.advance(len);
+                    continue;
+                }
+                let response = rewrite(&parsed, head_request).ok_or(BadResponse::Broken)?;
+                raw.buf.advance(len);
+                return Ok(response);
+            }
+            Ok(httparse::Status::Partial) if raw.buf.len() < MAX_RESPONSE_HEAD => {}
+            _ => return Err(BadResponse::Broken),
+        }
+        raw.buf.reserve(READ_CHUNK);
+        match raw.io.read_buf(&mut raw.buf).await {
+            Ok(n) if n > 0 => any = true,
+            _ if any || !raw.buf.is_empty() => return Err(BadResponse::Broken),
+            _ => return Err(Nothing),
+        }
+    }
+}
+
+/// The client's copy of a response head, and how its body ends; `None`
+/// for a head that cannot be relayed (conflicting lengths).
+fn rewrite(parsed: &httparse::Response<'_, '_>, head_request: bool) -> Option<Response> {
+    let status = parsed.code?;
+    let mut connection: Vec<&[u8]> = Vec::new();
+    let mut keep_alive = parsed.version == Some(1);
+    let (mut length, mut chunked, mut encoded) = (None, false, false);
+    for h in parsed.headers.iter() {
+        if h.name.eq_ignore_ascii_case("connection") {
+            for token in tokens(h.value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                }
+                connection.push(token);
+            }
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let len = std::str::from_utf8(h.value).ok()?.trim().parse::<u64>().ok()?;
+            if length.is_some_and(|seen| seen != len) {
+                return None;
+            }
+            length = Some(len);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            encoded = true;
+            chunked = tokens(h.value)
+                .last()
+                .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
+        }
+    }
+    let framing = if head_request || status == 204 || status == 304 {
+        Framing::Length(0)
+    } else if encoded {
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        }
+    } else {
+        length.map_or(Framing::Close, Framing::Length)
+    };
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(status.to_string().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(parsed.reason.unwrap_or("").as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for h in parsed.headers.iter() {
+        // A length beside a transfer coding is wrong and not what frames it.
+        let stale_length = encoded && h.name.eq_ignore_ascii_case("content-length");
+        if !(stale_length || dropped(h.name, &RESPONSE_HOP_BY_HOP, &connection)) {
+            header(&mut head, h.name, h.value);
+        }
+    }
+    Some(Response {
+        status,
+        head,
+        framing,
+        keep_alive: keep_alive && framing != Framing::Close,
+    })
+}
+
+/// Writes the response to the client and relays its body to its end; the
+/// upstream connection goes back to its pool when it can carry another
+/// request. Says whether the client connection may.
+async fn relay(
+    client: &mut TcpStream,
+    mut raw: Raw,
+    response: Response,
+    exchange: Exchange,
+    close: bool,
+    backend: &crate::proxy::balance::Backend,
+) -> bool {
+    let mut out = response.head;
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    let mut end = End::new(response.framing);
+    let mut sent = 0u64;
+    let mut complete = false;
+    let mut written = true;
+    loop {
+        let (take, done) = end.feed(&raw.buf);
+        let Some(take) = take else { break };
+        out.extend_from_slice(&raw.buf[..take]);
+        raw.buf.advance(take);
+        sent += take as u64;
+        if !out.is_empty() {
+            if client.write_all(&out).await.is_err() {
+                written = false;
+                break;
+            }
+            out.clear();
+        }
+        if done {
+            complete = true;
+            break;
+        }
+        raw.buf.reserve(READ_CHUNK);
+        match raw.io.read_buf(&mut raw.buf).await {
+            Ok(n) if n > 0 => {}
+            // The end of a close-delimited body; any other ends early.
+            _ => {
+                complete = response.framing == Framing::Close;
+                break;
+            }
+        }
+    }
+    let idle_timeout = exchange.state.spec.http.pool_idle_timeout;
+    if complete && response.keep_alive && raw.buf.is_empty() {
+        backend.stats.pool.give_back_raw(raw, idle_timeout);
+    }
+    Box::new(exchange).finish(complete, sent);
+    complete && written && !close
+}
+
+/// Where a response body ends in the bytes read of it.
+enum End {
+    Length(u64),
+    Chunked(Chunked),
+    Close,
+}
+
+impl End {
+    fn new(framing: Framing) -> End {
+        match framing {
+            Framing::Length(n) => End::Length(n),
+            Framing::Chunked => End::Chunked(Chunked::default()),
+            Framing::Close => End::Close,
+        }
+    }
+
+    /// How many of `bytes` belong to the body, and whether they end it;
+    /// `None` for a body that cannot be framed (a broken chunk).
+    fn feed(&mut self, bytes: &[u8]) -> (Option<usize>, bool) {
+        match self {
+            End::Length(left) => {
+                let take = (*left).min(bytes.len() as u64);
+                *left -= take;
+                (Some(take as usize), *left == 0)
+            }
+            End::Chunked(chunked) => match chunked.feed(bytes) {
+                Ok(Some(end)) => (Some(end), true),
+                Ok(None) => (Some(bytes.len()), false),
+                Err(()) => (None, false),
+            },
+            End::Close => (Some(bytes.len()), false),
+        }
+    }
+}
+
+/// Finds the end of a chunked body (RFC 9112 7.1) in bytes fed as they come.
+#[derive(Default)]
+struct Chunked {
+    state: ChunkState,
+    size: u64,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Size,
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    TrailerStart,
+    TrailerLine,
+    EndLf,
+}
+
+impl Chunked {
+    /// Feeds the next bytes: `Some(n)` when the body ends after the first
+    /// `n` of them, an error for bytes that are not chunked framing.
+    fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, ()> {
+        let mut at = 0;
+        while at < bytes.len() {
+            let b = bytes[at];
+            match self.state {
+                ChunkState::Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        let digit = (b as char).to_digit(16).ok_or(())? as u64;
+                        self.size = self.size.checked_mul(16).ok_or(())? + digit;
+                    }
+                    b';' | b' ' | b'\t' => self.state = ChunkState::Extension,
+                    b'\r' => self.state = ChunkState::SizeLf,
+                    b'\n' => self.sized(),
+                    _ => return Err(()),
+                },
+                ChunkState::Extension => match b {
+                    b'\r' => self.state = ChunkState::SizeLf,
+                    b'\n' => self.sized(),
+                    _ => {}
+                },
+                ChunkState::SizeLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.sized();
+                }
+                ChunkState::Data => {
+                    let take = self.size.min((bytes.len() - at) as u64);
+                    self.size -= take;
+                    at += take as usize;
+                    if self.size == 0 {
+                        self.state = ChunkState::DataCr;
+                    }
+                    continue;
+                }
+                ChunkState::DataCr => match b {
+                    b'\r' => self.state = ChunkState::DataLf,
+                    b'\n' => self.state = ChunkState::Size,
+                    _ => return Err(()),
+                },
+                ChunkState::DataLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::TrailerStart => match b {
+                    b'\r' => self.state = ChunkState::EndLf,
+                    b'\n' => return Ok(Some(at + 1)),
+                    _ => self.state = ChunkState::TrailerLine,
+                },
+                ChunkState::TrailerLine => {
+                    if b == b'\n' {
+                        self.state = ChunkState::TrailerStart;
+                    }
+                }
+                ChunkState::EndLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    return Ok(Some(at + 1));
+                }
+            }
+            at += 1;
+        }
+        Ok(None)
+    }
+
+    /// A chunk's size line has ended: its data, or the trailers of the last.
+    fn sized(&mut self) {
+        self.state = if self.size == 0 {
+            ChunkState::TrailerStart
+        } else {
+            ChunkState::Data
+        };
+    }
+}
+
+/// The proxy's own answer on the fast path. Says whether the client
+/// connection may carry another request.
+async fn refuse(
+    client: &mut TcpStream,
+    refusal: Refusal,
+    mut exchange: Exchange,
+    close: bool,
+    drain: &drain::Probe,
+) -> bool {
+    let close = close || drain.is_signaled();
+    exchange.status = refusal.status().as_u16();
+    exchange.state.shared.http_metrics().refused[refusal as usize].increment(1);
+    let reason = refusal.reason();
+    let status = refusal.status();
+    let mut out = Vec::with_capacity(200);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    header(&mut out, "content-type", b"text/plain");
+    header(&mut out, super::ERROR_HEADER.as_str(), reason.as_bytes());
+    header(
+        &mut out,
+        "content-length",
+        (reason.len() + 1).to_string().as_bytes(),
+    );
+    if close {
+        header(&mut out, "connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(reason.as_bytes());
+    out.push(b'\n');
+    let written = client.write_all(&out).await.is_ok();
+    Box::new(exchange).finish(written, reason.len() as u64 + 1);
+    written && !close
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn end_of(chunks: &[&[u8]]) -> Result<Option<usize>, ()> {
+        let mut chunked = Chunked::default();
+        let mut offset = 0;
+        for bytes in chunks {
+            if let Some(end) = chunked.feed(bytes)? {
+                return Ok(Some(offset + end));
+            }
+            offset += bytes.len();
+        }
+        Ok(None)
+    }
+
+    #[test]
+    fn a_chunked_body_ends_after_its_last_chunk_and_trailers() {
+        let body: &[u8] = b"5\r\nhello\r\n1a;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\n\r\nNEXT";
+        assert_eq!(end_of(&[body]), Ok(Some(body.len() - 4)));
+        let trailers: &[u8] = b"3\r\nabc\r\n0\r\nx-checksum: 1\r\nx-more: 2\r\n\r\n";
+        assert_eq!(end_of(&[trailers]), Ok(Some(trailers.len())));
+        // Byte by byte, as the network may hand it over.
+        let bytes: Vec<&[u8]> = trailers.chunks(1).collect();
+        assert_eq!(end_of(&bytes), Ok(Some(trailers.len())));
+        assert_eq!(end_of(&[b"5\r\nhel"]), Ok(None));
+        assert_eq!(end_of(&[b"zz\r\n"]), Err(()));
+        assert_eq!(end_of(&[b"5\r\nhelloXX"]), Err(()));
+        assert_eq!(end_of(&[b"ffffffffffffffffff\r\n"]), Err(()));
+    }
+
+    #[test]
+    fn a_response_head_is_rewritten_with_its_framing() {
+        let head = b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 5\r\nX-Kept: 1\r\n\r\n";
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut headers);
+        parsed.parse(head).unwrap();
+        let response = rewrite(&parsed, false).unwrap();
+        assert_eq!(
+            String::from_utf8(response.head).unwrap(),
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Kept: 1\r\n"
+        );
+        assert_eq!(response.framing, Framing::Length(5));
+        assert!(response.keep_alive);
+        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\nConnection: close\r\n\r\n";
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut headers);
+        parsed.parse(head).unwrap();
+        let response = rewrite(&parsed, false).unwrap();
+        assert_eq!(response.framing, Framing::Chunked);
+        assert!(!response.keep_alive);
+        assert!(!String::from_utf8(response.head)
+            .unwrap()
+            .contains("Content-Length"));
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n";
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut headers);
+        parsed.parse(head).unwrap();
+        assert!(rewrite(&parsed, false).is_none());
+    }
+}
