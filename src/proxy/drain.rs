@@ -176,6 +176,20 @@ impl Probe {
     pub fn is_signaled(&self) -> bool {
         self.shared.phase.load(Ordering::Acquire) >= DRAINING
     }
+
+    /// Resolves once the drain has started, as [`Watch::signaled`].
+    pub async fn signaled(&self) {
+        self.shared
+            .wait_until(|shared| shared.phase.load(Ordering::Acquire) >= DRAINING)
+            .await;
+    }
+
+    /// Resolves once the deadline has forced the drain, as [`Watch::forced`].
+    pub async fn forced(&self) {
+        self.shared
+            .wait_until(|shared| shared.phase.load(Ordering::Acquire) == FORCED)
+            .await;
+    }
 }
 
 #[cfg(test)]

@@ -116,22 +116,33 @@ pub(super) async fn serve(
     drain: &mut drain::Watch,
 ) -> Option<Handover> {
     let probe = drain.probe();
+    // Waited on across requests, registered once per connection.
+    let (signaled, forced) = (probe.signaled(), probe.forced());
+    tokio::pin!(signaled, forced);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut scratch = Scratch {
+        up: Vec::with_capacity(1024),
+        down: Vec::with_capacity(1024),
+        forwarded_for: Vec::new(),
+        forwarded: Vec::new(),
+    };
+    identity::write_forwarded_for(&mut scratch.forwarded_for, conn.peer.ip());
+    identity::write_forwarded(&mut scratch.forwarded, conn.peer.ip());
     loop {
         if buf.is_empty() {
-            if drain.is_signaled() {
+            if probe.is_signaled() {
                 return None;
             }
             tokio::select! {
                 read = client.read_buf(&mut buf) => if !matches!(read, Ok(n) if n > 0) {
                     return None;
                 },
-                () = drain.signaled() => return None,
+                () = &mut signaled => return None,
             }
         }
         let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
         let request = loop {
-            match Request::read(&buf, conn) {
+            match Request::read(&buf, conn, &mut scratch) {
                 Read::Complete(request) => break request,
                 Read::Hyper => return Some(Handover { client, read: buf }),
                 Read::Partial => {}
@@ -146,8 +157,8 @@ pub(super) async fn serve(
         let state = request.state.clone();
         let metrics = state.shared.metrics();
         let keep_alive = tokio::select! {
-            keep_alive = forward(&mut client, request, &probe) => keep_alive,
-            () = drain.forced() => {
+            keep_alive = forward(&mut client, request, &mut scratch, &probe) => keep_alive,
+            () = &mut forced => {
                 metrics.drain_kills.increment(1);
                 return None;
             }
@@ -156,6 +167,18 @@ pub(super) async fn serve(
             return None;
         }
     }
+}
+
+/// Buffers a connection reuses from request to request, and what it
+/// writes into every request's forwarding headers.
+struct Scratch {
+    /// What goes upstream: the rewritten head and the body.
+    up: Vec<u8>,
+    /// What goes to the client: the rewritten response head and body bytes.
+    down: Vec<u8>,
+    /// This client's element of `x-forwarded-for` and of `forwarded`.
+    forwarded_for: Vec<u8>,
+    forwarded: Vec<u8>,
 }
 
 /// How far a request has been read.
@@ -169,8 +192,6 @@ enum Read {
 struct Request {
     /// Bytes of the client's buffer it took (head and body).
     len: usize,
-    /// What goes upstream: the rewritten head and the body.
-    bytes: Vec<u8>,
     state: Arc<ServiceState>,
     /// Where the route sends it (`None`: to a service this node does not know).
     target: Option<Arc<ServiceState>>,
@@ -253,13 +274,7 @@ fn header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
 }
 
 /// Writes a folded list header: the values it came with, then this hop's.
-fn folded(
-    out: &mut Vec<u8>,
-    parsed: &Parsed<'_>,
-    name: &str,
-    write: fn(&mut Vec<u8>, std::net::IpAddr),
-    client: std::net::IpAddr,
-) {
+fn folded(out: &mut Vec<u8>, parsed: &Parsed<'_>, name: &str, this_hop: &[u8]) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
     for h in parsed
@@ -270,14 +285,14 @@ fn folded(
         out.extend_from_slice(h.value);
         out.extend_from_slice(b", ");
     }
-    write(out, client);
+    out.extend_from_slice(this_hop);
     out.extend_from_slice(b"\r\n");
 }
 
 impl Request {
     /// Parses what `buf` holds of the next request and, once it is whole
     /// and the fast path takes it, routes it and writes what goes upstream.
-    fn read(buf: &[u8], conn: &Client) -> Read {
+    fn read(buf: &[u8], conn: &Client, scratch: &mut Scratch) -> Read {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Request::new(&mut headers);
         let head_len = match parsed.parse(buf) {
@@ -367,13 +382,13 @@ impl Request {
         }
         let key = request_hash(http, &parsed, conn.peer);
         // The head that goes upstream.
-        let mut bytes = Vec::with_capacity(end + 256);
+        let bytes = &mut scratch.up;
+        bytes.clear();
         bytes.extend_from_slice(method.as_bytes());
         bytes.push(b' ');
         bytes.extend_from_slice(path.as_bytes());
         bytes.extend_from_slice(b" HTTP/1.1\r\n");
-        let mut traceparent_value = Vec::with_capacity(55);
-        let continued = identity::write_traceparent(&mut traceparent_value, traceparent);
+        let continued = traceparent.is_some_and(identity::continues);
         for h in parsed.headers {
             let name = h.name;
             let replaced = ["traceparent", "x-forwarded-for", "forwarded"]
@@ -382,56 +397,56 @@ impl Request {
                 || (!continued && name.eq_ignore_ascii_case("tracestate"))
                 || (!request_id && name.eq_ignore_ascii_case("x-request-id"));
             if !replaced && !dropped(name, &REQUEST_HOP_BY_HOP, &connection) {
-                header(&mut bytes, name, h.value);
+                header(bytes, name, h.value);
             }
         }
         if !has_host {
-            header(&mut bytes, "host", state.address.to_string().as_bytes());
+            header(bytes, "host", state.address.to_string().as_bytes());
         }
         if trailers {
-            header(&mut bytes, "te", b"trailers");
+            header(bytes, "te", b"trailers");
         }
-        let logging = http.access_log || state.context.access_log_all;
-        let mut made_id = Vec::new();
-        if !request_id {
-            identity::write_request_id(&mut made_id);
-            header(&mut bytes, "x-request-id", &made_id);
-        }
-        header(&mut bytes, "traceparent", &traceparent_value);
-        let ip = conn.peer.ip();
-        folded(
-            &mut bytes,
-            &parsed,
-            "x-forwarded-for",
-            identity::write_forwarded_for,
-            ip,
-        );
-        folded(&mut bytes, &parsed, "forwarded", identity::write_forwarded, ip);
+        let made_id = (!request_id).then(|| {
+            bytes.extend_from_slice(b"x-request-id: ");
+            let start = bytes.len();
+            identity::write_request_id(bytes);
+            let made = start..bytes.len();
+            bytes.extend_from_slice(b"\r\n");
+            made
+        });
+        bytes.extend_from_slice(b"traceparent: ");
+        let start = bytes.len();
+        identity::write_traceparent(bytes, traceparent);
+        let traceparent_value = start..bytes.len();
+        bytes.extend_from_slice(b"\r\n");
+        folded(bytes, &parsed, "x-forwarded-for", &scratch.forwarded_for);
+        folded(bytes, &parsed, "forwarded", &scratch.forwarded);
         bytes.extend_from_slice(b"\r\n");
         bytes.extend_from_slice(&buf[head_len..end]);
+        let logging = http.access_log || state.context.access_log_all;
         let logged = logging.then(|| {
-            let request_id = if request_id {
-                let mut id = None;
-                parsed.any_header("x-request-id", &mut |v| {
-                    id = Some(String::from_utf8_lossy(v).into_owned());
-                    !v.is_empty()
-                });
-                id.unwrap_or_default()
-            } else {
-                String::from_utf8_lossy(&made_id).into_owned()
+            let request_id = match &made_id {
+                Some(made) => String::from_utf8_lossy(&bytes[made.clone()]).into_owned(),
+                None => {
+                    let mut id = None;
+                    parsed.any_header("x-request-id", &mut |v| {
+                        id = Some(String::from_utf8_lossy(v).into_owned());
+                        !v.is_empty()
+                    });
+                    id.unwrap_or_default()
+                }
             };
             Logged {
                 path: parsed.path().into(),
                 identity: Identity {
                     request_id,
-                    trace_id: identity::trace_id(&traceparent_value).to_string(),
+                    trace_id: identity::trace_id(&bytes[traceparent_value]).to_string(),
                 },
             }
         });
         let method = Method::from_bytes(method.as_bytes()).unwrap_or(Method::GET);
         Read::Complete(Request {
             len: end,
-            bytes,
             head_request: method == Method::HEAD,
             bodiless: body_len == 0,
             close,
@@ -448,7 +463,12 @@ impl Request {
 
 /// Proxies one request and writes its response; says whether the client
 /// connection may carry another.
-async fn forward(client: &mut TcpStream, request: Request, drain: &drain::Probe) -> bool {
+async fn forward(
+    client: &mut TcpStream,
+    request: Request,
+    scratch: &mut Scratch,
+    drain: &drain::Probe,
+) -> bool {
     let started = Instant::now();
     let state = request.state.clone();
     let shared = state.shared.clone();
@@ -495,7 +515,8 @@ async fn forward(client: &mut TcpStream, request: Request, drain: &drain::Probe)
             }
             Err(NoBackend::Exhausted) => return refuse(client, last, exchange, close, drain).await,
         };
-        let remaining = deadline.saturating_duration_since(Instant::now());
+        let sent_at = Instant::now();
+        let remaining = deadline.saturating_duration_since(sent_at);
         if remaining.is_zero() {
             return refuse(client, Refusal::RequestTimeout, exchange, close, drain).await;
         }
@@ -503,12 +524,11 @@ async fn forward(client: &mut TcpStream, request: Request, drain: &drain::Probe)
         backend.stats.active.fetch_add(1, Ordering::Relaxed);
         backend.stats.traffic().requests.increment(1);
         let on_backend = OnBackend(backend.stats.clone());
-        let sent_at = Instant::now();
         let outcome = attempt(
             &target,
             backends,
             index,
-            &request.bytes,
+            scratch,
             request.head_request,
             request.bodiless && is_idempotent(&request.method),
             per_try.min(remaining),
@@ -547,7 +567,7 @@ async fn forward(client: &mut TcpStream, request: Request, drain: &drain::Probe)
                 exchange.upstream = Some(backend.id.clone());
                 exchange._on_backend = Some(on_backend);
                 let close = close || drain.is_signaled() || response.framing == Framing::Close;
-                return relay(client, raw, response, exchange, close, backend).await;
+                return relay(client, raw, response, &mut scratch.down, exchange, close, backend).await;
             }
             Outcome::NotSent(refusal) => {
                 if refusal == Refusal::MaxPendingRequests {
@@ -591,11 +611,11 @@ enum Framing {
     Close,
 }
 
-/// A response head read from a backend, rewritten for the client (without
-/// its final blank line: `Connection: close` may still be added).
+/// A response head read from a backend (rewritten for the client into a
+/// buffer of its own, without the final blank line: `Connection: close`
+/// may still be added).
 struct Response {
     status: u16,
-    head: Vec<u8>,
     framing: Framing,
     /// Whether the backend keeps the connection open after it.
     keep_alive: bool,
@@ -609,7 +629,8 @@ enum Outcome {
     Failed(Refusal),
 }
 
-/// Sends `bytes` to backend `index` and reads its response head, within
+/// Sends the request (`scratch.up`) to backend `index` and reads its
+/// response head (rewritten into `scratch.down`), within
 /// `limit`. A pooled connection the backend closed before answering (the
 /// keep-alive race) is replaced by a new one for a request that can be
 /// sent twice (`replayable`).
@@ -617,7 +638,7 @@ async fn attempt(
     state: &ServiceState,
     backends: &BackendSet,
     index: usize,
-    bytes: &[u8],
+    scratch: &mut Scratch,
     head_request: bool,
     replayable: bool,
     limit: Duration,
@@ -634,6 +655,7 @@ async fn attempt(
         gauge: &state.shared.http_metrics().upstream_connections,
     };
     let pool = &backend.stats.pool;
+    let (bytes, head) = (&scratch.up, &mut scratch.down);
     let exchange = async {
         let mut stale = 0;
         loop {
@@ -657,7 +679,7 @@ async fn attempt(
                 }
                 return Outcome::Failed(Refusal::UpstreamReset);
             }
-            match read_response(&mut raw, head_request).await {
+            match read_response(&mut raw, head, head_request).await {
                 Ok(response) => return Outcome::Answered(raw, response),
                 Err(Nothing) if raw.reused && replayable && stale < STALE_RETRIES => stale += 1,
                 Err(_) => return Outcome::Failed(Refusal::UpstreamReset),
@@ -682,7 +704,11 @@ use BadResponse::Nothing;
 
 /// Reads a response head into `raw.buf` (skipping interim 1xx responses)
 /// and rewrites it for the client; `raw.buf` keeps what follows the head.
-async fn read_response(raw: &mut Raw, head_request: bool) -> Result<Response, BadResponse> {
+async fn read_response(
+    raw: &mut Raw,
+    head: &mut Vec<u8>,
+    head_request: bool,
+) -> Result<Response, BadResponse> {
     let mut any = false;
     loop {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -697,7 +723,7 @@ async fn read_response(raw: &mut Raw, head_request: bool) -> Result<Response, Ba
                     raw.buf.advance(len);
                     continue;
                 }
-                let response = rewrite(&parsed, head_request).ok_or(BadResponse::Broken)?;
+                let response = rewrite(&parsed, head, head_request).ok_or(BadResponse::Broken)?;
                 raw.buf.advance(len);
                 return Ok(response);
             }
@@ -715,7 +741,7 @@ async fn read_response(raw: &mut Raw, head_request: bool) -> Result<Response, Ba
 
 /// The client's copy of a response head, and how its body ends; `None`
 /// for a head that cannot be relayed (conflicting lengths).
-fn rewrite(parsed: &httparse::Response<'_, '_>, head_request: bool) -> Option<Response> {
+fn rewrite(parsed: &httparse::Response<'_, '_>, head: &mut Vec<u8>, head_request: bool) -> Option<Response> {
     let status = parsed.code?;
     let mut connection: Vec<&[u8]> = Vec::new();
     let mut keep_alive = parsed.version == Some(1);
@@ -752,9 +778,12 @@ fn rewrite(parsed: &httparse::Response<'_, '_>, head_request: bool) -> Option<Re
     } else {
         length.map_or(Framing::Close, Framing::Length)
     };
-    let mut head = Vec::with_capacity(256);
+    if !(100..1000).contains(&status) {
+        return None;
+    }
+    head.clear();
     head.extend_from_slice(b"HTTP/1.1 ");
-    head.extend_from_slice(status.to_string().as_bytes());
+    head.extend([100, 10, 1].map(|unit| b'0' + (status / unit % 10) as u8));
     head.push(b' ');
     head.extend_from_slice(parsed.reason.unwrap_or("").as_bytes());
     head.extend_from_slice(b"\r\n");
@@ -762,12 +791,11 @@ fn rewrite(parsed: &httparse::Response<'_, '_>, head_request: bool) -> Option<Re
         // A length beside a transfer coding is wrong and not what frames it.
         let stale_length = encoded && h.name.eq_ignore_ascii_case("content-length");
         if !(stale_length || dropped(h.name, &RESPONSE_HOP_BY_HOP, &connection)) {
-            header(&mut head, h.name, h.value);
+            header(head, h.name, h.value);
         }
     }
     Some(Response {
         status,
-        head,
         framing,
         keep_alive: keep_alive && framing != Framing::Close,
     })
@@ -780,11 +808,11 @@ async fn relay(
     client: &mut TcpStream,
     mut raw: Raw,
     response: Response,
+    out: &mut Vec<u8>,
     exchange: Exchange,
     close: bool,
     backend: &crate::proxy::balance::Backend,
 ) -> bool {
-    let mut out = response.head;
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -800,7 +828,7 @@ async fn relay(
         raw.buf.advance(take);
         sent += take as u64;
         if !out.is_empty() {
-            if client.write_all(&out).await.is_err() {
+            if client.write_all(out).await.is_err() {
                 written = false;
                 break;
             }
@@ -1040,9 +1068,10 @@ mod tests {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut headers);
         parsed.parse(head).unwrap();
-        let response = rewrite(&parsed, false).unwrap();
+        let mut out = Vec::new();
+        let response = rewrite(&parsed, &mut out, false).unwrap();
         assert_eq!(
-            String::from_utf8(response.head).unwrap(),
+            String::from_utf8(out.clone()).unwrap(),
             "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Kept: 1\r\n"
         );
         assert_eq!(response.framing, Framing::Length(5));
@@ -1051,16 +1080,14 @@ mod tests {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut headers);
         parsed.parse(head).unwrap();
-        let response = rewrite(&parsed, false).unwrap();
+        let response = rewrite(&parsed, &mut out, false).unwrap();
         assert_eq!(response.framing, Framing::Chunked);
         assert!(!response.keep_alive);
-        assert!(!String::from_utf8(response.head)
-            .unwrap()
-            .contains("Content-Length"));
+        assert!(!String::from_utf8(out.clone()).unwrap().contains("Content-Length"));
         let head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n";
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut headers);
         parsed.parse(head).unwrap();
-        assert!(rewrite(&parsed, false).is_none());
+        assert!(rewrite(&parsed, &mut out, false).is_none());
     }
 }

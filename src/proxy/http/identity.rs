@@ -71,21 +71,42 @@ pub fn stamp(headers: &mut HeaderMap, client: IpAddr, keep: bool) -> Option<Iden
 /// span id, or a new trace when `incoming` is absent or malformed. Says
 /// whether the incoming trace was continued (its `tracestate` stays).
 pub fn write_traceparent(out: &mut Vec<u8>, incoming: Option<&[u8]>) -> bool {
-    use std::io::Write;
     let parent = incoming
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(parse_traceparent);
-    let _ = match parent {
-        Some((trace_id, flags)) => write!(out, "00-{trace_id}-{:016x}-{flags}", nonzero()),
-        None => write!(
-            out,
-            "00-{:016x}{:016x}-{:016x}-00",
-            nonzero(),
-            random(),
-            nonzero()
-        ),
-    };
+    out.extend_from_slice(b"00-");
+    match parent {
+        Some((trace_id, _)) => out.extend_from_slice(trace_id.as_bytes()),
+        None => {
+            hex(out, nonzero(), 16);
+            hex(out, random(), 16);
+        }
+    }
+    out.push(b'-');
+    hex(out, nonzero(), 16);
+    out.push(b'-');
+    out.extend_from_slice(parent.map_or("00", |(_, flags)| flags).as_bytes());
     parent.is_some()
+}
+
+/// Writes the low `digits` hex digits of `value`, lowercase (on every
+/// request: without the formatting machinery).
+fn hex(out: &mut Vec<u8>, value: u64, digits: u32) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.extend(
+        (0..digits)
+            .rev()
+            .map(|i| DIGITS[(value >> (i * 4)) as usize & 0xf]),
+    );
+}
+
+/// Whether an incoming `traceparent` is one this hop continues (its
+/// `tracestate` then stays).
+pub fn continues(incoming: &[u8]) -> bool {
+    std::str::from_utf8(incoming)
+        .ok()
+        .and_then(parse_traceparent)
+        .is_some()
 }
 
 /// The trace id of a traceparent [`write_traceparent`] wrote.
@@ -138,19 +159,18 @@ fn nonzero() -> u64 {
 
 /// Writes a random version-4 UUID, the usual shape of a request id.
 pub fn write_request_id(out: &mut Vec<u8>) {
-    use std::io::Write;
     let (high, low) = (random(), random());
     let high = (high & !0xf000) | 0x4000;
     let low = (low & !(0b11 << 62)) | (0b10 << 62);
-    let _ = write!(
-        out,
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        high >> 32,
-        (high >> 16) & 0xffff,
-        high & 0xffff,
-        low >> 48,
-        low & 0xffff_ffff_ffff
-    );
+    hex(out, high >> 32, 8);
+    out.push(b'-');
+    hex(out, high >> 16, 4);
+    out.push(b'-');
+    hex(out, high, 4);
+    out.push(b'-');
+    hex(out, low >> 48, 4);
+    out.push(b'-');
+    hex(out, low, 12);
 }
 
 #[cfg(test)]
@@ -163,6 +183,12 @@ mod tests {
         headers.insert("tracestate", HeaderValue::from_static("orphan=1"));
         let identity = stamp(&mut headers, "127.0.0.9".parse().unwrap(), true).unwrap();
         assert_eq!(identity.request_id.len(), 36);
+        let uuid = identity.request_id.as_bytes();
+        assert_eq!(
+            (uuid[8], uuid[13], uuid[14], uuid[18], uuid[23]),
+            (b'-', b'-', b'4', b'-', b'-')
+        );
+        assert!(b"89ab".contains(&uuid[19]), "{}", identity.request_id);
         assert_eq!(headers[&REQUEST_ID], identity.request_id.as_str());
         let traceparent = headers[&TRACEPARENT].to_str().unwrap();
         let (trace_id, flags) = parse_traceparent(traceparent).expect(traceparent);
