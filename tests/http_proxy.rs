@@ -1254,3 +1254,208 @@ async fn a_stream_beyond_an_http2_backends_goaway_is_sent_again_on_a_new_connect
     .await;
     mesh.agent.stop();
 }
+
+/// A backend written byte by byte, for what a hyper backend never sends:
+/// each path answers with a framing of its own. Counts its connections.
+async fn scripted_backend() -> (Backend, Arc<AtomicU64>) {
+    let listener = TcpListener::bind((unique_ip(), 0)).await.unwrap();
+    let backend = Backend {
+        id: "scripted".into(),
+        addr: listener.local_addr().unwrap(),
+        hits: Arc::default(),
+        status: Arc::new(AtomicU16::new(200)),
+        release: Arc::default(),
+        slow_started: Arc::default(),
+        one_request_per_connection: Arc::default(),
+    };
+    let connections = Arc::new(AtomicU64::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut read = Vec::new();
+                loop {
+                    let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => read.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&read[..end]).into_owned();
+                    read.drain(..end + 4);
+                    let line = head.lines().next().unwrap_or("").to_string();
+                    let (method, path) = line.split_once(' ').unwrap_or(("", ""));
+                    let path = path.split(' ').next().unwrap_or("");
+                    let answer: Vec<&[u8]> = match (method, path) {
+                        (_, "/chunked") => vec![
+                            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n5\r\nhel",
+                            b"lo\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n",
+                        ],
+                        (_, "/early-hints") => vec![
+                            b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\n",
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                        ],
+                        ("HEAD", "/length") => vec![b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"],
+                        (_, "/close") => {
+                            let _ = stream
+                                .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
+                                .await;
+                            return;
+                        }
+                        _ => {
+                            let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{path}", path.len());
+                            if stream.write_all(answer.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            vec![]
+                        }
+                    };
+                    for part in answer {
+                        if stream.write_all(part).await.is_err() {
+                            return;
+                        }
+                        stream.flush().await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+    (backend, connections)
+}
+
+/// Reads from `stream` until what was read ends with `end` (or the
+/// connection closes, when `end` is empty): everything read.
+async fn read_until(stream: &mut TcpStream, end: &str) -> String {
+    let mut read = Vec::new();
+    let reading = async {
+        loop {
+            if !end.is_empty() && read.ends_with(end.as_bytes()) {
+                return;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => read.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    // A bound on a test gone wrong, not a synchronisation.
+    tokio::time::timeout(std::time::Duration::from_secs(20), reading)
+        .await
+        .expect("the answer within 20 s");
+    String::from_utf8_lossy(&read).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_response_framing_is_relayed_on_one_client_connection_over_one_upstream_connection() {
+    let (backend, connections) = scripted_backend().await;
+    let web = service_addr();
+    let mesh = Mesh::start("");
+    mesh.route("web", web, json!({}), &[(&backend, &[])]);
+    connected(web).await;
+    connections.store(0, Ordering::SeqCst);
+    let mut client = TcpStream::connect(web).await.unwrap();
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: web\r\n\r\n");
+
+    // Chunked, in two writes, with a trailer: relayed as it came.
+    client.write_all(get("/chunked").as_bytes()).await.unwrap();
+    let chunked = read_until(&mut client, "0\r\nx-sum: 11\r\n\r\n").await;
+    assert!(chunked.starts_with("HTTP/1.1 200 OK\r\n"), "{chunked}");
+    assert!(chunked.contains("Transfer-Encoding: chunked\r\n"), "{chunked}");
+    assert!(
+        chunked.ends_with("\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n"),
+        "{chunked}"
+    );
+
+    // An interim 103 is not relayed; the final answer is.
+    client.write_all(get("/early-hints").as_bytes()).await.unwrap();
+    let hinted = read_until(&mut client, "\r\n\r\nok").await;
+    assert!(hinted.starts_with("HTTP/1.1 200 OK\r\n"), "{hinted}");
+
+    // A HEAD answer's Content-Length frames no body: the next answer is
+    // read right after its head.
+    client
+        .write_all(b"HEAD /length HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_until(&mut client, "\r\n\r\n").await;
+    assert!(head.contains("Content-Length: 100\r\n"), "{head}");
+    client.write_all(get("/after-head").as_bytes()).await.unwrap();
+    let after = read_until(&mut client, "/after-head").await;
+    assert!(after.starts_with("HTTP/1.1 200 OK\r\n"), "{after}");
+
+    // Two requests in one write: answered in order.
+    client
+        .write_all(format!("{}{}", get("/first"), get("/second")).as_bytes())
+        .await
+        .unwrap();
+    let both = read_until(&mut client, "/second").await;
+    let (first, second) = (both.find("/first").unwrap(), both.find("/second").unwrap());
+    assert!(first < second, "{both}");
+    assert_eq!(both.matches("HTTP/1.1 200 OK").count(), 2, "{both}");
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        0,
+        "every answer so far came over the upstream connection pooled before them"
+    );
+
+    // A body that ends with the backend's connection: the client's ends too.
+    client.write_all(get("/close").as_bytes()).await.unwrap();
+    let closed = read_until(&mut client, "").await;
+    assert!(
+        closed.to_lowercase().contains("\r\nconnection: close\r\n"),
+        "{closed}"
+    );
+    assert!(closed.ends_with("\r\n\r\nuntil the end"), "{closed}");
+    mesh.agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_the_fast_path_does_not_take_is_handed_to_hyper_with_what_was_read() {
+    let backend = Backend::start("a").await;
+    let web = service_addr();
+    let mesh = Mesh::start("");
+    mesh.route("web", web, json!({}), &[(&backend, &[])]);
+    connected(web).await;
+    backend.forget_hits();
+    let mut client = TcpStream::connect(web).await.unwrap();
+    // Fast path, then a chunked upload (hyper's), then more on the same
+    // connection: the upload arrives whole, the next request after it.
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let fast = read_until(&mut client, "a\n").await;
+    assert!(fast.starts_with("HTTP/1.1 200 OK\r\n"), "{fast}");
+    client
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\nGET /next HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let both = read_until(&mut client, "a\n").await;
+    let both = if both.matches("HTTP/1.1 200 OK").count() < 2 {
+        both + &read_until(&mut client, "a\n").await
+    } else {
+        both
+    };
+    assert!(
+        both.to_lowercase().contains("x-seen-body-bytes: 11\r\n"),
+        "{both}"
+    );
+    assert_eq!(both.matches("HTTP/1.1 200 OK").count(), 2, "{both}");
+    assert_eq!((backend.hits("GET"), backend.hits("POST")), (2, 1));
+    // HTTP/1.0 goes to hyper from the first request.
+    let mut old = TcpStream::connect(web).await.unwrap();
+    old.write_all(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until(&mut old, "").await;
+    assert!(answer.starts_with("HTTP/1.0 200 OK\r\n"), "{answer}");
+    assert!(
+        answer.to_lowercase().contains("x-seen-version: http/1.1\r\n"),
+        "{answer}"
+    );
+    mesh.agent.stop();
+}
