@@ -140,7 +140,8 @@ pub(super) async fn serve(
                 () = &mut signaled => return None,
             }
         }
-        let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+        // Set when a head does not come whole in one read.
+        let mut deadline = None;
         let request = loop {
             match Request::read(&buf, conn, &mut scratch) {
                 Read::Complete(request) => break request,
@@ -148,6 +149,7 @@ pub(super) async fn serve(
                 Read::Partial => {}
             }
             buf.reserve(READ_CHUNK);
+            let deadline = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + HEADER_READ_TIMEOUT);
             match tokio::time::timeout_at(deadline, client.read_buf(&mut buf)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return None,
@@ -230,40 +232,84 @@ impl Head for Parsed<'_> {
     }
 }
 
-/// Hop-by-hop headers of a request: never forwarded (RFC 9110 7.6.1).
-const REQUEST_HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
+/// The headers the fast path looks at, recognised once per header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    Other,
+    ContentLength,
+    TransferEncoding,
+    Upgrade,
+    Expect,
+    Connection,
+    Te,
+    Trailer,
+    Host,
+    RequestId,
+    Traceparent,
+    Tracestate,
+    ForwardedFor,
+    Forwarded,
+    /// `Keep-Alive` and the `Proxy-` ones: hop-by-hop both ways.
+    HopByHop,
+}
 
-/// Hop-by-hop headers of a response. `Transfer-Encoding` and `Trailer`
-/// stay: the body is relayed in the framing they describe.
-const RESPONSE_HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "upgrade",
-];
+impl Known {
+    /// What header `name` is (names compared without case, by length first).
+    fn of(name: &str) -> Known {
+        let is = |known: &str| name.eq_ignore_ascii_case(known);
+        match name.len() {
+            2 if is("te") => Known::Te,
+            4 if is("host") => Known::Host,
+            6 if is("expect") => Known::Expect,
+            7 if is("upgrade") => Known::Upgrade,
+            7 if is("trailer") => Known::Trailer,
+            9 if is("forwarded") => Known::Forwarded,
+            10 if is("connection") => Known::Connection,
+            10 if is("keep-alive") => Known::HopByHop,
+            10 if is("tracestate") => Known::Tracestate,
+            11 if is("traceparent") => Known::Traceparent,
+            12 if is("x-request-id") => Known::RequestId,
+            14 if is("content-length") => Known::ContentLength,
+            15 if is("x-forwarded-for") => Known::ForwardedFor,
+            16 if is("proxy-connection") => Known::HopByHop,
+            17 if is("transfer-encoding") => Known::TransferEncoding,
+            18 if is("proxy-authenticate") => Known::HopByHop,
+            19 if is("proxy-authorization") => Known::HopByHop,
+            _ => Known::Other,
+        }
+    }
+
+    /// Hop-by-hop in a request (RFC 9110 7.6.1): never forwarded.
+    fn hop_by_hop_in_request(self) -> bool {
+        matches!(
+            self,
+            Known::Connection
+                | Known::HopByHop
+                | Known::Te
+                | Known::Trailer
+                | Known::TransferEncoding
+                | Known::Upgrade
+        )
+    }
+
+    /// Hop-by-hop in a response. `Transfer-Encoding` and `Trailer` stay: the
+    /// body is relayed in the framing they describe.
+    fn hop_by_hop_in_response(self) -> bool {
+        matches!(
+            self,
+            Known::Connection | Known::HopByHop | Known::Te | Known::Upgrade
+        )
+    }
+}
 
 /// The comma-separated tokens of a header value, trimmed.
 fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
 }
 
-/// Whether header `name` is one of `names` or named by `Connection`.
-fn dropped(name: &str, names: &[&str], connection: &[&[u8]]) -> bool {
-    names.iter().any(|n| name.eq_ignore_ascii_case(n))
-        || connection.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
+/// Whether `Connection` names header `name` (as hop-by-hop).
+fn named_by(connection: &[&[u8]], name: &str) -> bool {
+    connection.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
 }
 
 fn header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
@@ -313,41 +359,38 @@ impl Request {
         let mut connection: Vec<&[u8]> = Vec::new();
         let (mut close, mut trailers, mut has_host, mut request_id) = (false, false, false, false);
         let mut traceparent = None;
-        for h in parsed.headers {
-            let name = h.name;
-            if name.eq_ignore_ascii_case("content-length") {
-                let Some(len) = std::str::from_utf8(h.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                else {
-                    return Read::Hyper;
-                };
-                if body_len.is_some_and(|seen| seen != len) {
-                    return Read::Hyper;
-                }
-                body_len = Some(len);
-            } else if name.eq_ignore_ascii_case("transfer-encoding")
-                || name.eq_ignore_ascii_case("upgrade")
-                || name.eq_ignore_ascii_case("expect")
-            {
-                return Read::Hyper;
-            } else if name.eq_ignore_ascii_case("connection") {
-                for token in tokens(h.value) {
-                    if token.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if token.eq_ignore_ascii_case(b"upgrade") {
+        let mut kinds = [Known::Other; MAX_HEADERS];
+        for (h, kind) in parsed.headers.iter().zip(kinds.iter_mut()) {
+            *kind = Known::of(h.name);
+            match *kind {
+                Known::ContentLength => {
+                    let Some(len) = std::str::from_utf8(h.value)
+                        .ok()
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                    else {
+                        return Read::Hyper;
+                    };
+                    if body_len.is_some_and(|seen| seen != len) {
                         return Read::Hyper;
                     }
-                    connection.push(token);
+                    body_len = Some(len);
                 }
-            } else if name.eq_ignore_ascii_case("te") {
-                trailers |= tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
-            } else if name.eq_ignore_ascii_case("host") {
-                has_host = true;
-            } else if name.eq_ignore_ascii_case("x-request-id") {
-                request_id |= !h.value.is_empty();
-            } else if name.eq_ignore_ascii_case("traceparent") {
-                traceparent = Some(h.value);
+                Known::TransferEncoding | Known::Upgrade | Known::Expect => return Read::Hyper,
+                Known::Connection => {
+                    for token in tokens(h.value) {
+                        if token.eq_ignore_ascii_case(b"close") {
+                            close = true;
+                        } else if token.eq_ignore_ascii_case(b"upgrade") {
+                            return Read::Hyper;
+                        }
+                        connection.push(token);
+                    }
+                }
+                Known::Te => trailers |= tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"trailers")),
+                Known::Host => has_host = true,
+                Known::RequestId => request_id |= !h.value.is_empty(),
+                Known::Traceparent => traceparent = Some(h.value),
+                _ => {}
             }
         }
         let body_len = body_len.unwrap_or(0);
@@ -389,15 +432,16 @@ impl Request {
         bytes.extend_from_slice(path.as_bytes());
         bytes.extend_from_slice(b" HTTP/1.1\r\n");
         let continued = traceparent.is_some_and(identity::continues);
-        for h in parsed.headers {
-            let name = h.name;
-            let replaced = ["traceparent", "x-forwarded-for", "forwarded"]
-                .iter()
-                .any(|n| name.eq_ignore_ascii_case(n))
-                || (!continued && name.eq_ignore_ascii_case("tracestate"))
-                || (!request_id && name.eq_ignore_ascii_case("x-request-id"));
-            if !replaced && !dropped(name, &REQUEST_HOP_BY_HOP, &connection) {
-                header(bytes, name, h.value);
+        for (h, kind) in parsed.headers.iter().zip(kinds) {
+            let forwarded = match kind {
+                // Written below, with this hop's part.
+                Known::Traceparent | Known::ForwardedFor | Known::Forwarded => false,
+                Known::Tracestate => continued,
+                Known::RequestId => request_id,
+                kind => !kind.hop_by_hop_in_request(),
+            };
+            if forwarded && !named_by(&connection, h.name) {
+                header(bytes, h.name, h.value);
             }
         }
         if !has_host {
@@ -515,7 +559,8 @@ async fn forward(
             }
             Err(NoBackend::Exhausted) => return refuse(client, last, exchange, close, drain).await,
         };
-        let sent_at = Instant::now();
+        // The first try leaves when the request came in.
+        let sent_at = if tried.is_empty() { started } else { Instant::now() };
         let remaining = deadline.saturating_duration_since(sent_at);
         if remaining.is_zero() {
             return refuse(client, Refusal::RequestTimeout, exchange, close, drain).await;
@@ -746,25 +791,32 @@ fn rewrite(parsed: &httparse::Response<'_, '_>, head: &mut Vec<u8>, head_request
     let mut connection: Vec<&[u8]> = Vec::new();
     let mut keep_alive = parsed.version == Some(1);
     let (mut length, mut chunked, mut encoded) = (None, false, false);
-    for h in parsed.headers.iter() {
-        if h.name.eq_ignore_ascii_case("connection") {
-            for token in tokens(h.value) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
+    let mut kinds = [Known::Other; MAX_HEADERS];
+    for (h, kind) in parsed.headers.iter().zip(kinds.iter_mut()) {
+        *kind = Known::of(h.name);
+        match *kind {
+            Known::Connection => {
+                for token in tokens(h.value) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        keep_alive = false;
+                    }
+                    connection.push(token);
                 }
-                connection.push(token);
             }
-        } else if h.name.eq_ignore_ascii_case("content-length") {
-            let len = std::str::from_utf8(h.value).ok()?.trim().parse::<u64>().ok()?;
-            if length.is_some_and(|seen| seen != len) {
-                return None;
+            Known::ContentLength => {
+                let len = std::str::from_utf8(h.value).ok()?.trim().parse::<u64>().ok()?;
+                if length.is_some_and(|seen| seen != len) {
+                    return None;
+                }
+                length = Some(len);
             }
-            length = Some(len);
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            encoded = true;
-            chunked = tokens(h.value)
-                .last()
-                .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
+            Known::TransferEncoding => {
+                encoded = true;
+                chunked = tokens(h.value)
+                    .last()
+                    .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
+            }
+            _ => {}
         }
     }
     let framing = if head_request || status == 204 || status == 304 {
@@ -787,10 +839,13 @@ fn rewrite(parsed: &httparse::Response<'_, '_>, head: &mut Vec<u8>, head_request
     head.push(b' ');
     head.extend_from_slice(parsed.reason.unwrap_or("").as_bytes());
     head.extend_from_slice(b"\r\n");
-    for h in parsed.headers.iter() {
-        // A length beside a transfer coding is wrong and not what frames it.
-        let stale_length = encoded && h.name.eq_ignore_ascii_case("content-length");
-        if !(stale_length || dropped(h.name, &RESPONSE_HOP_BY_HOP, &connection)) {
+    for (h, kind) in parsed.headers.iter().zip(kinds) {
+        let relayed = match kind {
+            // A length beside a transfer coding is wrong and not what frames it.
+            Known::ContentLength => !encoded,
+            kind => !kind.hop_by_hop_in_response(),
+        };
+        if relayed && !named_by(&connection, h.name) {
             header(head, h.name, h.value);
         }
     }
@@ -1060,6 +1115,19 @@ mod tests {
         assert_eq!(end_of(&[b"zz\r\n"]), Err(()));
         assert_eq!(end_of(&[b"5\r\nhelloXX"]), Err(()));
         assert_eq!(end_of(&[b"ffffffffffffffffff\r\n"]), Err(()));
+    }
+
+    #[test]
+    fn header_names_are_recognised_whatever_their_case() {
+        assert_eq!(Known::of("Content-Length"), Known::ContentLength);
+        assert_eq!(Known::of("X-Forwarded-For"), Known::ForwardedFor);
+        assert_eq!(Known::of("TRAILER"), Known::Trailer);
+        assert_eq!(Known::of("proxy-authorization"), Known::HopByHop);
+        assert_eq!(Known::of("content-type"), Known::Other);
+        assert_eq!(Known::of("x-request-ids"), Known::Other);
+        assert!(Known::Trailer.hop_by_hop_in_request() && !Known::Trailer.hop_by_hop_in_response());
+        assert!(Known::TransferEncoding.hop_by_hop_in_request());
+        assert!(!Known::TransferEncoding.hop_by_hop_in_response());
     }
 
     #[test]
