@@ -410,9 +410,16 @@ def oha(url, seconds, rate, conns=50):
         [OHA, "--no-tui", "--output-format", "json", "-z", f"{seconds}s", "-q", str(rate), "-c", str(conns), "--latency-correction", url],
         0,
     )
-    out = subprocess.run(cmd, capture_output=True, text=True).stdout
-    data = json.loads(out)
-    pct = data["latencyPercentiles"]
+    for attempt in range(3):
+        out = subprocess.run(cmd, capture_output=True, text=True).stdout
+        data = json.loads(out)
+        pct = data["latencyPercentiles"]
+        if pct.get("p50") is not None:
+            break
+        # No request answered at all: say what oha saw, and measure again.
+        print(f"oha {url}: no answer measured ({data.get('errorDistribution')}), again", file=sys.stderr)
+    else:
+        raise SystemExit(f"oha {url}: no answer measured in 3 runs")
     summary = data["summary"]
     codes = data.get("statusCodeDistribution", {})
     ok = sum(n for code, n in codes.items() if code.startswith("2"))

@@ -1459,3 +1459,34 @@ async fn a_connection_the_fast_path_does_not_take_is_handed_to_hyper_with_what_w
     );
     mesh.agent.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backends_one_connection_slot_passes_between_the_http1_and_http2_paths() {
+    let backend = Backend::start("a").await;
+    let web = service_addr();
+    let mesh = Mesh::start("");
+    // One upstream connection at most; a request that cannot get it within
+    // 5 s would come back 504.
+    let spec = json!({"http": {"max_connections_per_backend": 1, "request_timeout": "5s"}});
+    mesh.route("web", web, spec, &[(&backend, &[])]);
+    let mut h1 = connected(web).await;
+    let mut h2 = Client::http2(web).await.unwrap();
+    // Each turn, the idle connection the other path pooled gives its slot up.
+    for turn in 0..3 {
+        let answer = h2.get(web, "/", &[]).await;
+        assert_eq!(
+            answer.status(),
+            200,
+            "HTTP/2 client, turn {turn}: {:?}",
+            answer.headers()
+        );
+        let answer = h1.get(web, "/", &[]).await;
+        assert_eq!(
+            answer.status(),
+            200,
+            "HTTP/1.1 client, turn {turn}: {:?}",
+            answer.headers()
+        );
+    }
+    mesh.agent.stop();
+}

@@ -133,6 +133,9 @@ pub(super) async fn serve(
             if probe.is_signaled() {
                 return None;
             }
+            // Room for a whole head in one read (an emptied buffer takes
+            // its space back here, without copying).
+            buf.reserve(READ_CHUNK);
             tokio::select! {
                 read = client.read_buf(&mut buf) => if !matches!(read, Ok(n) if n > 0) {
                     return None;
@@ -302,6 +305,16 @@ impl Known {
     }
 }
 
+/// A `Content-Length` value: digits only (RFC 9110 8.6; no sign, no
+/// list), or `None`.
+fn content_length(value: &[u8]) -> Option<u64> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
 /// The comma-separated tokens of a header value, trimmed.
 fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
@@ -364,10 +377,7 @@ impl Request {
             *kind = Known::of(h.name);
             match *kind {
                 Known::ContentLength => {
-                    let Some(len) = std::str::from_utf8(h.value)
-                        .ok()
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                    else {
+                    let Some(len) = content_length(h.value) else {
                         return Read::Hyper;
                     };
                     if body_len.is_some_and(|seen| seen != len) {
@@ -804,7 +814,7 @@ fn rewrite(parsed: &httparse::Response<'_, '_>, head: &mut Vec<u8>, head_request
                 }
             }
             Known::ContentLength => {
-                let len = std::str::from_utf8(h.value).ok()?.trim().parse::<u64>().ok()?;
+                let len = content_length(h.value)?;
                 if length.is_some_and(|seen| seen != len) {
                     return None;
                 }
@@ -879,15 +889,21 @@ async fn relay(
     loop {
         let (take, done) = end.feed(&raw.buf);
         let Some(take) = take else { break };
-        out.extend_from_slice(&raw.buf[..take]);
+        // The head goes out with the body bytes read with it, in one write;
+        // later body bytes straight from the read buffer.
+        let write = if out.is_empty() {
+            client.write_all(&raw.buf[..take]).await
+        } else {
+            out.extend_from_slice(&raw.buf[..take]);
+            let write = client.write_all(out).await;
+            out.clear();
+            write
+        };
         raw.buf.advance(take);
         sent += take as u64;
-        if !out.is_empty() {
-            if client.write_all(out).await.is_err() {
-                written = false;
-                break;
-            }
-            out.clear();
+        if write.is_err() {
+            written = false;
+            break;
         }
         if done {
             complete = true;
@@ -1115,6 +1131,22 @@ mod tests {
         assert_eq!(end_of(&[b"zz\r\n"]), Err(()));
         assert_eq!(end_of(&[b"5\r\nhelloXX"]), Err(()));
         assert_eq!(end_of(&[b"ffffffffffffffffff\r\n"]), Err(()));
+    }
+
+    #[test]
+    fn a_content_length_is_digits_only() {
+        assert_eq!(content_length(b" 42 "), Some(42));
+        assert_eq!(content_length(b"0"), Some(0));
+        for bad in [
+            &b"+5"[..],
+            b"-1",
+            b"5, 5",
+            b"",
+            b"0x10",
+            b"99999999999999999999999",
+        ] {
+            assert_eq!(content_length(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

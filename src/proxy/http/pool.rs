@@ -171,6 +171,17 @@ impl Pool {
             if self.idle() > 0 || self.open() < want.max_connections.max(1) {
                 continue;
             }
+            // Every slot taken: an idle connection of the fast path's gives
+            // its slot up (closed now: `open` drops as it goes).
+            if self
+                .raw_idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop()
+                .is_some()
+            {
+                continue;
+            }
             freed.await;
         }
     }
@@ -201,6 +212,9 @@ impl Pool {
             {
                 continue;
             }
+            // Every slot taken: an idle connection of hyper's side gives
+            // its slot up (it closes, and says so through `freed`).
+            drop(self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop());
             freed.await;
         }
     }
