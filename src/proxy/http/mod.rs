@@ -86,7 +86,10 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, cell: Arc<StateCell>, mu
     };
     let service = hyper::service::service_fn(move |request| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(handle(request, &conn).await) }
+        // Boxed: hyper moves each request's future (into the task an HTTP/2
+        // stream is spawned as, among others), and a pointer moves cheaper
+        // than `handle`'s whole state machine.
+        Box::pin(async move { Ok::<_, Infallible>(handle(request, &conn).await) })
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
