@@ -14,7 +14,8 @@
 //!   forwarding), which only TCP services take.
 //! - [`service`]: a service's state, compiled from its route.
 //! - [`http`]: L7 for `protocol: http` services: per-request routing,
-//!   balancing, pooled upstream connections, retries, access log.
+//!   balancing, pooled upstream connections, retries, access log; the
+//!   common HTTP/1.1 request on a fast path of its own, the rest on hyper.
 //! - [`listener`]: bind, accept, dispatch on the service's protocol.
 //! - [`inbound`]: the mesh's listener, where other nodes' tunnels arrive.
 //! - [`manager`]: the pure [`plan`] from running to wanted, and

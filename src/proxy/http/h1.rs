@@ -613,8 +613,7 @@ async fn forward(
                 {
                     // The answer nobody will see: its connection closes.
                     drop(raw);
-                    exchange.retries += 1;
-                    shared.http_metrics().retries.increment(1);
+                    exchange.count_retry();
                     super::backoff(http, exchange.retries, deadline).await;
                     continue;
                 }
@@ -632,22 +631,16 @@ async fn forward(
                 last = refusal;
                 // It never reached a backend: safe to send elsewhere, whatever the method.
                 if may_retry(&exchange, &tried) && budget() {
-                    exchange.retries += 1;
-                    shared.http_metrics().retries.increment(1);
+                    exchange.count_retry();
                     continue;
                 }
                 return refuse(client, refusal, exchange, close, drain).await;
             }
             Outcome::Failed(refusal) => {
                 record_failure(&target, backends, index, refusal.reason());
-                last = if refusal == Refusal::PerTryTimeout && Instant::now() >= deadline {
-                    Refusal::RequestTimeout
-                } else {
-                    refusal
-                };
+                last = refusal.as_reported(deadline);
                 if retryable && may_retry(&exchange, &tried) && budget() {
-                    exchange.retries += 1;
-                    shared.http_metrics().retries.increment(1);
+                    exchange.count_retry();
                     super::backoff(http, exchange.retries, deadline).await;
                     continue;
                 }

@@ -261,6 +261,16 @@ impl Refusal {
     fn reason(self) -> &'static str {
         REFUSALS[self as usize]
     }
+
+    /// What a failed try is answered as: a per-try timeout that ran into
+    /// the request's deadline is the request's timeout.
+    fn as_reported(self, deadline: Instant) -> Refusal {
+        if self == Refusal::PerTryTimeout && Instant::now() >= deadline {
+            Refusal::RequestTimeout
+        } else {
+            self
+        }
+    }
 }
 
 /// A request in flight, counted in the service's `requests` until dropped.
@@ -305,6 +315,14 @@ struct Exchange {
     checkout: Option<Checkout>,
     _on_backend: Option<OnBackend>,
     _in_flight: InFlight,
+}
+
+impl Exchange {
+    /// Counts a retry about to be made, on the request and in the metrics.
+    fn count_retry(&mut self) {
+        self.retries += 1;
+        self.state.shared.http_metrics().retries.increment(1);
+    }
 }
 
 impl Finish for Exchange {
@@ -692,8 +710,7 @@ async fn handle(mut request: Request<Incoming>, client: &Client) -> Response<Res
                 {
                     // Read to the end in the background, so the connection goes back to its pool.
                     drain_response(response, checkout, http.pool_idle_timeout);
-                    exchange.retries += 1;
-                    shared.http_metrics().retries.increment(1);
+                    exchange.count_retry();
                     backoff(http, exchange.retries, deadline).await;
                     continue;
                 }
@@ -715,27 +732,21 @@ async fn handle(mut request: Request<Incoming>, client: &Client) -> Response<Res
                         .retry_budget
                         .try_retry(http.retry.budget_percent, http.retry.min_per_second)
                 {
-                    exchange.retries += 1;
-                    shared.http_metrics().retries.increment(1);
+                    exchange.count_retry();
                     continue;
                 }
                 return refuse(refusal, Some(exchange));
             }
             Attempt::Failed(refusal) => {
                 record_failure(&target, backends, index, refusal.reason());
-                last = if refusal == Refusal::PerTryTimeout && Instant::now() >= deadline {
-                    Refusal::RequestTimeout
-                } else {
-                    refusal
-                };
+                last = refusal.as_reported(deadline);
                 if outgoing.retryable
                     && may_retry(&exchange, &tried)
                     && shared
                         .retry_budget
                         .try_retry(http.retry.budget_percent, http.retry.min_per_second)
                 {
-                    exchange.retries += 1;
-                    shared.http_metrics().retries.increment(1);
+                    exchange.count_retry();
                     backoff(http, exchange.retries, deadline).await;
                     continue;
                 }
