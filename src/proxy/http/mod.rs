@@ -133,6 +133,15 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes the hop-by-hop headers, and those `Connection` names; an upgrade
 /// keeps `Connection: upgrade` and `Upgrade`.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // The common case, and HTTP/2's always (it forbids them but `TE:
+    // trailers`): none there, found in one pass over the names without
+    // hashing any.
+    if !headers
+        .keys()
+        .any(|name| name == header::UPGRADE || HOP_BY_HOP.contains(name))
+    {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -386,6 +395,19 @@ impl Outgoing {
 /// Shapes the request for the backends' protocol: origin-form with `Host`
 /// for HTTP/1.1, absolute with `:authority` for HTTP/2.
 fn fit_to_upstream(request: &mut Request<UpstreamBody>, protocol: UpstreamProtocol, service: SocketAddr) {
+    if protocol == UpstreamProtocol::Http1 && request.headers().contains_key(header::HOST) {
+        // Already what an HTTP/1.1 backend wants but for the target's form.
+        if request.uri().authority().is_some() || request.uri().path_and_query().is_none() {
+            let path = request
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *request.uri_mut() = Uri::from(path);
+        }
+        *request.version_mut() = Version::HTTP_11;
+        return;
+    }
     let host = request
         .headers()
         .get(header::HOST)
