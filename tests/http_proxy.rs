@@ -1326,6 +1326,12 @@ async fn scripted_backend() -> (Backend, Arc<AtomicU64>) {
     (backend, connections)
 }
 
+/// Writes `request` on `stream`, then reads as [`read_until`] does.
+async fn ask(stream: &mut TcpStream, request: &[u8], end: &str) -> String {
+    stream.write_all(request).await.unwrap();
+    read_until(stream, end).await
+}
+
 /// Reads from `stream` until what was read ends with `end` (or the
 /// connection closes, when `end` is empty): everything read.
 async fn read_until(stream: &mut TcpStream, end: &str) -> String {
@@ -1361,8 +1367,7 @@ async fn every_response_framing_is_relayed_on_one_client_connection_over_one_ups
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: web\r\n\r\n");
 
     // Chunked, in two writes, with a trailer: relayed as it came.
-    client.write_all(get("/chunked").as_bytes()).await.unwrap();
-    let chunked = read_until(&mut client, "0\r\nx-sum: 11\r\n\r\n").await;
+    let chunked = ask(&mut client, get("/chunked").as_bytes(), "0\r\nx-sum: 11\r\n\r\n").await;
     assert!(chunked.starts_with("HTTP/1.1 200 OK\r\n"), "{chunked}");
     assert!(chunked.contains("Transfer-Encoding: chunked\r\n"), "{chunked}");
     assert!(
@@ -1371,28 +1376,28 @@ async fn every_response_framing_is_relayed_on_one_client_connection_over_one_ups
     );
 
     // An interim 103 is not relayed; the final answer is.
-    client.write_all(get("/early-hints").as_bytes()).await.unwrap();
-    let hinted = read_until(&mut client, "\r\n\r\nok").await;
+    let hinted = ask(&mut client, get("/early-hints").as_bytes(), "\r\n\r\nok").await;
     assert!(hinted.starts_with("HTTP/1.1 200 OK\r\n"), "{hinted}");
 
     // A HEAD answer's Content-Length frames no body: the next answer is
     // read right after its head.
-    client
-        .write_all(b"HEAD /length HTTP/1.1\r\nHost: web\r\n\r\n")
-        .await
-        .unwrap();
-    let head = read_until(&mut client, "\r\n\r\n").await;
+    let head = ask(
+        &mut client,
+        b"HEAD /length HTTP/1.1\r\nHost: web\r\n\r\n",
+        "\r\n\r\n",
+    )
+    .await;
     assert!(head.contains("Content-Length: 100\r\n"), "{head}");
-    client.write_all(get("/after-head").as_bytes()).await.unwrap();
-    let after = read_until(&mut client, "/after-head").await;
+    let after = ask(&mut client, get("/after-head").as_bytes(), "/after-head").await;
     assert!(after.starts_with("HTTP/1.1 200 OK\r\n"), "{after}");
 
     // Two requests in one write: answered in order.
-    client
-        .write_all(format!("{}{}", get("/first"), get("/second")).as_bytes())
-        .await
-        .unwrap();
-    let both = read_until(&mut client, "/second").await;
+    let both = ask(
+        &mut client,
+        format!("{}{}", get("/first"), get("/second")).as_bytes(),
+        "/second",
+    )
+    .await;
     let (first, second) = (both.find("/first").unwrap(), both.find("/second").unwrap());
     assert!(first < second, "{both}");
     assert_eq!(both.matches("HTTP/1.1 200 OK").count(), 2, "{both}");
@@ -1403,8 +1408,7 @@ async fn every_response_framing_is_relayed_on_one_client_connection_over_one_ups
     );
 
     // A body that ends with the backend's connection: the client's ends too.
-    client.write_all(get("/close").as_bytes()).await.unwrap();
-    let closed = read_until(&mut client, "").await;
+    let closed = ask(&mut client, get("/close").as_bytes(), "").await;
     assert!(
         closed.to_lowercase().contains("\r\nconnection: close\r\n"),
         "{closed}"
@@ -1424,17 +1428,9 @@ async fn a_connection_the_fast_path_does_not_take_is_handed_to_hyper_with_what_w
     let mut client = TcpStream::connect(web).await.unwrap();
     // Fast path, then a chunked upload (hyper's), then more on the same
     // connection: the upload arrives whole, the next request after it.
-    client
-        .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
-        .await
-        .unwrap();
-    let fast = read_until(&mut client, "a\n").await;
+    let fast = ask(&mut client, b"GET / HTTP/1.1\r\nHost: web\r\n\r\n", "a\n").await;
     assert!(fast.starts_with("HTTP/1.1 200 OK\r\n"), "{fast}");
-    client
-        .write_all(b"POST /upload HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\nGET /next HTTP/1.1\r\nHost: web\r\n\r\n")
-        .await
-        .unwrap();
-    let both = read_until(&mut client, "a\n").await;
+    let both = ask(&mut client, b"POST /upload HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\nGET /next HTTP/1.1\r\nHost: web\r\n\r\n", "a\n").await;
     let both = if both.matches("HTTP/1.1 200 OK").count() < 2 {
         both + &read_until(&mut client, "a\n").await
     } else {
@@ -1448,10 +1444,7 @@ async fn a_connection_the_fast_path_does_not_take_is_handed_to_hyper_with_what_w
     assert_eq!((backend.hits("GET"), backend.hits("POST")), (2, 1));
     // HTTP/1.0 goes to hyper from the first request.
     let mut old = TcpStream::connect(web).await.unwrap();
-    old.write_all(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n")
-        .await
-        .unwrap();
-    let answer = read_until(&mut old, "").await;
+    let answer = ask(&mut old, b"GET / HTTP/1.0\r\nHost: web\r\n\r\n", "").await;
     assert!(answer.starts_with("HTTP/1.0 200 OK\r\n"), "{answer}");
     assert!(
         answer.to_lowercase().contains("x-seen-version: http/1.1\r\n"),
