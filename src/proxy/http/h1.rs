@@ -24,7 +24,7 @@ use super::{
 use crate::policy::UpstreamProtocol;
 use crate::proxy::balance::{BackendSet, NoBackend};
 use crate::proxy::drain;
-use crate::proxy::http::pool::{Raw, Want};
+use crate::proxy::http::pool::{Pool, Raw, Want};
 use crate::proxy::service::ServiceState;
 use bytes::{Buf, BytesMut};
 use hyper::Method;
@@ -176,11 +176,11 @@ pub(super) async fn serve(
 
 /// Buffers a connection reuses from request to request, and what it
 /// writes into every request's forwarding headers.
-struct Scratch {
+pub(super) struct Scratch {
     /// What goes upstream: the rewritten head and the body.
-    up: Vec<u8>,
+    pub up: Vec<u8>,
     /// What goes to the client: the rewritten response head and body bytes.
-    down: Vec<u8>,
+    pub down: Vec<u8>,
     /// This client's element of `x-forwarded-for` and of `forwarded`.
     forwarded_for: Vec<u8>,
     forwarded: Vec<u8>,
@@ -555,96 +555,147 @@ async fn forward(
     let Ok(backends) = target.backends() else {
         return refuse(client, Refusal::NoHealthyBackend, exchange, close, drain).await;
     };
-    let among = request.among.as_deref();
-    let retryable = request.bodiless && http.retry.attempts > 0 && is_idempotent(&request.method);
-    let deadline = started + http.request_timeout;
-    let per_try = http.per_try_timeout.unwrap_or(http.request_timeout);
-    let mut tried: Vec<usize> = Vec::new();
-    let mut last = Refusal::NoHealthyBackend;
-    loop {
-        let index = match backends.pick_among(request.key, &tried, among) {
-            Ok(index) => index,
-            Err(NoBackend::NoneUp) => {
-                return refuse(client, Refusal::NoHealthyBackend, exchange, close, drain).await
-            }
-            Err(NoBackend::Exhausted) => return refuse(client, last, exchange, close, drain).await,
-        };
-        // The first try leaves when the request came in.
-        let sent_at = if tried.is_empty() { started } else { Instant::now() };
-        let remaining = deadline.saturating_duration_since(sent_at);
-        if remaining.is_zero() {
-            return refuse(client, Refusal::RequestTimeout, exchange, close, drain).await;
+    let tries = Tries {
+        state: &state,
+        target: &target,
+        backends,
+        among: request.among.as_deref(),
+        key: request.key,
+        method: &request.method,
+        bodiless: request.bodiless,
+        head_request: request.head_request,
+        started,
+    };
+    match tries.run(scratch, &mut exchange).await {
+        Decision::Answered(raw, response, pool) => {
+            let close = close || drain.is_signaled() || response.framing == Framing::Close;
+            relay(client, raw, response, &mut scratch.down, exchange, close, &pool).await
         }
-        let backend = &backends.backends()[index];
-        backend.stats.active.fetch_add(1, Ordering::Relaxed);
-        backend.stats.traffic().requests.increment(1);
-        let on_backend = OnBackend(backend.stats.clone());
-        let outcome = attempt(
-            &target,
-            backends,
-            index,
-            scratch,
-            request.head_request,
-            request.bodiless && is_idempotent(&request.method),
-            per_try.min(remaining),
-        )
-        .await;
-        tried.push(index);
-        let may_retry = |exchange: &Exchange, tried: &[usize]| {
-            exchange.retries < http.retry.attempts && backends.pick_among(request.key, tried, among).is_ok()
-        };
-        let budget = || {
-            shared
-                .retry_budget
-                .try_retry(http.retry.budget_percent, http.retry.min_per_second)
-        };
-        match outcome {
-            Outcome::Answered(raw, response) => {
-                let failed = response.status >= 500;
-                if failed {
-                    record_failure(&target, backends, index, &response.status.to_string());
-                } else {
-                    backend.stats.record_success(sent_at.elapsed());
-                }
-                if http.retry.statuses.contains(&response.status)
-                    && retryable
-                    && may_retry(&exchange, &tried)
-                    && budget()
-                {
-                    // The answer nobody will see: its connection closes.
-                    drop(raw);
-                    exchange.count_retry();
-                    super::backoff(http, exchange.retries, deadline).await;
-                    continue;
-                }
-                exchange.status = response.status;
-                exchange.upstream = Some(backend.id.clone());
-                exchange._on_backend = Some(on_backend);
-                let close = close || drain.is_signaled() || response.framing == Framing::Close;
-                return relay(client, raw, response, &mut scratch.down, exchange, close, backend).await;
+        Decision::Refused(refusal) => refuse(client, refusal, exchange, close, drain).await,
+    }
+}
+
+/// A request's tries at its backends: what they need to know of it.
+pub(super) struct Tries<'a> {
+    /// The service the request came to (its HTTP policy applies).
+    pub state: &'a Arc<ServiceState>,
+    /// The service its route sends it to.
+    pub target: &'a Arc<ServiceState>,
+    pub backends: &'a BackendSet,
+    pub among: Option<&'a [usize]>,
+    pub key: u64,
+    pub method: &'a Method,
+    pub bodiless: bool,
+    pub head_request: bool,
+    pub started: Instant,
+}
+
+/// How a request's tries ended.
+pub(super) enum Decision {
+    /// A response head to pass on, its connection, and that connection's pool.
+    Answered(Raw, Response, Arc<Pool>),
+    Refused(Refusal),
+}
+
+impl Tries<'_> {
+    /// Sends the request (`scratch.up`) to the backends until one answers
+    /// for good, within the retry policy and budget.
+    pub(super) async fn run(&self, scratch: &mut Scratch, exchange: &mut Exchange) -> Decision {
+        let http = &self.state.spec.http;
+        let shared = &self.state.shared;
+        let backends = self.backends;
+        let retryable = self.bodiless && http.retry.attempts > 0 && is_idempotent(self.method);
+        let deadline = self.started + http.request_timeout;
+        let per_try = http.per_try_timeout.unwrap_or(http.request_timeout);
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last = Refusal::NoHealthyBackend;
+        loop {
+            let index = match backends.pick_among(self.key, &tried, self.among) {
+                Ok(index) => index,
+                Err(NoBackend::NoneUp) => return Decision::Refused(Refusal::NoHealthyBackend),
+                Err(NoBackend::Exhausted) => return Decision::Refused(last),
+            };
+            // The first try leaves when the request came in.
+            let sent_at = if tried.is_empty() {
+                self.started
+            } else {
+                Instant::now()
+            };
+            let remaining = deadline.saturating_duration_since(sent_at);
+            if remaining.is_zero() {
+                return Decision::Refused(Refusal::RequestTimeout);
             }
-            Outcome::NotSent(refusal) => {
-                if refusal == Refusal::MaxPendingRequests {
-                    return refuse(client, refusal, exchange, close, drain).await;
+            let backend = &backends.backends()[index];
+            backend.stats.active.fetch_add(1, Ordering::Relaxed);
+            backend.stats.traffic().requests.increment(1);
+            let on_backend = OnBackend(backend.stats.clone());
+            let outcome = attempt(
+                self.target,
+                backends,
+                index,
+                scratch,
+                self.head_request,
+                self.bodiless && is_idempotent(self.method),
+                per_try.min(remaining),
+            )
+            .await;
+            tried.push(index);
+            let may_retry = |exchange: &Exchange, tried: &[usize]| {
+                exchange.retries < http.retry.attempts
+                    && backends.pick_among(self.key, tried, self.among).is_ok()
+            };
+            let budget = || {
+                shared
+                    .retry_budget
+                    .try_retry(http.retry.budget_percent, http.retry.min_per_second)
+            };
+            match outcome {
+                Outcome::Answered(raw, response) => {
+                    let failed = response.status >= 500;
+                    if failed {
+                        record_failure(self.target, backends, index, &response.status.to_string());
+                    } else {
+                        backend.stats.record_success(sent_at.elapsed());
+                    }
+                    if http.retry.statuses.contains(&response.status)
+                        && retryable
+                        && may_retry(exchange, &tried)
+                        && budget()
+                    {
+                        // The answer nobody will see: its connection closes.
+                        drop(raw);
+                        exchange.count_retry();
+                        super::backoff(http, exchange.retries, deadline).await;
+                        continue;
+                    }
+                    exchange.status = response.status;
+                    exchange.upstream = Some(backend.id.clone());
+                    exchange._on_backend = Some(on_backend);
+                    return Decision::Answered(raw, response, backend.stats.pool.clone());
                 }
-                record_failure(&target, backends, index, refusal.reason());
-                last = refusal;
-                // It never reached a backend: safe to send elsewhere, whatever the method.
-                if may_retry(&exchange, &tried) && budget() {
-                    exchange.count_retry();
-                    continue;
+                Outcome::NotSent(refusal) => {
+                    if refusal == Refusal::MaxPendingRequests {
+                        return Decision::Refused(refusal);
+                    }
+                    record_failure(self.target, backends, index, refusal.reason());
+                    last = refusal;
+                    // It never reached a backend: safe to send elsewhere, whatever the method.
+                    if may_retry(exchange, &tried) && budget() {
+                        exchange.count_retry();
+                        continue;
+                    }
+                    return Decision::Refused(refusal);
                 }
-                return refuse(client, refusal, exchange, close, drain).await;
-            }
-            Outcome::Failed(refusal) => {
-                record_failure(&target, backends, index, refusal.reason());
-                last = refusal.as_reported(deadline);
-                if retryable && may_retry(&exchange, &tried) && budget() {
-                    exchange.count_retry();
-                    super::backoff(http, exchange.retries, deadline).await;
-                    continue;
+                Outcome::Failed(refusal) => {
+                    record_failure(self.target, backends, index, refusal.reason());
+                    last = refusal.as_reported(deadline);
+                    if retryable && may_retry(exchange, &tried) && budget() {
+                        exchange.count_retry();
+                        super::backoff(http, exchange.retries, deadline).await;
+                        continue;
+                    }
+                    return Decision::Refused(last);
                 }
-                return refuse(client, last, exchange, close, drain).await;
             }
         }
     }
@@ -662,7 +713,7 @@ enum Framing {
 /// A response head read from a backend (rewritten for the client into a
 /// buffer of its own, without the final blank line: `Connection: close`
 /// may still be added).
-struct Response {
+pub(super) struct Response {
     status: u16,
     framing: Framing,
     /// Whether the backend keeps the connection open after it.
@@ -869,7 +920,7 @@ async fn relay(
     out: &mut Vec<u8>,
     exchange: Exchange,
     close: bool,
-    backend: &crate::proxy::balance::Backend,
+    pool: &Arc<Pool>,
 ) -> bool {
     if close {
         out.extend_from_slice(b"connection: close\r\n");
@@ -914,7 +965,7 @@ async fn relay(
     }
     let idle_timeout = exchange.state.spec.http.pool_idle_timeout;
     if complete && response.keep_alive && raw.buf.is_empty() {
-        backend.stats.pool.give_back_raw(raw, idle_timeout);
+        pool.give_back_raw(raw, idle_timeout);
     }
     Box::new(exchange).finish(complete, sent);
     complete && written && !close
