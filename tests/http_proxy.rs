@@ -427,8 +427,8 @@ async fn a_keep_alive_client_is_balanced_per_request_over_every_backend() {
         );
     }
     // Over pooled connections, reused for requests one at a time: one a
-    // backend for the HTTP/1.1 client's requests (the fast path's own pool)
-    // and one for the HTTP/2 client's (hyper's).
+    // backend, for both clients' requests (bodiless: the fast path's
+    // connections, from HTTP/2 clients too).
     let metrics = common::eventually_metrics(
         mesh.agent.admin.unwrap(),
         "the requests counted",
@@ -436,7 +436,7 @@ async fn a_keep_alive_client_is_balanced_per_request_over_every_backend() {
     )
     .await;
     assert!(
-        metrics.contains("loopmesh_http_upstream_connections{service=\"web\"} 6\n"),
+        metrics.contains("loopmesh_http_upstream_connections{service=\"web\"} 3\n"),
         "{metrics}"
     );
     // Backends that speak HTTP/2: one multiplexed connection each.
@@ -1454,7 +1454,7 @@ async fn a_connection_the_fast_path_does_not_take_is_handed_to_hyper_with_what_w
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_backends_one_connection_slot_passes_between_the_http1_and_http2_paths() {
+async fn a_backends_one_connection_slot_passes_between_the_fast_path_and_hyper() {
     let backend = Backend::start("a").await;
     let web = service_addr();
     let mesh = Mesh::start("");
@@ -1464,22 +1464,81 @@ async fn a_backends_one_connection_slot_passes_between_the_http1_and_http2_paths
     mesh.route("web", web, spec, &[(&backend, &[])]);
     let mut h1 = connected(web).await;
     let mut h2 = Client::http2(web).await.unwrap();
-    // Each turn, the idle connection the other path pooled gives its slot up.
+    // A request with a body from an HTTP/2 client goes through hyper's
+    // client and pool, a GET through the fast path's: each turn, the idle
+    // connection the other side pooled gives its slot up.
     for turn in 0..3 {
-        let answer = h2.get(web, "/", &[]).await;
+        let upload = Request::post(format!("http://{web}/upload"))
+            .body(Full::new(Bytes::from("hello")))
+            .unwrap();
+        let answer = h2.send(upload).await.unwrap();
         assert_eq!(
-            answer.status(),
-            200,
-            "HTTP/2 client, turn {turn}: {:?}",
+            (answer.status(), header(&answer, "x-seen-body-bytes")),
+            (StatusCode::OK, "5"),
+            "HTTP/2 upload, turn {turn}: {:?}",
             answer.headers()
         );
         let answer = h1.get(web, "/", &[]).await;
         assert_eq!(
             answer.status(),
             200,
-            "HTTP/1.1 client, turn {turn}: {:?}",
+            "HTTP/1.1 GET, turn {turn}: {:?}",
             answer.headers()
         );
     }
+    mesh.agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_clients_bodiless_requests_get_every_http1_framing_unframed() {
+    let (backend, _connections) = scripted_backend().await;
+    let web = service_addr();
+    let mesh = Mesh::start("");
+    mesh.route("web", web, json!({}), &[(&backend, &[])]);
+    connected(web).await;
+    let Some(Client::Http2(mut h2)) = Client::http2(web).await else {
+        panic!("an HTTP/2 connection to {web}");
+    };
+    let mut ask = |method: &str, path: &str| {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("http://{web}{path}"))
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        // One request at a time: the connection is ready for each.
+        h2.send_request(request)
+    };
+    // Chunked, with a trailer: the data alone, then the trailer as trailers.
+    let response = ask("GET", "/chunked").await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers().get("transfer-encoding").is_none(),
+        "{:?}",
+        response.headers()
+    );
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("the trailers");
+    assert_eq!(trailers["x-sum"], "11");
+    assert_eq!(collected.to_bytes(), "hello world");
+    // After an interim 103, the final answer; a HEAD's length frames no
+    // body; a body that ends with the backend's connection.
+    let response = ask("GET", "/early-hints").await.unwrap();
+    assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "ok");
+    let response = ask("HEAD", "/length").await.unwrap();
+    assert_eq!(response.headers()["content-length"], "100");
+    assert!(response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .is_empty());
+    let response = ask("GET", "/close").await.unwrap();
+    assert_eq!(
+        response.into_body().collect().await.unwrap().to_bytes(),
+        "until the end"
+    );
+    let response = ask("GET", "/plain").await.unwrap();
+    assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "/plain");
     mesh.agent.stop();
 }

@@ -75,8 +75,13 @@ pub struct ResponseBody {
 
 enum Source {
     Upstream(Incoming),
+    /// From a fast-path upstream connection ([`super::h1::RawBody`]).
+    Raw(super::h1::RawBody),
     Local(Option<Bytes>),
 }
+
+/// Why a response body broke off.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ResponseBody {
     /// A backend's response body; `finish` runs once it ends or is dropped.
@@ -87,6 +92,21 @@ impl ResponseBody {
             finish: Some(finish),
         };
         if let Source::Upstream(inner) = &body.source {
+            if inner.is_end_stream() {
+                body.end(true);
+            }
+        }
+        body
+    }
+
+    /// A backend's response body from a fast-path connection.
+    pub fn raw(inner: super::h1::RawBody, finish: Box<dyn Finish>) -> ResponseBody {
+        let mut body = ResponseBody {
+            source: Source::Raw(inner),
+            bytes: 0,
+            finish: Some(finish),
+        };
+        if let Source::Raw(inner) = &body.source {
             if inner.is_end_stream() {
                 body.end(true);
             }
@@ -117,15 +137,32 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         match &mut this.source {
             Source::Local(text) => Poll::Ready(text.take().map(|text| Ok(Frame::data(text)))),
+            Source::Raw(inner) => {
+                let polled = inner.poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref() {
+                            this.bytes += data.len() as u64;
+                        }
+                        if inner.is_end_stream() {
+                            this.end(true);
+                        }
+                    }
+                    Poll::Ready(None) => this.end(true),
+                    Poll::Ready(Some(Err(_))) => this.end(false),
+                    Poll::Pending => {}
+                }
+                polled.map(|frame| frame.map(|result| result.map_err(BodyError::from)))
+            }
             Source::Upstream(inner) => {
                 let polled = Pin::new(&mut *inner).poll_frame(cx);
                 match &polled {
@@ -141,7 +178,7 @@ impl Body for ResponseBody {
                     Poll::Ready(Some(Err(_))) => this.end(false),
                     Poll::Pending => {}
                 }
-                polled
+                polled.map(|frame| frame.map(|result| result.map_err(BodyError::from)))
             }
         }
     }
@@ -149,6 +186,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.source {
             Source::Upstream(inner) => inner.is_end_stream(),
+            Source::Raw(inner) => inner.is_end_stream(),
             Source::Local(text) => text.is_none(),
         }
     }
@@ -156,6 +194,9 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.source {
             Source::Upstream(inner) => inner.size_hint(),
+            Source::Raw(inner) => inner
+                .remaining()
+                .map_or_else(SizeHint::default, SizeHint::with_exact),
             Source::Local(text) => SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64)),
         }
     }

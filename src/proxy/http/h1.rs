@@ -15,6 +15,7 @@
 //! httparse refuses, an HTTP/2 upstream) hands the connection, with what
 //! was read of it, to hyper for the rest of its life.
 
+use super::body::ResponseBody;
 use super::identity::{self, Identity};
 use super::route::{Head, Target};
 use super::{
@@ -28,6 +29,7 @@ use crate::proxy::http::pool::{Pool, Raw, Want};
 use crate::proxy::service::ServiceState;
 use bytes::{Buf, BytesMut};
 use hyper::Method;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -701,6 +703,198 @@ impl Tries<'_> {
     }
 }
 
+/// Sends a bodiless request that came through hyper (an HTTP/2 client's,
+/// or one on a connection handed to hyper) on the fast path's upstream
+/// connections: the head written once as bytes (sent again as they are on
+/// a retry), no hyper client, no connection task. The answer goes back to
+/// hyper, its body as it comes ([`RawBody`]).
+pub(super) async fn send_bodiless(
+    request: &hyper::Request<hyper::body::Incoming>,
+    tries: Tries<'_>,
+    mut exchange: Exchange,
+) -> hyper::Response<ResponseBody> {
+    let mut scratch = Scratch {
+        up: Vec::with_capacity(512),
+        down: Vec::with_capacity(512),
+        forwarded_for: Vec::new(),
+        forwarded: Vec::new(),
+    };
+    let up = &mut scratch.up;
+    up.extend_from_slice(request.method().as_str().as_bytes());
+    up.push(b' ');
+    up.extend_from_slice(
+        request
+            .uri()
+            .path_and_query()
+            .map_or("/", |path| path.as_str())
+            .as_bytes(),
+    );
+    up.extend_from_slice(b" HTTP/1.1\r\n");
+    match (
+        request.headers().get(hyper::header::HOST),
+        request.uri().authority(),
+    ) {
+        (Some(host), _) => header(up, "host", host.as_bytes()),
+        (None, Some(authority)) => header(up, "host", authority.as_str().as_bytes()),
+        (None, None) => header(up, "host", tries.state.address.to_string().as_bytes()),
+    }
+    for (name, value) in request.headers() {
+        if name != hyper::header::HOST {
+            header(up, name.as_str(), value.as_bytes());
+        }
+    }
+    up.extend_from_slice(b"\r\n");
+    match tries.run(&mut scratch, &mut exchange).await {
+        Decision::Answered(raw, response, pool) => {
+            let idle_timeout = tries.state.spec.http.pool_idle_timeout;
+            scratch.down.extend_from_slice(b"\r\n");
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut fields);
+            let _ = parsed.parse(&scratch.down);
+            let mut headers = header_map(parsed.headers);
+            if response.framing == Framing::Chunked {
+                // Unframed here: hyper frames it again for its client.
+                headers.remove(hyper::header::TRANSFER_ENCODING);
+            }
+            let body = RawBody::new(raw, &response, pool, idle_timeout);
+            let mut answer = hyper::Response::new(ResponseBody::raw(body, Box::new(exchange)));
+            *answer.status_mut() =
+                hyper::StatusCode::from_u16(response.status).unwrap_or(hyper::StatusCode::BAD_GATEWAY);
+            *answer.headers_mut() = headers;
+            answer
+        }
+        Decision::Refused(refusal) => super::refuse(refusal, Some(exchange)),
+    }
+}
+
+/// A response body read from a fast-path upstream connection, for hyper to
+/// send on: the data without its HTTP/1.1 framing, then its trailers. The
+/// connection goes back to its pool when the body was read to its end.
+pub(super) struct RawBody {
+    raw: Option<Raw>,
+    end: Unframe,
+    pool: Arc<Pool>,
+    idle_timeout: Duration,
+    keep_alive: bool,
+}
+
+/// How the data of a response body is told from its framing.
+enum Unframe {
+    Length(u64),
+    Chunked(Chunked),
+    Close,
+}
+
+impl RawBody {
+    fn new(raw: Raw, response: &Response, pool: Arc<Pool>, idle_timeout: Duration) -> RawBody {
+        let end = match response.framing {
+            Framing::Length(n) => Unframe::Length(n),
+            Framing::Chunked => Unframe::Chunked(Chunked::keeping_trailers()),
+            Framing::Close => Unframe::Close,
+        };
+        let mut body = RawBody {
+            raw: Some(raw),
+            end,
+            pool,
+            idle_timeout,
+            keep_alive: response.keep_alive,
+        };
+        if matches!(body.end, Unframe::Length(0)) {
+            body.finish();
+        }
+        body
+    }
+
+    /// Whether the body has ended.
+    pub fn is_end_stream(&self) -> bool {
+        self.raw.is_none()
+    }
+
+    /// Bytes still to come, when the framing says.
+    pub fn remaining(&self) -> Option<u64> {
+        match (&self.raw, &self.end) {
+            (None, _) => Some(0),
+            (Some(_), Unframe::Length(left)) => Some(*left),
+            _ => None,
+        }
+    }
+
+    /// The body has ended: its connection goes back to its pool if it can
+    /// carry another request.
+    fn finish(&mut self) {
+        if let Some(raw) = self.raw.take() {
+            if self.keep_alive && raw.buf.is_empty() {
+                self.pool.give_back_raw(raw, self.idle_timeout);
+            }
+        }
+    }
+
+    pub fn poll_frame(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<std::io::Result<hyper::body::Frame<bytes::Bytes>>>> {
+        use hyper::body::Frame;
+        use std::task::Poll;
+        loop {
+            let Some(raw) = self.raw.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if !raw.buf.is_empty() {
+                let (frame, ended) = match &mut self.end {
+                    Unframe::Length(left) => {
+                        let take = (*left).min(raw.buf.len() as u64);
+                        *left -= take;
+                        (
+                            Some(Frame::data(raw.buf.split_to(take as usize).freeze())),
+                            *left == 0,
+                        )
+                    }
+                    Unframe::Close => (Some(Frame::data(raw.buf.split().freeze())), false),
+                    Unframe::Chunked(chunked) => {
+                        let Ok(step) = chunked.step(&raw.buf) else {
+                            self.keep_alive = false;
+                            self.finish();
+                            return Poll::Ready(Some(Err(std::io::ErrorKind::InvalidData.into())));
+                        };
+                        let passed = raw.buf.split_to(step.consumed).freeze();
+                        match step.data {
+                            Some(data) if !data.is_empty() => (Some(Frame::data(passed.slice(data))), false),
+                            _ if step.end => (chunked.trailers().map(Frame::trailers), true),
+                            _ => (None, false),
+                        }
+                    }
+                };
+                if ended {
+                    self.finish();
+                }
+                match frame {
+                    Some(frame) => return Poll::Ready(Some(Ok(frame))),
+                    None if ended => return Poll::Ready(None),
+                    None => continue,
+                }
+            }
+            raw.buf.reserve(READ_CHUNK);
+            let read = std::pin::pin!(raw.io.read_buf(&mut raw.buf)).poll(cx);
+            match read {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(n)) if n > 0 => {}
+                Poll::Ready(result) => {
+                    // The end of the connection: of a close-delimited body, or too early.
+                    self.keep_alive = false;
+                    self.finish();
+                    if matches!(self.end, Unframe::Close) {
+                        return Poll::Ready(None);
+                    }
+                    let err = result
+                        .err()
+                        .unwrap_or_else(|| std::io::ErrorKind::UnexpectedEof.into());
+                    return Poll::Ready(Some(Err(err)));
+                }
+            }
+        }
+    }
+}
+
 /// How a response's body ends (RFC 9112 6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Framing {
@@ -1006,11 +1200,14 @@ impl End {
     }
 }
 
-/// Finds the end of a chunked body (RFC 9112 7.1) in bytes fed as they come.
+/// Finds the end of a chunked body (RFC 9112 7.1) in bytes fed as they
+/// come, and, stepping through it, its data and trailers.
 #[derive(Default)]
 struct Chunked {
     state: ChunkState,
     size: u64,
+    /// The trailer section's lines, when they are kept ([`Chunked::keeping_trailers`]).
+    trailers: Option<Vec<u8>>,
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
@@ -1027,10 +1224,46 @@ enum ChunkState {
     EndLf,
 }
 
+/// Largest trailer section kept.
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// One step through a chunked body.
+#[derive(Debug, PartialEq, Eq)]
+struct Step {
+    /// Bytes of the input the step went through.
+    consumed: usize,
+    /// Where in them a run of chunk data is.
+    data: Option<std::ops::Range<usize>>,
+    /// Whether the body ended with them.
+    end: bool,
+}
+
 impl Chunked {
+    /// A decoder that keeps the trailer section, for [`Chunked::trailers`].
+    fn keeping_trailers() -> Chunked {
+        Chunked {
+            trailers: Some(Vec::new()),
+            ..Chunked::default()
+        }
+    }
+
     /// Feeds the next bytes: `Some(n)` when the body ends after the first
     /// `n` of them, an error for bytes that are not chunked framing.
     fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, ()> {
+        let mut at = 0;
+        while at < bytes.len() {
+            let step = self.step(&bytes[at..])?;
+            at += step.consumed;
+            if step.end {
+                return Ok(Some(at));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Goes through `bytes` up to the end of the next run of data, or the
+    /// end of the body, or of `bytes`, whichever comes first.
+    fn step(&mut self, bytes: &[u8]) -> Result<Step, ()> {
         let mut at = 0;
         while at < bytes.len() {
             let b = bytes[at];
@@ -1057,13 +1290,16 @@ impl Chunked {
                     self.sized();
                 }
                 ChunkState::Data => {
-                    let take = self.size.min((bytes.len() - at) as u64);
-                    self.size -= take;
-                    at += take as usize;
+                    let take = self.size.min((bytes.len() - at) as u64) as usize;
+                    self.size -= take as u64;
                     if self.size == 0 {
                         self.state = ChunkState::DataCr;
                     }
-                    continue;
+                    return Ok(Step {
+                        consumed: at + take,
+                        data: Some(at..at + take),
+                        end: false,
+                    });
                 }
                 ChunkState::DataCr => match b {
                     b'\r' => self.state = ChunkState::DataLf,
@@ -1078,10 +1314,14 @@ impl Chunked {
                 }
                 ChunkState::TrailerStart => match b {
                     b'\r' => self.state = ChunkState::EndLf,
-                    b'\n' => return Ok(Some(at + 1)),
-                    _ => self.state = ChunkState::TrailerLine,
+                    b'\n' => return Ok(Step::ended(at + 1)),
+                    _ => {
+                        self.keep(b)?;
+                        self.state = ChunkState::TrailerLine;
+                    }
                 },
                 ChunkState::TrailerLine => {
+                    self.keep(b)?;
                     if b == b'\n' {
                         self.state = ChunkState::TrailerStart;
                     }
@@ -1090,12 +1330,39 @@ impl Chunked {
                     if b != b'\n' {
                         return Err(());
                     }
-                    return Ok(Some(at + 1));
+                    return Ok(Step::ended(at + 1));
                 }
             }
             at += 1;
         }
-        Ok(None)
+        Ok(Step {
+            consumed: at,
+            data: None,
+            end: false,
+        })
+    }
+
+    /// Keeps a byte of the trailer section, if trailers are kept.
+    fn keep(&mut self, b: u8) -> Result<(), ()> {
+        if let Some(trailers) = &mut self.trailers {
+            if trailers.len() >= MAX_TRAILERS {
+                return Err(());
+            }
+            trailers.push(b);
+        }
+        Ok(())
+    }
+
+    /// The trailer fields kept, once the body has ended (`None`: none).
+    fn trailers(&self) -> Option<hyper::HeaderMap> {
+        let mut section = self.trailers.clone().filter(|t| !t.is_empty())?;
+        section.extend_from_slice(b"\r\n");
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let Ok(httparse::Status::Complete((_, fields))) = httparse::parse_headers(&section, &mut fields)
+        else {
+            return None;
+        };
+        Some(header_map(fields))
     }
 
     /// A chunk's size line has ended: its data, or the trailers of the last.
@@ -1106,6 +1373,30 @@ impl Chunked {
             ChunkState::Data
         };
     }
+}
+
+impl Step {
+    fn ended(consumed: usize) -> Step {
+        Step {
+            consumed,
+            data: None,
+            end: true,
+        }
+    }
+}
+
+/// Header fields as hyper keeps them; fields hyper would refuse are left out.
+fn header_map(fields: &[httparse::Header<'_>]) -> hyper::HeaderMap {
+    let mut map = hyper::HeaderMap::with_capacity(fields.len());
+    for field in fields {
+        if let (Ok(name), Ok(value)) = (
+            hyper::header::HeaderName::from_bytes(field.name.as_bytes()),
+            hyper::header::HeaderValue::from_bytes(field.value),
+        ) {
+            map.append(name, value);
+        }
+    }
+    map
 }
 
 /// The proxy's own answer on the fast path. Says whether the client
@@ -1175,6 +1466,39 @@ mod tests {
         assert_eq!(end_of(&[b"zz\r\n"]), Err(()));
         assert_eq!(end_of(&[b"5\r\nhelloXX"]), Err(()));
         assert_eq!(end_of(&[b"ffffffffffffffffff\r\n"]), Err(()));
+    }
+
+    #[test]
+    fn stepping_through_a_chunked_body_gives_its_data_and_trailers() {
+        let body: &[u8] = b"5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nx-sum: 11\r\nx-more: 2\r\n\r\nNEXT";
+        // Fed in pieces of 4 bytes, as reads may come.
+        let mut chunked = Chunked::keeping_trailers();
+        let (mut data, mut ended_at, mut offset) = (Vec::new(), None, 0);
+        for piece in body.chunks(4) {
+            let mut at = 0;
+            while at < piece.len() && ended_at.is_none() {
+                let step = chunked.step(&piece[at..]).unwrap();
+                if let Some(range) = step.data {
+                    data.extend_from_slice(&piece[at..][range]);
+                }
+                at += step.consumed;
+                if step.end {
+                    ended_at = Some(offset + at);
+                }
+            }
+            offset += piece.len();
+        }
+        assert_eq!(data, b"hello world");
+        assert_eq!(ended_at, Some(body.len() - 4));
+        let trailers = chunked.trailers().unwrap();
+        assert_eq!(
+            (trailers["x-sum"].as_bytes(), trailers["x-more"].as_bytes()),
+            (&b"11"[..], &b"2"[..])
+        );
+        // No trailer section: none kept.
+        let mut plain = Chunked::keeping_trailers();
+        assert_eq!(plain.feed(b"0\r\n\r\n"), Ok(Some(5)));
+        assert!(plain.trailers().is_none());
     }
 
     #[test]

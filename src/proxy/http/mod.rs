@@ -645,6 +645,24 @@ async fn handle(mut request: Request<Incoming>, client: &Client) -> Response<Res
     // An HTTP/2 backend may refuse a stream it never processed (GOAWAY):
     // any bodiless request can then be made again.
     let replayable = retryable || (bodiless && http.upstream_protocol == UpstreamProtocol::Http2);
+    if bodiless
+        && !upgrade
+        && http.upstream_protocol == UpstreamProtocol::Http1
+        && target.spec.http.upstream_protocol == UpstreamProtocol::Http1
+    {
+        let tries = h1::Tries {
+            state: &state,
+            target: &target,
+            backends,
+            among,
+            key,
+            method: request.method(),
+            bodiless,
+            head_request: request.method() == Method::HEAD,
+            started,
+        };
+        return h1::send_bodiless(&request, tries, exchange).await;
+    }
     let (parts, body) = request.into_parts();
     let mut upstream = Request::from_parts(
         parts,
