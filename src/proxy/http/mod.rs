@@ -12,7 +12,9 @@
 //! relay after the 101.
 //!
 //! The common HTTP/1.1 request takes a fast path without hyper ([`h1`]);
-//! a connection that asks for anything else is handed to hyper.
+//! a connection that asks for anything else is handed to hyper, and the
+//! bodiless requests hyper serves (HTTP/2 clients') still go out on the
+//! fast path's upstream connections.
 //!
 //! At a drain, HTTP/2 clients get a GOAWAY and HTTP/1.1 ones a
 //! `Connection: close` on their next response; requests in flight finish,
