@@ -144,43 +144,37 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
-        match &mut this.source {
-            Source::Local(text) => Poll::Ready(text.take().map(|text| Ok(Frame::data(text)))),
+        let (polled, ended) = match &mut this.source {
+            Source::Local(text) => return Poll::Ready(text.take().map(|text| Ok(Frame::data(text)))),
             Source::Raw(inner) => {
                 let polled = inner.poll_frame(cx);
-                match &polled {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if let Some(data) = frame.data_ref() {
-                            this.bytes += data.len() as u64;
-                        }
-                        if inner.is_end_stream() {
-                            this.end(true);
-                        }
-                    }
-                    Poll::Ready(None) => this.end(true),
-                    Poll::Ready(Some(Err(_))) => this.end(false),
-                    Poll::Pending => {}
-                }
-                polled.map(|frame| frame.map(|result| result.map_err(BodyError::from)))
+                (
+                    polled.map(|f| f.map(|r| r.map_err(BodyError::from))),
+                    inner.is_end_stream(),
+                )
             }
             Source::Upstream(inner) => {
                 let polled = Pin::new(&mut *inner).poll_frame(cx);
-                match &polled {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if let Some(data) = frame.data_ref() {
-                            this.bytes += data.len() as u64;
-                        }
-                        if inner.is_end_stream() {
-                            this.end(true);
-                        }
-                    }
-                    Poll::Ready(None) => this.end(true),
-                    Poll::Ready(Some(Err(_))) => this.end(false),
-                    Poll::Pending => {}
-                }
-                polled.map(|frame| frame.map(|result| result.map_err(BodyError::from)))
+                (
+                    polled.map(|f| f.map(|r| r.map_err(BodyError::from))),
+                    inner.is_end_stream(),
+                )
             }
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+                if ended {
+                    this.end(true);
+                }
+            }
+            Poll::Ready(None) => this.end(true),
+            Poll::Ready(Some(Err(_))) => this.end(false),
+            Poll::Pending => {}
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
