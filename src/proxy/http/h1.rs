@@ -161,12 +161,10 @@ pub(super) async fn serve(
             }
         };
         buf.advance(request.len);
-        let state = request.state.clone();
-        let metrics = state.shared.metrics();
         let keep_alive = tokio::select! {
             keep_alive = forward(&mut client, request, &mut scratch, &probe) => keep_alive,
             () = &mut forced => {
-                metrics.drain_kills.increment(1);
+                conn.cell.current().shared.metrics().drain_kills.increment(1);
                 return None;
             }
         };
@@ -443,7 +441,8 @@ impl Request {
         bytes.push(b' ');
         bytes.extend_from_slice(path.as_bytes());
         bytes.extend_from_slice(b" HTTP/1.1\r\n");
-        let continued = traceparent.is_some_and(identity::continues);
+        let parent = identity::parent(traceparent);
+        let continued = parent.is_some();
         for (h, kind) in parsed.headers.iter().zip(kinds) {
             let forwarded = match kind {
                 // Written below, with this hop's part.
@@ -472,7 +471,7 @@ impl Request {
         });
         bytes.extend_from_slice(b"traceparent: ");
         let start = bytes.len();
-        identity::write_traceparent(bytes, traceparent);
+        identity::write_traceparent(bytes, parent);
         let traceparent_value = start..bytes.len();
         bytes.extend_from_slice(b"\r\n");
         folded(bytes, &parsed, "x-forwarded-for", &scratch.forwarded_for);
@@ -772,34 +771,22 @@ pub(super) async fn send_bodiless(
 /// connection goes back to its pool when the body was read to its end.
 pub(super) struct RawBody {
     raw: Option<Raw>,
-    end: Unframe,
+    end: End,
     pool: Arc<Pool>,
     idle_timeout: Duration,
     keep_alive: bool,
 }
 
-/// How the data of a response body is told from its framing.
-enum Unframe {
-    Length(u64),
-    Chunked(Chunked),
-    Close,
-}
-
 impl RawBody {
     fn new(raw: Raw, response: &Response, pool: Arc<Pool>, idle_timeout: Duration) -> RawBody {
-        let end = match response.framing {
-            Framing::Length(n) => Unframe::Length(n),
-            Framing::Chunked => Unframe::Chunked(Chunked::keeping_trailers()),
-            Framing::Close => Unframe::Close,
-        };
         let mut body = RawBody {
             raw: Some(raw),
-            end,
+            end: End::new(response.framing, true),
             pool,
             idle_timeout,
             keep_alive: response.keep_alive,
         };
-        if matches!(body.end, Unframe::Length(0)) {
+        if matches!(body.end, End::Length(0)) {
             body.finish();
         }
         body
@@ -814,7 +801,7 @@ impl RawBody {
     pub fn remaining(&self) -> Option<u64> {
         match (&self.raw, &self.end) {
             (None, _) => Some(0),
-            (Some(_), Unframe::Length(left)) => Some(*left),
+            (Some(_), End::Length(left)) => Some(*left),
             _ => None,
         }
     }
@@ -841,7 +828,7 @@ impl RawBody {
             };
             if !raw.buf.is_empty() {
                 let (frame, ended) = match &mut self.end {
-                    Unframe::Length(left) => {
+                    End::Length(left) => {
                         let take = (*left).min(raw.buf.len() as u64);
                         *left -= take;
                         (
@@ -849,8 +836,8 @@ impl RawBody {
                             *left == 0,
                         )
                     }
-                    Unframe::Close => (Some(Frame::data(raw.buf.split().freeze())), false),
-                    Unframe::Chunked(chunked) => {
+                    End::Close => (Some(Frame::data(raw.buf.split().freeze())), false),
+                    End::Chunked(chunked) => {
                         let Ok(step) = chunked.step(&raw.buf) else {
                             self.keep_alive = false;
                             self.finish();
@@ -882,7 +869,7 @@ impl RawBody {
                     // The end of the connection: of a close-delimited body, or too early.
                     self.keep_alive = false;
                     self.finish();
-                    if matches!(self.end, Unframe::Close) {
+                    if matches!(self.end, End::Close) {
                         return Poll::Ready(None);
                     }
                     let err = result
@@ -1120,7 +1107,7 @@ async fn relay(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    let mut end = End::new(response.framing);
+    let mut end = End::new(response.framing, false);
     let mut sent = 0u64;
     let mut complete = false;
     let mut written = true;
@@ -1165,7 +1152,8 @@ async fn relay(
     complete && written && !close
 }
 
-/// Where a response body ends in the bytes read of it.
+/// Where a response body ends in the bytes read of it: for the relay to
+/// the client, and for [`RawBody`], which passes its data on unframed.
 enum End {
     Length(u64),
     Chunked(Chunked),
@@ -1173,9 +1161,12 @@ enum End {
 }
 
 impl End {
-    fn new(framing: Framing) -> End {
+    /// Where a body of `framing` ends; a chunked one's trailers are kept
+    /// if `keep_trailers` (to pass them on as fields, not bytes).
+    fn new(framing: Framing, keep_trailers: bool) -> End {
         match framing {
             Framing::Length(n) => End::Length(n),
+            Framing::Chunked if keep_trailers => End::Chunked(Chunked::keeping_trailers()),
             Framing::Chunked => End::Chunked(Chunked::default()),
             Framing::Close => End::Close,
         }

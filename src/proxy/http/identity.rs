@@ -37,7 +37,9 @@ pub fn stamp(headers: &mut HeaderMap, client: IpAddr, keep: bool) -> Option<Iden
         }
     };
     scratch.clear();
-    let continued = write_traceparent(&mut scratch, headers.get(&TRACEPARENT).map(HeaderValue::as_bytes));
+    let parent = parent(headers.get(&TRACEPARENT).map(HeaderValue::as_bytes));
+    write_traceparent(&mut scratch, parent);
+    let continued = parent.is_some();
     if !continued {
         // A new trace: whatever tracestate came without a valid parent
         // belongs to nothing.
@@ -67,13 +69,17 @@ pub fn stamp(headers: &mut HeaderMap, client: IpAddr, keep: bool) -> Option<Iden
     })
 }
 
-/// Writes the `traceparent` this hop sends: the incoming trace with a new
-/// span id, or a new trace when `incoming` is absent or malformed. Says
-/// whether the incoming trace was continued (its `tracestate` stays).
-pub fn write_traceparent(out: &mut Vec<u8>, incoming: Option<&[u8]>) -> bool {
-    let parent = incoming
+/// The trace id and flags of an incoming `traceparent` this hop continues
+/// (its `tracestate` then stays); `None` when it is absent or malformed.
+pub fn parent(incoming: Option<&[u8]>) -> Option<(&str, &str)> {
+    incoming
         .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(parse_traceparent);
+        .and_then(parse_traceparent)
+}
+
+/// Writes the `traceparent` this hop sends: the [`parent`] trace with a new
+/// span id, or a new trace.
+pub fn write_traceparent(out: &mut Vec<u8>, parent: Option<(&str, &str)>) {
     out.extend_from_slice(b"00-");
     match parent {
         Some((trace_id, _)) => out.extend_from_slice(trace_id.as_bytes()),
@@ -86,7 +92,6 @@ pub fn write_traceparent(out: &mut Vec<u8>, incoming: Option<&[u8]>) -> bool {
     hex(out, nonzero(), 16);
     out.push(b'-');
     out.extend_from_slice(parent.map_or("00", |(_, flags)| flags).as_bytes());
-    parent.is_some()
 }
 
 /// Writes the low `digits` hex digits of `value`, lowercase (on every
@@ -98,15 +103,6 @@ fn hex(out: &mut Vec<u8>, value: u64, digits: u32) {
             .rev()
             .map(|i| DIGITS[(value >> (i * 4)) as usize & 0xf]),
     );
-}
-
-/// Whether an incoming `traceparent` is one this hop continues (its
-/// `tracestate` then stays).
-pub fn continues(incoming: &[u8]) -> bool {
-    std::str::from_utf8(incoming)
-        .ok()
-        .and_then(parse_traceparent)
-        .is_some()
 }
 
 /// The trace id of a traceparent [`write_traceparent`] wrote.

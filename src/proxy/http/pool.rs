@@ -109,10 +109,7 @@ impl<T: hyper::rt::Read + hyper::rt::Write + Send + Unpin> Io for T {}
 
 /// The connection hyper drives for an upstream.
 pub fn io(upstream: super::super::connect::Upstream) -> Box<dyn Io> {
-    match upstream {
-        super::super::connect::Upstream::Tcp(stream) => Box::new(TokioIo::new(stream)),
-        super::super::connect::Upstream::Tunnel(stream) => Box::new(TokioIo::new(stream)),
-    }
+    Box::new(TokioIo::new(upstream))
 }
 
 /// Why no upstream connection was had.
