@@ -226,6 +226,12 @@ impl Pool {
                 raw,
                 since: Instant::now(),
             });
+        self.now_idle(idle_timeout);
+    }
+
+    /// A connection has just gone idle: a request waiting for one tries
+    /// again, and idle connections are swept from now on.
+    fn now_idle(self: &Arc<Self>, idle_timeout: Duration) {
         self.freed.notify_one();
         if !self.sweeping.swap(true, Ordering::AcqRel) {
             tokio::spawn(sweep(Arc::downgrade(self), idle_timeout));
@@ -304,10 +310,7 @@ impl Pool {
             sender,
             since: Instant::now(),
         });
-        self.freed.notify_one();
-        if !self.sweeping.swap(true, Ordering::AcqRel) {
-            tokio::spawn(sweep(Arc::downgrade(self), idle_timeout));
-        }
+        self.now_idle(idle_timeout);
     }
 }
 
