@@ -16,21 +16,59 @@ use std::task::{Context, Poll};
 /// retried request without a body).
 pub enum UpstreamBody {
     Streamed {
-        inner: Incoming,
+        inner: RequestBody,
         /// Bytes sent, when the access log wants them.
         counted: Option<Arc<AtomicU64>>,
     },
     Empty,
 }
 
-impl Body for UpstreamBody {
+/// A request's body as the client sent it: through hyper's server, or
+/// this proxy's own HTTP/2 server.
+pub enum RequestBody {
+    Hyper(Incoming),
+    Http2(super::http2::RecvBody),
+}
+
+impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            RequestBody::Hyper(inner) => Pin::new(inner)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BodyError::from))),
+            RequestBody::Http2(inner) => Pin::new(inner).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Hyper(inner) => inner.is_end_stream(),
+            RequestBody::Http2(inner) => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Hyper(inner) => inner.size_hint(),
+            RequestBody::Http2(inner) => inner.size_hint(),
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             UpstreamBody::Streamed { inner, counted } => {
                 let polled = Pin::new(inner).poll_frame(cx);

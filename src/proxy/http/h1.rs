@@ -707,8 +707,8 @@ impl Tries<'_> {
 /// connections: the head written once as bytes (sent again as they are on
 /// a retry), no hyper client, no connection task. The answer goes back to
 /// hyper, its body as it comes ([`RawBody`]).
-pub(super) async fn send_bodiless(
-    request: &hyper::Request<hyper::body::Incoming>,
+pub(super) async fn send_bodiless<B>(
+    request: &hyper::Request<B>,
     tries: Tries<'_>,
     mut exchange: Exchange,
 ) -> hyper::Response<ResponseBody> {

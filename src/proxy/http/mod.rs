@@ -24,6 +24,7 @@ pub mod access_log;
 mod body;
 mod budget;
 mod h1;
+mod http2;
 mod identity;
 pub mod pool;
 pub mod route;
@@ -34,7 +35,7 @@ use super::balance::{hash_key, random, BackendSet, BackendStats, NoBackend};
 use super::drain;
 use super::service::{ServiceState, StateCell};
 use crate::policy::{HashOn, HttpPolicy, UpstreamProtocol};
-use body::{Finish, ResponseBody, UpstreamBody};
+use body::{Finish, RequestBody, ResponseBody, UpstreamBody};
 use hyper::body::{Body, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
@@ -86,12 +87,15 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, cell: Arc<StateCell>, mu
     let Some(handover) = h1::serve(client, &conn, &mut drain).await else {
         return;
     };
-    let service = hyper::service::service_fn(move |request| {
+    let preface = &http2::PREFACE[..handover.read.len().min(http2::PREFACE.len())];
+    if !preface.is_empty() && handover.read.starts_with(preface) {
+        return http2::serve(handover.client, handover.read, conn, &mut drain).await;
+    }
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let conn = conn.clone();
-        // Boxed: hyper moves each request's future (into the task an HTTP/2
-        // stream is spawned as, among others), and a pointer moves cheaper
-        // than `handle`'s whole state machine.
-        Box::pin(async move { Ok::<_, Infallible>(handle(request, &conn).await) })
+        // Boxed: hyper moves each request's future, and a pointer moves
+        // cheaper than `handle`'s whole state machine.
+        Box::pin(async move { Ok::<_, Infallible>(handle(request.map(RequestBody::Hyper), &conn).await) })
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -593,7 +597,7 @@ fn record_failure(state: &ServiceState, backends: &BackendSet, index: usize, why
 }
 
 /// Proxies one request: route, balance, send, retry, answer.
-async fn handle(mut request: Request<Incoming>, client: &Client) -> Response<ResponseBody> {
+async fn handle(mut request: Request<RequestBody>, client: &Client) -> Response<ResponseBody> {
     let started = Instant::now();
     let state = client.cell.current();
     let shared = state.shared.clone();
