@@ -143,6 +143,16 @@ impl Backend {
                 .body(BodyExt::boxed(FramesBody(frames.into())))
                 .unwrap();
         }
+        if request.uri().path() == "/echo" {
+            // The request body back, whole.
+            let body = request
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            return builder.body(Full::new(body).boxed()).unwrap();
+        }
         if request.uri().path() == "/hang-on-slow" && self.id == "slow" {
             tokio::time::sleep(std::time::Duration::from_secs(10)).await;
         }
@@ -1540,5 +1550,274 @@ async fn an_http2_clients_bodiless_requests_get_every_http1_framing_unframed() {
     );
     let response = ask("GET", "/plain").await.unwrap();
     assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "/plain");
+    mesh.agent.stop();
+}
+
+/// An HTTP/2 client with a 1 KiB stream window sends and gets back 1 MiB
+/// bodies, three at once on one connection: both sides' flow control (the
+/// proxy's 256 KiB stream and 1 MiB connection windows given back as the
+/// upload is forwarded; its sending held to the client's window).
+#[tokio::test(flavor = "multi_thread")]
+async fn large_bodies_move_both_ways_under_http2_flow_control() {
+    let backend = Backend::start("b1").await;
+    let web = service_addr();
+    let mesh = Mesh::start("");
+    mesh.route("web", web, json!({}), &[(&backend, &[])]);
+    connected(web).await;
+    let stream = TcpStream::connect(web).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(1024)
+        .initial_connection_window_size(65_535)
+        .handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let echoes = (0..3u8).map(|n| {
+        let mut sender = sender.clone();
+        async move {
+            let body: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8 ^ n).collect();
+            let request = Request::post(format!("http://{web}/echo"))
+                .body(Full::new(Bytes::from(body.clone())))
+                .unwrap();
+            sender.ready().await.unwrap();
+            let response = sender.send_request(request).await.unwrap();
+            assert_eq!(response.status(), 200);
+            let got = response.into_body().collect().await.unwrap().to_bytes();
+            assert!(
+                got == body,
+                "echo {n}: {} bytes back of {}",
+                got.len(),
+                body.len()
+            );
+        }
+    });
+    futures_join_all(echoes).await;
+    mesh.agent.stop();
+}
+
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) {
+    let tasks: Vec<_> = futures.map(tokio::spawn).collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+/// More requests at once than the proxy's 256 streams per connection: the
+/// client waits for room (SETTINGS_MAX_CONCURRENT_STREAMS) and every one is
+/// answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn more_requests_at_once_than_streams_allowed_are_all_answered() {
+    let backend = Backend::start("b1").await;
+    let web = service_addr();
+    let mesh = Mesh::start("");
+    mesh.route("web", web, json!({}), &[(&backend, &[])]);
+    connected(web).await;
+    let Some(Client::Http2(sender)) = Client::http2(web).await else {
+        panic!("an HTTP/2 connection to {web}");
+    };
+    let answered = Arc::new(AtomicU64::new(0));
+    let requests = (0..600).map(|i| {
+        let (mut sender, answered) = (sender.clone(), answered.clone());
+        async move {
+            let request = Request::get(format!("http://{web}/n/{i}"))
+                .body(Full::default())
+                .unwrap();
+            sender.ready().await.unwrap();
+            let response = sender.send_request(request).await.unwrap();
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "b1\n");
+            answered.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    futures_join_all(requests).await;
+    assert_eq!(answered.load(Ordering::SeqCst), 600);
+    mesh.agent.stop();
+}
+
+/// Raw HTTP/2 frames, for what a well-behaved client never sends.
+mod raw_h2 {
+    use super::*;
+
+    pub const DATA: u8 = 0;
+    pub const HEADERS: u8 = 1;
+    pub const RST_STREAM: u8 = 3;
+    pub const SETTINGS: u8 = 4;
+    pub const GOAWAY: u8 = 7;
+    pub const END_STREAM: u8 = 0x1;
+    pub const END_HEADERS: u8 = 0x4;
+
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        frame.extend([kind, flags]);
+        frame.extend(stream.to_be_bytes());
+        frame.extend(payload);
+        frame
+    }
+
+    /// `:method GET` or `POST`, `:scheme http`, `:path` as given (all HPACK
+    /// literals without indexing, or static indices), then `extra` fields.
+    pub fn request(method: &str, path: &str, extra: &[(&str, &str)]) -> Vec<u8> {
+        let mut block = vec![if method == "POST" { 0x83 } else { 0x82 }, 0x86];
+        block.extend([0x04, path.len() as u8]);
+        block.extend(path.as_bytes());
+        for (name, value) in extra {
+            block.extend([0x00, name.len() as u8]);
+            block.extend(name.as_bytes());
+            block.push(value.len() as u8);
+            block.extend(value.as_bytes());
+        }
+        block
+    }
+
+    pub async fn connect(addr: SocketAddr) -> TcpStream {
+        let mut socket = TcpStream::connect(addr).await.unwrap();
+        socket
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        socket.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+        socket
+    }
+
+    /// The next frame that is not SETTINGS, WINDOW_UPDATE or PING: kind,
+    /// flags, stream, payload; `None` at the end of the connection. Fails
+    /// the test when nothing comes for 10 s.
+    pub async fn next(socket: &mut TcpStream) -> Option<(u8, u8, u32, Vec<u8>)> {
+        tokio::time::timeout(std::time::Duration::from_secs(10), next_frame(socket))
+            .await
+            .expect("a frame or the end of the connection within 10 s")
+    }
+
+    async fn next_frame(socket: &mut TcpStream) -> Option<(u8, u8, u32, Vec<u8>)> {
+        loop {
+            let mut head = [0u8; 9];
+            socket.read_exact(&mut head).await.ok()?;
+            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; length];
+            socket.read_exact(&mut payload).await.ok()?;
+            if !matches!(head[3], SETTINGS | 6 | 8) {
+                return Some((head[3], head[4], stream, payload));
+            }
+        }
+    }
+
+    pub fn code(payload: &[u8], at: usize) -> u32 {
+        u32::from_be_bytes(payload[at..at + 4].try_into().unwrap())
+    }
+}
+
+/// A malformed request (an uppercase header name) and a body shorter than
+/// its content-length get their stream reset, a client's own reset cancels
+/// its request, and the connection carries on; a stream id a client may
+/// not use ends the connection with a GOAWAY naming the last stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_client_breaking_the_protocol_gets_a_reset_or_a_goaway() {
+    use raw_h2::*;
+    let backend = Backend::start("b1").await;
+    let web = service_addr();
+    let mesh = Mesh::start("");
+    mesh.route("web", web, json!({}), &[(&backend, &[])]);
+    connected(web).await;
+    let mut socket = connect(web).await;
+    let bad = request("GET", "/", &[("X-Upper", "1")]);
+    socket
+        .write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &bad))
+        .await
+        .unwrap();
+    let (kind, _, stream, payload) = next(&mut socket).await.unwrap();
+    assert_eq!(
+        (kind, stream, code(&payload, 0)),
+        (RST_STREAM, 1, 1),
+        "PROTOCOL_ERROR on stream 1"
+    );
+    // A request whose client gives up on it: nothing comes for it.
+    let hanging = request("GET", "/hang", &[]);
+    socket
+        .write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 3, &hanging))
+        .await
+        .unwrap();
+    socket
+        .write_all(&frame(RST_STREAM, 0, 3, &8u32.to_be_bytes()))
+        .await
+        .unwrap();
+    // Five bytes promised, three sent.
+    let short = request("POST", "/", &[("content-length", "5")]);
+    socket
+        .write_all(&frame(HEADERS, END_HEADERS, 5, &short))
+        .await
+        .unwrap();
+    socket
+        .write_all(&frame(DATA, END_STREAM, 5, b"abc"))
+        .await
+        .unwrap();
+    let (kind, _, stream, payload) = next(&mut socket).await.unwrap();
+    assert_eq!(
+        (kind, stream, code(&payload, 0)),
+        (RST_STREAM, 5, 1),
+        "PROTOCOL_ERROR on stream 5"
+    );
+    // The connection still serves.
+    let good = request("GET", "/", &[]);
+    socket
+        .write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 7, &good))
+        .await
+        .unwrap();
+    let (kind, _, stream, payload) = next(&mut socket).await.unwrap();
+    assert_eq!(
+        (kind, stream, payload[0]),
+        (HEADERS, 7, 0x88),
+        ":status 200 on stream 7"
+    );
+    let (kind, flags, stream, payload) = next(&mut socket).await.unwrap();
+    assert_eq!(
+        (kind, flags, stream, &payload[..]),
+        (DATA, END_STREAM, 7, &b"b1\n"[..])
+    );
+    // Stream ids from a client are odd.
+    socket
+        .write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 8, &good))
+        .await
+        .unwrap();
+    let (kind, _, _, payload) = next(&mut socket).await.unwrap();
+    assert_eq!(
+        (kind, code(&payload, 0), code(&payload, 4)),
+        (GOAWAY, 7, 1),
+        "GOAWAY, last stream 7, PROTOCOL_ERROR"
+    );
+    assert!(
+        next(&mut socket).await.is_none(),
+        "the connection closes after its GOAWAY"
+    );
+    mesh.agent.stop();
+}
+
+/// Requests opened and reset at once, by the hundred (the "rapid reset"
+/// attack, CVE-2023-44487), end the connection with ENHANCE_YOUR_CALM.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_reset_streams_ends_the_connection() {
+    use raw_h2::*;
+    let backend = Backend::start("b1").await;
+    let web = service_addr();
+    let mesh = Mesh::start("");
+    mesh.route("web", web, json!({}), &[(&backend, &[])]);
+    connected(web).await;
+    let mut socket = connect(web).await;
+    let hanging = request("GET", "/hang", &[]);
+    let mut flood = Vec::new();
+    for stream in (1..1000u32).step_by(2) {
+        flood.extend(frame(HEADERS, END_HEADERS | END_STREAM, stream, &hanging));
+        flood.extend(frame(RST_STREAM, 0, stream, &8u32.to_be_bytes()));
+    }
+    // The proxy may close before reading it all.
+    let _ = socket.write_all(&flood).await;
+    let (kind, _, _, payload) = next(&mut socket).await.expect("a GOAWAY");
+    assert_eq!(
+        (kind, code(&payload, 4)),
+        (GOAWAY, 0xb),
+        "GOAWAY with ENHANCE_YOUR_CALM"
+    );
     mesh.agent.stop();
 }

@@ -65,6 +65,10 @@ const MAX_TURNS: u32 = 32;
 /// it, and maybe more) are in `read`, until it closes or a drain ends it.
 pub(super) async fn serve(io: TcpStream, read: BytesMut, client: Arc<Client>, drain: &mut drain::Watch) {
     let mut conn = Connection::new(io, read, client);
+    // What came with the preface is handled before anything more is read.
+    if let Err(ConnectionError(reason)) = conn.handle_frames() {
+        conn.fail(reason);
+    }
     let probe = drain.probe();
     let finished = tokio::select! {
         () = std::future::poll_fn(|cx| conn.poll(cx)) => true,
