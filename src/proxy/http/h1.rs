@@ -19,8 +19,8 @@ use super::body::ResponseBody;
 use super::identity::{self, Identity};
 use super::route::{Head, Target};
 use super::{
-    is_idempotent, record_failure, request_hash, Client, Exchange, Finish, InFlight, Logged, OnBackend,
-    Refusal, HEADER_READ_TIMEOUT, STALE_RETRIES,
+    is_idempotent, record_failure, request_hash, Begun, Client, Exchange, Finish, Logged, OnBackend, Refusal,
+    HEADER_READ_TIMEOUT, STALE_RETRIES,
 };
 use crate::policy::UpstreamProtocol;
 use crate::proxy::balance::{BackendSet, NoBackend};
@@ -237,7 +237,7 @@ impl Head for Parsed<'_> {
 
 /// The headers the fast path looks at, recognised once per header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Known {
+pub(super) enum Known {
     Other,
     ContentLength,
     TransferEncoding,
@@ -258,7 +258,7 @@ enum Known {
 
 impl Known {
     /// What header `name` is (names compared without case, by length first).
-    fn of(name: &str) -> Known {
+    pub(super) fn of(name: &str) -> Known {
         let is = |known: &str| name.eq_ignore_ascii_case(known);
         match name.len() {
             2 if is("te") => Known::Te,
@@ -297,7 +297,7 @@ impl Known {
 
     /// Hop-by-hop in a response. `Transfer-Encoding` and `Trailer` stay: the
     /// body is relayed in the framing they describe.
-    fn hop_by_hop_in_response(self) -> bool {
+    pub(super) fn hop_by_hop_in_response(self) -> bool {
         matches!(
             self,
             Known::Connection | Known::HopByHop | Known::Te | Known::Upgrade
@@ -332,20 +332,132 @@ fn header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes a folded list header: the values it came with, then this hop's.
-fn folded(out: &mut Vec<u8>, parsed: &Parsed<'_>, name: &str, this_hop: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b": ");
-    for h in parsed
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case(name))
+/// Writes a request line for HTTP/1.1.
+pub(super) fn request_line(out: &mut Vec<u8>, method: &str, path: &str) {
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+}
+
+/// A request's target service and the backends among its own.
+pub(super) type Routed = (Option<Arc<ServiceState>>, Option<Vec<usize>>);
+
+/// Where a request the fast paths take goes: the route's target (`None`
+/// inside: a service this node does not know) and the backends among its
+/// own; `None` when the target's backends speak HTTP/2 (hyper's client
+/// takes those).
+pub(super) fn route_http1(state: &Arc<ServiceState>, head: &impl Head) -> Option<Routed> {
+    let (target, among) = match state.routes().map(|routes| routes.choose(head)) {
+        Some(Target::Service(name)) => (state.context.directory.find(name), None),
+        Some(Target::Backends(among)) => (Some(state.clone()), among.clone()),
+        None => (Some(state.clone()), None),
+    };
+    if target
+        .as_ref()
+        .is_some_and(|target| target.spec.http.upstream_protocol != UpstreamProtocol::Http1)
     {
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b", ");
+        return None;
     }
-    out.extend_from_slice(this_hop);
-    out.extend_from_slice(b"\r\n");
+    Some((target, among))
+}
+
+/// What [`write_fields`] adds to a request's own fields.
+pub(super) struct Upstream<'a> {
+    /// The request's authority (HTTP/2's `:authority`), for a Host it lacks.
+    pub authority: Option<&'a [u8]>,
+    /// The service's address: the Host of a request with neither.
+    pub service: std::net::SocketAddr,
+    /// The client accepts trailers (`te: trailers`).
+    pub trailers: bool,
+    /// This client's element of `x-forwarded-for` and of `forwarded`.
+    pub forwarded_for: &'a [u8],
+    pub forwarded: &'a [u8],
+    /// The access log wants the request's identity.
+    pub logging: bool,
+}
+
+/// Writes the fields of a request head going upstream, after its request
+/// line, for both fast paths (HTTP/1.1 and HTTP/2 clients): the fields
+/// less hop-by-hop ones, Host if the request had none, `te: trailers`,
+/// then this hop's identity (x-request-id when absent, traceparent with a
+/// new span, x-forwarded-for and forwarded with this client appended).
+/// Returns the identity when `logging`.
+pub(super) fn write_fields<'f>(
+    bytes: &mut Vec<u8>,
+    fields: impl Iterator<Item = (&'f str, &'f [u8], Known)> + Clone,
+    upstream: Upstream<'_>,
+) -> Option<Identity> {
+    let (mut has_host, mut request_id, mut traceparent) = (false, None, None);
+    for (_, value, kind) in fields.clone() {
+        match kind {
+            Known::Host => has_host = true,
+            Known::RequestId if request_id.is_none() && !value.is_empty() => request_id = Some(value),
+            Known::Traceparent => traceparent = Some(value),
+            _ => {}
+        }
+    }
+    let parent = identity::parent(traceparent);
+    let continued = parent.is_some();
+    for (name, value, kind) in fields.clone() {
+        let forwarded = match kind {
+            // Written below, with this hop's part.
+            Known::Traceparent | Known::ForwardedFor | Known::Forwarded => false,
+            Known::Tracestate => continued,
+            Known::RequestId => request_id.is_some(),
+            kind => !kind.hop_by_hop_in_request(),
+        };
+        if forwarded {
+            header(bytes, name, value);
+        }
+    }
+    if !has_host {
+        match upstream.authority {
+            Some(authority) => header(bytes, "host", authority),
+            None => header(bytes, "host", upstream.service.to_string().as_bytes()),
+        }
+    }
+    if upstream.trailers {
+        header(bytes, "te", b"trailers");
+    }
+    let made_id = request_id.is_none().then(|| {
+        bytes.extend_from_slice(b"x-request-id: ");
+        let start = bytes.len();
+        identity::write_request_id(bytes);
+        let made = start..bytes.len();
+        bytes.extend_from_slice(b"\r\n");
+        made
+    });
+    bytes.extend_from_slice(b"traceparent: ");
+    let start = bytes.len();
+    identity::write_traceparent(bytes, parent);
+    let traceparent_value = start..bytes.len();
+    bytes.extend_from_slice(b"\r\n");
+    for (name, this_hop, kind) in [
+        ("x-forwarded-for", upstream.forwarded_for, Known::ForwardedFor),
+        ("forwarded", upstream.forwarded, Known::Forwarded),
+    ] {
+        // The values it came with, then this hop's.
+        bytes.extend_from_slice(name.as_bytes());
+        bytes.extend_from_slice(b": ");
+        for (_, value, _) in fields.clone().filter(|field| field.2 == kind) {
+            bytes.extend_from_slice(value);
+            bytes.extend_from_slice(b", ");
+        }
+        bytes.extend_from_slice(this_hop);
+        bytes.extend_from_slice(b"\r\n");
+    }
+    if !upstream.logging {
+        return None;
+    }
+    let request_id = match (made_id, request_id) {
+        (Some(made), _) => String::from_utf8_lossy(&bytes[made]).into_owned(),
+        (None, id) => String::from_utf8_lossy(id.unwrap_or_default()).into_owned(),
+    };
+    Some(Identity {
+        request_id,
+        trace_id: identity::trace_id(&bytes[traceparent_value]).to_string(),
+    })
 }
 
 impl Request {
@@ -370,8 +482,7 @@ impl Request {
         // What the fast path cannot take, and the framing of the body.
         let mut body_len: Option<u64> = None;
         let mut connection: Vec<&[u8]> = Vec::new();
-        let (mut close, mut trailers, mut has_host, mut request_id) = (false, false, false, false);
-        let mut traceparent = None;
+        let (mut close, mut trailers) = (false, false);
         let mut kinds = [Known::Other; MAX_HEADERS];
         for (h, kind) in parsed.headers.iter().zip(kinds.iter_mut()) {
             *kind = Known::of(h.name);
@@ -397,9 +508,6 @@ impl Request {
                     }
                 }
                 Known::Te => trailers |= tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"trailers")),
-                Known::Host => has_host = true,
-                Known::RequestId => request_id |= !h.value.is_empty(),
-                Known::Traceparent => traceparent = Some(h.value),
                 _ => {}
             }
         }
@@ -422,82 +530,38 @@ impl Request {
         if http.upstream_protocol != UpstreamProtocol::Http1 {
             return Read::Hyper;
         }
-        let (target, among) = match state.routes().map(|routes| routes.choose(&parsed)) {
-            Some(Target::Service(name)) => (state.context.directory.find(name), None),
-            Some(Target::Backends(among)) => (Some(state.clone()), among.clone()),
-            None => (Some(state.clone()), None),
-        };
-        if target
-            .as_ref()
-            .is_some_and(|target| target.spec.http.upstream_protocol != UpstreamProtocol::Http1)
-        {
+        let Some((target, among)) = route_http1(&state, &parsed) else {
             return Read::Hyper;
-        }
+        };
         let key = request_hash(http, &parsed, conn.peer);
         // The head that goes upstream.
         let bytes = &mut scratch.up;
         bytes.clear();
-        bytes.extend_from_slice(method.as_bytes());
-        bytes.push(b' ');
-        bytes.extend_from_slice(path.as_bytes());
-        bytes.extend_from_slice(b" HTTP/1.1\r\n");
-        let parent = identity::parent(traceparent);
-        let continued = parent.is_some();
-        for (h, kind) in parsed.headers.iter().zip(kinds) {
-            let forwarded = match kind {
-                // Written below, with this hop's part.
-                Known::Traceparent | Known::ForwardedFor | Known::Forwarded => false,
-                Known::Tracestate => continued,
-                Known::RequestId => request_id,
-                kind => !kind.hop_by_hop_in_request(),
-            };
-            if forwarded && !named_by(&connection, h.name) {
-                header(bytes, h.name, h.value);
-            }
-        }
-        if !has_host {
-            header(bytes, "host", state.address.to_string().as_bytes());
-        }
-        if trailers {
-            header(bytes, "te", b"trailers");
-        }
-        let made_id = (!request_id).then(|| {
-            bytes.extend_from_slice(b"x-request-id: ");
-            let start = bytes.len();
-            identity::write_request_id(bytes);
-            let made = start..bytes.len();
-            bytes.extend_from_slice(b"\r\n");
-            made
-        });
-        bytes.extend_from_slice(b"traceparent: ");
-        let start = bytes.len();
-        identity::write_traceparent(bytes, parent);
-        let traceparent_value = start..bytes.len();
-        bytes.extend_from_slice(b"\r\n");
-        folded(bytes, &parsed, "x-forwarded-for", &scratch.forwarded_for);
-        folded(bytes, &parsed, "forwarded", &scratch.forwarded);
+        request_line(bytes, method, path);
+        let fields = parsed
+            .headers
+            .iter()
+            .zip(kinds.iter().copied())
+            .filter(|(h, _)| !named_by(&connection, h.name))
+            .map(|(h, kind)| (h.name, h.value, kind));
+        let logging = http.access_log || state.context.access_log_all;
+        let identity = write_fields(
+            bytes,
+            fields,
+            Upstream {
+                authority: None,
+                service: state.address,
+                trailers,
+                forwarded_for: &scratch.forwarded_for,
+                forwarded: &scratch.forwarded,
+                logging,
+            },
+        );
         bytes.extend_from_slice(b"\r\n");
         bytes.extend_from_slice(&buf[head_len..end]);
-        let logging = http.access_log || state.context.access_log_all;
-        let logged = logging.then(|| {
-            let request_id = match &made_id {
-                Some(made) => String::from_utf8_lossy(&bytes[made.clone()]).into_owned(),
-                None => {
-                    let mut id = None;
-                    parsed.any_header("x-request-id", &mut |v| {
-                        id = Some(String::from_utf8_lossy(v).into_owned());
-                        !v.is_empty()
-                    });
-                    id.unwrap_or_default()
-                }
-            };
-            Logged {
-                path: parsed.path().into(),
-                identity: Identity {
-                    request_id,
-                    trace_id: identity::trace_id(&bytes[traceparent_value]).to_string(),
-                },
-            }
+        let logged = identity.map(|identity| Logged {
+            path: parsed.path().into(),
+            identity,
         });
         let method = Method::from_bytes(method.as_bytes()).unwrap_or(Method::GET);
         Read::Complete(Request {
@@ -526,30 +590,18 @@ async fn forward(
 ) -> bool {
     let started = Instant::now();
     let state = request.state.clone();
-    let shared = state.shared.clone();
-    let http = &state.spec.http;
-    let in_flight = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
-    let mut exchange = Exchange {
-        state: state.clone(),
-        started,
-        method: request.method.clone(),
-        logged: request.logged,
-        status: 0,
-        upstream: None,
-        retries: 0,
-        bytes_in: None,
-        checkout: None,
-        _on_backend: None,
-        _in_flight: InFlight(shared.clone()),
-    };
-    if exchange.logged.is_some() {
-        exchange.bytes_in = Some(Arc::new(AtomicU64::new(request.body_len)));
-    }
     let close = request.close;
-    if http.max_requests.is_some_and(|max| in_flight > u64::from(max)) {
-        return refuse(client, Refusal::MaxRequests, exchange, close, drain).await;
-    }
-    shared.retry_budget.request();
+    let bytes_in = request
+        .logged
+        .is_some()
+        .then(|| Arc::new(AtomicU64::new(request.body_len)));
+    let mut exchange = match Exchange::begin(&state, request.method.clone(), request.logged, started) {
+        Begun::Admitted(exchange) => exchange,
+        Begun::OverMaxRequests(exchange) => {
+            return refuse(client, Refusal::MaxRequests, exchange, close, drain).await
+        }
+    };
+    exchange.bytes_in = bytes_in;
     let Some(target) = request.target.clone() else {
         return refuse(client, Refusal::NoSuchService, exchange, close, drain).await;
     };
@@ -702,47 +754,76 @@ impl Tries<'_> {
     }
 }
 
-/// Sends a bodiless request that came through hyper (an HTTP/2 client's,
-/// or one on a connection handed to hyper) on the fast path's upstream
-/// connections: the head written once as bytes (sent again as they are on
-/// a retry), no hyper client, no connection task. The answer goes back to
-/// hyper, its body as it comes ([`RawBody`]).
+/// Sends a bodiless request that came through hyper (an HTTP/2 client's
+/// with a body-less stream the direct path did not take, or one on a
+/// connection handed to hyper) on the fast path's upstream connections:
+/// the head written once as bytes (sent again as they are on a retry), no
+/// hyper client, no connection task. The answer goes back to hyper, its
+/// body as it comes ([`RawBody`]).
 pub(super) async fn send_bodiless<B>(
     request: &hyper::Request<B>,
     tries: Tries<'_>,
-    mut exchange: Exchange,
+    exchange: Exchange,
 ) -> hyper::Response<ResponseBody> {
-    let mut scratch = Scratch {
-        up: Vec::with_capacity(512),
-        down: Vec::with_capacity(512),
-        forwarded_for: Vec::new(),
-        forwarded: Vec::new(),
-    };
-    let up = &mut scratch.up;
-    up.extend_from_slice(request.method().as_str().as_bytes());
-    up.push(b' ');
-    up.extend_from_slice(
-        request
-            .uri()
-            .path_and_query()
-            .map_or("/", |path| path.as_str())
-            .as_bytes(),
+    let mut up = Vec::with_capacity(512);
+    request_line(
+        &mut up,
+        request.method().as_str(),
+        request.uri().path_and_query().map_or("/", |path| path.as_str()),
     );
-    up.extend_from_slice(b" HTTP/1.1\r\n");
     match (
         request.headers().get(hyper::header::HOST),
         request.uri().authority(),
     ) {
-        (Some(host), _) => header(up, "host", host.as_bytes()),
-        (None, Some(authority)) => header(up, "host", authority.as_str().as_bytes()),
-        (None, None) => header(up, "host", tries.state.address.to_string().as_bytes()),
+        (Some(host), _) => header(&mut up, "host", host.as_bytes()),
+        (None, Some(authority)) => header(&mut up, "host", authority.as_str().as_bytes()),
+        (None, None) => header(&mut up, "host", tries.state.address.to_string().as_bytes()),
     }
     for (name, value) in request.headers() {
         if name != hyper::header::HOST {
-            header(up, name.as_str(), value.as_bytes());
+            header(&mut up, name.as_str(), value.as_bytes());
         }
     }
     up.extend_from_slice(b"\r\n");
+    let answer = exchange_bodiless(tries, up, exchange, |status, fields| {
+        let mut response = hyper::Response::new(());
+        *response.status_mut() =
+            hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_GATEWAY);
+        *response.headers_mut() = header_map(fields);
+        // Unframed here: hyper frames a body again for its client.
+        response.headers_mut().remove(hyper::header::TRANSFER_ENCODING);
+        response
+    })
+    .await;
+    match answer {
+        Bodiless::Answered(head, body) => head.map(|()| body),
+        Bodiless::Refused(response) => response,
+    }
+}
+
+/// How a bodiless request sent on the fast path's connections ended.
+pub(super) enum Bodiless<H> {
+    /// What the caller made of the backend's response head, and its body.
+    Answered(H, ResponseBody),
+    /// The proxy's own answer.
+    Refused(hyper::Response<ResponseBody>),
+}
+
+/// Sends a bodiless request (its head `up`, ready to go) to the backends
+/// within the retry policy; the response head's status and fields go to
+/// `head` (hop-by-hop ones already left out), its body comes unframed.
+pub(super) async fn exchange_bodiless<H>(
+    tries: Tries<'_>,
+    up: Vec<u8>,
+    mut exchange: Exchange,
+    head: impl FnOnce(u16, &[httparse::Header<'_>]) -> H,
+) -> Bodiless<H> {
+    let mut scratch = Scratch {
+        up,
+        down: Vec::with_capacity(512),
+        forwarded_for: Vec::new(),
+        forwarded: Vec::new(),
+    };
     match tries.run(&mut scratch, &mut exchange).await {
         Decision::Answered(raw, response, pool) => {
             let idle_timeout = tries.state.spec.http.pool_idle_timeout;
@@ -750,19 +831,11 @@ pub(super) async fn send_bodiless<B>(
             let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut parsed = httparse::Response::new(&mut fields);
             let _ = parsed.parse(&scratch.down);
-            let mut headers = header_map(parsed.headers);
-            if response.framing == Framing::Chunked {
-                // Unframed here: hyper frames it again for its client.
-                headers.remove(hyper::header::TRANSFER_ENCODING);
-            }
+            let head = head(response.status, parsed.headers);
             let body = RawBody::new(raw, &response, pool, idle_timeout);
-            let mut answer = hyper::Response::new(ResponseBody::raw(body, Box::new(exchange)));
-            *answer.status_mut() =
-                hyper::StatusCode::from_u16(response.status).unwrap_or(hyper::StatusCode::BAD_GATEWAY);
-            *answer.headers_mut() = headers;
-            answer
+            Bodiless::Answered(head, ResponseBody::raw(body, Box::new(exchange)))
         }
-        Decision::Refused(refusal) => super::refuse(refusal, Some(exchange)),
+        Decision::Refused(refusal) => Bodiless::Refused(super::refuse(refusal, Some(exchange))),
     }
 }
 

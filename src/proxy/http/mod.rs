@@ -314,6 +314,13 @@ struct Logged {
     identity: Identity,
 }
 
+/// How a request's exchange began.
+enum Begun {
+    Admitted(Exchange),
+    /// To be refused (its exchange records that).
+    OverMaxRequests(Exchange),
+}
+
 /// Everything recorded when a request's exchange ends.
 struct Exchange {
     state: Arc<ServiceState>,
@@ -333,6 +340,37 @@ struct Exchange {
 }
 
 impl Exchange {
+    /// A request's exchange begins: counted in flight, and in the retry
+    /// budget's requests, unless the service already has `max_requests`
+    /// in flight.
+    fn begin(state: &Arc<ServiceState>, method: Method, logged: Option<Logged>, started: Instant) -> Begun {
+        let shared = &state.shared;
+        let in_flight = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        let exchange = Exchange {
+            state: state.clone(),
+            started,
+            method,
+            logged,
+            status: 0,
+            upstream: None,
+            retries: 0,
+            bytes_in: None,
+            checkout: None,
+            _on_backend: None,
+            _in_flight: InFlight(shared.clone()),
+        };
+        if state
+            .spec
+            .http
+            .max_requests
+            .is_some_and(|max| in_flight > u64::from(max))
+        {
+            return Begun::OverMaxRequests(exchange);
+        }
+        shared.retry_budget.request();
+        Begun::Admitted(exchange)
+    }
+
     /// Counts a retry about to be made, on the request and in the metrics.
     fn count_retry(&mut self) {
         self.retries += 1;
@@ -602,7 +640,6 @@ async fn handle(mut request: Request<RequestBody>, client: &Client) -> Response<
     let state = client.cell.current();
     let shared = state.shared.clone();
     let http = &state.spec.http;
-    let in_flight = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
     let upgrade = wants_upgrade(&request);
     let headers = request.headers_mut();
     strip_hop_by_hop(headers, upgrade);
@@ -613,23 +650,11 @@ async fn handle(mut request: Request<RequestBody>, client: &Client) -> Response<
         identity,
     });
     let bytes_in = logging.then(|| Arc::new(AtomicU64::new(0)));
-    let mut exchange = Exchange {
-        state: state.clone(),
-        started,
-        method: request.method().clone(),
-        logged,
-        status: 0,
-        upstream: None,
-        retries: 0,
-        bytes_in: bytes_in.clone(),
-        checkout: None,
-        _on_backend: None,
-        _in_flight: InFlight(shared.clone()),
+    let mut exchange = match Exchange::begin(&state, request.method().clone(), logged, started) {
+        Begun::Admitted(exchange) => exchange,
+        Begun::OverMaxRequests(exchange) => return refuse(Refusal::MaxRequests, Some(exchange)),
     };
-    if http.max_requests.is_some_and(|max| in_flight > u64::from(max)) {
-        return refuse(Refusal::MaxRequests, Some(exchange));
-    }
-    shared.retry_budget.request();
+    exchange.bytes_in = bytes_in.clone();
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     // Where it goes: this service's backends (all, or a tagged subset), or
     // another service's.

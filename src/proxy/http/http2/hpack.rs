@@ -112,7 +112,7 @@ impl Fields {
         self.fields.clear();
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + Clone {
         self.fields
             .iter()
             .map(|(name, value)| (&self.bytes[name.clone()], &self.bytes[value.clone()]))
@@ -343,24 +343,34 @@ pub fn encode_status(out: &mut Vec<u8>, status: u16) {
 }
 
 /// Encodes one field as a literal without indexing (the name from the
-/// static table when it is there). `name` is lowercase.
+/// static table when it is there), its name lowercased as HTTP/2 wants.
 pub fn encode_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     match static_name(name) {
         Some(index) => put_integer(out, 0, 4, index),
         None => {
             out.push(0);
-            put_string(out, name.as_bytes());
+            put_integer(out, 0, 7, name.len());
+            out.extend(name.bytes().map(|b| b.to_ascii_lowercase()));
         }
     }
     put_string(out, value);
 }
 
-/// The static-table index of a (regular) header name.
+/// The static-table index of a (regular) header name, whatever its case.
 fn static_name(name: &str) -> Option<usize> {
-    STATIC_TABLE[14..]
+    static BY_LENGTH: OnceLock<Vec<Vec<(&'static str, usize)>>> = OnceLock::new();
+    let by_length = BY_LENGTH.get_or_init(|| {
+        let mut by_length = vec![Vec::new(); 32];
+        for (i, (name, _)) in STATIC_TABLE.iter().enumerate().skip(14) {
+            by_length[name.len()].push((*name, i + 1));
+        }
+        by_length
+    });
+    by_length
+        .get(name.len())?
         .iter()
-        .position(|(n, _)| *n == name)
-        .map(|i| i + 15)
+        .find(|(known, _)| known.eq_ignore_ascii_case(name))
+        .map(|&(_, index)| index)
 }
 
 /// One step of the Huffman decoder: a state (an inner node of the code
@@ -627,6 +637,8 @@ mod tests {
         encode_status(&mut block, 200);
         encode_status(&mut block, 418);
         encode_field(&mut block, "content-length", b"3");
+        encode_field(&mut block, "Content-Type", b"text/plain");
+        encode_field(&mut block, "X-Mixed-Case", b"1");
         encode_field(&mut block, "x-custom", &[b'v'; 300]);
         let mut decoder = Decoder::new(4096);
         let long = "v".repeat(300);
@@ -636,6 +648,8 @@ mod tests {
                 (":status", "200"),
                 (":status", "418"),
                 ("content-length", "3"),
+                ("content-type", "text/plain"),
+                ("x-mixed-case", "1"),
                 ("x-custom", &long)
             ])
         );

@@ -17,6 +17,7 @@
 //! buffer (no reading while the client does not read), and resets
 //! (the "rapid reset" pattern ends the connection).
 
+mod direct;
 mod frame;
 pub mod hpack;
 
@@ -127,7 +128,9 @@ impl Wake for StreamWaker {
     }
 }
 
-type Handling = Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>;
+/// A request being handled: it ends with the response head as an HPACK
+/// block, and the body.
+type Handling = Pin<Box<dyn Future<Output = (Vec<u8>, ResponseBody)> + Send>>;
 
 /// Where a stream's response is. (One per stream, changed in place: the
 /// body variant's size costs nothing a box would not.)
@@ -297,8 +300,11 @@ struct Connection {
     recv_outstanding: i64,
     /// Of that, what is consumed and can be given back.
     unannounced: u32,
-    /// A reused buffer for encoding header blocks.
+    /// A reused buffer for encoding trailer blocks.
     block: Vec<u8>,
+    /// This client's element of `x-forwarded-for` and of `forwarded`.
+    forwarded_for: Vec<u8>,
+    forwarded: Vec<u8>,
     /// Set once the connection is over but output is still pending.
     closing: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A GOAWAY was sent: no new streams.
@@ -310,6 +316,9 @@ struct Connection {
 
 impl Connection {
     fn new(io: TcpStream, read: BytesMut, client: Arc<Client>) -> Connection {
+        let (mut forwarded_for, mut forwarded) = (Vec::new(), Vec::new());
+        super::identity::write_forwarded_for(&mut forwarded_for, client.peer.ip());
+        super::identity::write_forwarded(&mut forwarded, client.peer.ip());
         let mut write = Vec::with_capacity(16 * 1024);
         frame::settings(
             &mut write,
@@ -343,6 +352,8 @@ impl Connection {
             recv_outstanding: 0,
             unannounced: 0,
             block: Vec::with_capacity(256),
+            forwarded_for,
+            forwarded,
             closing: None,
             going_away: false,
             read_closed: false,
@@ -867,14 +878,18 @@ impl Connection {
             frame::rst_stream(&mut self.write, id, Reason::RefusedStream);
             return Ok(());
         }
+        if block.end_stream {
+            if let Some(prepared) =
+                direct::prepare(&self.fields, &self.client, &self.forwarded_for, &self.forwarded)
+            {
+                self.open(id, Box::pin(direct::send(prepared)), None);
+                return Ok(());
+            }
+        }
         let Ok(head) = RequestHead::from_fields(&self.fields, block.end_stream) else {
             frame::rst_stream(&mut self.write, id, Reason::Protocol);
             return Ok(());
         };
-        let waker = Waker::from(Arc::new(StreamWaker {
-            id,
-            ready: self.ready.clone(),
-        }));
         let inbox = (!block.end_stream).then(|| {
             Arc::new(Inbox {
                 state: Mutex::new(InboxState {
@@ -883,13 +898,14 @@ impl Connection {
                 }),
             })
         });
+        let opened = self.open(id, Box::pin(std::future::pending()), inbox.clone());
         let body = RecvBody {
-            inbox: inbox.clone(),
-            stream: waker.clone(),
+            inbox,
+            stream: opened,
         };
         let handling: Handling = if head.method == Method::CONNECT {
             // Tunnels over HTTP/2 are not offered (no extended CONNECT).
-            Box::pin(std::future::ready(connect_refused()))
+            Box::pin(std::future::ready(encode_response(connect_refused())))
         } else {
             let mut request = Request::new(super::body::RequestBody::Http2(body));
             *request.method_mut() = head.method;
@@ -897,12 +913,24 @@ impl Connection {
             *request.version_mut() = Version::HTTP_2;
             *request.headers_mut() = head.headers;
             let client = self.client.clone();
-            Box::pin(async move { super::handle(request, &client).await })
+            Box::pin(async move { encode_response(super::handle(request, &client).await) })
         };
+        if let Some(stream) = self.streams.get_mut(&id) {
+            stream.sending = Sending::Handling(handling);
+        }
+        Ok(())
+    }
+
+    /// Opens stream `id`, its request being `handling`; returns its waker.
+    fn open(&mut self, id: u32, handling: Handling, inbox: Option<Arc<Inbox>>) -> Waker {
+        let waker = Waker::from(Arc::new(StreamWaker {
+            id,
+            ready: self.ready.clone(),
+        }));
         self.streams.insert(
             id,
             Stream {
-                waker,
+                waker: waker.clone(),
                 sending: Sending::Handling(handling),
                 send_window: self.peer_window,
                 recv_open: inbox.is_some(),
@@ -913,7 +941,7 @@ impl Connection {
             },
         );
         self.turn.push(id);
-        Ok(())
+        waker
     }
 
     fn on_trailers(&mut self, id: u32, end_stream: bool) -> Result<(), ConnectionError> {
@@ -1074,17 +1102,9 @@ impl Connection {
     }
 
     /// Writes a response's head; the stream goes on to its body.
-    fn write_head(&mut self, id: u32, response: Response<ResponseBody>) {
-        let (parts, body) = response.into_parts();
-        self.block.clear();
-        hpack::encode_status(&mut self.block, parts.status.as_u16());
-        for (name, value) in &parts.headers {
-            if !connection_specific(name) {
-                hpack::encode_field(&mut self.block, name.as_str(), value.as_bytes());
-            }
-        }
+    fn write_head(&mut self, id: u32, (block, body): (Vec<u8>, ResponseBody)) {
         let end = body.is_end_stream();
-        frame::header_block(&mut self.write, id, &self.block, end, self.peer_max_frame);
+        frame::header_block(&mut self.write, id, &block, end, self.peer_max_frame);
         if let Some(stream) = self.streams.get_mut(&id) {
             stream.sending = if end {
                 Sending::Done
@@ -1099,16 +1119,18 @@ impl Connection {
     }
 }
 
-/// The payload of a frame without its padding (RFC 9113 6.1).
-fn unpad(flags: u8, payload: &[u8]) -> Result<&[u8], ConnectionError> {
-    if flags & frame::PADDED == 0 {
-        return Ok(payload);
+/// A response's head as an HPACK block (connection-specific fields left
+/// out), and its body.
+fn encode_response(response: Response<ResponseBody>) -> (Vec<u8>, ResponseBody) {
+    let (parts, body) = response.into_parts();
+    let mut block = Vec::with_capacity(128);
+    hpack::encode_status(&mut block, parts.status.as_u16());
+    for (name, value) in &parts.headers {
+        if !connection_specific(name) {
+            hpack::encode_field(&mut block, name.as_str(), value.as_bytes());
+        }
     }
-    let (&pad, rest) = payload.split_first().ok_or(ConnectionError(Reason::Protocol))?;
-    rest.len()
-        .checked_sub(usize::from(pad))
-        .map(|len| &rest[..len])
-        .ok_or(ConnectionError(Reason::Protocol))
+    (block, body)
 }
 
 /// Sends what the windows allow of `data` as DATA frames, the last one
@@ -1281,4 +1303,16 @@ fn connect_refused() -> Response<ResponseBody> {
         HeaderValue::from_static("connect-not-supported"),
     );
     response
+}
+
+/// The payload of a frame without its padding (RFC 9113 6.1).
+fn unpad(flags: u8, payload: &[u8]) -> Result<&[u8], ConnectionError> {
+    if flags & frame::PADDED == 0 {
+        return Ok(payload);
+    }
+    let (&pad, rest) = payload.split_first().ok_or(ConnectionError(Reason::Protocol))?;
+    rest.len()
+        .checked_sub(usize::from(pad))
+        .map(|len| &rest[..len])
+        .ok_or(ConnectionError(Reason::Protocol))
 }
