@@ -305,6 +305,8 @@ struct Connection {
     /// This client's element of `x-forwarded-for` and of `forwarded`.
     forwarded_for: Vec<u8>,
     forwarded: Vec<u8>,
+    /// The end of the runtime's current round, which output waits for.
+    round: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     /// Set once the connection is over but output is still pending.
     closing: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A GOAWAY was sent: no new streams.
@@ -355,6 +357,7 @@ impl Connection {
             forwarded_for,
             forwarded,
             closing: None,
+            round: None,
             going_away: false,
             read_closed: false,
             resets: (Instant::now(), 0),
@@ -405,6 +408,18 @@ impl Connection {
                 }
             }
             progress |= self.run_ready(cx);
+            if self.pending_write() > 0 && !self.read_closed {
+                // Output waits for the rest of this round of the runtime:
+                // the other streams' answers ready by then leave in the
+                // same write (as an event loop writes after its events).
+                let round = self
+                    .round
+                    .get_or_insert_with(|| Box::pin(tokio::task::yield_now()));
+                if round.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.round = None;
+            }
             match self.poll_flush(cx) {
                 Poll::Ready(Ok(true)) => progress = true,
                 Poll::Ready(Ok(false)) | Poll::Pending => {}
