@@ -86,6 +86,30 @@ pub(super) async fn serve(io: TcpStream, read: BytesMut, client: Arc<Client>, dr
     }
 }
 
+/// Hashes stream ids (unique integers, no adversary can pick them to
+/// collide beyond what the stream limit allows) by one multiplication,
+/// rather than SipHash.
+#[derive(Default)]
+struct StreamIdHasher(u64);
+
+impl std::hash::Hasher for StreamIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u32(&mut self, id: u32) {
+        self.0 = u64::from(id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type StreamMap = HashMap<u32, Stream, std::hash::BuildHasherDefault<StreamIdHasher>>;
+
 /// Stream ids woken since the connection last looked, and the
 /// connection task's waker.
 #[derive(Default)]
@@ -278,7 +302,7 @@ struct Connection {
     client: Arc<Client>,
     decoder: hpack::Decoder,
     fields: hpack::Fields,
-    streams: HashMap<u32, Stream>,
+    streams: StreamMap,
     ready: Arc<Ready>,
     /// Woken ids being handled (kept to reuse its allocation).
     turn: Vec<u32>,
@@ -339,7 +363,7 @@ impl Connection {
             client,
             decoder: hpack::Decoder::new(HEADER_TABLE),
             fields: hpack::Fields::default(),
-            streams: HashMap::new(),
+            streams: StreamMap::default(),
             ready: Arc::default(),
             turn: Vec::new(),
             conn_blocked: Vec::new(),
