@@ -12,9 +12,12 @@
 //! relay after the 101.
 //!
 //! The common HTTP/1.1 request takes a fast path without hyper ([`h1`]);
-//! a connection that asks for anything else is handed to hyper, and the
-//! bodiless requests hyper serves (HTTP/2 clients') still go out on the
-//! fast path's upstream connections.
+//! a connection that asks for anything else (an upgrade, a streamed
+//! upload, HTTP/1.0) is handed to hyper. HTTP/2 clients are served by the
+//! proxy's own HTTP/2 server ([`http2`]), whose bodiless requests to
+//! HTTP/1.1 backends take the same raw upstream connections and the same
+//! head writer as the HTTP/1.1 fast path; other requests go through
+//! [`handle`] and hyper's clients.
 //!
 //! At a drain, HTTP/2 clients get a GOAWAY and HTTP/1.1 ones a
 //! `Connection: close` on their next response; requests in flight finish,
