@@ -1869,3 +1869,63 @@ async fn a_flood_of_reset_streams_ends_the_connection() {
     );
     mesh.agent.stop();
 }
+
+/// Hundreds of connections of random frames (any type, flags and stream,
+/// random payloads, half of the header blocks well-formed requests) never
+/// take the proxy down: a proper request is answered after them, and the
+/// agent is still running.
+#[tokio::test(flavor = "multi_thread")]
+async fn random_http2_frames_never_take_the_proxy_down() {
+    use raw_h2::*;
+    let backend = Backend::start("b1").await;
+    let web = service_addr();
+    let mut mesh = Mesh::start("");
+    mesh.route("web", web, json!({}), &[(&backend, &[])]);
+    connected(web).await;
+    // xorshift: reproducible, no dependency.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let good = request("GET", "/", &[("x-a", "1")]);
+    for _ in 0..300 {
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        if next() % 8 != 0 {
+            bytes.extend(frame(SETTINGS, 0, 0, &[]));
+        }
+        for _ in 0..(next() % 24) {
+            let kind = (next() % 11) as u8;
+            let flags = (next() % 64) as u8;
+            let stream = (next() % 12) as u32;
+            let payload: Vec<u8> = if kind == HEADERS && next() % 2 == 0 {
+                good.clone()
+            } else {
+                (0..next() % 48).map(|_| next() as u8).collect()
+            };
+            bytes.extend(frame(kind, flags, stream, &payload));
+        }
+        let mut socket = TcpStream::connect(web).await.unwrap();
+        // The proxy may have closed already: what it read was enough.
+        let _ = socket.write_all(&bytes).await;
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(20),
+            socket.read(&mut [0u8; 4096]),
+        )
+        .await;
+    }
+    let Some(Client::Http2(mut h2)) = Client::http2(web).await else {
+        panic!("an HTTP/2 connection to {web}");
+    };
+    let request = Request::get(format!("http://{web}/"))
+        .body(Full::default())
+        .unwrap();
+    let response = h2.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(mesh.agent.exited().is_none(), "the agent survived");
+    let log = mesh.agent.log_text();
+    assert!(!log.contains("panicked"), "no task panicked:\n{log}");
+    mesh.agent.stop();
+}

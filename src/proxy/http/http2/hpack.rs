@@ -709,4 +709,35 @@ mod tests {
         decoded(&mut decoder, &block);
         assert_eq!((decoder.table.len(), decoder.size), (0, 0));
     }
+
+    #[test]
+    fn random_blocks_decode_or_fail_without_panicking() {
+        // xorshift: reproducible, no dependency.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut decoder = Decoder::new(4096);
+        let mut fields = Fields::default();
+        let (mut ok, mut failed) = (0, 0);
+        for _ in 0..20_000 {
+            let len = (next() % 64) as usize;
+            let block: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            match decoder.decode(&block, &mut fields, 1 << 16) {
+                Ok(()) => ok += 1,
+                Err(_) => {
+                    failed += 1;
+                    // A connection would end here; a fresh table goes on.
+                    decoder = Decoder::new(4096);
+                }
+            }
+        }
+        assert!(
+            ok > 0 && failed > 0,
+            "both outcomes seen: {ok} ok, {failed} failed"
+        );
+    }
 }
