@@ -78,6 +78,11 @@ pub(super) fn prepare(
     forwarded: &[u8],
 ) -> Option<Prepared> {
     let started = Instant::now();
+    let state = client.cell.current();
+    let http = &state.spec.http;
+    if http.upstream_protocol != UpstreamProtocol::Http1 {
+        return None;
+    }
     let (mut method, mut path, mut authority, mut scheme) = (None, None, None, false);
     let mut regular = fields.fields.len();
     for (i, (name, value)) in fields.iter().enumerate() {
@@ -128,11 +133,6 @@ pub(super) fn prepare(
             }
             _ => {}
         }
-    }
-    let state = client.cell.current();
-    let http = &state.spec.http;
-    if http.upstream_protocol != UpstreamProtocol::Http1 {
-        return None;
     }
     let view = View {
         method,
