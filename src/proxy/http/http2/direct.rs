@@ -196,15 +196,15 @@ pub(super) async fn send(prepared: Prepared) -> (Vec<u8>, ResponseBody) {
     let mut exchange = match Exchange::begin(&state, method.clone(), logged, started) {
         Begun::Admitted(exchange) => exchange,
         Begun::OverMaxRequests(exchange) => {
-            return super::encode_response(refuse(Refusal::MaxRequests, Some(exchange)))
+            return super::message::encode_response(refuse(Refusal::MaxRequests, Some(exchange)))
         }
     };
     exchange.bytes_in = bytes_in;
     let Some(target) = target else {
-        return super::encode_response(refuse(Refusal::NoSuchService, Some(exchange)));
+        return super::message::encode_response(refuse(Refusal::NoSuchService, Some(exchange)));
     };
     let Ok(backends) = target.backends() else {
-        return super::encode_response(refuse(Refusal::NoHealthyBackend, Some(exchange)));
+        return super::message::encode_response(refuse(Refusal::NoHealthyBackend, Some(exchange)));
     };
     let tries = Tries {
         state: &state,
@@ -232,6 +232,6 @@ pub(super) async fn send(prepared: Prepared) -> (Vec<u8>, ResponseBody) {
     .await;
     match answer {
         Bodiless::Answered(block, body) => (block, body),
-        Bodiless::Refused(response) => super::encode_response(response),
+        Bodiless::Refused(response) => super::message::encode_response(response),
     }
 }
