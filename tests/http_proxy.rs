@@ -1929,3 +1929,87 @@ async fn random_http2_frames_never_take_the_proxy_down() {
     assert!(!log.contains("panicked"), "no task panicked:\n{log}");
     mesh.agent.stop();
 }
+
+/// What well-behaved clients may send but curl and hyper rarely do: a
+/// header block split over HEADERS (padded, with a priority) and
+/// CONTINUATION frames, a padded DATA frame, trailers after the body; and
+/// a CONNECT, which the proxy does not tunnel over HTTP/2.
+#[tokio::test(flavor = "multi_thread")]
+async fn continuations_padding_and_request_trailers_are_understood() {
+    use raw_h2::*;
+    const CONTINUATION: u8 = 9;
+    const PADDED: u8 = 0x8;
+    const PRIORITY: u8 = 0x20;
+    let backend = Backend::start("b1").await;
+    let web = service_addr();
+    let mesh = Mesh::start("");
+    mesh.route("web", web, json!({}), &[(&backend, &[])]);
+    connected(web).await;
+    let mut socket = connect(web).await;
+    // POST /echo, its block in three pieces: HEADERS (3 bytes of padding,
+    // 5 of priority), then two CONTINUATIONs.
+    let block = request("POST", "/echo", &[("x-long", &"v".repeat(40))]);
+    let (first, rest) = block.split_at(5);
+    let (second, third) = rest.split_at(rest.len() / 2);
+    let mut headers = vec![3u8];
+    headers.extend([0, 0, 0, 0, 16]);
+    headers.extend(first);
+    headers.extend([0, 0, 0]);
+    socket
+        .write_all(&frame(HEADERS, PADDED | PRIORITY, 1, &headers))
+        .await
+        .unwrap();
+    socket
+        .write_all(&frame(CONTINUATION, 0, 1, second))
+        .await
+        .unwrap();
+    socket
+        .write_all(&frame(CONTINUATION, END_HEADERS, 1, third))
+        .await
+        .unwrap();
+    // "hello" with 4 bytes of padding, then " world", then trailers.
+    let mut padded = vec![4u8];
+    padded.extend(b"hello");
+    padded.extend([0; 4]);
+    socket.write_all(&frame(DATA, PADDED, 1, &padded)).await.unwrap();
+    socket.write_all(&frame(DATA, 0, 1, b" world")).await.unwrap();
+    let trailers = [0x00, 0x05, b'x', b'-', b's', b'u', b'm', 0x02, b'1', b'1'];
+    socket
+        .write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &trailers))
+        .await
+        .unwrap();
+    let (kind, _, stream, payload) = next(&mut socket).await.unwrap();
+    assert_eq!((kind, stream, payload[0]), (HEADERS, 1, 0x88), ":status 200");
+    let mut body = Vec::new();
+    loop {
+        let (kind, flags, stream, payload) = next(&mut socket).await.unwrap();
+        assert_eq!((kind, stream), (DATA, 1));
+        body.extend(payload);
+        if flags & END_STREAM != 0 {
+            break;
+        }
+    }
+    assert_eq!(body, b"hello world", "the body without its padding");
+    // CONNECT (only :method and :authority): 405, saying why.
+    let mut connect_block = vec![0x02, 0x07];
+    connect_block.extend(b"CONNECT");
+    connect_block.extend([0x01, 0x0e]);
+    connect_block.extend(b"example.com:80");
+    socket
+        .write_all(&frame(HEADERS, END_HEADERS, 3, &connect_block))
+        .await
+        .unwrap();
+    let (kind, _, stream, payload) = next(&mut socket).await.unwrap();
+    assert_eq!((kind, stream), (HEADERS, 3));
+    let mut decoded = Vec::new();
+    // `:status 405` as a literal with the name of static entry 8, then the
+    // error header as a literal with a new name.
+    decoded.extend(&payload);
+    assert_eq!(&payload[..5], &[0x08, 0x03, b'4', b'0', b'5']);
+    let text = String::from_utf8_lossy(&decoded);
+    assert!(
+        text.contains("x-loopmesh-error") && text.contains("connect-not-supported"),
+        "{text:?}"
+    );
+    mesh.agent.stop();
+}
