@@ -283,7 +283,7 @@ impl Known {
     }
 
     /// Hop-by-hop in a request (RFC 9110 7.6.1): never forwarded.
-    fn hop_by_hop_in_request(self) -> bool {
+    pub(super) fn hop_by_hop_in_request(self) -> bool {
         matches!(
             self,
             Known::Connection

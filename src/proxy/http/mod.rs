@@ -126,29 +126,14 @@ struct Client {
     peer: SocketAddr,
 }
 
-/// Hop-by-hop headers, which concern one connection and are not forwarded.
-/// Names made once (a `&str` would be parsed again at every removal).
-static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
 /// Removes the hop-by-hop headers, and those `Connection` names; an upgrade
 /// keeps `Connection: upgrade` and `Upgrade`.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // The common case, and HTTP/2's always (it forbids them but `TE:
     // trailers`): none there, found in one pass over the names without
     // hashing any.
-    if !headers
-        .keys()
-        .any(|name| name == header::UPGRADE || HOP_BY_HOP.contains(name))
-    {
+    let hop_by_hop = |name: &HeaderName| h1::Known::of(name.as_str()).hop_by_hop_in_request();
+    if !headers.keys().any(hop_by_hop) {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -170,7 +155,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("trailers"));
-    for name in &HOP_BY_HOP {
+    // `Upgrade` is decided below.
+    let listed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| hop_by_hop(name) && *name != header::UPGRADE)
+        .cloned()
+        .collect();
+    for name in listed {
         headers.remove(name);
     }
     if trailers {
