@@ -46,9 +46,9 @@ impl Connection {
                 let whole = self.read.split_to(frame::HEADER_LEN + head.len).freeze();
                 self.on_data(head, whole.slice(frame::HEADER_LEN..))?;
             } else {
-                let payload = self.read[frame::HEADER_LEN..frame::HEADER_LEN + head.len].to_vec();
-                self.read.advance(frame::HEADER_LEN + head.len);
-                self.on_frame(head, &payload)?;
+                // Split off, not copied: `on_frame` needs `self` whole.
+                let whole = self.read.split_to(frame::HEADER_LEN + head.len);
+                self.on_frame(head, &whole[frame::HEADER_LEN..])?;
             }
         }
         Ok(())
@@ -65,15 +65,15 @@ impl Connection {
                 if head.flags & frame::PRIORITY_FLAG != 0 {
                     block = block.get(5..).ok_or(ConnectionError(Reason::Protocol))?;
                 }
-                let continuing = Continuing {
-                    stream: head.stream,
-                    end_stream: head.flags & frame::END_STREAM != 0,
-                    block: block.to_vec(),
-                };
+                let end_stream = head.flags & frame::END_STREAM != 0;
                 if head.flags & frame::END_HEADERS != 0 {
-                    self.on_header_block(continuing)?;
+                    self.on_header_block(head.stream, end_stream, block)?;
                 } else {
-                    self.continuing = Some(continuing);
+                    self.continuing = Some(Continuing {
+                        stream: head.stream,
+                        end_stream,
+                        block: block.to_vec(),
+                    });
                 }
             }
             frame::CONTINUATION => {
@@ -88,7 +88,7 @@ impl Connection {
                 }
                 continuing.block.extend_from_slice(payload);
                 if head.flags & frame::END_HEADERS != 0 {
-                    self.on_header_block(continuing)?;
+                    self.on_header_block(continuing.stream, continuing.end_stream, &continuing.block)?;
                 } else {
                     self.continuing = Some(continuing);
                 }
@@ -365,19 +365,15 @@ impl Connection {
     }
 
     /// A whole header block: a new request, or a request's trailers.
-    fn on_header_block(&mut self, block: Continuing) -> Result<(), ConnectionError> {
-        let id = block.stream;
+    fn on_header_block(&mut self, id: u32, end_stream: bool, block: &[u8]) -> Result<(), ConnectionError> {
         // Decoded whatever becomes of the stream: the table must follow.
-        match self
-            .decoder
-            .decode(&block.block, &mut self.fields, MAX_HEADER_LIST)
-        {
+        match self.decoder.decode(block, &mut self.fields, MAX_HEADER_LIST) {
             Ok(()) => {}
             Err(hpack::HpackError::TooLarge(_)) => return Err(ConnectionError(Reason::EnhanceYourCalm)),
             Err(_) => return Err(ConnectionError(Reason::Compression)),
         }
         if id <= self.last_stream {
-            return self.on_trailers(id, block.end_stream);
+            return self.on_trailers(id, end_stream);
         }
         if id.is_multiple_of(2) {
             return Err(ConnectionError(Reason::Protocol));
@@ -391,7 +387,7 @@ impl Connection {
             frame::rst_stream(&mut self.write, id, Reason::RefusedStream);
             return Ok(());
         }
-        if block.end_stream {
+        if end_stream {
             if let Some(prepared) =
                 direct::prepare(&self.fields, &self.client, &self.forwarded_for, &self.forwarded)
             {
@@ -399,11 +395,11 @@ impl Connection {
                 return Ok(());
             }
         }
-        let Ok(head) = RequestHead::from_fields(&self.fields, block.end_stream) else {
+        let Ok(head) = RequestHead::from_fields(&self.fields, end_stream) else {
             frame::rst_stream(&mut self.write, id, Reason::Protocol);
             return Ok(());
         };
-        let inbox = (!block.end_stream).then(|| {
+        let inbox = (!end_stream).then(|| {
             Arc::new(Inbox {
                 state: Mutex::new(InboxState {
                     expected: head.content_length,
