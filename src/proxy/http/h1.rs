@@ -43,9 +43,9 @@ const MAX_REQUEST: usize = 64 * 1024;
 /// Largest response head read; a larger one is a bad response (502).
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
-/// Headers per head the fast path parses; more go to hyper (requests) or
-/// are a bad response.
-const MAX_HEADERS: usize = 64;
+/// Headers per head the fast paths take (HTTP/2's direct path too); a
+/// request with more goes the general way, a response with more is bad.
+pub(super) const MAX_HEADERS: usize = 64;
 
 /// What one read asks room for.
 const READ_CHUNK: usize = 16 * 1024;

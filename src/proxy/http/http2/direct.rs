@@ -9,7 +9,7 @@
 use super::hpack::{self, Fields};
 use crate::policy::UpstreamProtocol;
 use crate::proxy::http::body::ResponseBody;
-use crate::proxy::http::h1::{self, Bodiless, Known, Tries, Upstream};
+use crate::proxy::http::h1::{self, Bodiless, Known, Tries, Upstream, MAX_HEADERS};
 use crate::proxy::http::route::Head;
 use crate::proxy::http::{refuse, request_hash, Begun, Client, Exchange, Logged, Refusal};
 use crate::proxy::service::ServiceState;
@@ -110,12 +110,20 @@ pub(super) fn prepare(
     }
     let mut cookies = 0;
     let mut trailers = false;
+    // Each field read and classified once; more than the HTTP/1.1 fast
+    // path takes go the general way.
+    let mut regular_fields = [("", &b""[..], Known::Other); MAX_HEADERS];
+    let mut count = 0;
     for (name, value) in fields.iter().skip(regular) {
         let lowercase_token = |b: &u8| token(*b) && !b.is_ascii_uppercase();
         if name.is_empty() || !name.iter().all(lowercase_token) || value.iter().any(bad_in_value) {
             return None;
         }
-        match Known::of(std::str::from_utf8(name).ok()?) {
+        let name = std::str::from_utf8(name).ok()?;
+        let kind = Known::of(name);
+        *regular_fields.get_mut(count)? = (name, value, kind);
+        count += 1;
+        match kind {
             Known::Connection
             | Known::HopByHop
             | Known::TransferEncoding
@@ -125,7 +133,7 @@ pub(super) fn prepare(
             Known::Te => trailers = true,
             Known::ContentLength if value != b"0" => return None,
             // Split by the client, one header for HTTP/1.1: the general path joins them.
-            Known::Other if name == b"cookie" => {
+            Known::Other if name == "cookie" => {
                 cookies += 1;
                 if cookies > 1 {
                     return None;
@@ -144,15 +152,10 @@ pub(super) fn prepare(
     let key = request_hash(http, &view, client.peer);
     let mut up = Vec::with_capacity(512);
     h1::request_line(&mut up, method, path);
-    // Names checked above: lowercase ASCII tokens.
-    let regular_fields = fields.iter().skip(regular).map(|(name, value)| {
-        let name = std::str::from_utf8(name).unwrap_or_default();
-        (name, value, Known::of(name))
-    });
     let logging = http.access_log || state.context.access_log_all;
     let identity = h1::write_fields(
         &mut up,
-        regular_fields,
+        regular_fields[..count].iter().copied(),
         Upstream {
             authority,
             service: state.address,
