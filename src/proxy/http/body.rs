@@ -124,30 +124,23 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 impl ResponseBody {
     /// A backend's response body; `finish` runs once it ends or is dropped.
     pub fn upstream(inner: Incoming, finish: Box<dyn Finish>) -> ResponseBody {
-        let mut body = ResponseBody {
-            source: Source::Upstream(inner),
-            bytes: 0,
-            finish: Some(finish),
-        };
-        if let Source::Upstream(inner) = &body.source {
-            if inner.is_end_stream() {
-                body.end(true);
-            }
-        }
-        body
+        ResponseBody::streamed(Source::Upstream(inner), finish)
     }
 
     /// A backend's response body from a fast-path connection.
     pub fn raw(inner: super::h1::RawBody, finish: Box<dyn Finish>) -> ResponseBody {
+        ResponseBody::streamed(Source::Raw(inner), finish)
+    }
+
+    /// A body read from a backend: an empty one has ended already.
+    fn streamed(source: Source, finish: Box<dyn Finish>) -> ResponseBody {
         let mut body = ResponseBody {
-            source: Source::Raw(inner),
+            source,
             bytes: 0,
             finish: Some(finish),
         };
-        if let Source::Raw(inner) = &body.source {
-            if inner.is_end_stream() {
-                body.end(true);
-            }
+        if body.is_end_stream() {
+            body.end(true);
         }
         body
     }
