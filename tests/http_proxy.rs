@@ -1725,8 +1725,16 @@ mod raw_h2 {
             .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
             .await
             .unwrap();
-        socket.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+        send(&mut socket, SETTINGS, 0, 0, &[]).await;
         socket
+    }
+
+    /// Writes one frame.
+    pub async fn send(socket: &mut TcpStream, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        socket
+            .write_all(&frame(kind, flags, stream, payload))
+            .await
+            .unwrap();
     }
 
     /// The next frame that is not SETTINGS, WINDOW_UPDATE or PING: kind,
@@ -1771,10 +1779,7 @@ async fn an_http2_client_breaking_the_protocol_gets_a_reset_or_a_goaway() {
     connected(web).await;
     let mut socket = connect(web).await;
     let bad = request("GET", "/", &[("X-Upper", "1")]);
-    socket
-        .write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &bad))
-        .await
-        .unwrap();
+    send(&mut socket, HEADERS, END_HEADERS | END_STREAM, 1, &bad).await;
     let (kind, _, stream, payload) = next(&mut socket).await.unwrap();
     assert_eq!(
         (kind, stream, code(&payload, 0)),
@@ -1783,24 +1788,12 @@ async fn an_http2_client_breaking_the_protocol_gets_a_reset_or_a_goaway() {
     );
     // A request whose client gives up on it: nothing comes for it.
     let hanging = request("GET", "/hang", &[]);
-    socket
-        .write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 3, &hanging))
-        .await
-        .unwrap();
-    socket
-        .write_all(&frame(RST_STREAM, 0, 3, &8u32.to_be_bytes()))
-        .await
-        .unwrap();
+    send(&mut socket, HEADERS, END_HEADERS | END_STREAM, 3, &hanging).await;
+    send(&mut socket, RST_STREAM, 0, 3, &8u32.to_be_bytes()).await;
     // Five bytes promised, three sent.
     let short = request("POST", "/", &[("content-length", "5")]);
-    socket
-        .write_all(&frame(HEADERS, END_HEADERS, 5, &short))
-        .await
-        .unwrap();
-    socket
-        .write_all(&frame(DATA, END_STREAM, 5, b"abc"))
-        .await
-        .unwrap();
+    send(&mut socket, HEADERS, END_HEADERS, 5, &short).await;
+    send(&mut socket, DATA, END_STREAM, 5, b"abc").await;
     let (kind, _, stream, payload) = next(&mut socket).await.unwrap();
     assert_eq!(
         (kind, stream, code(&payload, 0)),
@@ -1809,10 +1802,7 @@ async fn an_http2_client_breaking_the_protocol_gets_a_reset_or_a_goaway() {
     );
     // The connection still serves.
     let good = request("GET", "/", &[]);
-    socket
-        .write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 7, &good))
-        .await
-        .unwrap();
+    send(&mut socket, HEADERS, END_HEADERS | END_STREAM, 7, &good).await;
     let (kind, _, stream, payload) = next(&mut socket).await.unwrap();
     assert_eq!(
         (kind, stream, payload[0]),
@@ -1825,10 +1815,7 @@ async fn an_http2_client_breaking_the_protocol_gets_a_reset_or_a_goaway() {
         (DATA, END_STREAM, 7, &b"b1\n"[..])
     );
     // Stream ids from a client are odd.
-    socket
-        .write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 8, &good))
-        .await
-        .unwrap();
+    send(&mut socket, HEADERS, END_HEADERS | END_STREAM, 8, &good).await;
     let (kind, _, _, payload) = next(&mut socket).await.unwrap();
     assert_eq!(
         (kind, code(&payload, 0), code(&payload, 4)),
@@ -1955,29 +1942,17 @@ async fn continuations_padding_and_request_trailers_are_understood() {
     headers.extend([0, 0, 0, 0, 16]);
     headers.extend(first);
     headers.extend([0, 0, 0]);
-    socket
-        .write_all(&frame(HEADERS, PADDED | PRIORITY, 1, &headers))
-        .await
-        .unwrap();
-    socket
-        .write_all(&frame(CONTINUATION, 0, 1, second))
-        .await
-        .unwrap();
-    socket
-        .write_all(&frame(CONTINUATION, END_HEADERS, 1, third))
-        .await
-        .unwrap();
+    send(&mut socket, HEADERS, PADDED | PRIORITY, 1, &headers).await;
+    send(&mut socket, CONTINUATION, 0, 1, second).await;
+    send(&mut socket, CONTINUATION, END_HEADERS, 1, third).await;
     // "hello" with 4 bytes of padding, then " world", then trailers.
     let mut padded = vec![4u8];
     padded.extend(b"hello");
     padded.extend([0; 4]);
-    socket.write_all(&frame(DATA, PADDED, 1, &padded)).await.unwrap();
-    socket.write_all(&frame(DATA, 0, 1, b" world")).await.unwrap();
+    send(&mut socket, DATA, PADDED, 1, &padded).await;
+    send(&mut socket, DATA, 0, 1, b" world").await;
     let trailers = [0x00, 0x05, b'x', b'-', b's', b'u', b'm', 0x02, b'1', b'1'];
-    socket
-        .write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &trailers))
-        .await
-        .unwrap();
+    send(&mut socket, HEADERS, END_HEADERS | END_STREAM, 1, &trailers).await;
     let (kind, _, stream, payload) = next(&mut socket).await.unwrap();
     assert_eq!((kind, stream, payload[0]), (HEADERS, 1, 0x88), ":status 200");
     let mut body = Vec::new();
@@ -1995,10 +1970,7 @@ async fn continuations_padding_and_request_trailers_are_understood() {
     connect_block.extend(b"CONNECT");
     connect_block.extend([0x01, 0x0e]);
     connect_block.extend(b"example.com:80");
-    socket
-        .write_all(&frame(HEADERS, END_HEADERS, 3, &connect_block))
-        .await
-        .unwrap();
+    send(&mut socket, HEADERS, END_HEADERS, 3, &connect_block).await;
     let (kind, _, stream, payload) = next(&mut socket).await.unwrap();
     assert_eq!((kind, stream), (HEADERS, 3));
     // `:status 405`: a literal with the name of static entry 8; the error
