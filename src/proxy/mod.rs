@@ -15,7 +15,8 @@
 //! - [`service`]: a service's state, compiled from its route.
 //! - [`http`]: L7 for `protocol: http` services: per-request routing,
 //!   balancing, pooled upstream connections, retries, access log; the
-//!   common HTTP/1.1 request on a fast path of its own, the rest on hyper.
+//!   common HTTP/1.1 request on a fast path of its own, HTTP/2 clients on
+//!   the proxy's own HTTP/2 server, the rest on hyper.
 //! - [`listener`]: bind, accept, dispatch on the service's protocol.
 //! - [`inbound`]: the mesh's listener, where other nodes' tunnels arrive.
 //! - [`manager`]: the pure [`plan`] from running to wanted, and

@@ -655,7 +655,6 @@ impl Tries<'_> {
     /// for good, within the retry policy and budget.
     pub(super) async fn run(&self, scratch: &mut Scratch, exchange: &mut Exchange) -> Decision {
         let http = &self.state.spec.http;
-        let shared = &self.state.shared;
         let backends = self.backends;
         let retryable = self.bodiless && http.retry.attempts > 0 && is_idempotent(self.method);
         let deadline = self.started + http.request_timeout;
@@ -697,11 +696,6 @@ impl Tries<'_> {
                 exchange.retries < http.retry.attempts
                     && backends.pick_among(self.key, tried, self.among).is_ok()
             };
-            let budget = || {
-                shared
-                    .retry_budget
-                    .try_retry(http.retry.budget_percent, http.retry.min_per_second)
-            };
             match outcome {
                 Outcome::Answered(raw, response) => {
                     let failed = response.status >= 500;
@@ -713,7 +707,7 @@ impl Tries<'_> {
                     if http.retry.statuses.contains(&response.status)
                         && retryable
                         && may_retry(exchange, &tried)
-                        && budget()
+                        && exchange.within_retry_budget()
                     {
                         // The answer nobody will see: its connection closes.
                         drop(raw);
@@ -733,7 +727,7 @@ impl Tries<'_> {
                     record_failure(self.target, backends, index, refusal.reason());
                     last = refusal;
                     // It never reached a backend: safe to send elsewhere, whatever the method.
-                    if may_retry(exchange, &tried) && budget() {
+                    if may_retry(exchange, &tried) && exchange.within_retry_budget() {
                         exchange.count_retry();
                         continue;
                     }
@@ -742,7 +736,7 @@ impl Tries<'_> {
                 Outcome::Failed(refusal) => {
                     record_failure(self.target, backends, index, refusal.reason());
                     last = refusal.as_reported(deadline);
-                    if retryable && may_retry(exchange, &tried) && budget() {
+                    if retryable && may_retry(exchange, &tried) && exchange.within_retry_budget() {
                         exchange.count_retry();
                         super::backoff(http, exchange.retries, deadline).await;
                         continue;

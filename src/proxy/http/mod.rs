@@ -365,6 +365,16 @@ impl Exchange {
         Begun::Admitted(exchange)
     }
 
+    /// Whether the retry budget of the request's service allows one more
+    /// retry now (taking it if so).
+    fn within_retry_budget(&self) -> bool {
+        let retry = &self.state.spec.http.retry;
+        self.state
+            .shared
+            .retry_budget
+            .try_retry(retry.budget_percent, retry.min_per_second)
+    }
+
     /// Counts a retry about to be made, on the request and in the metrics.
     fn count_retry(&mut self) {
         self.retries += 1;
@@ -632,7 +642,6 @@ fn record_failure(state: &ServiceState, backends: &BackendSet, index: usize, why
 async fn handle(mut request: Request<RequestBody>, client: &Client) -> Response<ResponseBody> {
     let started = Instant::now();
     let state = client.cell.current();
-    let shared = state.shared.clone();
     let http = &state.spec.http;
     let upgrade = wants_upgrade(&request);
     let headers = request.headers_mut();
@@ -769,9 +778,7 @@ async fn handle(mut request: Request<RequestBody>, client: &Client) -> Response<
                 if retry_statuses.contains(&status.as_u16())
                     && outgoing.retryable
                     && may_retry(&exchange, &tried)
-                    && shared
-                        .retry_budget
-                        .try_retry(http.retry.budget_percent, http.retry.min_per_second)
+                    && exchange.within_retry_budget()
                 {
                     // Read to the end in the background, so the connection goes back to its pool.
                     drain_response(response, checkout, http.pool_idle_timeout);
@@ -792,11 +799,7 @@ async fn handle(mut request: Request<RequestBody>, client: &Client) -> Response<
                 last = refusal;
                 outgoing.request = request;
                 // It never reached a backend: safe to send elsewhere, whatever the method.
-                if may_retry(&exchange, &tried)
-                    && shared
-                        .retry_budget
-                        .try_retry(http.retry.budget_percent, http.retry.min_per_second)
-                {
+                if may_retry(&exchange, &tried) && exchange.within_retry_budget() {
                     exchange.count_retry();
                     continue;
                 }
@@ -805,12 +808,7 @@ async fn handle(mut request: Request<RequestBody>, client: &Client) -> Response<
             Attempt::Failed(refusal) => {
                 record_failure(&target, backends, index, refusal.reason());
                 last = refusal.as_reported(deadline);
-                if outgoing.retryable
-                    && may_retry(&exchange, &tried)
-                    && shared
-                        .retry_budget
-                        .try_retry(http.retry.budget_percent, http.retry.min_per_second)
-                {
+                if outgoing.retryable && may_retry(&exchange, &tried) && exchange.within_retry_budget() {
                     exchange.count_retry();
                     backoff(http, exchange.retries, deadline).await;
                     continue;
