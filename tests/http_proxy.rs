@@ -1601,17 +1601,23 @@ async fn an_http2_clients_bodiless_requests_get_every_http1_framing_unframed() {
     mesh.agent.stop();
 }
 
+/// An agent serving service `web` from one backend `b1`, once it answers.
+async fn one_backend_service() -> (Backend, SocketAddr, Mesh) {
+    let backend = Backend::start("b1").await;
+    let web = service_addr();
+    let mesh = Mesh::start("");
+    mesh.route("web", web, json!({}), &[(&backend, &[])]);
+    connected(web).await;
+    (backend, web, mesh)
+}
+
 /// An HTTP/2 client with a 1 KiB stream window sends and gets back 1 MiB
 /// bodies, three at once on one connection: both sides' flow control (the
 /// proxy's 256 KiB stream and 1 MiB connection windows given back as the
 /// upload is forwarded; its sending held to the client's window).
 #[tokio::test(flavor = "multi_thread")]
 async fn large_bodies_move_both_ways_under_http2_flow_control() {
-    let backend = Backend::start("b1").await;
-    let web = service_addr();
-    let mesh = Mesh::start("");
-    mesh.route("web", web, json!({}), &[(&backend, &[])]);
-    connected(web).await;
+    let (_backend, web, mesh) = one_backend_service().await;
     let stream = TcpStream::connect(web).await.unwrap();
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(1024)
@@ -1657,11 +1663,7 @@ async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
 /// answered.
 #[tokio::test(flavor = "multi_thread")]
 async fn more_requests_at_once_than_streams_allowed_are_all_answered() {
-    let backend = Backend::start("b1").await;
-    let web = service_addr();
-    let mesh = Mesh::start("");
-    mesh.route("web", web, json!({}), &[(&backend, &[])]);
-    connected(web).await;
+    let (_backend, web, mesh) = one_backend_service().await;
     let Some(Client::Http2(sender)) = Client::http2(web).await else {
         panic!("an HTTP/2 connection to {web}");
     };
@@ -1772,11 +1774,7 @@ mod raw_h2 {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_http2_client_breaking_the_protocol_gets_a_reset_or_a_goaway() {
     use raw_h2::*;
-    let backend = Backend::start("b1").await;
-    let web = service_addr();
-    let mesh = Mesh::start("");
-    mesh.route("web", web, json!({}), &[(&backend, &[])]);
-    connected(web).await;
+    let (_backend, web, mesh) = one_backend_service().await;
     let mut socket = connect(web).await;
     let bad = request("GET", "/", &[("X-Upper", "1")]);
     send(&mut socket, HEADERS, END_HEADERS | END_STREAM, 1, &bad).await;
@@ -1834,11 +1832,7 @@ async fn an_http2_client_breaking_the_protocol_gets_a_reset_or_a_goaway() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_of_reset_streams_ends_the_connection() {
     use raw_h2::*;
-    let backend = Backend::start("b1").await;
-    let web = service_addr();
-    let mesh = Mesh::start("");
-    mesh.route("web", web, json!({}), &[(&backend, &[])]);
-    connected(web).await;
+    let (_backend, web, mesh) = one_backend_service().await;
     let mut socket = connect(web).await;
     let hanging = request("GET", "/hang", &[]);
     let mut flood = Vec::new();
@@ -1864,11 +1858,7 @@ async fn a_flood_of_reset_streams_ends_the_connection() {
 #[tokio::test(flavor = "multi_thread")]
 async fn random_http2_frames_never_take_the_proxy_down() {
     use raw_h2::*;
-    let backend = Backend::start("b1").await;
-    let web = service_addr();
-    let mut mesh = Mesh::start("");
-    mesh.route("web", web, json!({}), &[(&backend, &[])]);
-    connected(web).await;
+    let (_backend, web, mut mesh) = one_backend_service().await;
     // xorshift: reproducible, no dependency.
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
@@ -1927,11 +1917,7 @@ async fn continuations_padding_and_request_trailers_are_understood() {
     const CONTINUATION: u8 = 9;
     const PADDED: u8 = 0x8;
     const PRIORITY: u8 = 0x20;
-    let backend = Backend::start("b1").await;
-    let web = service_addr();
-    let mesh = Mesh::start("");
-    mesh.route("web", web, json!({}), &[(&backend, &[])]);
-    connected(web).await;
+    let (_backend, web, mesh) = one_backend_service().await;
     let mut socket = connect(web).await;
     // POST /echo, its block in three pieces: HEADERS (3 bytes of padding,
     // 5 of priority), then two CONTINUATIONs.
